@@ -1,0 +1,72 @@
+-- trebuchet-postgres schema for the default table and channel.
+--
+-- Generated from sql/migrations/ (do not edit by hand). Usable as a
+-- docker-entrypoint-initdb.d script; StateStore::migrate() applies the same
+-- statements, for any table and channel name, and records the version.
+-- Compatible with the seed's schema: same table, columns, channel and
+-- payload keys; deletes are announced too.
+
+-- The actor state table, as the seed defines it, with timestamps kept in UTC.
+CREATE TABLE IF NOT EXISTS "actor_states" (
+    actor_id VARCHAR(255) PRIMARY KEY,
+    state BYTEA NOT NULL,
+    sequence_number BIGINT NOT NULL DEFAULT 0,
+    updated_at TIMESTAMP NOT NULL DEFAULT (NOW() AT TIME ZONE 'UTC'),
+    created_at TIMESTAMP NOT NULL DEFAULT (NOW() AT TIME ZONE 'UTC')
+);
+
+-- A table made by the seed's own script stored local time; store UTC from now on.
+ALTER TABLE "actor_states" ALTER COLUMN updated_at SET DEFAULT (NOW() AT TIME ZONE 'UTC');
+ALTER TABLE "actor_states" ALTER COLUMN created_at SET DEFAULT (NOW() AT TIME ZONE 'UTC');
+
+CREATE INDEX IF NOT EXISTS "idx_actor_states_updated" ON "actor_states" (updated_at);
+CREATE INDEX IF NOT EXISTS "idx_actor_states_sequence" ON "actor_states" (sequence_number);
+
+-- The last sequence number of each deleted actor, so that an actor created
+-- again under the same id continues above it: sequence numbers never repeat.
+CREATE TABLE IF NOT EXISTS "actor_states_tombstones" (
+    actor_id VARCHAR(255) PRIMARY KEY,
+    sequence_number BIGINT NOT NULL,
+    deleted_at TIMESTAMP NOT NULL DEFAULT (NOW() AT TIME ZONE 'UTC')
+);
+
+-- Announces every change on the channel. The payload keeps the seed's keys
+-- (actorID, sequenceNumber, timestamp as seconds since the Unix epoch, UTC)
+-- and adds "op": "save" or "delete". A delete takes the next sequence number
+-- and leaves a tombstone holding it.
+CREATE OR REPLACE FUNCTION "notify_actor_state_change"()
+RETURNS TRIGGER AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO "actor_states_tombstones" AS t (actor_id, sequence_number)
+        VALUES (OLD.actor_id, OLD.sequence_number + 1)
+        ON CONFLICT (actor_id) DO UPDATE
+            SET sequence_number = GREATEST(t.sequence_number, EXCLUDED.sequence_number),
+                deleted_at = EXCLUDED.deleted_at;
+        PERFORM pg_notify('actor_state_changes',
+            json_build_object(
+                'actorID', OLD.actor_id,
+                'sequenceNumber', OLD.sequence_number + 1,
+                'timestamp', EXTRACT(EPOCH FROM NOW()),
+                'op', 'delete'
+            )::text
+        );
+        RETURN OLD;
+    END IF;
+    PERFORM pg_notify('actor_state_changes',
+        json_build_object(
+            'actorID', NEW.actor_id,
+            'sequenceNumber', NEW.sequence_number,
+            'timestamp', EXTRACT(EPOCH FROM NEW.updated_at),
+            'op', 'save'
+        )::text
+    );
+    RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+
+DROP TRIGGER IF EXISTS "actor_state_change_trigger" ON "actor_states";
+CREATE TRIGGER "actor_state_change_trigger"
+AFTER INSERT OR UPDATE OR DELETE ON "actor_states"
+FOR EACH ROW
+EXECUTE FUNCTION "notify_actor_state_change"();

@@ -1,0 +1,718 @@
+//! Where and how to connect: connection strings, parts, the environment, TLS.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use percent_encoding::percent_decode_str;
+use postgres::config::{Host, SslMode as PgSslMode};
+
+use crate::error::{Error, Result};
+
+/// TLS mode, with libpq's meanings.
+///
+/// | mode | encrypts | checks the certificate chain | checks the host name |
+/// |---|---|---|---|
+/// | `Disable` | no | – | – |
+/// | `Prefer` (default) | if the server offers it | no | no |
+/// | `Require` | yes | only when a root certificate is given | no |
+/// | `VerifyCa` | yes | yes | no |
+/// | `VerifyFull` | yes | yes | yes |
+///
+/// `VerifyCa` and `VerifyFull` check against
+/// [`ConnectOptions::ssl_root_cert`] when set, otherwise against the system's
+/// trusted roots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// Never use TLS.
+    Disable,
+    /// Use TLS when the server supports it, without checking certificates.
+    #[default]
+    Prefer,
+    /// Always use TLS; check the certificate only when a root certificate is given.
+    Require,
+    /// Always use TLS and check the certificate chain, not the host name.
+    VerifyCa,
+    /// Always use TLS and check both the certificate chain and the host name.
+    VerifyFull,
+}
+
+impl FromStr for SslMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "disable" => Ok(SslMode::Disable),
+            "allow" | "prefer" => Ok(SslMode::Prefer),
+            "require" => Ok(SslMode::Require),
+            "verify-ca" => Ok(SslMode::VerifyCa),
+            "verify-full" => Ok(SslMode::VerifyFull),
+            other => Err(Error::invalid_connection_string(format!(
+                "unknown sslmode {other:?}: use disable, prefer, require, verify-ca or verify-full"
+            ))),
+        }
+    }
+}
+
+/// How to reach the server: host, port, database, credentials, TLS and
+/// socket settings.
+///
+/// Build it from a connection string (`"postgresql://user:pass@host:5432/db"`
+/// or `"host=localhost dbname=app"`) with [`str::parse`], from the
+/// environment with [`ConnectOptions::from_env`], or from parts with
+/// [`ConnectOptions::new`] and the setters.
+///
+/// Defaults: host `localhost`, port `5432`, user `postgres`, database the
+/// user's name, `sslmode=prefer`, TCP keepalives on (idle 30 s, interval
+/// 10 s, 3 probes), connect timeout 10 s, application name
+/// `trebuchet-postgres`.
+///
+/// `Debug` never shows the password.
+///
+/// ```
+/// use trebuchet_postgres::ConnectOptions;
+///
+/// let opts: ConnectOptions = "postgresql://app:secret@db.example.com:5433/game?sslmode=verify-full"
+///     .parse()?;
+/// assert_eq!(opts.get_port(), 5433);
+/// assert!(!format!("{opts:?}").contains("secret"));
+/// # Ok::<(), trebuchet_postgres::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct ConnectOptions {
+    pub(crate) pg: postgres::Config,
+    ssl_mode: SslMode,
+    ssl_root_cert: Option<PathBuf>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConnectOptions {
+    /// Options with every default: `postgres@localhost:5432`, database `postgres`.
+    pub fn new() -> Self {
+        let mut pg = postgres::Config::new();
+        pg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3)
+            .connect_timeout(Duration::from_secs(10))
+            .application_name("trebuchet-postgres");
+        ConnectOptions {
+            pg,
+            ssl_mode: SslMode::default(),
+            ssl_root_cert: None,
+        }
+    }
+
+    /// Reads the environment, as the seed's deployments set it:
+    /// `DATABASE_URL` when set, otherwise `POSTGRES_HOST` (default
+    /// `localhost`), `POSTGRES_PORT` (5432), `POSTGRES_DATABASE`
+    /// (`trebuchet`), `POSTGRES_USER` (`postgres`) and `POSTGRES_PASSWORD`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConnectionString`] when `DATABASE_URL` does not parse,
+    /// [`Error::InvalidConfig`] when `POSTGRES_PORT` is not a port number.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Like [`from_env`](Self::from_env) with another source of variables
+    /// (for example a configuration map).
+    ///
+    /// # Errors
+    ///
+    /// As [`from_env`](Self::from_env).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        if let Some(url) = lookup("DATABASE_URL").filter(|u| !u.trim().is_empty()) {
+            return url.parse();
+        }
+        let mut opts = ConnectOptions::new();
+        opts.host(lookup("POSTGRES_HOST").as_deref().unwrap_or("localhost"));
+        if let Some(port) = lookup("POSTGRES_PORT") {
+            let port = port.trim().parse::<u16>().map_err(|_| {
+                Error::invalid_config(format!(
+                    "POSTGRES_PORT={port:?} is not a port number (1-65535)"
+                ))
+            })?;
+            opts.port(port);
+        }
+        opts.dbname(lookup("POSTGRES_DATABASE").as_deref().unwrap_or("trebuchet"));
+        opts.user(lookup("POSTGRES_USER").as_deref().unwrap_or("postgres"));
+        if let Some(password) = lookup("POSTGRES_PASSWORD") {
+            opts.password(password);
+        }
+        Ok(opts)
+    }
+
+    /// Sets the host name, IP address, or Unix socket directory (a path
+    /// starting with `/`). Replaces any hosts set before.
+    pub fn host(&mut self, host: &str) -> &mut Self {
+        let mut pg = postgres::Config::new();
+        pg.host(host);
+        copy_settings(&self.pg, &mut pg);
+        for port in self.pg.get_ports() {
+            pg.port(*port);
+        }
+        self.pg = pg;
+        self
+    }
+
+    /// Sets the port (default 5432).
+    pub fn port(&mut self, port: u16) -> &mut Self {
+        let mut pg = postgres::Config::new();
+        for host in self.pg.get_hosts() {
+            match host {
+                Host::Tcp(h) => pg.host(h),
+                Host::Unix(p) => pg.host_path(p),
+            };
+        }
+        for addr in self.pg.get_hostaddrs() {
+            pg.hostaddr(*addr);
+        }
+        copy_settings(&self.pg, &mut pg);
+        pg.port(port);
+        self.pg = pg;
+        self
+    }
+
+    /// Sets the database name (default: the user name).
+    pub fn dbname(&mut self, dbname: &str) -> &mut Self {
+        self.pg.dbname(dbname);
+        self
+    }
+
+    /// Sets the user name (default `postgres`).
+    pub fn user(&mut self, user: &str) -> &mut Self {
+        self.pg.user(user);
+        self
+    }
+
+    /// Sets the password. It never appears in `Debug` output or errors.
+    pub fn password(&mut self, password: impl AsRef<[u8]>) -> &mut Self {
+        self.pg.password(password);
+        self
+    }
+
+    /// Sets the TLS mode (default [`SslMode::Prefer`]).
+    pub fn ssl_mode(&mut self, mode: SslMode) -> &mut Self {
+        self.ssl_mode = mode;
+        self
+    }
+
+    /// Sets a PEM file of root certificates to check the server against
+    /// (libpq's `sslrootcert`).
+    pub fn ssl_root_cert(&mut self, path: impl Into<PathBuf>) -> &mut Self {
+        self.ssl_root_cert = Some(path.into());
+        self
+    }
+
+    /// Sets `application_name`, shown in `pg_stat_activity`.
+    pub fn application_name(&mut self, name: &str) -> &mut Self {
+        self.pg.application_name(name);
+        self
+    }
+
+    /// Sets the time allowed to establish one connection (default 10 s).
+    pub fn connect_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.pg.connect_timeout(timeout);
+        self
+    }
+
+    /// Sets TCP keepalives: idle time before the first probe, interval
+    /// between probes, and probes before the connection is declared dead.
+    /// With the defaults a dead peer is noticed within about a minute.
+    pub fn keepalives(&mut self, idle: Duration, interval: Duration, retries: u32) -> &mut Self {
+        self.pg
+            .keepalives(true)
+            .keepalives_idle(idle)
+            .keepalives_interval(interval)
+            .keepalives_retries(retries);
+        self
+    }
+
+    /// Turns TCP keepalives off.
+    pub fn disable_keepalives(&mut self) -> &mut Self {
+        self.pg.keepalives(false);
+        self
+    }
+
+    /// The TLS mode.
+    pub fn get_ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
+    /// The root certificate file, if one was set.
+    pub fn get_ssl_root_cert(&self) -> Option<&Path> {
+        self.ssl_root_cert.as_deref()
+    }
+
+    /// The first port (5432 unless set).
+    pub fn get_port(&self) -> u16 {
+        self.pg.get_ports().first().copied().unwrap_or(5432)
+    }
+
+    /// The database name, if set.
+    pub fn get_dbname(&self) -> Option<&str> {
+        self.pg.get_dbname()
+    }
+
+    /// The user name, if set.
+    pub fn get_user(&self) -> Option<&str> {
+        self.pg.get_user()
+    }
+
+    /// The host names or socket directories.
+    pub fn get_hosts(&self) -> &[Host] {
+        self.pg.get_hosts()
+    }
+
+    /// True when a password is set. The password itself is not readable
+    /// through this type.
+    pub fn has_password(&self) -> bool {
+        self.pg.get_password().is_some()
+    }
+
+    /// `host:port` of the first host, for messages. Never holds credentials.
+    pub fn target(&self) -> String {
+        let host = match self.pg.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_owned(),
+        };
+        format!("{host}:{}", self.get_port())
+    }
+
+    /// The underlying driver configuration with this crate's defaults filled
+    /// in, ready to connect.
+    pub(crate) fn driver_config(&self) -> postgres::Config {
+        let mut pg = self.pg.clone();
+        if pg.get_hosts().is_empty() && pg.get_hostaddrs().is_empty() {
+            pg.host("localhost");
+        }
+        if pg.get_user().is_none() {
+            pg.user("postgres");
+        }
+        pg.ssl_mode(match self.ssl_mode {
+            SslMode::Disable => PgSslMode::Disable,
+            SslMode::Prefer => PgSslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
+        });
+        pg
+    }
+
+    /// Builds the TLS connector for these options. Build it once and share
+    /// it: each one costs about a megabyte and tens of milliseconds.
+    pub(crate) fn tls_connector(&self) -> Result<postgres_native_tls::MakeTlsConnector> {
+        let mut builder = native_tls::TlsConnector::builder();
+        let root = match &self.ssl_root_cert {
+            Some(path) if path.as_os_str() != "system" => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::Tls(
+                        format!("cannot read sslrootcert {}: {e}", path.display()).into(),
+                    )
+                })?;
+                let cert = native_tls::Certificate::from_pem(&pem)
+                    .map_err(|e| Error::Tls(Box::new(e)))?;
+                builder.add_root_certificate(cert).disable_built_in_roots(true);
+                true
+            }
+            _ => false,
+        };
+        match self.ssl_mode {
+            SslMode::Disable | SslMode::Prefer => {
+                builder
+                    .danger_accept_invalid_certs(true)
+                    .danger_accept_invalid_hostnames(true);
+            }
+            SslMode::Require if !root => {
+                builder
+                    .danger_accept_invalid_certs(true)
+                    .danger_accept_invalid_hostnames(true);
+            }
+            SslMode::Require | SslMode::VerifyCa => {
+                builder.danger_accept_invalid_hostnames(true);
+            }
+            SslMode::VerifyFull => {}
+        }
+        let connector = builder.build().map_err(|e| Error::Tls(Box::new(e)))?;
+        Ok(postgres_native_tls::MakeTlsConnector::new(connector))
+    }
+}
+
+/// Copies every setting but hosts, host addresses and ports.
+fn copy_settings(from: &postgres::Config, to: &mut postgres::Config) {
+    if let Some(u) = from.get_user() {
+        to.user(u);
+    }
+    if let Some(p) = from.get_password() {
+        to.password(p);
+    }
+    if let Some(d) = from.get_dbname() {
+        to.dbname(d);
+    }
+    if let Some(o) = from.get_options() {
+        to.options(o);
+    }
+    if let Some(a) = from.get_application_name() {
+        to.application_name(a);
+    }
+    if let Some(t) = from.get_connect_timeout() {
+        to.connect_timeout(*t);
+    }
+    if let Some(t) = from.get_tcp_user_timeout() {
+        to.tcp_user_timeout(*t);
+    }
+    to.keepalives(from.get_keepalives())
+        .keepalives_idle(from.get_keepalives_idle());
+    if let Some(i) = from.get_keepalives_interval() {
+        to.keepalives_interval(i);
+    }
+    if let Some(r) = from.get_keepalives_retries() {
+        to.keepalives_retries(r);
+    }
+    to.target_session_attrs(from.get_target_session_attrs())
+        .channel_binding(from.get_channel_binding())
+        .load_balance_hosts(from.get_load_balance_hosts());
+}
+
+impl fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("hosts", &self.pg.get_hosts())
+            .field("ports", &self.pg.get_ports())
+            .field("dbname", &self.pg.get_dbname())
+            .field("user", &self.pg.get_user())
+            .field("password", &self.pg.get_password().map(|_| "<redacted>"))
+            .field("ssl_mode", &self.ssl_mode)
+            .field("ssl_root_cert", &self.ssl_root_cert)
+            .field("application_name", &self.pg.get_application_name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FromStr for ConnectOptions {
+    type Err = Error;
+
+    /// Parses a `postgresql://` / `postgres://` URL or a libpq key=value
+    /// string. Nothing is contacted.
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(Error::invalid_connection_string(
+                "it is empty; expected postgresql://user:password@host:port/database \
+                 or key=value pairs such as `host=localhost dbname=app`",
+            ));
+        }
+        let (rest, ours) = if let Some(scheme_end) = s.find("://") {
+            split_url(s, scheme_end)?
+        } else if s.contains('=') {
+            split_key_values(s)?
+        } else {
+            return Err(Error::invalid_connection_string(
+                "it is neither a URL starting with postgresql:// or postgres:// \
+                 nor key=value pairs such as `host=localhost dbname=app`",
+            ));
+        };
+        let pg = postgres::Config::from_str(&rest)
+            .map_err(|e| Error::invalid_connection_string(e.to_string()))?;
+        let mut opts = ConnectOptions::new();
+        copy_settings(&pg, &mut opts.pg);
+        // Our defaults win only where the string said nothing.
+        if pg.get_application_name().is_none() {
+            opts.pg.application_name("trebuchet-postgres");
+        }
+        if pg.get_connect_timeout().is_none() {
+            opts.pg.connect_timeout(Duration::from_secs(10));
+        }
+        if !rest.contains("keepalives") {
+            opts.pg
+                .keepalives(true)
+                .keepalives_idle(Duration::from_secs(30))
+                .keepalives_interval(Duration::from_secs(10))
+                .keepalives_retries(3);
+        }
+        for host in pg.get_hosts() {
+            match host {
+                Host::Tcp(h) => opts.pg.host(h),
+                Host::Unix(p) => opts.pg.host_path(p),
+            };
+        }
+        for addr in pg.get_hostaddrs() {
+            opts.pg.hostaddr(*addr);
+        }
+        for port in pg.get_ports() {
+            opts.pg.port(*port);
+        }
+        for (key, value) in ours {
+            match key.as_str() {
+                "sslmode" => opts.ssl_mode = value.parse()?,
+                "sslrootcert" => opts.ssl_root_cert = Some(PathBuf::from(value)),
+                _ => unreachable!("only our own keys are split off"),
+            }
+        }
+        Ok(opts)
+    }
+}
+
+/// Keys this crate handles itself because the driver does not accept them.
+const OUR_KEYS: [&str; 2] = ["sslmode", "sslrootcert"];
+
+fn split_url(s: &str, scheme_end: usize) -> Result<(String, Vec<(String, String)>)> {
+    let scheme = &s[..scheme_end];
+    if scheme != "postgresql" && scheme != "postgres" {
+        return Err(Error::invalid_connection_string(format!(
+            "unsupported scheme {scheme:?}: use postgresql:// or postgres://"
+        )));
+    }
+    let after = &s[scheme_end + 3..];
+    let (before_query, query) = match after.find('?') {
+        Some(i) => (&after[..i], Some(&after[i + 1..])),
+        None => (after, None),
+    };
+    let authority = before_query.split('/').next().unwrap_or("");
+    let host_part = authority.rsplit('@').next().unwrap_or("");
+    let mut kept = Vec::new();
+    let mut ours = Vec::new();
+    let mut host_param = false;
+    for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        if pair.is_empty() {
+            continue;
+        }
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode_str(k).decode_utf8_lossy().into_owned();
+        if key == "host" || key == "hostaddr" {
+            host_param = true;
+        }
+        if OUR_KEYS.contains(&key.as_str()) {
+            let value = percent_decode_str(v).decode_utf8_lossy().into_owned();
+            ours.push((key, value));
+        } else {
+            kept.push(pair);
+        }
+    }
+    if host_part.is_empty() && !host_param {
+        return Err(Error::invalid_connection_string(
+            "it names no host: write postgresql://user@host:port/database",
+        ));
+    }
+    let mut rest = format!("{scheme}://{before_query}");
+    if !kept.is_empty() {
+        rest.push('?');
+        rest.push_str(&kept.join("&"));
+    }
+    Ok((rest, ours))
+}
+
+/// Splits libpq key=value text into the part the driver parses and the keys
+/// this crate handles, honouring quoting (`'...'`) and backslash escapes.
+fn split_key_values(s: &str) -> Result<(String, Vec<(String, String)>)> {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    let mut kept = String::new();
+    let mut ours = Vec::new();
+    while i < bytes.len() {
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i >= bytes.len() {
+            break;
+        }
+        let start = i;
+        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let key = &s[start..i];
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i >= bytes.len() || bytes[i] != b'=' {
+            return Err(Error::invalid_connection_string(format!(
+                "expected `=` after key {key:?}"
+            )));
+        }
+        i += 1;
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let mut value = String::new();
+        if i < bytes.len() && bytes[i] == b'\'' {
+            i += 1;
+            loop {
+                match bytes.get(i) {
+                    None => {
+                        return Err(Error::invalid_connection_string(format!(
+                            "unterminated quoted value for key {key:?}"
+                        )))
+                    }
+                    Some(b'\'') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(b'\\') if i + 1 < bytes.len() => {
+                        value.push(bytes[i + 1] as char);
+                        i += 2;
+                    }
+                    Some(_) => {
+                        let c = s[i..].chars().next().expect("in bounds");
+                        value.push(c);
+                        i += c.len_utf8();
+                    }
+                }
+            }
+        } else {
+            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
+                if bytes[i] == b'\\' && i + 1 < bytes.len() {
+                    i += 1;
+                }
+                let c = s[i..].chars().next().expect("in bounds");
+                value.push(c);
+                i += c.len_utf8();
+            }
+        }
+        if OUR_KEYS.contains(&key) {
+            ours.push((key.to_owned(), value));
+        } else {
+            kept.push_str(&s[start..i]);
+            kept.push(' ');
+        }
+    }
+    Ok((kept, ours))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ConnectOptions> {
+        s.parse()
+    }
+
+    #[test]
+    fn parses_the_seed_urls() {
+        let o = parse("postgresql://user:pass@localhost:5432/mydb").unwrap();
+        assert_eq!(o.get_user(), Some("user"));
+        assert_eq!(o.get_dbname(), Some("mydb"));
+        assert_eq!(o.get_port(), 5432);
+        assert!(o.has_password());
+        let o = parse("postgresql://user@localhost/mydb").unwrap();
+        assert!(!o.has_password());
+        let o = parse("postgresql://localhost/mydb").unwrap();
+        assert_eq!(o.get_user(), None);
+        assert_eq!(o.driver_config().get_user(), Some("postgres"));
+        let o = parse("postgres://user:pass@host.example.com:5433/production").unwrap();
+        assert_eq!(o.get_port(), 5433);
+        assert_eq!(o.target(), "host.example.com:5433");
+    }
+
+    #[test]
+    fn rejects_malformed_strings_with_a_reason() {
+        for (s, needle) in [
+            ("not-a-url", "neither a URL"),
+            ("postgresql://", "names no host"),
+            ("http://localhost/db", "unsupported scheme \"http\""),
+            ("", "empty"),
+            ("   ", "empty"),
+            ("postgresql://u:p@h:notaport/db", "port"),
+            ("postgresql://h/db?sslmode=bogus", "unknown sslmode"),
+            ("host=localhost dbname", "expected `=`"),
+            ("host='unterminated", "unterminated"),
+        ] {
+            let err = parse(s).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidConnectionString { .. }),
+                "{s:?}: {err:?}"
+            );
+            assert!(err.to_string().contains(needle), "{s:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn ssl_modes_libpq_rejects_in_the_driver_are_ours() {
+        let o = parse("postgresql://h/db?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem").unwrap();
+        assert_eq!(o.get_ssl_mode(), SslMode::VerifyFull);
+        assert_eq!(o.get_ssl_root_cert(), Some(Path::new("/tmp/ca.pem")));
+        let o = parse("host=h sslmode=verify-ca sslrootcert='/a b/ca.pem' dbname=x").unwrap();
+        assert_eq!(o.get_ssl_mode(), SslMode::VerifyCa);
+        assert_eq!(o.get_ssl_root_cert(), Some(Path::new("/a b/ca.pem")));
+        assert_eq!(o.get_dbname(), Some("x"));
+        assert_eq!(parse("postgresql://h/db").unwrap().get_ssl_mode(), SslMode::Prefer);
+        assert_eq!(
+            parse("postgresql://h/db?sslmode=disable").unwrap().get_ssl_mode(),
+            SslMode::Disable
+        );
+    }
+
+    #[test]
+    fn key_value_strings_parse() {
+        let o = parse("host=db port=6000 user=app password='s3 cr\\'et' dbname=game").unwrap();
+        assert_eq!(o.get_port(), 6000);
+        assert_eq!(o.get_user(), Some("app"));
+        assert_eq!(o.target(), "db:6000");
+        assert!(o.has_password());
+    }
+
+    #[test]
+    fn debug_and_errors_never_show_the_password() {
+        let o = parse("postgresql://user:hunter2@localhost/db").unwrap();
+        assert!(!format!("{o:?}").contains("hunter2"));
+        let e = parse("postgresql://user:hunter2@localhost:xx/db").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"));
+        assert!(!format!("{e:?}").contains("hunter2"));
+        let e = parse("https://user:hunter2@localhost/db").unwrap_err();
+        assert!(!format!("{e:?} {e}").contains("hunter2"));
+    }
+
+    #[test]
+    fn environment_follows_the_seed() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let o = ConnectOptions::from_lookup(env(&[])).unwrap();
+        assert_eq!(o.target(), "localhost:5432");
+        assert_eq!(o.get_dbname(), Some("trebuchet"));
+        assert_eq!(o.get_user(), Some("postgres"));
+        let o = ConnectOptions::from_lookup(env(&[
+            ("POSTGRES_HOST", "pg"),
+            ("POSTGRES_PORT", "6543"),
+            ("POSTGRES_DATABASE", "game"),
+            ("POSTGRES_USER", "app"),
+            ("POSTGRES_PASSWORD", "pw"),
+        ]))
+        .unwrap();
+        assert_eq!(o.target(), "pg:6543");
+        assert_eq!(o.get_dbname(), Some("game"));
+        assert!(o.has_password());
+        let o = ConnectOptions::from_lookup(env(&[
+            ("DATABASE_URL", "postgres://u@urlhost/db"),
+            ("POSTGRES_HOST", "ignored"),
+        ]))
+        .unwrap();
+        assert_eq!(o.target(), "urlhost:5432");
+        let e = ConnectOptions::from_lookup(env(&[("POSTGRES_PORT", "abc")])).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }));
+    }
+
+    #[test]
+    fn parts_have_the_seed_defaults() {
+        let mut o = ConnectOptions::new();
+        o.dbname("trebuchet").password("pw");
+        assert_eq!(o.driver_config().get_hosts(), &[Host::Tcp("localhost".into())]);
+        assert_eq!(o.get_port(), 5432);
+        o.port(6000).host("db");
+        assert_eq!(o.target(), "db:6000");
+        assert!(o.has_password());
+        assert_eq!(o.get_dbname(), Some("trebuchet"));
+    }
+}

@@ -1,0 +1,438 @@
+//! The error type of this crate.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+/// A `Result` whose error defaults to this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a conditional write expected to find.
+///
+/// Used by [`StateStore::save_if`](crate::StateStore::save_if) and carried by
+/// [`Error::Conflict`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Expected {
+    /// The actor must not exist yet.
+    Absent,
+    /// The actor's stored sequence number must equal this one.
+    Sequence(u64),
+}
+
+impl From<u64> for Expected {
+    fn from(sequence: u64) -> Self {
+        Expected::Sequence(sequence)
+    }
+}
+
+impl From<Option<u64>> for Expected {
+    /// `None` means [`Expected::Absent`].
+    fn from(sequence: Option<u64>) -> Self {
+        sequence.map_or(Expected::Absent, Expected::Sequence)
+    }
+}
+
+impl fmt::Display for Expected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expected::Absent => f.write_str("absent"),
+            Expected::Sequence(n) => write!(f, "sequence {n}"),
+        }
+    }
+}
+
+/// Why an actor id was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidActorId {
+    /// The id is the empty string.
+    Empty,
+    /// The id has more than 255 characters (the column is `VARCHAR(255)`).
+    TooLong {
+        /// Its length in characters.
+        chars: usize,
+    },
+    /// The id contains a NUL character, which PostgreSQL text cannot hold.
+    ContainsNul,
+}
+
+impl fmt::Display for InvalidActorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidActorId::Empty => f.write_str("actor id is empty"),
+            InvalidActorId::TooLong { chars } => {
+                write!(f, "actor id has {chars} characters; at most 255 are allowed")
+            }
+            InvalidActorId::ContainsNul => f.write_str("actor id contains a NUL character"),
+        }
+    }
+}
+
+/// How a connection attempt failed, for the cases that have a known remedy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectFailure {
+    /// Nothing accepted the connection at that address.
+    Refused,
+    /// The server rejected the user name or password.
+    AuthenticationFailed,
+    /// The server has no free connection slots (`too many clients already`).
+    TooManyClients,
+    /// The database named in the configuration does not exist.
+    DatabaseMissing,
+    /// The server is starting up, shutting down or in recovery.
+    NotReady,
+    /// The TLS handshake or certificate check failed.
+    Tls,
+    /// Connecting took longer than the configured `connect_timeout`.
+    Timeout,
+    /// Anything else; the source error says more.
+    Other,
+}
+
+/// The error type of every fallible operation in this crate.
+///
+/// Messages are short, lower case, and end with what to do about the problem
+/// where that is known. No variant ever holds or prints a password.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A connection string could not be parsed; nothing was contacted.
+    InvalidConnectionString {
+        /// What is wrong with it (never the string itself, which may hold a password).
+        reason: String,
+    },
+    /// A configuration value is out of range or inconsistent.
+    InvalidConfig {
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// An actor id was rejected before reaching the database.
+    InvalidActorId(InvalidActorId),
+    /// A table, schema or channel name is not a valid PostgreSQL identifier.
+    InvalidIdentifier {
+        /// What was being named: `"table"`, `"schema"` or `"channel"`.
+        what: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// An encoded state is larger than the store's configured maximum.
+    StateTooLarge {
+        /// The encoded size in bytes.
+        size: usize,
+        /// The configured maximum in bytes.
+        max: usize,
+    },
+    /// A sequence number does not fit PostgreSQL's `BIGINT`.
+    SequenceOutOfRange(u64),
+    /// A value could not be encoded by the store's codec.
+    Encode(Box<dyn StdError + Send + Sync>),
+    /// Stored bytes could not be decoded into the requested type.
+    Decode {
+        /// The actor whose state failed to decode.
+        actor_id: String,
+        /// The codec's error.
+        source: Box<dyn StdError + Send + Sync>,
+    },
+    /// A conditional write found something other than what it expected.
+    Conflict {
+        /// The actor written to.
+        actor_id: String,
+        /// What the write expected.
+        expected: Expected,
+        /// The sequence number found, or `None` when the actor did not exist.
+        actual: Option<u64>,
+    },
+    /// An explicit sequence number was not above the stored one
+    /// ([`StateStore::save_with_sequence`](crate::StateStore::save_with_sequence)).
+    StaleSequence {
+        /// The actor written to.
+        actor_id: String,
+        /// The sequence number given.
+        sequence: u64,
+        /// The stored sequence number, or `None` when the actor does not
+        /// exist (then a deleted actor's last number blocked the write).
+        current: Option<u64>,
+    },
+    /// [`StateStore::transform`](crate::StateStore::transform) kept losing races
+    /// and gave up after its retry budget.
+    TooManyConflicts {
+        /// The contended actor.
+        actor_id: String,
+        /// How many attempts were made.
+        attempts: u32,
+    },
+    /// Connecting to the server failed.
+    Connect {
+        /// The known cause, which decides the hint in the message.
+        failure: ConnectFailure,
+        /// Where the connection went (`host:port`, never credentials).
+        target: String,
+        /// The user name connected as.
+        user: String,
+        /// The driver's error.
+        source: Option<postgres::Error>,
+    },
+    /// Every connection of the pool was in use and none came free in time.
+    PoolExhausted {
+        /// The pool's `max_size`.
+        max_size: u32,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The table (or its companion objects) does not exist.
+    SchemaMissing {
+        /// The quoted, qualified table name.
+        table: String,
+    },
+    /// A statement ran longer than the configured `statement_timeout`.
+    StatementTimeout,
+    /// The connection broke while a call was in flight.
+    ///
+    /// For a write this does not say whether the write was applied.
+    ConnectionLost(postgres::Error),
+    /// The TLS configuration could not be built (for example an unreadable
+    /// root certificate).
+    Tls(Box<dyn StdError + Send + Sync>),
+    /// Any other error reported by PostgreSQL or the driver.
+    Database(postgres::Error),
+}
+
+impl Error {
+    /// True for [`Error::Conflict`], [`Error::StaleSequence`] and
+    /// [`Error::TooManyConflicts`]: another writer got there first.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            Error::Conflict { .. } | Error::TooManyConflicts { .. } | Error::StaleSequence { .. }
+        )
+    }
+
+    /// True when the input was rejected before anything reached the database.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidConnectionString { .. }
+                | Error::InvalidConfig { .. }
+                | Error::InvalidActorId(_)
+                | Error::InvalidIdentifier { .. }
+                | Error::StateTooLarge { .. }
+                | Error::SequenceOutOfRange(_)
+                | Error::Encode(_)
+        )
+    }
+
+    /// True for errors about reaching the server: connect failures, a broken
+    /// connection and pool exhaustion. Retrying later may succeed.
+    pub fn is_connection(&self) -> bool {
+        matches!(
+            self,
+            Error::Connect { .. } | Error::PoolExhausted { .. } | Error::ConnectionLost(_)
+        )
+    }
+
+    /// The SQLSTATE code when the server reported the error.
+    pub fn sql_state(&self) -> Option<&postgres::error::SqlState> {
+        match self {
+            Error::Connect { source: Some(e), .. }
+            | Error::ConnectionLost(e)
+            | Error::Database(e) => e.code(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn invalid_identifier(what: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidIdentifier {
+            what,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn invalid_connection_string(reason: impl Into<String>) -> Self {
+        Error::InvalidConnectionString {
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn invalid_config(reason: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidConnectionString { reason } => {
+                write!(f, "invalid connection string: {reason}")
+            }
+            Error::InvalidConfig { reason } => write!(f, "invalid configuration: {reason}"),
+            Error::InvalidActorId(why) => write!(f, "invalid actor id: {why}"),
+            Error::InvalidIdentifier { what, reason } => write!(f, "invalid {what} name: {reason}"),
+            Error::StateTooLarge { size, max } => write!(
+                f,
+                "state is {size} bytes, over the store's maximum of {max} bytes; \
+                 raise it with StateStoreBuilder::max_state_size"
+            ),
+            Error::SequenceOutOfRange(n) => {
+                write!(f, "sequence number {n} does not fit PostgreSQL's BIGINT")
+            }
+            Error::Encode(e) => write!(f, "could not encode state: {e}"),
+            Error::Decode { actor_id, source } => write!(
+                f,
+                "could not decode the stored state of actor {actor_id:?}: {source} \
+                 (was it written with another codec or type?)"
+            ),
+            Error::Conflict {
+                actor_id,
+                expected,
+                actual,
+            } => {
+                let actual = actual.map_or_else(|| "absent".to_owned(), |n| format!("sequence {n}"));
+                write!(
+                    f,
+                    "conflict on actor {actor_id:?}: expected {expected}, found {actual}"
+                )
+            }
+            Error::StaleSequence {
+                actor_id,
+                sequence,
+                current,
+            } => match current {
+                Some(current) => write!(
+                    f,
+                    "sequence {sequence} for actor {actor_id:?} is not above the stored {current}"
+                ),
+                None => write!(
+                    f,
+                    "sequence {sequence} for actor {actor_id:?} is not above the number its \
+                     deleted predecessor reached"
+                ),
+            },
+            Error::TooManyConflicts { actor_id, attempts } => write!(
+                f,
+                "gave up on actor {actor_id:?} after {attempts} conflicting attempts; \
+                 raise RetryPolicy::max_attempts or reduce contention"
+            ),
+            Error::Connect {
+                failure,
+                target,
+                user,
+                ..
+            } => match failure {
+                ConnectFailure::Refused => write!(
+                    f,
+                    "connection refused at {target}: is PostgreSQL running? try `pg_isready`, \
+                     check the port, and check that pg_hba.conf allows this client"
+                ),
+                ConnectFailure::AuthenticationFailed => write!(
+                    f,
+                    "password authentication failed for user {user:?} at {target}: verify the \
+                     user name and password, check the pg_hba.conf method, try `psql -U {user} -W`"
+                ),
+                ConnectFailure::TooManyClients => write!(
+                    f,
+                    "too many clients already at {target}: share one pool between stores, \
+                     lower PoolOptions::max_size, raise max_connections in postgresql.conf, \
+                     or put PgBouncer in front"
+                ),
+                ConnectFailure::DatabaseMissing => write!(
+                    f,
+                    "the database does not exist at {target}: create it (CREATE DATABASE) \
+                     or fix the database name"
+                ),
+                ConnectFailure::NotReady => write!(
+                    f,
+                    "the server at {target} is starting up or shutting down: retry shortly"
+                ),
+                ConnectFailure::Tls => write!(
+                    f,
+                    "TLS failed with {target}: check sslmode and sslrootcert \
+                     (verify-full also checks the host name)"
+                ),
+                ConnectFailure::Timeout => write!(
+                    f,
+                    "timed out connecting to {target}: check the host, the network, \
+                     and connect_timeout"
+                ),
+                ConnectFailure::Other => write!(f, "could not connect to {target}"),
+            },
+            Error::PoolExhausted { max_size, waited } => write!(
+                f,
+                "connection pool exhausted: all {max_size} connections stayed in use for {:.1}s; \
+                 raise PoolOptions::max_size or connection_timeout, or hold connections for less time",
+                waited.as_secs_f64()
+            ),
+            Error::SchemaMissing { table } => write!(
+                f,
+                "table {table} or its trigger objects do not exist: run StateStore::migrate() \
+                 or apply sql/schema.sql"
+            ),
+            Error::StatementTimeout => f.write_str(
+                "statement cancelled by statement_timeout; raise PoolOptions::statement_timeout",
+            ),
+            Error::ConnectionLost(_) => f.write_str(
+                "connection to the server was lost during the call; \
+                 a write may or may not have been applied",
+            ),
+            Error::Tls(_) => f.write_str("could not set up TLS"),
+            Error::Database(e) => match e.as_db_error() {
+                Some(db) => write!(f, "database error {}: {}", db.code().code(), db.message()),
+                None => f.write_str("database client error"),
+            },
+        }
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Error::Decode { source, .. } => Some(source.as_ref()),
+            Error::Connect {
+                source: Some(e), ..
+            } => Some(e),
+            Error::ConnectionLost(e) => Some(e),
+            Error::Tls(e) => Some(e.as_ref()),
+            Error::Database(e) if e.as_db_error().is_none() => Some(e),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_message_names_expected_and_actual() {
+        let e = Error::Conflict {
+            actor_id: "a".into(),
+            expected: Expected::Sequence(1),
+            actual: Some(2),
+        };
+        assert_eq!(
+            e.to_string(),
+            "conflict on actor \"a\": expected sequence 1, found sequence 2"
+        );
+        assert!(e.is_conflict());
+        let e = Error::Conflict {
+            actor_id: "a".into(),
+            expected: Expected::Absent,
+            actual: Some(1),
+        };
+        assert!(e.to_string().contains("expected absent, found sequence 1"));
+    }
+
+    #[test]
+    fn expected_from_option() {
+        assert_eq!(Expected::from(None), Expected::Absent);
+        assert_eq!(Expected::from(Some(3)), Expected::Sequence(3));
+    }
+
+    #[test]
+    fn error_is_send_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<Error>();
+    }
+}

@@ -1,0 +1,95 @@
+//! Actor state in PostgreSQL, with ACID guarantees and a change feed that
+//! keeps many processes in sync through `LISTEN`/`NOTIFY`.
+//!
+//! A synchronous, blocking library: no `async`, no runtime to start. Every
+//! handle is `Send + Sync` and cheap to clone; share one [`StateStore`]
+//! between all threads of a program.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use serde::{Deserialize, Serialize};
+//! use trebuchet_postgres::StateStore;
+//!
+//! #[derive(Debug, Default, Serialize, Deserialize)]
+//! struct Counter { value: u64 }
+//!
+//! let store = StateStore::connect("postgresql://postgres@localhost:5432/trebuchet")?;
+//! store.migrate()?; // creates the table, tombstones, function and trigger
+//!
+//! store.save("counter-1", &Counter { value: 1 })?;            // sequence 1
+//! let c: Option<Counter> = store.load("counter-1")?;
+//! let next = store.transform("counter-1", |c: Option<Counter>| {
+//!     Counter { value: c.unwrap_or_default().value + 1 }        // never loses an update
+//! })?;
+//! assert_eq!(next.sequence, 2);
+//! store.delete("counter-1")?;
+//! # Ok::<(), trebuchet_postgres::Error>(())
+//! ```
+//!
+//! # Connecting
+//!
+//! A [`ConnectOptions`] comes from a URL (`postgresql://user:pass@host:5432/db?sslmode=require`),
+//! libpq `key=value` text, explicit parts, or the environment (`DATABASE_URL`, else
+//! `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_DATABASE`, `POSTGRES_USER`,
+//! `POSTGRES_PASSWORD`). TLS follows libpq's `sslmode` meanings ([`SslMode`]).
+//! A [`Pool`] can be shared by several stores, for example one per table.
+//!
+//! # Versions and conflicts
+//!
+//! Every actor has a sequence number that starts at 1 and grows with every
+//! write, and never repeats, even across delete and re-create.
+//! [`StateStore::save_if`] writes only when the stored version is the one
+//! expected ([`Expected`]) and otherwise fails with [`Error::Conflict`], which
+//! names both. [`StateStore::transform`] is an atomic read-modify-write built on
+//! it, retrying with jittered back-off.
+//!
+//! # Encoding
+//!
+//! Typed states go through a [`Codec`]: CBOR by default, or JSON that matches
+//! Swift's `JSONEncoder` for tables shared with Swift instances. The `*_bytes`
+//! methods store raw bytes.
+//!
+//! # Schema
+//!
+//! [`StateStore::migrate`] creates the seed's table (`actor_states`: `actor_id`,
+//! `state`, `sequence_number`, `updated_at`, `created_at`), a tombstone table, and
+//! a trigger that notifies `actor_state_changes` with the seed's JSON payload
+//! (`actorID`, `sequenceNumber`, `timestamp`) plus `op`. [`StateStore::verify`]
+//! reports what is missing. `sql/schema.sql` holds the same SQL for the default
+//! names.
+//!
+//! # Errors
+//!
+//! One error type, [`Error`]. Bad input (actor ids, table and channel names,
+//! oversized states, malformed connection strings) is rejected before anything is
+//! sent. Messages say what to do, and never contain a password.
+//!
+//! # Features
+//!
+//! - `testing`: [`testing`], a throwaway PostgreSQL cluster for tests and examples,
+//!   started from the system's `initdb`/`pg_ctl`.
+#![deny(missing_docs)]
+#![warn(rust_2018_idioms, clippy::all)]
+#![forbid(unsafe_code)]
+
+mod codec;
+mod config;
+mod error;
+mod pool;
+mod schema;
+mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use crate::codec::Codec;
+pub use crate::config::{ConnectOptions, SslMode};
+pub use crate::error::{ConnectFailure, Error, Expected, InvalidActorId, Result};
+pub use crate::pool::{Pool, PoolOptions, PoolState};
+pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
+pub use crate::store::{
+    RetryPolicy, StateStore, StateStoreBuilder, Versioned, DEFAULT_MAX_STATE_SIZE,
+};
+
+/// The driver this crate is built on, for its types (`SqlState`, `Host`).
+pub use postgres;

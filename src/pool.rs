@@ -1,0 +1,473 @@
+//! The connection pool: r2d2 over `postgres::Client`, one TLS connector per
+//! pool, prepared statements cached per connection, and fault detection that
+//! re-checks idle connections only after a connection was seen to break.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use postgres::error::SqlState;
+use postgres::{Client, Statement};
+use postgres_native_tls::MakeTlsConnector;
+use r2d2::ManageConnection;
+use r2d2_postgres::PostgresConnectionManager;
+
+use crate::config::ConnectOptions;
+use crate::error::{ConnectFailure, Error, Result};
+
+/// Pool settings. Every field has a documented default ([`PoolOptions::default`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use trebuchet_postgres::PoolOptions;
+///
+/// let options = PoolOptions::default()
+///     .max_size(32)
+///     .statement_timeout(Some(Duration::from_secs(5)));
+/// assert_eq!(options.get_max_size(), 32);
+/// ```
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    max_size: u32,
+    min_idle: Option<u32>,
+    connection_timeout: Duration,
+    statement_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    max_lifetime: Option<Duration>,
+}
+
+impl Default for PoolOptions {
+    /// `max_size` 10, `min_idle` 1, `connection_timeout` 10 s, no
+    /// `statement_timeout`, `idle_timeout` 10 min, `max_lifetime` 30 min.
+    fn default() -> Self {
+        PoolOptions {
+            max_size: 10,
+            min_idle: Some(1),
+            connection_timeout: Duration::from_secs(10),
+            statement_timeout: None,
+            idle_timeout: Some(Duration::from_secs(600)),
+            max_lifetime: Some(Duration::from_secs(1800)),
+        }
+    }
+}
+
+impl PoolOptions {
+    /// The most connections the pool opens (default 10). Each one is a
+    /// server backend: keep the sum over all processes below the server's
+    /// `max_connections`.
+    pub fn max_size(mut self, max_size: u32) -> Self {
+        self.max_size = max_size;
+        self
+    }
+
+    /// Idle connections kept open (default 1; `None` keeps `max_size`).
+    pub fn min_idle(mut self, min_idle: Option<u32>) -> Self {
+        self.min_idle = min_idle;
+        self
+    }
+
+    /// How long a call waits for a free connection before it fails with
+    /// [`Error::PoolExhausted`] (default 10 s).
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// The server-side `statement_timeout` of every pooled connection
+    /// (default none). A statement over it fails with
+    /// [`Error::StatementTimeout`].
+    pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
+    /// How long an idle connection is kept (default 10 min).
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a connection lives at most (default 30 min).
+    pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.max_lifetime = lifetime;
+        self
+    }
+
+    /// The configured `max_size`.
+    pub fn get_max_size(&self) -> u32 {
+        self.max_size
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.max_size == 0 {
+            return Err(Error::invalid_config("max_size must be at least 1"));
+        }
+        if self.min_idle.is_some_and(|m| m > self.max_size) {
+            return Err(Error::invalid_config("min_idle must not exceed max_size"));
+        }
+        if self.connection_timeout.is_zero() {
+            return Err(Error::invalid_config("connection_timeout must be positive"));
+        }
+        if self.statement_timeout.is_some_and(|t| t.as_millis() == 0) {
+            return Err(Error::invalid_config(
+                "statement_timeout must be at least 1 ms (use None for no limit)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A pooled connection with its prepared statements.
+pub(crate) struct Connection {
+    pub client: Client,
+    statements: HashMap<Box<str>, Statement>,
+    verified_epoch: u64,
+    broken: bool,
+}
+
+impl Connection {
+    /// The prepared statement for `sql`, prepared on first use and cached
+    /// for the life of the connection.
+    pub fn prepare(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql.into(), statement.clone());
+        Ok(statement)
+    }
+}
+
+/// State shared by the pool handle and the r2d2 manager.
+struct Shared {
+    /// Bumped whenever a connection is seen broken: connections verified
+    /// before that are checked once more before their next use.
+    epoch: AtomicU64,
+    last_error: Mutex<Option<(Instant, ConnectFailure, Option<postgres::Error>)>>,
+    /// A connection made while constructing the pool, handed out first.
+    spare: Mutex<Option<Client>>,
+    target: String,
+    user: String,
+}
+
+pub(crate) struct Manager {
+    inner: PostgresConnectionManager<MakeTlsConnector>,
+    statement_timeout: Option<Duration>,
+    shared: Arc<Shared>,
+}
+
+impl Manager {
+    fn open(&self) -> Result<Client> {
+        let mut client = self
+            .inner
+            .connect()
+            .map_err(|e| connect_error(e, &self.shared))?;
+        if let Some(timeout) = self.statement_timeout {
+            client
+                .batch_execute(&format!(
+                    "SET statement_timeout = {}",
+                    timeout.as_millis()
+                ))
+                .map_err(|e| connect_error(e, &self.shared))?;
+        }
+        Ok(client)
+    }
+}
+
+fn connect_error(e: postgres::Error, shared: &Shared) -> Error {
+    Error::Connect {
+        failure: classify_connect(&e),
+        target: shared.target.clone(),
+        user: shared.user.clone(),
+        source: Some(e),
+    }
+}
+
+/// Works out why a connection attempt failed.
+pub(crate) fn classify_connect(e: &postgres::Error) -> ConnectFailure {
+    if let Some(code) = e.code() {
+        return match code {
+            c if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+            {
+                ConnectFailure::AuthenticationFailed
+            }
+            c if *c == SqlState::TOO_MANY_CONNECTIONS => ConnectFailure::TooManyClients,
+            c if *c == SqlState::INVALID_CATALOG_NAME => ConnectFailure::DatabaseMissing,
+            c if *c == SqlState::CANNOT_CONNECT_NOW
+                || *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN =>
+            {
+                ConnectFailure::NotReady
+            }
+            _ => ConnectFailure::Other,
+        };
+    }
+    let mut source: Option<&(dyn StdError + 'static)> = Some(e);
+    let mut text = String::new();
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => return ConnectFailure::Refused,
+                std::io::ErrorKind::TimedOut => return ConnectFailure::Timeout,
+                _ => {}
+            }
+        }
+        if err.is::<native_tls::Error>() {
+            return ConnectFailure::Tls;
+        }
+        text.push_str(&err.to_string());
+        text.push(' ');
+        source = err.source();
+    }
+    if text.contains("password missing") || text.contains("authentication") {
+        ConnectFailure::AuthenticationFailed
+    } else if text.contains("TLS") {
+        ConnectFailure::Tls
+    } else if text.contains("timeout") {
+        ConnectFailure::Timeout
+    } else {
+        ConnectFailure::Other
+    }
+}
+
+impl ManageConnection for Manager {
+    type Connection = Connection;
+    type Error = Error;
+
+    fn connect(&self) -> Result<Connection> {
+        let spare = self
+            .shared
+            .spare
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let client = match spare {
+            Some(client) => client,
+            None => match self.open() {
+                Ok(client) => client,
+                Err(e) => {
+                    if let Error::Connect { failure, .. } = &e {
+                        // Kept for callers that time out waiting: they get
+                        // the reason instead of "pool exhausted".
+                        *self
+                            .shared
+                            .last_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) =
+                            Some((Instant::now(), *failure, None));
+                    }
+                    return Err(e);
+                }
+            },
+        };
+        Ok(Connection {
+            client,
+            statements: HashMap::new(),
+            verified_epoch: self.shared.epoch.load(Ordering::Acquire),
+            broken: false,
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Connection) -> Result<()> {
+        conn.client.simple_query("").map(|_| ()).map_err(Error::Database)
+    }
+
+    fn has_broken(&self, conn: &mut Connection) -> bool {
+        conn.broken || conn.client.is_closed()
+    }
+}
+
+/// A pool of connections to one server, cheap to clone and safe to share
+/// between threads and between several [`StateStore`](crate::StateStore)s
+/// (the seed's shared `EventLoopGroup`).
+///
+/// ```no_run
+/// use trebuchet_postgres::{Pool, PoolOptions, StateStore};
+///
+/// let pool = Pool::new("postgresql://localhost/trebuchet".parse()?, PoolOptions::default())?;
+/// let rooms = StateStore::builder().pool(pool.clone()).table("rooms").build()?;
+/// let players = StateStore::builder().pool(pool).table("players").build()?;
+/// # Ok::<(), trebuchet_postgres::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Pool {
+    r2d2: r2d2::Pool<Manager>,
+    shared: Arc<Shared>,
+    options: Arc<PoolOptions>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.r2d2.state();
+        f.debug_struct("Pool")
+            .field("target", &self.shared.target)
+            .field("user", &self.shared.user)
+            .field("connections", &state.connections)
+            .field("idle", &state.idle_connections)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+/// A snapshot of a pool's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolState {
+    /// Connections open, in use or idle.
+    pub connections: u32,
+    /// Connections open and idle.
+    pub idle: u32,
+    /// The configured maximum.
+    pub max_size: u32,
+}
+
+impl Pool {
+    /// Opens a pool and one connection, to report a bad address, password or
+    /// database at once rather than on the first call.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connect`] naming the cause (refused, authentication failed,
+    /// too many clients, missing database, TLS), [`Error::InvalidConfig`]
+    /// for impossible pool settings, [`Error::Tls`] for an unreadable root
+    /// certificate.
+    pub fn new(connect: ConnectOptions, options: PoolOptions) -> Result<Pool> {
+        options.validate()?;
+        let config = connect.driver_config();
+        let tls = connect.tls_connector()?;
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            spare: Mutex::new(None),
+            target: connect.target(),
+            user: config.get_user().unwrap_or("postgres").to_owned(),
+        });
+        let manager = Manager {
+            inner: PostgresConnectionManager::new(config, tls),
+            statement_timeout: options.statement_timeout,
+            shared: Arc::clone(&shared),
+        };
+        let first = manager.open()?;
+        *shared.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(first);
+        let r2d2 = r2d2::Pool::builder()
+            .max_size(options.max_size)
+            .min_idle(options.min_idle)
+            .test_on_check_out(false)
+            .connection_timeout(options.connection_timeout)
+            .idle_timeout(options.idle_timeout)
+            .max_lifetime(options.max_lifetime)
+            .build_unchecked(manager);
+        Ok(Pool {
+            r2d2,
+            shared,
+            options: Arc::new(options),
+        })
+    }
+
+    /// Connects with a connection string and default pool options.
+    ///
+    /// # Errors
+    ///
+    /// As [`Pool::new`], and [`Error::InvalidConnectionString`].
+    pub fn connect(url: &str) -> Result<Pool> {
+        Pool::new(url.parse()?, PoolOptions::default())
+    }
+
+    /// How many connections are open and idle.
+    pub fn state(&self) -> PoolState {
+        let state = self.r2d2.state();
+        PoolState {
+            connections: state.connections,
+            idle: state.idle_connections,
+            max_size: self.options.max_size,
+        }
+    }
+
+    /// `host:port` of the server, for messages.
+    pub fn target(&self) -> &str {
+        &self.shared.target
+    }
+
+    /// Checks out a connection. A connection that was idle while another
+    /// one broke is checked with a round trip first and replaced if dead, so
+    /// a server restart costs each caller at most one error.
+    pub(crate) fn get(&self) -> Result<r2d2::PooledConnection<Manager>> {
+        let start = Instant::now();
+        // Bounded: each pass either returns or discards one dead connection.
+        for _ in 0..=self.options.max_size {
+            let mut conn = self.r2d2.get().map_err(|_| self.checkout_error(start))?;
+            let epoch = self.shared.epoch.load(Ordering::Acquire);
+            if conn.verified_epoch >= epoch {
+                return Ok(conn);
+            }
+            if conn.client.is_valid(Duration::from_secs(5)).is_ok() {
+                conn.verified_epoch = epoch;
+                return Ok(conn);
+            }
+            conn.broken = true;
+        }
+        Err(self.checkout_error(start))
+    }
+
+    fn checkout_error(&self, start: Instant) -> Error {
+        let last = self
+            .shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match last {
+            Some((at, failure, source)) if at >= start - self.options.connection_timeout => {
+                Error::Connect {
+                    failure,
+                    target: self.shared.target.clone(),
+                    user: self.shared.user.clone(),
+                    source,
+                }
+            }
+            _ => Error::PoolExhausted {
+                max_size: self.options.max_size,
+                waited: start.elapsed(),
+            },
+        }
+    }
+
+    /// Classifies an error from a call on `conn`. A broken connection is
+    /// marked for replacement and every other pooled connection for a check.
+    /// Returns the error and whether the connection broke.
+    pub(crate) fn call_error(&self, conn: &mut Connection, e: postgres::Error) -> (Error, bool) {
+        let lost = e.is_closed()
+            || conn.client.is_closed()
+            || e.code().is_some_and(|c| {
+                *c == SqlState::ADMIN_SHUTDOWN
+                    || *c == SqlState::CRASH_SHUTDOWN
+                    || *c == SqlState::CANNOT_CONNECT_NOW
+                    || c.code().starts_with("08")
+            })
+            || e.as_db_error().is_none() && e.code().is_none() && is_io(&e);
+        if lost {
+            conn.broken = true;
+            self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+            return (Error::ConnectionLost(e), true);
+        }
+        let error = match e.code() {
+            Some(c) if *c == SqlState::QUERY_CANCELED => Error::StatementTimeout,
+            _ => Error::Database(e),
+        };
+        (error, false)
+    }
+}
+
+fn is_io(e: &postgres::Error) -> bool {
+    let mut source: Option<&(dyn StdError + 'static)> = e.source();
+    while let Some(err) = source {
+        if err.is::<std::io::Error>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}

@@ -1,0 +1,614 @@
+//! Names, embedded migrations, the SQL of every operation, and `verify`.
+//!
+//! All SQL text is built here once per store from validated, quoted
+//! identifiers; no statement is ever assembled from user input per call.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// The seed's table name.
+pub const DEFAULT_TABLE: &str = "actor_states";
+/// The seed's notification channel.
+pub const DEFAULT_CHANNEL: &str = "actor_state_changes";
+
+/// PostgreSQL's identifier limit (`NAMEDATALEN - 1`).
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// The embedded migrations: version, description, template.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "actor state table, tombstones and change trigger",
+    include_str!("../sql/migrations/0001_actor_states.sql"),
+)];
+
+/// Checks that `name` is a plain identifier: an ASCII letter or underscore,
+/// then letters, digits or underscores, at most 63 bytes.
+pub(crate) fn validate_identifier(what: &'static str, name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let Some(first) = chars.next() else {
+        return Err(Error::invalid_identifier(what, "it is empty"));
+    };
+    if name.len() > MAX_IDENTIFIER_BYTES {
+        return Err(Error::invalid_identifier(
+            what,
+            format!(
+                "it is {} bytes long; PostgreSQL allows at most {MAX_IDENTIFIER_BYTES}",
+                name.len()
+            ),
+        ));
+    }
+    if !(first.is_ascii_alphabetic() || first == '_') {
+        return Err(Error::invalid_identifier(
+            what,
+            format!("{name:?} must start with a letter or underscore"),
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
+    {
+        return Err(Error::invalid_identifier(
+            what,
+            format!("{name:?} contains {bad:?}; use letters, digits and underscores"),
+        ));
+    }
+    Ok(())
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{ident}\"")
+}
+
+/// Shortens a derived name to fit 63 bytes, keeping it unique with a hash.
+fn fit(name: String) -> String {
+    if name.len() <= MAX_IDENTIFIER_BYTES {
+        return name;
+    }
+    // FNV-1a: stable across releases and platforms.
+    let hash = name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("{}_{:08x}", &name[..MAX_IDENTIFIER_BYTES - 9], hash as u32)
+}
+
+/// A validated table name, optionally schema-qualified, and the names of the
+/// objects that belong to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Names {
+    pub schema: Option<String>,
+    pub table: String,
+    pub channel: String,
+    pub tombstones: String,
+    pub function: String,
+    pub trigger: String,
+    idx_updated: String,
+    idx_sequence: String,
+}
+
+impl Names {
+    /// Validates `table` (`name` or `schema.name`) and `channel`.
+    pub fn new(table: &str, channel: &str) -> Result<Self> {
+        let (schema, table) = match table.split_once('.') {
+            Some((schema, name)) => {
+                validate_identifier("schema", schema)?;
+                (Some(schema.to_owned()), name)
+            }
+            None => (None, table),
+        };
+        validate_identifier("table", table)?;
+        validate_identifier("channel", channel)?;
+        let (function, trigger) = if table == DEFAULT_TABLE {
+            (
+                "notify_actor_state_change".to_owned(),
+                "actor_state_change_trigger".to_owned(),
+            )
+        } else {
+            (
+                fit(format!("notify_{table}_change")),
+                fit(format!("{table}_change_trigger")),
+            )
+        };
+        Ok(Names {
+            schema,
+            tombstones: fit(format!("{table}_tombstones")),
+            idx_updated: fit(format!("idx_{table}_updated")),
+            idx_sequence: fit(format!("idx_{table}_sequence")),
+            table: table.to_owned(),
+            channel: channel.to_owned(),
+            function,
+            trigger,
+        })
+    }
+
+    /// `"schema"."name"` or `"name"`.
+    pub fn qualify(&self, name: &str) -> String {
+        match &self.schema {
+            Some(schema) => format!("{}.{}", quote(schema), quote(name)),
+            None => quote(name),
+        }
+    }
+
+    /// The quoted, qualified table name.
+    pub fn table_sql(&self) -> String {
+        self.qualify(&self.table)
+    }
+
+    fn migrations_table_sql(&self) -> String {
+        self.qualify("trebuchet_schema_migrations")
+    }
+
+    fn render(&self, template: &str) -> String {
+        template
+            .replace("{{table}}", &self.table_sql())
+            .replace("{{tombstones}}", &self.qualify(&self.tombstones))
+            .replace("{{function}}", &self.qualify(&self.function))
+            .replace("{{trigger}}", &quote(&self.trigger))
+            .replace("{{idx_updated}}", &quote(&self.idx_updated))
+            .replace("{{idx_sequence}}", &quote(&self.idx_sequence))
+            .replace("{{channel}}", &self.channel)
+    }
+
+    /// Every migration rendered for these names, in order.
+    pub fn migration_sql(&self) -> String {
+        MIGRATIONS
+            .iter()
+            .map(|(_, _, template)| self.render(template))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// The SQL text of every operation for one table, built once per store.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    pub save: String,
+    pub save_if_absent: String,
+    pub save_if_sequence: String,
+    pub save_with_sequence: String,
+    pub load: String,
+    pub load_versioned: String,
+    pub delete: String,
+    pub exists: String,
+    pub sequence: String,
+}
+
+impl Statements {
+    pub fn new(names: &Names) -> Self {
+        let t = names.table_sql();
+        let b = names.qualify(&names.tombstones);
+        let now = "(now() AT TIME ZONE 'UTC')";
+        let next_for_new = format!(
+            "COALESCE((SELECT b.sequence_number FROM {b} b WHERE b.actor_id = $1::VARCHAR), 0) + 1"
+        );
+        // Both conditional writes answer in one round trip: the new row, or
+        // the sequence number that blocked the write.
+        let outcome = format!(
+            "SELECT (SELECT sequence_number FROM written), (SELECT updated_at FROM written), \
+             (SELECT created_at FROM written), \
+             (SELECT c.sequence_number FROM {t} c WHERE c.actor_id = $1::VARCHAR)"
+        );
+        Statements {
+            save: format!(
+                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
+                 VALUES ($1::VARCHAR, $2, {next_for_new}, {now}, {now}) \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at \
+                 RETURNING sequence_number"
+            ),
+            save_if_absent: format!(
+                "WITH written AS (INSERT INTO {t} (actor_id, state, sequence_number, updated_at, created_at) \
+                 VALUES ($1::VARCHAR, $2, {next_for_new}, {now}, {now}) \
+                 ON CONFLICT (actor_id) DO NOTHING \
+                 RETURNING sequence_number, updated_at, created_at) {outcome}"
+            ),
+            save_if_sequence: format!(
+                "WITH written AS (UPDATE {t} SET state = $2, sequence_number = sequence_number + 1, \
+                 updated_at = {now} WHERE actor_id = $1::VARCHAR AND sequence_number = $3 \
+                 RETURNING sequence_number, updated_at, created_at) {outcome}"
+            ),
+            save_with_sequence: format!(
+                "WITH written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
+                 SELECT $1::VARCHAR, $2, $3::BIGINT, {now}, {now} \
+                 WHERE COALESCE((SELECT b.sequence_number FROM {b} b WHERE b.actor_id = $1::VARCHAR), 0) < $3::BIGINT \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at \
+                 WHERE t.sequence_number < EXCLUDED.sequence_number \
+                 RETURNING sequence_number, updated_at, created_at) {outcome}"
+            ),
+            load: format!("SELECT state FROM {t} WHERE actor_id = $1::VARCHAR"),
+            load_versioned: format!(
+                "SELECT state, sequence_number, updated_at, created_at FROM {t} WHERE actor_id = $1::VARCHAR"
+            ),
+            delete: format!("DELETE FROM {t} WHERE actor_id = $1::VARCHAR"),
+            exists: format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE actor_id = $1::VARCHAR)"),
+            sequence: format!("SELECT sequence_number FROM {t} WHERE actor_id = $1::VARCHAR"),
+        }
+    }
+}
+
+/// Applies the embedded migrations that `client`'s database lacks for these
+/// names. Safe when several processes migrate at once: they serialise on an
+/// advisory lock and each version is applied once. Returns the versions
+/// applied by this call.
+pub(crate) fn migrate(client: &mut postgres::Client, names: &Names) -> Result<Vec<i32>> {
+    // "trebuchet" in ASCII: one lock for every table's migrations.
+    const LOCK_KEY: i64 = 0x7472_6562_7563_6874;
+    let migrations = names.migrations_table_sql();
+    let table_key = names.table_sql();
+    let mut tx = client.transaction().map_err(Error::Database)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+        .map_err(Error::Database)?;
+    if let Some(schema) = &names.schema {
+        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
+            .map_err(Error::Database)?;
+    }
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {migrations} (\
+             table_name TEXT NOT NULL, \
+             version INTEGER NOT NULL, \
+             description TEXT NOT NULL, \
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now(), \
+             PRIMARY KEY (table_name, version))"
+    ))
+    .map_err(Error::Database)?;
+    let applied: Vec<i32> = tx
+        .query(
+            &format!("SELECT version FROM {migrations} WHERE table_name = $1"),
+            &[&table_key],
+        )
+        .map_err(Error::Database)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut done = Vec::new();
+    for (version, description, template) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(&names.render(template))
+            .map_err(Error::Database)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {migrations} (table_name, version, description) VALUES ($1, $2, $3)"
+            ),
+            &[&table_key, version, description],
+        )
+        .map_err(Error::Database)?;
+        done.push(*version);
+    }
+    tx.commit().map_err(Error::Database)?;
+    Ok(done)
+}
+
+/// One thing `verify` found missing or wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// The state table does not exist.
+    TableMissing {
+        /// The quoted table name.
+        table: String,
+    },
+    /// A column the store needs is missing.
+    ColumnMissing {
+        /// The column.
+        column: &'static str,
+    },
+    /// A column has a type the store cannot use.
+    ColumnType {
+        /// The column.
+        column: &'static str,
+        /// The type found.
+        found: String,
+        /// The type expected.
+        expected: &'static str,
+    },
+    /// The tombstone table, which keeps sequence numbers from repeating after
+    /// a delete, does not exist.
+    TombstonesMissing {
+        /// The quoted tombstone table name.
+        table: String,
+    },
+    /// The notification function does not exist.
+    FunctionMissing {
+        /// The function's name.
+        function: String,
+    },
+    /// The notification function exists but does not notify this store's channel.
+    FunctionChannel {
+        /// The function's name.
+        function: String,
+        /// The channel it should notify.
+        channel: String,
+    },
+    /// No trigger of that name is on the table.
+    TriggerMissing {
+        /// The trigger's name.
+        trigger: String,
+    },
+    /// The trigger is disabled.
+    TriggerDisabled {
+        /// The trigger's name.
+        trigger: String,
+    },
+    /// The trigger does not fire for every row on insert, update and delete.
+    TriggerEvents {
+        /// The trigger's name.
+        trigger: String,
+        /// The events it lacks.
+        missing: Vec<&'static str>,
+    },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const FIX: &str = "run StateStore::migrate() or apply sql/schema.sql";
+        match self {
+            Problem::TableMissing { table } => write!(f, "table {table} does not exist: {FIX}"),
+            Problem::ColumnMissing { column } => {
+                write!(f, "column {column} is missing: {FIX}")
+            }
+            Problem::ColumnType {
+                column,
+                found,
+                expected,
+            } => write!(
+                f,
+                "column {column} is {found}, expected {expected}: alter the column"
+            ),
+            Problem::TombstonesMissing { table } => {
+                write!(f, "tombstone table {table} does not exist: {FIX}")
+            }
+            Problem::FunctionMissing { function } => {
+                write!(f, "function {function}() does not exist: {FIX}")
+            }
+            Problem::FunctionChannel { function, channel } => write!(
+                f,
+                "function {function}() does not notify channel {channel:?}: {FIX} \
+                 with this store's channel"
+            ),
+            Problem::TriggerMissing { trigger } => {
+                write!(f, "trigger {trigger} is missing, so no change is announced: {FIX}")
+            }
+            Problem::TriggerDisabled { trigger } => write!(
+                f,
+                "trigger {trigger} is disabled: ALTER TABLE ... ENABLE TRIGGER {trigger}"
+            ),
+            Problem::TriggerEvents { trigger, missing } => write!(
+                f,
+                "trigger {trigger} does not fire for each row on {}: {FIX}",
+                missing.join(", ")
+            ),
+        }
+    }
+}
+
+/// What [`StateStore::verify`](crate::StateStore::verify) found: the seed's
+/// "Notifications Not Received" checklist, as data.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VerifyReport {
+    /// Everything missing or wrong; empty when the schema is complete.
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// True when nothing is missing or wrong.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+impl fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.problems.is_empty() {
+            return f.write_str("schema ok");
+        }
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "- {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+const COLUMNS: [(&str, &[&str], &str); 5] = [
+    ("actor_id", &["character varying(255)", "text"], "VARCHAR(255)"),
+    ("state", &["bytea"], "BYTEA"),
+    ("sequence_number", &["bigint"], "BIGINT"),
+    ("updated_at", &["timestamp without time zone"], "TIMESTAMP"),
+    ("created_at", &["timestamp without time zone"], "TIMESTAMP"),
+];
+
+/// Checks table, columns, tombstones, function and trigger.
+pub(crate) fn verify(client: &mut postgres::Client, names: &Names) -> Result<VerifyReport> {
+    let mut problems = Vec::new();
+    let table_sql = names.table_sql();
+    let row = client
+        .query_opt(
+            "SELECT c.oid, n.nspname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+            &[&table_sql],
+        )
+        .map_err(Error::Database)?;
+    let Some(row) = row else {
+        problems.push(Problem::TableMissing { table: table_sql });
+        return Ok(VerifyReport { problems });
+    };
+    let oid: u32 = row.get(0);
+    let schema: String = row.get(1);
+
+    let columns: Vec<(String, String)> = client
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+            &[&oid],
+        )
+        .map_err(Error::Database)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (column, accepted, expected) in COLUMNS {
+        match columns.iter().find(|(name, _)| name == column) {
+            None => problems.push(Problem::ColumnMissing { column }),
+            Some((_, found)) if !accepted.contains(&found.as_str()) => {
+                problems.push(Problem::ColumnType {
+                    column,
+                    found: found.clone(),
+                    expected,
+                })
+            }
+            Some(_) => {}
+        }
+    }
+
+    let tombstones = format!("{}.{}", quote(&schema), quote(&names.tombstones));
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&tombstones])
+        .map_err(Error::Database)?
+        .get(0);
+    if !exists {
+        problems.push(Problem::TombstonesMissing { table: tombstones });
+    }
+
+    let source: Option<String> = client
+        .query_opt(
+            "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE p.proname = $1 AND n.nspname = $2",
+            &[&names.function, &schema],
+        )
+        .map_err(Error::Database)?
+        .map(|r| r.get(0));
+    match source {
+        None => problems.push(Problem::FunctionMissing {
+            function: names.function.clone(),
+        }),
+        Some(src) if !src.contains(&format!("pg_notify('{}'", names.channel)) => {
+            problems.push(Problem::FunctionChannel {
+                function: names.function.clone(),
+                channel: names.channel.clone(),
+            })
+        }
+        Some(_) => {}
+    }
+
+    let trigger = client
+        .query_opt(
+            "SELECT t.tgenabled::text, t.tgtype::int4 FROM pg_trigger t \
+             WHERE t.tgrelid = $1 AND t.tgname = $2 AND NOT t.tgisinternal",
+            &[&oid, &names.trigger],
+        )
+        .map_err(Error::Database)?;
+    match trigger {
+        None => problems.push(Problem::TriggerMissing {
+            trigger: names.trigger.clone(),
+        }),
+        Some(row) => {
+            let enabled: String = row.get(0);
+            let tgtype: i32 = row.get(1);
+            if enabled == "D" {
+                problems.push(Problem::TriggerDisabled {
+                    trigger: names.trigger.clone(),
+                });
+            }
+            // pg_trigger.tgtype bits: ROW 1, INSERT 4, DELETE 8, UPDATE 16.
+            let missing: Vec<&'static str> = [(1, "row"), (4, "insert"), (16, "update"), (8, "delete")]
+                .into_iter()
+                .filter(|(bit, _)| tgtype & bit == 0)
+                .map(|(_, name)| name)
+                .collect();
+            if !missing.is_empty() {
+                problems.push(Problem::TriggerEvents {
+                    trigger: names.trigger.clone(),
+                    missing,
+                });
+            }
+        }
+    }
+    Ok(VerifyReport { problems })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_validated() {
+        for bad in [
+            "actor'; DROP TABLE actor_states; --",
+            "123abc",
+            &"a".repeat(64),
+            "a;b",
+            "a b",
+            "a\"b",
+            "a'b",
+            "a$b",
+            "",
+            "tä",
+        ] {
+            let err = Names::new(bad, DEFAULT_CHANNEL).unwrap_err();
+            assert!(matches!(err, Error::InvalidIdentifier { what: "table", .. }), "{bad}: {err}");
+            let err = Names::new(DEFAULT_TABLE, bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidIdentifier { what: "channel", .. }), "{bad}");
+        }
+        assert!(Names::new(&"a".repeat(63), DEFAULT_CHANNEL).is_ok());
+        assert!(Names::new("_x1", "Chan_2").is_ok());
+        let err = Names::new("bad-schema.t", DEFAULT_CHANNEL).unwrap_err();
+        assert!(matches!(err, Error::InvalidIdentifier { what: "schema", .. }));
+        assert!(Names::new("s.t.u", DEFAULT_CHANNEL).is_err());
+    }
+
+    #[test]
+    fn default_names_are_the_seeds() {
+        let n = Names::new(DEFAULT_TABLE, DEFAULT_CHANNEL).unwrap();
+        assert_eq!(n.function, "notify_actor_state_change");
+        assert_eq!(n.trigger, "actor_state_change_trigger");
+        assert_eq!(n.table_sql(), "\"actor_states\"");
+        let n = Names::new("game.rooms", "room_changes").unwrap();
+        assert_eq!(n.table_sql(), "\"game\".\"rooms\"");
+        assert_eq!(n.qualify(&n.function), "\"game\".\"notify_rooms_change\"");
+    }
+
+    #[test]
+    fn derived_names_fit_and_stay_distinct() {
+        let a = Names::new(&format!("{}a", "x".repeat(62)), DEFAULT_CHANNEL).unwrap();
+        let b = Names::new(&format!("{}b", "x".repeat(62)), DEFAULT_CHANNEL).unwrap();
+        for n in [&a, &b] {
+            for derived in [&n.function, &n.trigger, &n.tombstones, &n.idx_updated] {
+                assert!(derived.len() <= 63, "{derived}");
+            }
+        }
+        assert_ne!(a.function, b.function);
+        assert_ne!(a.tombstones, b.tombstones);
+    }
+
+    #[test]
+    fn schema_sql_is_the_rendered_default_migration() {
+        let names = Names::new(DEFAULT_TABLE, DEFAULT_CHANNEL).unwrap();
+        let expected = format!("{}{}", SCHEMA_HEADER, names.migration_sql());
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/schema.sql");
+        if std::env::var_os("TREBUCHET_BLESS").is_some() {
+            std::fs::write(path, &expected).unwrap();
+        }
+        let actual = std::fs::read_to_string(path).unwrap();
+        assert!(
+            actual == expected,
+            "sql/schema.sql is out of date: run `TREBUCHET_BLESS=1 cargo test --lib schema`"
+        );
+    }
+
+    const SCHEMA_HEADER: &str = "\
+-- trebuchet-postgres schema for the default table and channel.
+--
+-- Generated from sql/migrations/ (do not edit by hand). Usable as a
+-- docker-entrypoint-initdb.d script; StateStore::migrate() applies the same
+-- statements, for any table and channel name, and records the version.
+-- Compatible with the seed's schema: same table, columns, channel and
+-- payload keys; deletes are announced too.
+
+";
+}

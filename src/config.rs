@@ -420,8 +420,12 @@ impl FromStr for ConnectOptions {
                  nor key=value pairs such as `host=localhost dbname=app`",
             ));
         };
-        let pg = postgres::Config::from_str(&rest)
-            .map_err(|e| Error::invalid_connection_string(e.to_string()))?;
+        let pg = postgres::Config::from_str(&rest).map_err(|e| {
+            // The driver's causes name options, never their values.
+            let cause = std::error::Error::source(&e)
+                .map_or_else(|| e.to_string(), |c| c.to_string());
+            Error::invalid_connection_string(cause)
+        })?;
         let mut opts = ConnectOptions::new();
         copy_settings(&pg, &mut opts.pg);
         // Our defaults win only where the string said nothing.

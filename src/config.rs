@@ -143,7 +143,11 @@ impl ConnectOptions {
             })?;
             opts.port(port);
         }
-        opts.dbname(lookup("POSTGRES_DATABASE").as_deref().unwrap_or("trebuchet"));
+        opts.dbname(
+            lookup("POSTGRES_DATABASE")
+                .as_deref()
+                .unwrap_or("trebuchet"),
+        );
         opts.user(lookup("POSTGRES_USER").as_deref().unwrap_or("postgres"));
         if let Some(password) = lookup("POSTGRES_PASSWORD") {
             opts.password(password);
@@ -314,13 +318,13 @@ impl ConnectOptions {
         let root = match &self.ssl_root_cert {
             Some(path) if path.as_os_str() != "system" => {
                 let pem = std::fs::read(path).map_err(|e| {
-                    Error::Tls(
-                        format!("cannot read sslrootcert {}: {e}", path.display()).into(),
-                    )
+                    Error::Tls(format!("cannot read sslrootcert {}: {e}", path.display()).into())
                 })?;
-                let cert = native_tls::Certificate::from_pem(&pem)
-                    .map_err(|e| Error::Tls(Box::new(e)))?;
-                builder.add_root_certificate(cert).disable_built_in_roots(true);
+                let cert =
+                    native_tls::Certificate::from_pem(&pem).map_err(|e| Error::Tls(Box::new(e)))?;
+                builder
+                    .add_root_certificate(cert)
+                    .disable_built_in_roots(true);
                 true
             }
             _ => false,
@@ -422,8 +426,8 @@ impl FromStr for ConnectOptions {
         };
         let pg = postgres::Config::from_str(&rest).map_err(|e| {
             // The driver's causes name options, never their values.
-            let cause = std::error::Error::source(&e)
-                .map_or_else(|| e.to_string(), |c| c.to_string());
+            let cause =
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), |c| c.to_string());
             Error::invalid_connection_string(cause)
         })?;
         let mut opts = ConnectOptions::new();
@@ -646,9 +650,14 @@ mod tests {
         assert_eq!(o.get_ssl_mode(), SslMode::VerifyCa);
         assert_eq!(o.get_ssl_root_cert(), Some(Path::new("/a b/ca.pem")));
         assert_eq!(o.get_dbname(), Some("x"));
-        assert_eq!(parse("postgresql://h/db").unwrap().get_ssl_mode(), SslMode::Prefer);
         assert_eq!(
-            parse("postgresql://h/db?sslmode=disable").unwrap().get_ssl_mode(),
+            parse("postgresql://h/db").unwrap().get_ssl_mode(),
+            SslMode::Prefer
+        );
+        assert_eq!(
+            parse("postgresql://h/db?sslmode=disable")
+                .unwrap()
+                .get_ssl_mode(),
             SslMode::Disable
         );
     }
@@ -712,7 +721,10 @@ mod tests {
     fn parts_have_the_seed_defaults() {
         let mut o = ConnectOptions::new();
         o.dbname("trebuchet").password("pw");
-        assert_eq!(o.driver_config().get_hosts(), &[Host::Tcp("localhost".into())]);
+        assert_eq!(
+            o.driver_config().get_hosts(),
+            &[Host::Tcp("localhost".into())]
+        );
         assert_eq!(o.get_port(), 5432);
         o.port(6000).host("db");
         assert_eq!(o.target(), "db:6000");

@@ -61,7 +61,10 @@ impl fmt::Display for InvalidActorId {
         match self {
             InvalidActorId::Empty => f.write_str("actor id is empty"),
             InvalidActorId::TooLong { chars } => {
-                write!(f, "actor id has {chars} characters; at most 255 are allowed")
+                write!(
+                    f,
+                    "actor id has {chars} characters; at most 255 are allowed"
+                )
             }
             InvalidActorId::ContainsNul => f.write_str("actor id contains a NUL character"),
         }
@@ -234,7 +237,9 @@ impl Error {
     /// The SQLSTATE code when the server reported the error.
     pub fn sql_state(&self) -> Option<&postgres::error::SqlState> {
         match self {
-            Error::Connect { source: Some(e), .. }
+            Error::Connect {
+                source: Some(e), ..
+            }
             | Error::ConnectionLost(e)
             | Error::Database(e) => e.code(),
             _ => None,

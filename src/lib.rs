@@ -93,3 +93,8 @@ pub use crate::store::{
 
 /// The driver this crate is built on, for its types (`SqlState`, `Host`).
 pub use postgres;
+
+/// Compiles the README's examples as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -167,10 +167,7 @@ impl Manager {
             .map_err(|e| connect_error(e, &self.shared))?;
         if let Some(timeout) = self.statement_timeout {
             client
-                .batch_execute(&format!(
-                    "SET statement_timeout = {}",
-                    timeout.as_millis()
-                ))
+                .batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis()))
                 .map_err(|e| connect_error(e, &self.shared))?;
         }
         Ok(client)
@@ -273,7 +270,10 @@ impl ManageConnection for Manager {
     }
 
     fn is_valid(&self, conn: &mut Connection) -> Result<()> {
-        conn.client.simple_query("").map(|_| ()).map_err(Error::Database)
+        conn.client
+            .simple_query("")
+            .map(|_| ())
+            .map_err(Error::Database)
     }
 
     fn has_broken(&self, conn: &mut Connection) -> bool {

@@ -66,11 +66,9 @@ fn fit(name: String) -> String {
         return name;
     }
     // FNV-1a: stable across releases and platforms.
-    let hash = name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     format!("{}_{:08x}", &name[..MAX_IDENTIFIER_BYTES - 9], hash as u32)
 }
 
@@ -371,7 +369,10 @@ impl fmt::Display for Problem {
                  with this store's channel"
             ),
             Problem::TriggerMissing { trigger } => {
-                write!(f, "trigger {trigger} is missing, so no change is announced: {FIX}")
+                write!(
+                    f,
+                    "trigger {trigger} is missing, so no change is announced: {FIX}"
+                )
             }
             Problem::TriggerDisabled { trigger } => write!(
                 f,
@@ -417,7 +418,11 @@ impl fmt::Display for VerifyReport {
 }
 
 const COLUMNS: [(&str, &[&str], &str); 5] = [
-    ("actor_id", &["character varying(255)", "text"], "VARCHAR(255)"),
+    (
+        "actor_id",
+        &["character varying(255)", "text"],
+        "VARCHAR(255)",
+    ),
     ("state", &["bytea"], "BYTEA"),
     ("sequence_number", &["bigint"], "BIGINT"),
     ("updated_at", &["timestamp without time zone"], "TIMESTAMP"),
@@ -516,11 +521,12 @@ pub(crate) fn verify(client: &mut postgres::Client, names: &Names) -> Result<Ver
                 });
             }
             // pg_trigger.tgtype bits: ROW 1, INSERT 4, DELETE 8, UPDATE 16.
-            let missing: Vec<&'static str> = [(1, "row"), (4, "insert"), (16, "update"), (8, "delete")]
-                .into_iter()
-                .filter(|(bit, _)| tgtype & bit == 0)
-                .map(|(_, name)| name)
-                .collect();
+            let missing: Vec<&'static str> =
+                [(1, "row"), (4, "insert"), (16, "update"), (8, "delete")]
+                    .into_iter()
+                    .filter(|(bit, _)| tgtype & bit == 0)
+                    .map(|(_, name)| name)
+                    .collect();
             if !missing.is_empty() {
                 problems.push(Problem::TriggerEvents {
                     trigger: names.trigger.clone(),
@@ -551,14 +557,29 @@ mod tests {
             "tä",
         ] {
             let err = Names::new(bad, DEFAULT_CHANNEL).unwrap_err();
-            assert!(matches!(err, Error::InvalidIdentifier { what: "table", .. }), "{bad}: {err}");
+            assert!(
+                matches!(err, Error::InvalidIdentifier { what: "table", .. }),
+                "{bad}: {err}"
+            );
             let err = Names::new(DEFAULT_TABLE, bad).unwrap_err();
-            assert!(matches!(err, Error::InvalidIdentifier { what: "channel", .. }), "{bad}");
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidIdentifier {
+                        what: "channel",
+                        ..
+                    }
+                ),
+                "{bad}"
+            );
         }
         assert!(Names::new(&"a".repeat(63), DEFAULT_CHANNEL).is_ok());
         assert!(Names::new("_x1", "Chan_2").is_ok());
         let err = Names::new("bad-schema.t", DEFAULT_CHANNEL).unwrap_err();
-        assert!(matches!(err, Error::InvalidIdentifier { what: "schema", .. }));
+        assert!(matches!(
+            err,
+            Error::InvalidIdentifier { what: "schema", .. }
+        ));
         assert!(Names::new("s.t.u", DEFAULT_CHANNEL).is_err());
     }
 

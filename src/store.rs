@@ -176,7 +176,9 @@ impl StateStoreBuilder {
     pub fn build(self) -> Result<StateStore> {
         let names = Names::new(&self.table, &self.channel)?;
         if self.retry.max_attempts == 0 {
-            return Err(Error::invalid_config("RetryPolicy::max_attempts must be at least 1"));
+            return Err(Error::invalid_config(
+                "RetryPolicy::max_attempts must be at least 1",
+            ));
         }
         if self.max_state_size > i32::MAX as usize {
             return Err(Error::invalid_config(
@@ -647,8 +649,7 @@ impl StateStore {
         check_actor_id(id)?;
         self.call(true, |inner, c| {
             let st = c.prepare(&inner.sql.sequence)?;
-            Ok(c
-                .client
+            Ok(c.client
                 .query_opt(&st, &[&id])?
                 .map(|row| to_u64(row.get(0))))
         })
@@ -843,8 +844,12 @@ fn write_if_on(
     if let Some(sequence) = row.get::<_, Option<i64>>(0) {
         return Ok(Written::Yes {
             sequence: to_u64(sequence),
-            updated_at: row.get::<_, Option<SystemTime>>(1).unwrap_or(SystemTime::UNIX_EPOCH),
-            created_at: row.get::<_, Option<SystemTime>>(2).unwrap_or(SystemTime::UNIX_EPOCH),
+            updated_at: row
+                .get::<_, Option<SystemTime>>(1)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            created_at: row
+                .get::<_, Option<SystemTime>>(2)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
         });
     }
     let mut actual = row.get::<_, Option<i64>>(3).map(to_u64);
@@ -867,7 +872,9 @@ mod tests {
         ));
         assert!(matches!(
             check_actor_id(&"x".repeat(256)),
-            Err(Error::InvalidActorId(InvalidActorId::TooLong { chars: 256 }))
+            Err(Error::InvalidActorId(InvalidActorId::TooLong {
+                chars: 256
+            }))
         ));
         assert!(check_actor_id(&"x".repeat(255)).is_ok());
         // 255 characters of two bytes each are fine: the limit is characters.

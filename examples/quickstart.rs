@@ -1,0 +1,68 @@
+//! Save, load, update atomically, detect a conflict, delete.
+//!
+//! Run: `cargo run --example quickstart`
+//!
+//! Uses `DATABASE_URL` when set; otherwise starts a throwaway PostgreSQL
+//! cluster from the system's `initdb` (removed when the program exits).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use trebuchet_postgres::testing::TestCluster;
+use trebuchet_postgres::{Expected, StateStore};
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct GameState {
+    scores: BTreeMap<String, i64>,
+    round: u32,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Keep the cluster alive for the whole program.
+    let (_cluster, url) = match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => (None, url),
+        _ => {
+            println!("DATABASE_URL is not set: starting a throwaway PostgreSQL cluster");
+            let cluster = TestCluster::start()?;
+            let url = cluster.url();
+            (Some(cluster), url)
+        }
+    };
+
+    let store = StateStore::connect(&url)?;
+    let applied = store.migrate()?;
+    println!("schema ready (migrations applied now: {applied:?})");
+
+    // Save and load.
+    let room = "game-room-42";
+    store.delete(room)?;
+    let seq = store.save(room, &GameState::default())?;
+    println!("saved {room} at sequence {seq}");
+
+    // Atomic read-modify-write: concurrent updates are never lost.
+    let updated = store.transform(room, |state: Option<GameState>| {
+        let mut state = state.unwrap_or_default();
+        *state.scores.entry("alice".into()).or_default() += 10;
+        state.round += 1;
+        state
+    })?;
+    println!(
+        "alice scored; {room} is at sequence {} with {:?}",
+        updated.sequence, updated.value.scores
+    );
+
+    // Optimistic locking: a write based on an old version is refused.
+    match store.save_if(room, &GameState::default(), Expected::Sequence(seq)) {
+        Err(e) if e.is_conflict() => println!("stale write refused: {e}"),
+        other => println!("unexpected: {other:?}"),
+    }
+
+    let loaded: Option<GameState> = store.load(room)?;
+    println!("loaded: {loaded:?}");
+
+    let report = store.verify()?;
+    println!("verify: {report}");
+
+    println!("deleted: {}", store.delete(room)?);
+    Ok(())
+}

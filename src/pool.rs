@@ -407,6 +407,10 @@ impl Pool {
                 conn.verified_epoch = epoch;
                 return Ok(conn);
             }
+            log::debug!(
+                "discarding a dead pooled connection to {}",
+                self.shared.target
+            );
             conn.broken = true;
         }
         Err(self.checkout_error(start))
@@ -449,6 +453,10 @@ impl Pool {
             })
             || e.as_db_error().is_none() && e.code().is_none() && is_io(&e);
         if lost {
+            log::warn!(
+                "connection to {} lost ({e}); idle connections will be checked before reuse",
+                self.shared.target
+            );
             conn.broken = true;
             self.shared.epoch.fetch_add(1, Ordering::AcqRel);
             return (Error::ConnectionLost(e), true);

@@ -583,7 +583,8 @@ impl StateStore {
     /// writer got there first the state is read again and **`f` runs
     /// again**, after a jittered back-off ([`RetryPolicy`]). So `f` may run
     /// more than once and should have no side effects beyond computing the
-    /// new state.
+    /// new state. It runs while the attempt holds a pooled connection: keep
+    /// it short.
     ///
     /// # Errors
     ///
@@ -793,7 +794,9 @@ impl StateStore {
                     })
                 }
                 Written::Blocked { .. } if attempt < policy.max_attempts => {
-                    std::thread::sleep(policy.backoff(attempt - 1));
+                    let pause = policy.backoff(attempt - 1);
+                    log::trace!("transform of {id:?} lost a race (attempt {attempt}); retrying in {pause:?}");
+                    std::thread::sleep(pause);
                 }
                 Written::Blocked { .. } => {}
             }

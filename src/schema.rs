@@ -239,6 +239,28 @@ pub(crate) fn migrate(client: &mut postgres::Client, names: &Names) -> Result<Ve
     let mut tx = client.transaction().map_err(Error::Database)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .map_err(Error::Database)?;
+    // The trigger function names the tombstone table; qualify it with the
+    // schema the table lands in, so that writers with another search_path
+    // still find it.
+    let rendered = match &names.schema {
+        Some(_) => names.clone(),
+        None => {
+            let schema: Option<String> = tx
+                .query_one("SELECT current_schema()::text", &[])
+                .map_err(Error::Database)?
+                .get(0);
+            let schema = schema.ok_or_else(|| {
+                Error::invalid_config(
+                    "the connection's search_path names no existing schema: \
+                     qualify the table as schema.table",
+                )
+            })?;
+            Names {
+                schema: Some(schema),
+                ..names.clone()
+            }
+        }
+    };
     if let Some(schema) = &names.schema {
         tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
             .map_err(Error::Database)?;
@@ -266,7 +288,7 @@ pub(crate) fn migrate(client: &mut postgres::Client, names: &Names) -> Result<Ve
         if applied.contains(version) {
             continue;
         }
-        tx.batch_execute(&names.render(template))
+        tx.batch_execute(&rendered.render(template))
             .map_err(Error::Database)?;
         tx.execute(
             &format!(
@@ -277,8 +299,37 @@ pub(crate) fn migrate(client: &mut postgres::Client, names: &Names) -> Result<Ve
         .map_err(Error::Database)?;
         done.push(*version);
     }
+    // Up to date, but verify() sends users here when the trigger, its
+    // function or the tombstone table went missing: the migrations are
+    // idempotent, so apply them again to put those back.
+    if done.is_empty() && !companions_present(&mut tx, names)? {
+        for (_, _, template) in MIGRATIONS {
+            tx.batch_execute(&rendered.render(template))
+                .map_err(Error::Database)?;
+        }
+    }
     tx.commit().map_err(Error::Database)?;
     Ok(done)
+}
+
+/// Whether the tombstone table exists and the trigger calls this store's
+/// function on insert, update and delete of each row.
+fn companions_present(tx: &mut postgres::Transaction<'_>, names: &Names) -> Result<bool> {
+    let row = tx
+        .query_one(
+            "SELECT to_regclass($2) IS NOT NULL AND EXISTS (\
+                 SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+                 WHERE t.tgrelid = to_regclass($1) AND t.tgname = $3 \
+                 AND NOT t.tgisinternal AND p.proname = $4 AND t.tgtype & 29 = 29)",
+            &[
+                &names.table_sql(),
+                &names.qualify(&names.tombstones),
+                &names.trigger,
+                &names.function,
+            ],
+        )
+        .map_err(Error::Database)?;
+    Ok(row.get(0))
 }
 
 /// One thing `verify` found missing or wrong.
@@ -365,8 +416,9 @@ impl fmt::Display for Problem {
             }
             Problem::FunctionChannel { function, channel } => write!(
                 f,
-                "function {function}() does not notify channel {channel:?}: {FIX} \
-                 with this store's channel"
+                "function {function}() does not notify channel {channel:?}: build the \
+                 store with the channel the function notifies, or re-create the function \
+                 with StateStore::migration_sql() for this channel"
             ),
             Problem::TriggerMissing { trigger } => {
                 write!(

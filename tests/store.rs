@@ -1,8 +1,10 @@
 //! The store's operations against a real PostgreSQL.
 
+mod common;
+
 use serde::{Deserialize, Serialize};
 use trebuchet_postgres::testing::TestDatabase;
-use trebuchet_postgres::{Error, Expected};
+use trebuchet_postgres::{Codec, Error, Expected};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 struct GameState {
@@ -32,9 +34,490 @@ fn save_if_absent_then_conflict() {
     let store = schema.store();
     assert_eq!(store.save_if("a", &1u32, Expected::Absent).unwrap(), 1);
     let err = store.save_if("a", &2u32, Expected::Absent).unwrap_err();
-    assert!(matches!(
-        err,
-        Error::Conflict { expected: Expected::Absent, actual: Some(1), .. }
-    ), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Conflict {
+                expected: Expected::Absent,
+                actual: Some(1),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert_eq!(store.load::<u32>("a").unwrap(), Some(1));
+}
+
+/// Two writers on separate pools read version 1; the first conditional write
+/// wins with 2, the second gets a conflict that names both versions, and the
+/// first value survives.
+#[test]
+fn two_writers_of_the_same_version_conflict() {
+    let schema = TestDatabase::shared().schema();
+    let first = schema.store();
+    let second = schema.store_builder().build().unwrap();
+    let mut state = GameState::default();
+    assert_eq!(first.save("room", &state).unwrap(), 1);
+
+    let mut a = first.load_versioned::<GameState>("room").unwrap().unwrap();
+    let mut b = second.load_versioned::<GameState>("room").unwrap().unwrap();
+    assert_eq!((a.sequence, b.sequence), (1, 1));
+    a.value.scores.insert("alice".into(), 10);
+    b.value.scores.insert("bob".into(), 20);
+
+    assert_eq!(
+        first
+            .save_if("room", &a.value, Expected::Sequence(a.sequence))
+            .unwrap(),
+        2
+    );
+    let err = second
+        .save_if("room", &b.value, Expected::Sequence(b.sequence))
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Conflict { actor_id, expected: Expected::Sequence(1), actual: Some(2) }
+                if actor_id == "room"
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_conflict());
+
+    let stored = second.load_versioned::<GameState>("room").unwrap().unwrap();
+    assert_eq!(stored.value, a.value);
+    assert_eq!(stored.sequence, 2);
+    state.scores.insert("alice".into(), 10);
+    assert_eq!(stored.value, state);
+}
+
+/// A conditional write with the wrong sequence number writes nothing, and
+/// the conflict reports what is there: the current number, or `None` for a
+/// missing actor (which a `Sequence` expectation never creates).
+#[test]
+fn save_if_with_a_wrong_sequence_conflicts() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    store.save("a", &1u32).unwrap();
+    store.save("a", &2u32).unwrap();
+
+    for wrong in [0, 1, 3, 100] {
+        let err = store
+            .save_if("a", &99u32, Expected::Sequence(wrong))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Conflict { expected: Expected::Sequence(w), actual: Some(2), .. } if w == wrong),
+            "{wrong}: {err:?}"
+        );
+    }
+    assert_eq!(store.load::<u32>("a").unwrap(), Some(2));
+    assert_eq!(store.sequence("a").unwrap(), Some(2));
+
+    let err = store
+        .save_if("ghost", &1u32, Expected::Sequence(1))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Conflict {
+                expected: Expected::Sequence(1),
+                actual: None,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!store.exists("ghost").unwrap());
+    assert_eq!(store.load::<u32>("ghost").unwrap(), None);
+
+    // The right sequence number still works after the failed attempts.
+    assert_eq!(store.save_if("a", &3u32, Expected::Sequence(2)).unwrap(), 3);
+}
+
+#[test]
+fn delete_reports_whether_the_actor_existed() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    store.save("a", &1u32).unwrap();
+    store.save("b", &2u32).unwrap();
+    assert!(store.delete("a").unwrap());
+    assert!(!store.delete("a").unwrap());
+    assert!(!store.delete("never-existed").unwrap());
+    assert!(!store.exists("a").unwrap());
+    assert_eq!(store.load::<u32>("a").unwrap(), None);
+    assert_eq!(store.sequence("a").unwrap(), None);
+    // Only the named actor went.
+    assert_eq!(store.load::<u32>("b").unwrap(), Some(2));
+}
+
+/// The rule (src/store.rs, "Sequence numbers", and the trigger): a delete
+/// takes the next number and leaves a tombstone holding it; a new actor
+/// under the same id starts above the tombstone. Whatever the write path,
+/// numbers for one id never repeat.
+#[test]
+fn sequence_numbers_continue_after_delete_and_never_repeat() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let mut seen = vec![
+        store.save("a", &1u32).unwrap(),
+        store.save("a", &2u32).unwrap(),
+    ];
+    assert_eq!(seen, [1, 2]);
+    assert!(store.delete("a").unwrap());
+    let tombstone = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one(
+                &format!(
+                    "SELECT sequence_number FROM \"{}\".actor_states_tombstones WHERE actor_id = 'a'",
+                    schema.name()
+                ),
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut client = schema.client().unwrap();
+    assert_eq!(tombstone(&mut client), 3, "the delete takes 3");
+    seen.push(3);
+
+    // Re-created by an unconditional save.
+    assert_eq!(store.save("a", &3u32).unwrap(), 4);
+    seen.push(4);
+    assert_eq!(store.sequence("a").unwrap(), Some(4));
+    assert_eq!(store.load::<u32>("a").unwrap(), Some(3));
+
+    // Re-created by save_if(Absent).
+    assert!(store.delete("a").unwrap());
+    assert_eq!(tombstone(&mut client), 5);
+    seen.push(5);
+    seen.push(store.save_if("a", &4u32, Expected::Absent).unwrap());
+    assert_eq!(seen.last(), Some(&6));
+
+    // Re-created by transform, on both the typed and the bytes API.
+    assert!(store.delete("a").unwrap());
+    seen.push(7);
+    let v = store
+        .transform("a", |old: Option<u32>| {
+            assert_eq!(old, None, "a deleted actor starts from nothing");
+            5
+        })
+        .unwrap();
+    seen.push(v.sequence);
+    assert_eq!(v.sequence, 8);
+    assert!(store.delete("a").unwrap());
+    seen.push(9);
+    let v = store
+        .transform_bytes("a", |old| {
+            assert_eq!(old, None);
+            vec![6]
+        })
+        .unwrap();
+    seen.push(v.sequence);
+    assert_eq!(v.sequence, 10);
+
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "sequence numbers repeat or go back: {seen:?}"
+    );
+    // Other actors are unaffected by a's tombstone.
+    assert_eq!(store.save("b", &1u32).unwrap(), 1);
+}
+
+#[test]
+fn save_with_sequence_only_moves_forward() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    store.save_with_sequence("a", &"ten", 10).unwrap();
+    assert_eq!(store.sequence("a").unwrap(), Some(10));
+
+    for stale in [5, 10] {
+        let err = store.save_with_sequence("a", &"stale", stale).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::StaleSequence { actor_id, sequence, current: Some(10) }
+                    if actor_id == "a" && *sequence == stale
+            ),
+            "{stale}: {err:?}"
+        );
+        assert!(err.is_conflict());
+    }
+    assert_eq!(store.load::<String>("a").unwrap().as_deref(), Some("ten"));
+
+    // An ordinary save continues from the explicit number.
+    assert_eq!(store.save("a", &"eleven").unwrap(), 11);
+    store.save_with_sequence("a", &"twenty", 20).unwrap();
+    assert_eq!(store.sequence("a").unwrap(), Some(20));
+
+    // The delete takes 21; a re-create must go above it.
+    assert!(store.delete("a").unwrap());
+    for stale in [1, 20, 21] {
+        let err = store.save_with_sequence("a", &"stale", stale).unwrap_err();
+        assert!(
+            matches!(err, Error::StaleSequence { sequence, current: None, .. } if sequence == stale),
+            "{stale}: {err:?}"
+        );
+    }
+    assert!(!store.exists("a").unwrap());
+    store.save_with_sequence("a", &"back", 22).unwrap();
+    assert_eq!(store.sequence("a").unwrap(), Some(22));
+    assert_eq!(store.load::<String>("a").unwrap().as_deref(), Some("back"));
+
+    // Numbers beyond BIGINT are refused before anything is sent.
+    let err = store
+        .save_with_sequence("a", &"huge", u64::MAX)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::SequenceOutOfRange(u64::MAX)),
+        "{err:?}"
+    );
+}
+
+/// Timestamps are UTC whatever the writer's session time zone: the store
+/// below connects with `TimeZone=America/New_York` (proved by a column that
+/// records the inserting session's setting), and `updated_at` still reads
+/// within seconds of the test's clock. `created_at` stays put on updates.
+#[test]
+fn load_versioned_timestamps_are_utc_in_any_session_time_zone() {
+    let schema = TestDatabase::shared().schema();
+    let store = trebuchet_postgres::StateStore::builder()
+        .url(&common::new_york_url())
+        .table(schema.table("actor_states"))
+        .channel(schema.channel())
+        .migrate(true)
+        .build()
+        .unwrap();
+    let mut client = schema.client().unwrap();
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE \"{}\".actor_states ADD COLUMN session_tz TEXT DEFAULT current_setting('TimeZone')",
+            schema.name()
+        ))
+        .unwrap();
+
+    let mut state = GameState::default();
+    assert_eq!(store.save("room", &state).unwrap(), 1);
+    let tz: String = client
+        .query_one(
+            &format!(
+                "SELECT session_tz FROM \"{}\".actor_states WHERE actor_id = 'room'",
+                schema.name()
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        tz,
+        common::NEW_YORK,
+        "the writer's session must be in New York"
+    );
+
+    let v1 = store.load_versioned::<GameState>("room").unwrap().unwrap();
+    assert_eq!(v1.sequence, 1);
+    assert_eq!(v1.value, state);
+    common::assert_recent("updated_at", v1.updated_at);
+    common::assert_recent("created_at", v1.created_at);
+    assert_eq!(v1.updated_at, v1.created_at);
+
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    state.round = 2;
+    assert_eq!(store.save("room", &state).unwrap(), 2);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let t = store
+        .transform("room", |s: Option<GameState>| {
+            let mut s = s.unwrap();
+            s.round += 1;
+            s
+        })
+        .unwrap();
+    assert_eq!(t.sequence, 3);
+    common::assert_recent("transform's updated_at", t.updated_at);
+    assert_eq!(t.created_at, v1.created_at, "transform reports created_at");
+
+    let v3 = store.load_versioned::<GameState>("room").unwrap().unwrap();
+    assert_eq!(v3.sequence, 3);
+    assert_eq!(v3.value.round, 3);
+    assert_eq!(
+        v3.created_at, v1.created_at,
+        "created_at must not move on update"
+    );
+    assert_eq!(v3.updated_at, t.updated_at);
+    assert!(
+        v3.updated_at > v1.updated_at,
+        "updated_at must move on update"
+    );
+    common::assert_recent("updated_at after updates", v3.updated_at);
+
+    // Every other write path stores UTC too.
+    store
+        .save_if("room", &state, Expected::Sequence(3))
+        .unwrap();
+    store.save_with_sequence("room", &state, 10).unwrap();
+    store.save_bytes("raw", b"x").unwrap();
+    for id in ["room", "raw"] {
+        let v = store.load_versioned_bytes(id).unwrap().unwrap();
+        common::assert_recent("updated_at", v.updated_at);
+        common::assert_recent("created_at", v.created_at);
+    }
+    let room = store.load_versioned_bytes("room").unwrap().unwrap();
+    assert_eq!(room.created_at, v1.created_at);
+}
+
+/// The bytes API stores exactly what it is given: empty, zeros, every
+/// byte value, invalid UTF-8, and a large random blob.
+#[test]
+fn bytes_round_trip_exactly() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let mut big = vec![0u8; 1 << 20];
+    big.iter_mut().for_each(|b| *b = fastrand::u8(..));
+    let payloads: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0],
+        vec![0; 17],
+        (0..=255).collect(),
+        vec![0xff, 0xfe, 0x00, 0xc3, 0x28, b'\\', b'\'', 0x00],
+        b"\\x00 looks like bytea hex".to_vec(),
+        big,
+    ];
+    for (i, bytes) in payloads.iter().enumerate() {
+        let id = format!("actor-{i}");
+        assert_eq!(store.save_bytes(&id, bytes).unwrap(), 1);
+        assert_eq!(store.load_bytes(&id).unwrap().as_ref(), Some(bytes), "{i}");
+        let v = store.load_versioned_bytes(&id).unwrap().unwrap();
+        assert_eq!((&v.value, v.sequence), (bytes, 1));
+    }
+
+    assert_eq!(
+        store.save_bytes_if("z", &[0, 0], Expected::Absent).unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .save_bytes_if("z", &[0, 1, 0], Expected::Sequence(1))
+            .unwrap(),
+        2
+    );
+    let err = store
+        .save_bytes_if("z", &[9], Expected::Sequence(1))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Conflict {
+                actual: Some(2),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(store.load_bytes("z").unwrap(), Some(vec![0, 1, 0]));
+
+    let v = store
+        .transform_bytes("z", |old| {
+            let mut next = old.expect("z exists").to_vec();
+            next.push(0);
+            next
+        })
+        .unwrap();
+    assert_eq!((v.value.as_slice(), v.sequence), (&[0, 1, 0, 0][..], 3));
+    let v = store
+        .transform_bytes("fresh", |old| {
+            assert_eq!(old, None);
+            vec![0; 3]
+        })
+        .unwrap();
+    assert_eq!((v.value, v.sequence), (vec![0; 3], 1));
+    assert_eq!(store.load_bytes("z").unwrap(), Some(vec![0, 1, 0, 0]));
+    assert_eq!(store.load_bytes("fresh").unwrap(), Some(vec![0; 3]));
+    assert_eq!(store.load_bytes("nobody").unwrap(), None);
+}
+
+/// With `Codec::Json` the column holds UTF-8 JSON that SQL (or a Swift
+/// instance) can read, written the way Swift's `JSONEncoder` writes it.
+#[test]
+fn json_codec_stores_readable_json() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema
+        .store_builder()
+        .codec(Codec::Json)
+        .migrate(true)
+        .build()
+        .unwrap();
+    assert_eq!(store.codec(), Codec::Json);
+    let mut state = GameState::default();
+    state.scores.insert("alice".into(), 10);
+    state.scores.insert("red/blue".into(), -3);
+    state.round = 7;
+    store.save("room", &state).unwrap();
+
+    let mut client = schema.client().unwrap();
+    let text: String = client
+        .query_one(
+            &format!(
+                "SELECT convert_from(state, 'UTF8') FROM \"{}\".actor_states WHERE actor_id = 'room'",
+                schema.name()
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"scores": {"alice": 10, "red/blue": -3}, "round": 7})
+    );
+    // Compact, and "/" escaped as Swift's JSONEncoder does by default.
+    assert!(!text.contains(' '), "{text}");
+    assert!(text.contains(r#""red\/blue""#), "{text}");
+    // The server can read it as JSON too.
+    let round: i64 = client
+        .query_one(
+            &format!(
+                "SELECT (convert_from(state, 'UTF8')::jsonb ->> 'round')::bigint \
+                 FROM \"{}\".actor_states WHERE actor_id = 'room'",
+                schema.name()
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(round, 7);
+
+    assert_eq!(
+        store.load::<GameState>("room").unwrap(),
+        Some(state.clone())
+    );
+    // A row written as JSON by another client (a Swift instance) loads.
+    store
+        .save_bytes("swift", br#"{"scores":{"bob":2},"round":1}"#)
+        .unwrap();
+    let swift: GameState = store.load("swift").unwrap().unwrap();
+    assert_eq!((swift.scores["bob"], swift.round), (2, 1));
+}
+
+#[test]
+fn cbor_is_the_default_codec() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    assert_eq!(store.codec(), Codec::Cbor);
+    let mut state = GameState::default();
+    state.scores.insert("alice".into(), 10);
+    state.round = 7;
+    store.save("room", &state).unwrap();
+
+    let bytes = store.load_bytes("room").unwrap().unwrap();
+    assert_eq!(bytes, Codec::Cbor.encode(&state).unwrap());
+    let decoded: GameState = ciborium::from_reader(bytes.as_slice()).unwrap();
+    assert_eq!(decoded, state);
+    assert_eq!(bytes[0] & 0xe0, 0xa0, "a CBOR map, not JSON: {bytes:?}");
+
+    // A JSON store reading CBOR bytes reports a decode error naming the actor.
+    let json = schema.store_builder().codec(Codec::Json).build().unwrap();
+    let err = json.load::<GameState>("room").unwrap_err();
+    assert!(
+        matches!(&err, Error::Decode { actor_id, .. } if actor_id == "room"),
+        "{err:?}"
+    );
 }

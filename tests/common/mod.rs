@@ -1,0 +1,86 @@
+//! Helpers shared by the integration tests.
+
+// Each test binary compiles this module and uses only part of it.
+#![allow(dead_code)]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fallible_iterator::FallibleIterator;
+use trebuchet_postgres::testing::TestDatabase;
+
+/// The time zone the "wrong time zone" tests put their sessions in: far
+/// enough from UTC (4 or 5 hours) that a local-time bug cannot hide in the
+/// tolerance below.
+pub const NEW_YORK: &str = "America/New_York";
+
+/// How far a server timestamp may be from the test's clock.
+pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(5);
+
+/// The shared test server's URL with the session `TimeZone` set to
+/// `America/New_York` through libpq's `options` parameter.
+pub fn new_york_url() -> String {
+    let url = TestDatabase::shared().url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-c%20TimeZone%3DAmerica%2FNew_York")
+}
+
+/// Asserts that `t` is within [`CLOCK_TOLERANCE`] of now.
+#[track_caller]
+pub fn assert_recent(what: &str, t: SystemTime) {
+    let now = SystemTime::now();
+    let off = now.duration_since(t).unwrap_or_else(|e| e.duration());
+    assert!(
+        off <= CLOCK_TOLERANCE,
+        "{what} is {off:?} away from now ({t:?} vs {now:?}): stored in local time?"
+    );
+}
+
+/// Asserts that `seconds` since the Unix epoch is within
+/// [`CLOCK_TOLERANCE`] of now.
+#[track_caller]
+pub fn assert_recent_epoch(what: &str, seconds: f64) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - seconds).abs() <= CLOCK_TOLERANCE.as_secs_f64(),
+        "{what} is {seconds}, now is {now}: {} s off (local time?)",
+        now - seconds
+    );
+}
+
+/// The next notification on `client`, waiting up to `wait`. A fresh
+/// `TimeoutIter` per call: one returns `None` for good after its first
+/// timeout.
+pub fn next_notification(
+    client: &mut postgres::Client,
+    wait: Duration,
+) -> Option<postgres::Notification> {
+    client
+        .notifications()
+        .timeout_iter(wait)
+        .next()
+        .expect("notification stream failed")
+}
+
+/// The next notification's channel and JSON payload, failing after 5 s.
+#[track_caller]
+pub fn next_payload(client: &mut postgres::Client) -> (String, serde_json::Value) {
+    let n = next_notification(client, Duration::from_secs(5)).expect("no notification within 5 s");
+    let payload = serde_json::from_str(n.payload())
+        .unwrap_or_else(|e| panic!("payload {:?} is not JSON: {e}", n.payload()));
+    (n.channel().to_owned(), payload)
+}
+
+/// Asserts that nothing more arrives within a short wait.
+#[track_caller]
+pub fn assert_no_notification(client: &mut postgres::Client) {
+    if let Some(n) = next_notification(client, Duration::from_millis(300)) {
+        panic!(
+            "unexpected notification on {}: {}",
+            n.channel(),
+            n.payload()
+        );
+    }
+}

@@ -461,6 +461,7 @@ impl FromStr for ConnectOptions {
         for (key, value) in ours {
             match key.as_str() {
                 "sslmode" => opts.ssl_mode = value.parse()?,
+                "sslrootcert" if value.is_empty() => opts.ssl_root_cert = None,
                 "sslrootcert" => opts.ssl_root_cert = Some(PathBuf::from(value)),
                 _ => unreachable!("only our own keys are split off"),
             }
@@ -485,6 +486,11 @@ fn split_url(s: &str, scheme_end: usize) -> Result<(String, Vec<(String, String)
         None => (after, None),
     };
     let authority = before_query.split('/').next().unwrap_or("");
+    if authority.matches('@').count() > 1 {
+        return Err(Error::invalid_connection_string(
+            "the user name or password contains an unencoded `@`: percent-encode it as %40",
+        ));
+    }
     let host_part = authority.rsplit('@').next().unwrap_or("");
     let mut kept = Vec::new();
     let mut ours = Vec::new();

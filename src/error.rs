@@ -324,18 +324,24 @@ impl fmt::Display for Error {
                 failure,
                 target,
                 user,
-                ..
+                source,
             } => match failure {
                 ConnectFailure::Refused => write!(
                     f,
                     "connection refused at {target}: is PostgreSQL running? try `pg_isready`, \
                      check the port, and check that pg_hba.conf allows this client"
                 ),
-                ConnectFailure::AuthenticationFailed => write!(
-                    f,
-                    "password authentication failed for user {user:?} at {target}: verify the \
-                     user name and password, check the pg_hba.conf method, try `psql -U {user} -W`"
-                ),
+                ConnectFailure::AuthenticationFailed => {
+                    let wrong_password = source.as_ref().and_then(|e| e.code())
+                        == Some(&postgres::error::SqlState::INVALID_PASSWORD);
+                    write!(
+                        f,
+                        "{}authentication failed for user {user:?} at {target}: verify the \
+                         user name and password, check the pg_hba.conf method, \
+                         try `psql -U {user} -W`",
+                        if wrong_password { "password " } else { "" }
+                    )
+                }
                 ConnectFailure::TooManyClients => write!(
                     f,
                     "too many clients already at {target}: share one pool between stores, \

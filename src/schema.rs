@@ -262,8 +262,20 @@ pub(crate) fn migrate(client: &mut postgres::Client, names: &Names) -> Result<Ve
         }
     };
     if let Some(schema) = &names.schema {
-        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
-            .map_err(Error::Database)?;
+        // CREATE SCHEMA checks CREATE on the database even when the schema
+        // exists, so a role that owns its schema but may not create schemas
+        // would fail here: create the schema only when it is missing.
+        let exists: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                &[schema],
+            )
+            .map_err(Error::Database)?
+            .get(0);
+        if !exists {
+            tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
+                .map_err(Error::Database)?;
+        }
     }
     tx.batch_execute(&format!(
         "CREATE TABLE IF NOT EXISTS {migrations} (\

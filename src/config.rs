@@ -1,5 +1,6 @@
 //! Where and how to connect: connection strings, parts, the environment, TLS.
 
+use std::error::Error as StdError;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -7,8 +8,9 @@ use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
 use postgres::config::{Host, SslMode as PgSslMode};
+use postgres::error::SqlState;
 
-use crate::error::{Error, Result};
+use crate::error::{ConnectFailure, Error, Result};
 
 /// TLS mode, with libpq's meanings.
 ///
@@ -598,6 +600,96 @@ fn split_key_values(s: &str) -> Result<(String, Vec<(String, String)>)> {
         }
     }
     Ok((kept, ours))
+}
+
+/// The seed's table name.
+pub const DEFAULT_TABLE: &str = "actor_states";
+/// The seed's notification channel.
+pub const DEFAULT_CHANNEL: &str = "actor_state_changes";
+
+/// PostgreSQL's identifier limit (`NAMEDATALEN - 1`).
+pub(crate) const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// Checks that `name` is a plain identifier: an ASCII letter or underscore,
+/// then letters, digits or underscores, at most 63 bytes.
+pub(crate) fn validate_identifier(what: &'static str, name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let Some(first) = chars.next() else {
+        return Err(Error::invalid_identifier(what, "it is empty"));
+    };
+    if name.len() > MAX_IDENTIFIER_BYTES {
+        return Err(Error::invalid_identifier(
+            what,
+            format!(
+                "it is {} bytes long; PostgreSQL allows at most {MAX_IDENTIFIER_BYTES}",
+                name.len()
+            ),
+        ));
+    }
+    if !(first.is_ascii_alphabetic() || first == '_') {
+        return Err(Error::invalid_identifier(
+            what,
+            format!("{name:?} must start with a letter or underscore"),
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
+    {
+        return Err(Error::invalid_identifier(
+            what,
+            format!("{name:?} contains {bad:?}; use letters, digits and underscores"),
+        ));
+    }
+    Ok(())
+}
+
+/// Works out why a connection attempt failed.
+pub(crate) fn classify_connect(e: &postgres::Error) -> ConnectFailure {
+    if let Some(code) = e.code() {
+        return match code {
+            c if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+            {
+                ConnectFailure::AuthenticationFailed
+            }
+            c if *c == SqlState::TOO_MANY_CONNECTIONS => ConnectFailure::TooManyClients,
+            c if *c == SqlState::INVALID_CATALOG_NAME => ConnectFailure::DatabaseMissing,
+            c if *c == SqlState::CANNOT_CONNECT_NOW
+                || *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN =>
+            {
+                ConnectFailure::NotReady
+            }
+            _ => ConnectFailure::Other,
+        };
+    }
+    let mut source: Option<&(dyn StdError + 'static)> = Some(e);
+    let mut text = String::new();
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => return ConnectFailure::Refused,
+                std::io::ErrorKind::TimedOut => return ConnectFailure::Timeout,
+                _ => {}
+            }
+        }
+        if err.is::<native_tls::Error>() {
+            return ConnectFailure::Tls;
+        }
+        text.push_str(&err.to_string());
+        text.push(' ');
+        source = err.source();
+    }
+    if text.contains("password missing") || text.contains("authentication") {
+        ConnectFailure::AuthenticationFailed
+    } else if text.contains("TLS") {
+        ConnectFailure::Tls
+    } else if text.contains("timeout") {
+        ConnectFailure::Timeout
+    } else {
+        ConnectFailure::Other
+    }
 }
 
 #[cfg(test)]

@@ -73,18 +73,26 @@
 #![warn(rust_2018_idioms, clippy::all)]
 #![forbid(unsafe_code)]
 
+mod cache;
+mod change;
 mod codec;
 mod config;
 mod error;
+mod listener;
 mod pool;
 mod schema;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use crate::cache::StateCache;
+pub use crate::change::{Change, ChangeKind, Event, MalformedPayload, ResyncReason};
 pub use crate::codec::Codec;
 pub use crate::config::{ConnectOptions, SslMode};
 pub use crate::error::{ConnectFailure, Error, Expected, InvalidActorId, Result};
+pub use crate::listener::{
+    CallbackHandle, ChangeListener, ChangeListenerBuilder, ListenerHealth, Subscription,
+};
 pub use crate::pool::{Pool, PoolOptions, PoolState};
 pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
 pub use crate::store::{
@@ -93,6 +101,9 @@ pub use crate::store::{
 
 /// The driver this crate is built on, for its types (`SqlState`, `Host`).
 pub use postgres;
+
+/// The channel crate behind [`Subscription`], for `select!` and its error types.
+pub use crossbeam_channel;
 
 /// Compiles the README's examples as doctests.
 #[cfg(doctest)]

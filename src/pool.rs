@@ -15,7 +15,7 @@ use postgres_native_tls::MakeTlsConnector;
 use r2d2::ManageConnection;
 use r2d2_postgres::PostgresConnectionManager;
 
-use crate::config::ConnectOptions;
+use crate::config::{classify_connect, ConnectOptions};
 use crate::error::{ConnectFailure, Error, Result};
 
 /// Pool settings. Every field has a documented default ([`PoolOptions::default`]).
@@ -183,54 +183,6 @@ fn connect_error(e: postgres::Error, shared: &Shared) -> Error {
     }
 }
 
-/// Works out why a connection attempt failed.
-pub(crate) fn classify_connect(e: &postgres::Error) -> ConnectFailure {
-    if let Some(code) = e.code() {
-        return match code {
-            c if *c == SqlState::INVALID_PASSWORD
-                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
-            {
-                ConnectFailure::AuthenticationFailed
-            }
-            c if *c == SqlState::TOO_MANY_CONNECTIONS => ConnectFailure::TooManyClients,
-            c if *c == SqlState::INVALID_CATALOG_NAME => ConnectFailure::DatabaseMissing,
-            c if *c == SqlState::CANNOT_CONNECT_NOW
-                || *c == SqlState::ADMIN_SHUTDOWN
-                || *c == SqlState::CRASH_SHUTDOWN =>
-            {
-                ConnectFailure::NotReady
-            }
-            _ => ConnectFailure::Other,
-        };
-    }
-    let mut source: Option<&(dyn StdError + 'static)> = Some(e);
-    let mut text = String::new();
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => return ConnectFailure::Refused,
-                std::io::ErrorKind::TimedOut => return ConnectFailure::Timeout,
-                _ => {}
-            }
-        }
-        if err.is::<native_tls::Error>() {
-            return ConnectFailure::Tls;
-        }
-        text.push_str(&err.to_string());
-        text.push(' ');
-        source = err.source();
-    }
-    if text.contains("password missing") || text.contains("authentication") {
-        ConnectFailure::AuthenticationFailed
-    } else if text.contains("TLS") {
-        ConnectFailure::Tls
-    } else if text.contains("timeout") {
-        ConnectFailure::Timeout
-    } else {
-        ConnectFailure::Other
-    }
-}
-
 impl ManageConnection for Manager {
     type Connection = Connection;
     type Error = Error;
@@ -298,6 +250,7 @@ pub struct Pool {
     r2d2: r2d2::Pool<Manager>,
     shared: Arc<Shared>,
     options: Arc<PoolOptions>,
+    connect: Arc<ConnectOptions>,
 }
 
 impl fmt::Debug for Pool {
@@ -337,6 +290,7 @@ impl Pool {
     pub fn new(connect: ConnectOptions, options: PoolOptions) -> Result<Pool> {
         options.validate()?;
         let config = connect.driver_config();
+        let connect = Arc::new(connect);
         let tls = connect.tls_connector()?;
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
@@ -364,6 +318,7 @@ impl Pool {
             r2d2,
             shared,
             options: Arc::new(options),
+            connect,
         })
     }
 
@@ -384,6 +339,12 @@ impl Pool {
             idle: state.idle_connections,
             max_size: self.options.max_size,
         }
+    }
+
+    /// The options the pool connects with (for example to point a
+    /// [`ChangeListener`](crate::ChangeListener) at the same server).
+    pub fn connect_options(&self) -> &ConnectOptions {
+        &self.connect
     }
 
     /// `host:port` of the server, for messages.

@@ -5,15 +5,9 @@
 
 use std::fmt;
 
+use crate::config::{validate_identifier, MAX_IDENTIFIER_BYTES};
+pub use crate::config::{DEFAULT_CHANNEL, DEFAULT_TABLE};
 use crate::error::{Error, Result};
-
-/// The seed's table name.
-pub const DEFAULT_TABLE: &str = "actor_states";
-/// The seed's notification channel.
-pub const DEFAULT_CHANNEL: &str = "actor_state_changes";
-
-/// PostgreSQL's identifier limit (`NAMEDATALEN - 1`).
-const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// The embedded migrations: version, description, template.
 const MIGRATIONS: &[(i32, &str, &str)] = &[(
@@ -21,40 +15,6 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[(
     "actor state table, tombstones and change trigger",
     include_str!("../sql/migrations/0001_actor_states.sql"),
 )];
-
-/// Checks that `name` is a plain identifier: an ASCII letter or underscore,
-/// then letters, digits or underscores, at most 63 bytes.
-pub(crate) fn validate_identifier(what: &'static str, name: &str) -> Result<()> {
-    let mut chars = name.chars();
-    let Some(first) = chars.next() else {
-        return Err(Error::invalid_identifier(what, "it is empty"));
-    };
-    if name.len() > MAX_IDENTIFIER_BYTES {
-        return Err(Error::invalid_identifier(
-            what,
-            format!(
-                "it is {} bytes long; PostgreSQL allows at most {MAX_IDENTIFIER_BYTES}",
-                name.len()
-            ),
-        ));
-    }
-    if !(first.is_ascii_alphabetic() || first == '_') {
-        return Err(Error::invalid_identifier(
-            what,
-            format!("{name:?} must start with a letter or underscore"),
-        ));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
-    {
-        return Err(Error::invalid_identifier(
-            what,
-            format!("{name:?} contains {bad:?}; use letters, digits and underscores"),
-        ));
-    }
-    Ok(())
-}
 
 fn quote(ident: &str) -> String {
     format!("\"{ident}\"")
@@ -168,6 +128,8 @@ pub(crate) struct Statements {
     pub save_with_sequence: String,
     pub load: String,
     pub load_versioned: String,
+    pub load_many: String,
+    pub catch_up: String,
     pub delete: String,
     pub exists: String,
     pub sequence: String,
@@ -219,6 +181,21 @@ impl Statements {
             load: format!("SELECT state FROM {t} WHERE actor_id = $1::VARCHAR"),
             load_versioned: format!(
                 "SELECT state, sequence_number, updated_at, created_at FROM {t} WHERE actor_id = $1::VARCHAR"
+            ),
+            load_many: format!(
+                "SELECT actor_id, state, sequence_number, updated_at, created_at FROM {t} \
+                 WHERE actor_id = ANY($1::VARCHAR[])"
+            ),
+            // The current version of each actor, or its tombstone when deleted:
+            // what a listener announces after a gap instead of a resync.
+            catch_up: format!(
+                "SELECT actor_id::TEXT, sequence_number, false, \
+                 EXTRACT(EPOCH FROM updated_at)::FLOAT8 FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
+                 UNION ALL \
+                 SELECT b.actor_id::TEXT, b.sequence_number, true, \
+                 EXTRACT(EPOCH FROM b.deleted_at)::FLOAT8 FROM {b} b \
+                 WHERE b.actor_id = ANY($1::VARCHAR[]) \
+                 AND NOT EXISTS (SELECT 1 FROM {t} c WHERE c.actor_id = b.actor_id)"
             ),
             delete: format!("DELETE FROM {t} WHERE actor_id = $1::VARCHAR"),
             exists: format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE actor_id = $1::VARCHAR)"),

@@ -1,5 +1,6 @@
 //! The state store: every operation on actor state.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -10,6 +11,7 @@ use serde::Serialize;
 use crate::codec::Codec;
 use crate::config::ConnectOptions;
 use crate::error::{Error, Expected, InvalidActorId, Result};
+use crate::listener::{ChangeListener, ChangeListenerBuilder};
 use crate::pool::{Connection, Pool, PoolOptions};
 use crate::schema::{self, Names, Statements, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
 
@@ -383,6 +385,27 @@ impl StateStore {
         self.inner.codec
     }
 
+    /// A [`ChangeListener`] builder for this store's server and channel,
+    /// which also lets subscriptions filtered to known actors catch up exactly
+    /// after a reconnect. Set another URL on it to listen through a
+    /// different route (LISTEN needs a session, not PgBouncer's transaction
+    /// mode).
+    pub fn listener_builder(&self) -> ChangeListenerBuilder {
+        ChangeListener::builder()
+            .connect_options(self.inner.pool.connect_options().clone())
+            .channel(self.inner.names.channel.clone())
+            .catch_up_sql(self.inner.sql.catch_up.clone())
+    }
+
+    /// Starts a [`ChangeListener`] on this store's server and channel.
+    ///
+    /// # Errors
+    ///
+    /// As [`ChangeListenerBuilder::build`].
+    pub fn listener(&self) -> Result<ChangeListener> {
+        self.listener_builder().build()
+    }
+
     /// Creates or upgrades the table, its tombstone table, notification
     /// function and trigger. Idempotent, and safe when several processes
     /// run it at once (they take turns on an advisory lock). Returns the
@@ -694,6 +717,44 @@ impl StateStore {
     pub fn load_versioned_bytes(&self, id: &str) -> Result<Option<Versioned<Vec<u8>>>> {
         check_actor_id(id)?;
         self.call(true, |inner, c| load_versioned_on(inner, c, id))
+    }
+
+    /// The stored bytes and versions of several actors in one query. Actors
+    /// that do not exist are absent from the map.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidActorId`] for any bad id (nothing is sent);
+    /// connection and database errors.
+    pub fn load_many_versioned_bytes<S: AsRef<str>>(
+        &self,
+        ids: &[S],
+    ) -> Result<HashMap<String, Versioned<Vec<u8>>>> {
+        let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
+        for id in &ids {
+            check_actor_id(id)?;
+        }
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        self.call(true, |inner, c| {
+            let st = c.prepare(&inner.sql.load_many)?;
+            Ok(c.client
+                .query(&st, &[&ids])?
+                .iter()
+                .map(|row| {
+                    (
+                        row.get(0),
+                        Versioned {
+                            value: row.get(1),
+                            sequence: to_u64(row.get(2)),
+                            updated_at: row.get(3),
+                            created_at: row.get(4),
+                        },
+                    )
+                })
+                .collect())
+        })
     }
 
     /// [`save_if`](Self::save_if) with raw bytes.

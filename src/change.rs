@@ -1,0 +1,173 @@
+//! What the change feed delivers, and parsing of the trigger's payload.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+
+/// Whether an actor was written or deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ChangeKind {
+    /// Inserted or updated.
+    Saved,
+    /// Deleted. Its sequence number is one above the last save.
+    Deleted,
+}
+
+/// One actor's state changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The actor.
+    pub actor_id: String,
+    /// The sequence number the change produced.
+    pub sequence: u64,
+    /// When it was written (UTC), as announced by the trigger.
+    pub timestamp: SystemTime,
+    /// Saved or deleted.
+    pub kind: ChangeKind,
+}
+
+/// Why a subscriber must assume it missed changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResyncReason {
+    /// The listener's connection was lost and has been re-established;
+    /// changes committed in between were not announced.
+    Reconnected,
+    /// This subscriber's queue was full and changes were dropped for it.
+    Lagged,
+}
+
+impl fmt::Display for ResyncReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResyncReason::Reconnected => f.write_str("reconnected"),
+            ResyncReason::Lagged => f.write_str("lagged"),
+        }
+    }
+}
+
+/// What a subscription receives.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An actor changed.
+    Change(Change),
+    /// Changes may have been missed: reload whatever you keep. Always
+    /// delivered before any change that follows the gap.
+    Resync(ResyncReason),
+}
+
+/// The trigger's JSON: the seed's keys plus the optional `op`.
+#[derive(Deserialize)]
+struct Payload {
+    #[serde(rename = "actorID")]
+    actor_id: String,
+    #[serde(rename = "sequenceNumber")]
+    sequence_number: i64,
+    #[serde(default)]
+    timestamp: Option<f64>,
+    #[serde(default)]
+    op: Option<String>,
+}
+
+/// Why a payload was not understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedPayload(pub(crate) String);
+
+impl fmt::Display for MalformedPayload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed change payload: {}", self.0)
+    }
+}
+
+impl std::error::Error for MalformedPayload {}
+
+impl Change {
+    /// Parses the trigger's JSON payload: `actorID`, `sequenceNumber`,
+    /// `timestamp` (seconds since the Unix epoch, UTC) and, when present,
+    /// `op` (`"save"` or `"delete"`). Payloads written by the seed's own
+    /// trigger (no `op`) are saves.
+    ///
+    /// # Errors
+    ///
+    /// [`MalformedPayload`] when a key is missing or has the wrong type, the
+    /// sequence number is negative, or `op` is unknown.
+    pub fn from_payload(payload: &str) -> Result<Change, MalformedPayload> {
+        let p: Payload =
+            serde_json::from_str(payload).map_err(|e| MalformedPayload(e.to_string()))?;
+        if p.actor_id.is_empty() {
+            return Err(MalformedPayload("empty actorID".into()));
+        }
+        let sequence = u64::try_from(p.sequence_number).map_err(|_| {
+            MalformedPayload(format!("negative sequenceNumber {}", p.sequence_number))
+        })?;
+        let kind = match p.op.as_deref() {
+            None | Some("save") | Some("insert") | Some("update") => ChangeKind::Saved,
+            Some("delete") => ChangeKind::Deleted,
+            Some(other) => return Err(MalformedPayload(format!("unknown op {other:?}"))),
+        };
+        let timestamp = match p.timestamp {
+            Some(t) if (0.0..1e12).contains(&t) => {
+                SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t)
+            }
+            Some(t) => return Err(MalformedPayload(format!("timestamp {t} out of range"))),
+            None => SystemTime::UNIX_EPOCH,
+        };
+        Ok(Change {
+            actor_id: p.actor_id,
+            sequence,
+            timestamp,
+            kind,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_seed_payload() {
+        let c = Change::from_payload(
+            r#"{"actorID" : "room-1", "sequenceNumber" : 3, "timestamp" : 1764000000.5}"#,
+        )
+        .unwrap();
+        assert_eq!(c.actor_id, "room-1");
+        assert_eq!(c.sequence, 3);
+        assert_eq!(c.kind, ChangeKind::Saved);
+        assert_eq!(
+            c.timestamp,
+            SystemTime::UNIX_EPOCH + Duration::from_secs_f64(1764000000.5)
+        );
+    }
+
+    #[test]
+    fn parses_deletes_and_ignores_unknown_keys() {
+        let c = Change::from_payload(
+            r#"{"actorID":"a","sequenceNumber":4,"timestamp":1,"op":"delete","extra":[1]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.kind, ChangeKind::Deleted);
+    }
+
+    #[test]
+    fn rejects_malformed_payloads() {
+        for bad in [
+            "",
+            "not json",
+            "{}",
+            r#"{"actorID":"a"}"#,
+            r#"{"actorID":1,"sequenceNumber":1}"#,
+            r#"{"actorID":"a","sequenceNumber":"1"}"#,
+            r#"{"actorID":"a","sequenceNumber":-1}"#,
+            r#"{"actorID":"","sequenceNumber":1}"#,
+            r#"{"actorID":"a","sequenceNumber":1,"op":"explode"}"#,
+            r#"{"actorID":"a","sequenceNumber":1,"timestamp":-5}"#,
+            "[1,2,3]",
+        ] {
+            assert!(Change::from_payload(bad).is_err(), "{bad:?}");
+        }
+    }
+}

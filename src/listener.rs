@@ -1,0 +1,861 @@
+//! The change feed: one connection and one thread per listener, `LISTEN`
+//! on the channel, fan-out to bounded per-subscriber queues, reconnection
+//! with back-off, and an explicit `Resync` after every gap.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::{
+    Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError, TrySendError,
+};
+use fallible_iterator::FallibleIterator;
+use postgres::Client;
+use postgres_native_tls::MakeTlsConnector;
+
+use crate::change::{Change, ChangeKind, Event, ResyncReason};
+use crate::config::{classify_connect, validate_identifier, ConnectOptions, DEFAULT_CHANNEL};
+use crate::error::{Error, Result};
+
+/// How long the listener thread waits for a notification before it looks at
+/// its other duties (shutdown, owed resyncs). Bounds shutdown latency.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Connect timeout of reconnection attempts, so that shutdown never waits
+/// on a slow connect for long.
+const RECONNECT_CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Filtered subscriptions with at most this many actors in all get exact
+/// catch-up after a reconnect; beyond it they get a `Resync`.
+const MAX_CATCH_UP_IDS: usize = 10_000;
+
+/// Configures a [`ChangeListener`]. Obtain one with
+/// [`ChangeListener::builder`] or
+/// [`StateStore::listener_builder`](crate::StateStore::listener_builder).
+///
+/// Defaults: connection from the environment unless given; channel
+/// `actor_state_changes`; queues of 1,024 events per subscriber;
+/// reconnection back-off from 100 ms doubling to 5 s; TCP keepalives idle
+/// 5 s, interval 2 s, 3 probes (a dead peer is noticed in about 11 s).
+#[must_use = "a builder does nothing until build() is called"]
+pub struct ChangeListenerBuilder {
+    connect: Option<Result<ConnectOptions>>,
+    channel: String,
+    catch_up_sql: Option<String>,
+    capacity: usize,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    keepalives: (Duration, Duration, u32),
+}
+
+impl fmt::Debug for ChangeListenerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChangeListenerBuilder")
+            .field("connect", &self.connect)
+            .field("channel", &self.channel)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChangeListenerBuilder {
+    /// Connects with a connection string. A listener needs a session-level
+    /// connection: point it at the server itself, or at PgBouncer in session
+    /// mode, never at PgBouncer in transaction mode (LISTEN breaks there).
+    pub fn url(mut self, url: &str) -> Self {
+        self.connect = Some(url.parse());
+        self
+    }
+
+    /// Connects with explicit options.
+    pub fn connect_options(mut self, options: ConnectOptions) -> Self {
+        self.connect = Some(Ok(options));
+        self
+    }
+
+    /// The channel to listen on (default `actor_state_changes`).
+    pub fn channel(mut self, channel: impl Into<String>) -> Self {
+        self.channel = channel.into();
+        self
+    }
+
+    /// The queue capacity of each subscription (default 1,024). A
+    /// subscriber whose queue is full loses events and receives
+    /// `Event::Resync(ResyncReason::Lagged)` once it has room again.
+    pub fn queue_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// The reconnection back-off: the first pause and the cap.
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max;
+        self
+    }
+
+    /// TCP keepalives of the listener's connection: idle time, probe
+    /// interval, probe count.
+    pub fn keepalives(mut self, idle: Duration, interval: Duration, retries: u32) -> Self {
+        self.keepalives = (idle, interval, retries);
+        self
+    }
+
+    pub(crate) fn catch_up_sql(mut self, sql: String) -> Self {
+        self.catch_up_sql = Some(sql);
+        self
+    }
+
+    /// Validates the channel, connects, runs `LISTEN` and starts the thread.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidIdentifier`], [`Error::InvalidConnectionString`] and
+    /// [`Error::InvalidConfig`] before connecting; [`Error::Connect`] when
+    /// the first connection fails.
+    pub fn build(self) -> Result<ChangeListener> {
+        validate_identifier("channel", &self.channel)?;
+        if self.capacity == 0 {
+            return Err(Error::invalid_config("queue_capacity must be at least 1"));
+        }
+        if self.initial_backoff.is_zero() || self.max_backoff < self.initial_backoff {
+            return Err(Error::invalid_config(
+                "reconnect back-off must be positive, and its cap at least the first pause",
+            ));
+        }
+        let mut options = match self.connect {
+            Some(connect) => connect?,
+            None => ConnectOptions::from_env()?,
+        };
+        let (idle, interval, retries) = self.keepalives;
+        options.keepalives(idle, interval, retries);
+        let tls = options.tls_connector()?;
+        let target = options.target();
+        let conn = Connector {
+            config: options.driver_config(),
+            tls,
+            target: target.clone(),
+            listen: format!("LISTEN \"{}\"", self.channel),
+        };
+        let client = conn.connect(None)?;
+        let shared = Arc::new(Shared {
+            registry: Mutex::new(Registry::default()),
+            stats: Stats::default(),
+            connected: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            shutdown: AtomicBool::new(false),
+            capacity: self.capacity,
+        });
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let worker = Worker {
+            shared: Arc::clone(&shared),
+            conn,
+            catch_up_sql: self.catch_up_sql,
+            wake: wake_rx,
+            initial_backoff: self.initial_backoff,
+            max_backoff: self.max_backoff,
+        };
+        let thread = thread::Builder::new()
+            .name(format!("trebuchet-listener-{}", self.channel))
+            .spawn(move || worker.run(client))
+            .map_err(|e| Error::invalid_config(format!("cannot start the listener thread: {e}")))?;
+        Ok(ChangeListener {
+            handle: Arc::new(Handle {
+                shared,
+                wake: wake_tx,
+                thread: Mutex::new(Some(thread)),
+                channel: self.channel,
+                target,
+            }),
+        })
+    }
+}
+
+/// Counters of a listener, all since it started.
+#[derive(Debug, Default)]
+struct Stats {
+    received: AtomicU64,
+    malformed: AtomicU64,
+    dropped: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+/// A listener's health, from [`ChangeListener::health`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenerHealth {
+    /// Whether the listener's connection is up and listening.
+    pub connected: bool,
+    /// How many times it has reconnected.
+    pub reconnects: u64,
+    /// The last connection error, if any.
+    pub last_error: Option<String>,
+    /// Notifications received on the channel.
+    pub received: u64,
+    /// Events dropped because a subscriber's queue was full (counted once per
+    /// subscriber).
+    pub dropped: u64,
+    /// Payloads that could not be parsed (logged and skipped).
+    pub malformed: u64,
+    /// Live subscriptions.
+    pub subscribers: usize,
+}
+
+/// One subscriber's end at the listener.
+struct Sink {
+    tx: Sender<Event>,
+    filter: Option<HashSet<String>>,
+    /// A resync owed to this subscriber, delivered before anything else.
+    owed: Option<ResyncReason>,
+    /// The last sequence number delivered per actor (filtered subscribers
+    /// only: bounded by the filter), so catch-up never repeats or reverses.
+    last: HashMap<String, u64>,
+}
+
+impl Sink {
+    fn wants(&self, actor_id: &str) -> bool {
+        self.filter.as_ref().is_none_or(|f| f.contains(actor_id))
+    }
+
+    /// Delivers `event`, never blocking. Returns false when the subscriber
+    /// is gone.
+    fn offer(&mut self, event: Event, stats: &Stats) -> bool {
+        if !self.settle() {
+            return false;
+        }
+        if let Event::Change(change) = &event {
+            if self.filter.is_some() {
+                if self
+                    .last
+                    .get(&change.actor_id)
+                    .is_some_and(|&seen| seen >= change.sequence)
+                {
+                    return true;
+                }
+                self.last.insert(change.actor_id.clone(), change.sequence);
+            }
+        }
+        if self.owed.is_some() {
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        match self.tx.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.owed = Some(ResyncReason::Lagged);
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Tries to deliver an owed resync. Returns false when the subscriber is
+    /// gone.
+    fn settle(&mut self) -> bool {
+        let Some(reason) = self.owed else {
+            return true;
+        };
+        match self.tx.try_send(Event::Resync(reason)) {
+            Ok(()) => {
+                self.owed = None;
+                true
+            }
+            Err(TrySendError::Full(_)) => true,
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    fn owe(&mut self, reason: ResyncReason) {
+        // A reconnect subsumes a lag and the other way round: one resync.
+        self.owed = Some(self.owed.unwrap_or(reason));
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    sinks: HashMap<u64, Sink>,
+}
+
+struct Shared {
+    registry: Mutex<Registry>,
+    stats: Stats,
+    connected: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    shutdown: AtomicBool,
+    capacity: usize,
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_error(&self, error: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+}
+
+/// Opens the listener's connection.
+struct Connector {
+    config: postgres::Config,
+    tls: MakeTlsConnector,
+    target: String,
+    listen: String,
+}
+
+impl Connector {
+    fn connect(&self, timeout: Option<Duration>) -> Result<Client> {
+        let mut config = self.config.clone();
+        if let Some(timeout) = timeout {
+            config.connect_timeout(timeout);
+        }
+        let connect_error = |e: postgres::Error| Error::Connect {
+            failure: classify_connect(&e),
+            target: self.target.clone(),
+            user: config.get_user().unwrap_or("postgres").to_owned(),
+            source: Some(e),
+        };
+        let mut client = config.connect(self.tls.clone()).map_err(connect_error)?;
+        client.batch_execute(&self.listen).map_err(connect_error)?;
+        Ok(client)
+    }
+}
+
+/// The listener thread.
+struct Worker {
+    shared: Arc<Shared>,
+    conn: Connector,
+    catch_up_sql: Option<String>,
+    wake: Receiver<()>,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl Worker {
+    fn run(self, mut client: Client) {
+        loop {
+            self.listen(&mut client);
+            if self.stopping() {
+                break;
+            }
+            match self.reconnect() {
+                Some(c) => client = c,
+                None => break,
+            }
+        }
+        // Dropping the senders ends every subscription's iteration.
+        self.shared.registry().sinks.clear();
+        self.shared.connected.store(false, Ordering::Release);
+    }
+
+    fn stopping(&self) -> bool {
+        self.shared.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Receives and fans out until the connection fails or shutdown.
+    fn listen(&self, client: &mut Client) {
+        // Whether some subscriber is owed a resync it had no room for.
+        let mut owed = false;
+        while !self.stopping() {
+            // A fresh iterator per wait: a TimeoutIter yields None forever
+            // after its first timeout.
+            let first = client.notifications().timeout_iter(TICK).next();
+            match first {
+                Ok(Some(n)) => {
+                    owed = self.receive(&n).unwrap_or(owed);
+                    // Then whatever is already buffered, without waiting.
+                    let mut notifications = client.notifications();
+                    let mut buffered = notifications.iter();
+                    loop {
+                        match buffered.next() {
+                            Ok(Some(n)) => owed = self.receive(&n).unwrap_or(owed),
+                            Ok(None) => break,
+                            Err(e) => return self.lost(e),
+                        }
+                    }
+                }
+                Ok(None) if client.is_closed() => return self.lost_closed(),
+                Ok(None) => {
+                    if owed {
+                        owed = self.settle_all();
+                    }
+                }
+                Err(e) => return self.lost(e),
+            }
+        }
+    }
+
+    /// Parses and fans out one notification. Returns whether a resync is
+    /// still owed, or `None` for a malformed payload (counted and logged).
+    fn receive(&self, n: &postgres::Notification) -> Option<bool> {
+        self.shared.stats.received.fetch_add(1, Ordering::Relaxed);
+        match Change::from_payload(n.payload()) {
+            Ok(change) => Some(self.fan_out(change)),
+            Err(e) => {
+                self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                log::warn!("channel {:?}: {e}", n.channel());
+                None
+            }
+        }
+    }
+
+    fn lost(&self, e: postgres::Error) {
+        log::warn!("listener connection to {} lost: {e}", self.conn.target);
+        self.shared.connected.store(false, Ordering::Release);
+        let detail = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |db| db.message().to_owned());
+        self.shared.set_error(detail);
+    }
+
+    fn lost_closed(&self) {
+        log::warn!("listener connection to {} closed", self.conn.target);
+        self.shared.connected.store(false, Ordering::Release);
+        self.shared.set_error("connection closed".into());
+    }
+
+    /// Delivers `change` to every interested subscriber; removes the ones
+    /// that are gone. Returns whether some subscriber is still owed a resync.
+    fn fan_out(&self, change: Change) -> bool {
+        let mut registry = self.shared.registry();
+        let stats = &self.shared.stats;
+        let mut owed = false;
+        registry.sinks.retain(|_, sink| {
+            if !sink.wants(&change.actor_id) {
+                return sink.settle() && {
+                    owed |= sink.owed.is_some();
+                    true
+                };
+            }
+            let alive = sink.offer(Event::Change(change.clone()), stats);
+            owed |= sink.owed.is_some();
+            alive
+        });
+        owed
+    }
+
+    fn settle_all(&self) -> bool {
+        let mut registry = self.shared.registry();
+        let mut owed = false;
+        registry.sinks.retain(|_, sink| {
+            let alive = sink.settle();
+            owed |= sink.owed.is_some();
+            alive
+        });
+        owed
+    }
+
+    /// Reconnects with capped, jittered exponential back-off until it
+    /// succeeds or the listener shuts down; then catches subscribers up.
+    fn reconnect(&self) -> Option<Client> {
+        let mut pause = self.initial_backoff;
+        loop {
+            let jittered = pause.mul_f64(0.5 + fastrand::f64() / 2.0);
+            match self.wake.recv_timeout(jittered) {
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if self.stopping() {
+                return None;
+            }
+            match self.conn.connect(Some(RECONNECT_CONNECT_TIMEOUT)) {
+                Ok(mut client) => {
+                    self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    self.shared.connected.store(true, Ordering::Release);
+                    log::info!("listener reconnected to {}", self.conn.target);
+                    self.catch_up(&mut client);
+                    return Some(client);
+                }
+                Err(e) => {
+                    log::debug!("listener reconnect failed: {e}");
+                    self.shared.set_error(e.to_string());
+                    pause = (pause * 2).min(self.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// After a gap: filtered subscribers get the current versions of their
+    /// actors where that is cheap; everyone else gets a `Resync`.
+    fn catch_up(&self, client: &mut Client) {
+        let ids: Vec<String> = {
+            let registry = self.shared.registry();
+            let mut ids = HashSet::new();
+            for sink in registry.sinks.values() {
+                if let Some(filter) = &sink.filter {
+                    ids.extend(filter.iter().cloned());
+                }
+            }
+            ids.into_iter().collect()
+        };
+        let current = match (&self.catch_up_sql, ids.len()) {
+            (Some(sql), 1..=MAX_CATCH_UP_IDS) => match client.query(sql.as_str(), &[&ids]) {
+                Ok(rows) => Some(
+                    rows.iter()
+                        .map(|row| {
+                            let id: String = row.get(0);
+                            let sequence: i64 = row.get(1);
+                            let deleted: bool = row.get(2);
+                            let seconds: f64 = row.get(3);
+                            let change = Change {
+                                actor_id: id.clone(),
+                                sequence: u64::try_from(sequence).unwrap_or(0),
+                                timestamp: SystemTime::UNIX_EPOCH
+                                    + Duration::from_secs_f64(seconds.max(0.0)),
+                                kind: if deleted {
+                                    ChangeKind::Deleted
+                                } else {
+                                    ChangeKind::Saved
+                                },
+                            };
+                            (id, change)
+                        })
+                        .collect::<HashMap<_, _>>(),
+                ),
+                Err(e) => {
+                    log::warn!("catch-up query failed, sending resync instead: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let mut registry = self.shared.registry();
+        let stats = &self.shared.stats;
+        registry
+            .sinks
+            .retain(|_, sink| match (&sink.filter, &current) {
+                (Some(filter), Some(current)) => {
+                    let moved: Vec<Change> = filter
+                        .iter()
+                        .filter_map(|id| current.get(id))
+                        .filter(|c| {
+                            sink.last
+                                .get(&c.actor_id)
+                                .is_none_or(|&seen| seen < c.sequence)
+                        })
+                        .cloned()
+                        .collect();
+                    moved
+                        .into_iter()
+                        .all(|change| sink.offer(Event::Change(change), stats))
+                }
+                _ => {
+                    sink.owe(ResyncReason::Reconnected);
+                    sink.settle()
+                }
+            });
+    }
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    wake: Sender<()>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    channel: String,
+    target: String,
+}
+
+impl Handle {
+    fn stop(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        let _ = self.wake.try_send(());
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            if thread.thread().id() != thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Listens for state changes on one channel and fans them out to any number
+/// of subscribers (the seed's `PostgreSQLStreamAdapter`).
+///
+/// It owns one dedicated connection (never a pooled one) and one background
+/// thread. Each [`Subscription`] has its own bounded queue; the thread never
+/// blocks on a subscriber, so a slow one only hurts itself: it loses events
+/// and then receives [`Event::Resync`] before anything newer.
+///
+/// When the connection drops, the thread reconnects with capped exponential
+/// back-off and `LISTEN`s again. Changes committed in the gap were not
+/// announced, so each subscriber then receives `Event::Resync` — or, for a
+/// subscription filtered to known actors of a listener made from a store,
+/// the current version of each of its actors that moved.
+///
+/// Cheap to clone. Dropping the last clone (or calling
+/// [`shutdown`](Self::shutdown)) stops and joins the thread promptly (within
+/// about a second, also while it waits for notifications or a server), closes
+/// the connection, and ends every subscription.
+///
+/// ```no_run
+/// use trebuchet_postgres::{Event, StateStore};
+///
+/// let store = StateStore::connect("postgresql://localhost/trebuchet")?;
+/// let listener = store.listener()?;
+/// let changes = listener.subscribe();
+/// for event in changes.iter() {
+///     match event {
+///         Event::Change(c) => println!("{} is now at {}", c.actor_id, c.sequence),
+///         Event::Resync(_) => println!("missed changes: reload everything"),
+///         _ => {}
+///     }
+/// }
+/// # Ok::<(), trebuchet_postgres::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct ChangeListener {
+    handle: Arc<Handle>,
+}
+
+impl fmt::Debug for ChangeListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChangeListener")
+            .field("target", &self.handle.target)
+            .field("channel", &self.handle.channel)
+            .field("health", &self.health())
+            .finish()
+    }
+}
+
+impl ChangeListener {
+    /// A builder with every default.
+    pub fn builder() -> ChangeListenerBuilder {
+        ChangeListenerBuilder {
+            connect: None,
+            channel: DEFAULT_CHANNEL.to_owned(),
+            catch_up_sql: None,
+            capacity: 1024,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            keepalives: (Duration::from_secs(5), Duration::from_secs(2), 3),
+        }
+    }
+
+    /// Listens on `actor_state_changes` through a connection string.
+    ///
+    /// # Errors
+    ///
+    /// As [`ChangeListenerBuilder::build`].
+    pub fn connect(url: &str) -> Result<ChangeListener> {
+        ChangeListener::builder().url(url).build()
+    }
+
+    /// The channel listened on.
+    pub fn channel(&self) -> &str {
+        &self.handle.channel
+    }
+
+    /// Every change on the channel.
+    pub fn subscribe(&self) -> Subscription {
+        self.add(None)
+    }
+
+    /// Changes of one actor.
+    pub fn subscribe_actor(&self, actor_id: impl Into<String>) -> Subscription {
+        self.add(Some(std::iter::once(actor_id.into()).collect()))
+    }
+
+    /// Changes of a set of actors.
+    pub fn subscribe_actors<I, S>(&self, actor_ids: I) -> Subscription
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.add(Some(actor_ids.into_iter().map(Into::into).collect()))
+    }
+
+    fn add(&self, filter: Option<HashSet<String>>) -> Subscription {
+        let shared = &self.handle.shared;
+        let (tx, rx) = crossbeam_channel::bounded(shared.capacity);
+        let mut registry = shared.registry();
+        let id = registry.next_id;
+        registry.next_id += 1;
+        if !shared.shutdown.load(Ordering::Acquire) {
+            registry.sinks.insert(
+                id,
+                Sink {
+                    tx,
+                    filter,
+                    owed: None,
+                    last: HashMap::new(),
+                },
+            );
+        }
+        Subscription {
+            id,
+            rx,
+            shared: Arc::clone(shared),
+        }
+    }
+
+    /// Runs `callback` for every event on a thread of its own (never on the
+    /// listener's thread), until the returned handle is dropped or the
+    /// listener shuts down.
+    ///
+    /// # Errors
+    ///
+    /// When the thread cannot be started.
+    pub fn on_change<F>(&self, callback: F) -> Result<CallbackHandle>
+    where
+        F: FnMut(Event) + Send + 'static,
+    {
+        self.subscribe().on_event(callback)
+    }
+
+    /// The connection state and counters.
+    pub fn health(&self) -> ListenerHealth {
+        let shared = &self.handle.shared;
+        ListenerHealth {
+            connected: shared.connected.load(Ordering::Acquire),
+            reconnects: shared.stats.reconnects.load(Ordering::Relaxed),
+            last_error: shared
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            received: shared.stats.received.load(Ordering::Relaxed),
+            dropped: shared.stats.dropped.load(Ordering::Relaxed),
+            malformed: shared.stats.malformed.load(Ordering::Relaxed),
+            subscribers: shared.registry().sinks.len(),
+        }
+    }
+
+    /// Stops and joins the thread and closes the connection; every
+    /// subscription then ends. Idempotent; also done when the last clone is
+    /// dropped.
+    pub fn shutdown(&self) {
+        self.handle.stop();
+    }
+}
+
+/// A stream of [`Event`]s from a [`ChangeListener`], with its own bounded
+/// queue. Dropping it unsubscribes. Once the listener shuts down, the
+/// receiving methods report disconnection and iteration ends.
+///
+/// Works with `crossbeam_channel::select!` through
+/// [`receiver`](Self::receiver).
+pub struct Subscription {
+    id: u64,
+    rx: Receiver<Event>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .field("queued", &self.rx.len())
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// Waits for the next event.
+    ///
+    /// # Errors
+    ///
+    /// [`RecvError`] once the listener has shut down.
+    pub fn recv(&self) -> std::result::Result<Event, RecvError> {
+        self.rx.recv()
+    }
+
+    /// Waits for the next event at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`RecvTimeoutError::Timeout`], or `Disconnected` once the listener
+    /// has shut down.
+    pub fn recv_timeout(&self, timeout: Duration) -> std::result::Result<Event, RecvTimeoutError> {
+        self.rx.recv_timeout(timeout)
+    }
+
+    /// The next event if one is queued.
+    ///
+    /// # Errors
+    ///
+    /// [`TryRecvError::Empty`], or `Disconnected` once the listener has
+    /// shut down.
+    pub fn try_recv(&self) -> std::result::Result<Event, TryRecvError> {
+        self.rx.try_recv()
+    }
+
+    /// A blocking iterator that ends when the listener shuts down.
+    pub fn iter(&self) -> crossbeam_channel::Iter<'_, Event> {
+        self.rx.iter()
+    }
+
+    /// The underlying receiver, for `select!`. Do not clone it to share:
+    /// clones compete for events, they do not each get every event.
+    pub fn receiver(&self) -> &Receiver<Event> {
+        &self.rx
+    }
+
+    /// Runs `callback` for each event on a new thread.
+    fn on_event<F>(self, mut callback: F) -> Result<CallbackHandle>
+    where
+        F: FnMut(Event) + Send + 'static,
+    {
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        let thread = thread::Builder::new()
+            .name("trebuchet-on-change".into())
+            .spawn(move || loop {
+                crossbeam_channel::select! {
+                    recv(self.rx) -> event => match event {
+                        Ok(event) => callback(event),
+                        Err(_) => break,
+                    },
+                    recv(stop_rx) -> _ => break,
+                }
+            })
+            .map_err(|e| Error::invalid_config(format!("cannot start the callback thread: {e}")))?;
+        Ok(CallbackHandle {
+            stop: stop_tx,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl<'a> IntoIterator for &'a Subscription {
+    type Item = Event;
+    type IntoIter = crossbeam_channel::Iter<'a, Event>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.rx.iter()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.shared.registry().sinks.remove(&self.id);
+    }
+}
+
+/// Keeps an [`ChangeListener::on_change`] callback running; dropping it stops
+/// the callback's thread (after the event in progress) and joins it.
+#[derive(Debug)]
+pub struct CallbackHandle {
+    stop: Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for CallbackHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.try_send(());
+        if let Some(thread) = self.thread.take() {
+            if thread.thread().id() != thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use serde::de::DeserializeOwned;
@@ -31,6 +31,9 @@ enum Slot<T> {
 
 struct Core<T> {
     store: StateStore,
+    /// False once the change feed has ended: nothing is held any more and
+    /// every `get` reads the store.
+    live: AtomicBool,
     slots: RwLock<HashMap<String, Slot<T>>>,
     /// Bumped on every resync, so that a load that overlapped one is
     /// repeated.
@@ -166,6 +169,8 @@ impl<T: DeserializeOwned> Core<T> {
 /// caller's.
 ///
 /// Cheap to clone; the updating thread stops when the last clone is dropped.
+/// The cache keeps its listener running; if the listener is shut down
+/// explicitly, the cache empties itself and every `get` reads the store.
 ///
 /// ```no_run
 /// use trebuchet_postgres::{StateCache, StateStore};
@@ -178,14 +183,21 @@ impl<T: DeserializeOwned> Core<T> {
 /// ```
 pub struct StateCache<T> {
     core: Arc<Core<T>>,
-    _feed: Arc<CallbackHandle>,
+    feed: Arc<Feed>,
+}
+
+/// Keeps the listener alive and the updating thread running for as long as
+/// a cache exists.
+struct Feed {
+    _handler: CallbackHandle,
+    _listener: ChangeListener,
 }
 
 impl<T> Clone for StateCache<T> {
     fn clone(&self) -> Self {
         StateCache {
             core: Arc::clone(&self.core),
-            _feed: Arc::clone(&self._feed),
+            feed: Arc::clone(&self.feed),
         }
     }
 }
@@ -213,18 +225,33 @@ where
     pub fn new(store: &StateStore, listener: &ChangeListener) -> Result<StateCache<T>> {
         let core = Arc::new(Core {
             store: store.clone(),
+            live: AtomicBool::new(true),
             slots: RwLock::new(HashMap::new()),
             generation: AtomicU64::new(0),
         });
         let weak: Weak<Core<T>> = Arc::downgrade(&core);
-        let feed = listener.on_change(move |event| {
-            if let Some(core) = weak.upgrade() {
-                core.apply(event);
-            }
-        })?;
+        let ended = Weak::clone(&weak);
+        let handler = listener.subscribe().spawn_handler(
+            "trebuchet-cache",
+            move |event| {
+                if let Some(core) = weak.upgrade() {
+                    core.apply(event);
+                }
+            },
+            move || {
+                if let Some(core) = ended.upgrade() {
+                    log::warn!("change feed ended: the cache reads the store from now on");
+                    core.live.store(false, Ordering::Release);
+                    core.write().clear();
+                }
+            },
+        )?;
         Ok(StateCache {
             core,
-            _feed: Arc::new(feed),
+            feed: Arc::new(Feed {
+                _handler: handler,
+                _listener: listener.clone(),
+            }),
         })
     }
 
@@ -239,6 +266,9 @@ where
     pub fn get(&self, id: &str) -> Result<Option<Arc<T>>> {
         if let Some(Slot::Ready { value, .. }) = self.core.read().get(id) {
             return Ok(value.clone());
+        }
+        if !self.core.live.load(Ordering::Acquire) {
+            return Ok(self.core.store.load::<T>(id)?.map(Arc::new));
         }
         let mut newest = None;
         for _ in 0..MAX_CHASES {
@@ -279,6 +309,10 @@ where
                 {
                     newest = Some((value, sequence));
                     continue;
+                }
+                _ if !self.core.live.load(Ordering::Acquire) => {
+                    slots.remove(id);
+                    return Ok(value);
                 }
                 _ => {
                     slots.insert(

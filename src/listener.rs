@@ -338,6 +338,16 @@ struct Worker {
 
 impl Worker {
     fn run(self, mut client: Client) {
+        // However the thread ends, even by a panic, subscribers must not
+        // wait forever: dropping the senders ends their iteration.
+        struct EndSubscriptions(Arc<Shared>);
+        impl Drop for EndSubscriptions {
+            fn drop(&mut self) {
+                self.0.connected.store(false, Ordering::Release);
+                self.0.registry().sinks.clear();
+            }
+        }
+        let _end = EndSubscriptions(Arc::clone(&self.shared));
         loop {
             self.listen(&mut client);
             if self.stopping() {
@@ -348,9 +358,6 @@ impl Worker {
                 None => break,
             }
         }
-        // Dropping the senders ends every subscription's iteration.
-        self.shared.registry().sinks.clear();
-        self.shared.connected.store(false, Ordering::Release);
     }
 
     fn stopping(&self) -> bool {
@@ -802,23 +809,42 @@ impl Subscription {
     }
 
     /// Runs `callback` for each event on a new thread.
-    fn on_event<F>(self, mut callback: F) -> Result<CallbackHandle>
+    fn on_event<F>(self, callback: F) -> Result<CallbackHandle>
     where
         F: FnMut(Event) + Send + 'static,
     {
+        self.spawn_handler("trebuchet-on-change", callback, || {})
+    }
+
+    /// Runs `callback` for each event on a new thread named `name`, and
+    /// `on_end` once when the listener shuts down (not when the handle is
+    /// dropped).
+    pub(crate) fn spawn_handler<F, E>(
+        self,
+        name: &str,
+        mut callback: F,
+        on_end: E,
+    ) -> Result<CallbackHandle>
+    where
+        F: FnMut(Event) + Send + 'static,
+        E: FnOnce() + Send + 'static,
+    {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
         let thread = thread::Builder::new()
-            .name("trebuchet-on-change".into())
+            .name(name.to_owned())
             .spawn(move || loop {
                 crossbeam_channel::select! {
                     recv(self.rx) -> event => match event {
                         Ok(event) => callback(event),
-                        Err(_) => break,
+                        Err(_) => {
+                            on_end();
+                            break;
+                        }
                     },
                     recv(stop_rx) -> _ => break,
                 }
             })
-            .map_err(|e| Error::invalid_config(format!("cannot start the callback thread: {e}")))?;
+            .map_err(|e| Error::invalid_config(format!("cannot start a thread: {e}")))?;
         Ok(CallbackHandle {
             stop: stop_tx,
             thread: Some(thread),

@@ -128,6 +128,11 @@ pub enum Error {
     },
     /// A sequence number does not fit PostgreSQL's `BIGINT`.
     SequenceOutOfRange(u64),
+    /// A bulk write or batch names the same actor more than once.
+    DuplicateActorId {
+        /// The repeated actor.
+        actor_id: String,
+    },
     /// A value could not be encoded by the store's codec.
     Encode(Box<dyn StdError + Send + Sync>),
     /// Stored bytes could not be decoded into the requested type.
@@ -221,6 +226,7 @@ impl Error {
                 | Error::InvalidIdentifier { .. }
                 | Error::StateTooLarge { .. }
                 | Error::SequenceOutOfRange(_)
+                | Error::DuplicateActorId { .. }
                 | Error::Encode(_)
         )
     }
@@ -283,6 +289,11 @@ impl fmt::Display for Error {
             Error::SequenceOutOfRange(n) => {
                 write!(f, "sequence number {n} does not fit PostgreSQL's BIGINT")
             }
+            Error::DuplicateActorId { actor_id } => write!(
+                f,
+                "actor {actor_id:?} appears more than once in one bulk write or batch: \
+                 write each actor once per call"
+            ),
             Error::Encode(e) => write!(f, "could not encode state: {e}"),
             Error::Decode { actor_id, source } => write!(
                 f,

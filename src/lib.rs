@@ -96,7 +96,8 @@ pub use crate::listener::{
 pub use crate::pool::{Pool, PoolOptions, PoolState};
 pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
 pub use crate::store::{
-    RetryPolicy, StateStore, StateStoreBuilder, Versioned, DEFAULT_MAX_STATE_SIZE,
+    Batch, BatchResult, RetryPolicy, StateStore, StateStoreBuilder, Versioned,
+    DEFAULT_MAX_STATE_SIZE,
 };
 
 /// The driver this crate is built on, for its types (`SqlState`, `Host`).

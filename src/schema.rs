@@ -129,6 +129,9 @@ pub(crate) struct Statements {
     pub load: String,
     pub load_versioned: String,
     pub load_many: String,
+    pub save_many: String,
+    pub save_many_if: String,
+    pub delete_many: String,
     pub catch_up: String,
     pub delete: String,
     pub exists: String,
@@ -185,6 +188,43 @@ impl Statements {
             load_many: format!(
                 "SELECT actor_id, state, sequence_number, updated_at, created_at FROM {t} \
                  WHERE actor_id = ANY($1::VARCHAR[])"
+            ),
+            // Rows are written in actor id order so that concurrent batches
+            // lock them in one order and cannot deadlock.
+            save_many: format!(
+                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
+                 SELECT i.id, i.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now} \
+                 FROM unnest($1::VARCHAR[], $2::BYTEA[]) AS i(id, st) \
+                 LEFT JOIN {b} b ON b.actor_id = i.id ORDER BY i.id \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at \
+                 RETURNING actor_id::TEXT, sequence_number"
+            ),
+            // Per item: the new sequence number, or NULL and the sequence
+            // number that blocked it. `expected` NULL means "absent".
+            save_many_if: format!(
+                "WITH input AS (SELECT * FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[]) \
+                 AS i(id, st, expected)), \
+                 locked AS (SELECT l.actor_id FROM {t} l JOIN input ON input.id = l.actor_id \
+                 WHERE input.expected IS NOT NULL ORDER BY l.actor_id FOR UPDATE OF l), \
+                 updated AS (UPDATE {t} AS t SET state = input.st, \
+                 sequence_number = t.sequence_number + 1, updated_at = {now} FROM input \
+                 WHERE t.actor_id = input.id AND t.actor_id IN (SELECT actor_id FROM locked) \
+                 AND t.sequence_number = input.expected RETURNING t.actor_id, t.sequence_number), \
+                 inserted AS (INSERT INTO {t} (actor_id, state, sequence_number, updated_at, created_at) \
+                 SELECT input.id, input.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now} \
+                 FROM input LEFT JOIN {b} b ON b.actor_id = input.id \
+                 WHERE input.expected IS NULL ORDER BY input.id \
+                 ON CONFLICT (actor_id) DO NOTHING RETURNING actor_id, sequence_number) \
+                 SELECT input.id::TEXT, COALESCE(u.sequence_number, n.sequence_number), c.sequence_number \
+                 FROM input LEFT JOIN updated u ON u.actor_id = input.id \
+                 LEFT JOIN inserted n ON n.actor_id = input.id \
+                 LEFT JOIN {t} c ON c.actor_id = input.id"
+            ),
+            delete_many: format!(
+                "DELETE FROM {t} WHERE actor_id IN (SELECT l.actor_id FROM {t} l \
+                 WHERE l.actor_id = ANY($1::VARCHAR[]) ORDER BY l.actor_id FOR UPDATE) \
+                 RETURNING actor_id::TEXT"
             ),
             // The current version of each actor, or its tombstone when deleted:
             // what a listener announces after a gap instead of a resync.

@@ -679,6 +679,229 @@ impl StateStore {
         })
     }
 
+    // ----- bulk API ----------------------------------------------------------
+
+    /// Loads several actors in one query. The result has one entry per id, in
+    /// the order given: the state, or `None` for an actor that does not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidActorId`] for any bad id (nothing is sent);
+    /// [`Error::Decode`] naming the first actor that does not decode;
+    /// connection and database errors.
+    pub fn load_many<T: DeserializeOwned, S: AsRef<str>>(
+        &self,
+        ids: &[S],
+    ) -> Result<Vec<Option<T>>> {
+        let found = self.load_many_versioned_bytes(ids)?;
+        ids.iter()
+            .map(|id| {
+                let id = id.as_ref();
+                found.get(id).map(|v| self.decode(id, &v.value)).transpose()
+            })
+            .collect()
+    }
+
+    /// [`load_many`](Self::load_many) returning the stored bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`load_many`](Self::load_many), without decoding.
+    pub fn load_many_bytes<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<Option<Vec<u8>>>> {
+        let mut found = self.load_many_versioned_bytes(ids)?;
+        Ok(ids
+            .iter()
+            .map(|id| {
+                let id = id.as_ref();
+                // A repeated id gets the same bytes each time.
+                match found.get(id) {
+                    Some(v) if ids.iter().filter(|other| other.as_ref() == id).count() > 1 => {
+                        Some(v.value.clone())
+                    }
+                    _ => found.remove(id).map(|v| v.value),
+                }
+            })
+            .collect())
+    }
+
+    /// Saves several actors unconditionally in one statement (upserts) and
+    /// returns their new sequence numbers, in the order given. Every row is
+    /// announced on the channel. All or nothing: the statement commits as a
+    /// whole.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DuplicateActorId`] when an actor appears twice; otherwise as
+    /// [`save`](Self::save).
+    pub fn save_many<T: Serialize, S: AsRef<str>>(&self, items: &[(S, T)]) -> Result<Vec<u64>> {
+        let encoded = items
+            .iter()
+            .map(|(id, state)| Ok((id.as_ref(), self.encode(state)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.save_many_bytes(&encoded)
+    }
+
+    /// [`save_many`](Self::save_many) with raw bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`save_many`](Self::save_many).
+    pub fn save_many_bytes<S: AsRef<str>, B: AsRef<[u8]>>(
+        &self,
+        items: &[(S, B)],
+    ) -> Result<Vec<u64>> {
+        let (ids, states) =
+            self.check_batch(items.iter().map(|(id, b)| (id.as_ref(), b.as_ref())))?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let written: HashMap<String, u64> = self.call(false, |inner, c| {
+            let st = c.prepare(&inner.sql.save_many)?;
+            Ok(c.client
+                .query(&st, &[&ids, &states])?
+                .iter()
+                .map(|row| (row.get(0), to_u64(row.get(1))))
+                .collect())
+        })?;
+        Ok(ids
+            .iter()
+            .map(|id| written.get(*id).copied().unwrap_or(0))
+            .collect())
+    }
+
+    /// Saves several actors, each only when its stored version is what its
+    /// [`Expected`] says, in one statement. The result has one entry per
+    /// item, in the order given: the new sequence number, or
+    /// [`Error::Conflict`] for that item alone; a conflict on one item does
+    /// not stop the others.
+    ///
+    /// # Errors
+    ///
+    /// The outer `Result` fails, writing nothing, for bad input
+    /// ([`Error::InvalidActorId`], [`Error::DuplicateActorId`],
+    /// [`Error::StateTooLarge`], [`Error::Encode`]) and connection or
+    /// database errors.
+    pub fn save_many_if<T: Serialize, S: AsRef<str>>(
+        &self,
+        items: &[(S, T, Expected)],
+    ) -> Result<Vec<Result<u64>>> {
+        let encoded = items
+            .iter()
+            .map(|(id, state, expected)| Ok((id.as_ref(), self.encode(state)?, *expected)))
+            .collect::<Result<Vec<_>>>()?;
+        self.save_many_bytes_if(&encoded)
+    }
+
+    /// [`save_many_if`](Self::save_many_if) with raw bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`save_many_if`](Self::save_many_if).
+    pub fn save_many_bytes_if<S: AsRef<str>, B: AsRef<[u8]>>(
+        &self,
+        items: &[(S, B, Expected)],
+    ) -> Result<Vec<Result<u64>>> {
+        let (ids, states) =
+            self.check_batch(items.iter().map(|(id, b, _)| (id.as_ref(), b.as_ref())))?;
+        let expected = items
+            .iter()
+            .map(|(_, _, e)| match e {
+                Expected::Absent => Ok(None),
+                Expected::Sequence(n) => to_i64(*n).map(Some),
+            })
+            .collect::<Result<Vec<Option<i64>>>>()?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let outcomes = self.call(false, |inner, c| {
+            many_if_on(inner, c, &ids, &states, &expected)
+        })?;
+        Ok(items
+            .iter()
+            .zip(outcomes)
+            .map(|((id, _, expected), outcome)| match outcome {
+                Written::Yes { sequence, .. } => Ok(sequence),
+                Written::Blocked { actual } => Err(Error::Conflict {
+                    actor_id: id.as_ref().to_owned(),
+                    expected: *expected,
+                    actual,
+                }),
+            })
+            .collect())
+    }
+
+    /// Deletes several actors in one statement and returns, in the order
+    /// given, whether each existed. Every delete is announced and leaves a
+    /// tombstone, as [`delete`](Self::delete) does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidActorId`]; connection and database errors.
+    pub fn delete_many<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<bool>> {
+        let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
+        for id in &ids {
+            check_actor_id(id)?;
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let deleted: std::collections::HashSet<String> = self.call(false, |inner, c| {
+            let st = c.prepare(&inner.sql.delete_many)?;
+            Ok(c.client
+                .query(&st, &[&ids])?
+                .iter()
+                .map(|row| row.get(0))
+                .collect())
+        })?;
+        Ok(ids.iter().map(|id| deleted.contains(*id)).collect())
+    }
+
+    /// Starts an atomic batch of saves and deletes over several actors: all
+    /// of them are applied in one transaction, or none is.
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::{Expected, StateStore};
+    /// # let store = StateStore::from_env()?;
+    /// // Move an item from one inventory to another, atomically.
+    /// let from: Vec<String> = vec![];
+    /// let to: Vec<String> = vec!["sword".into()];
+    /// store
+    ///     .batch()
+    ///     .save_if("player-1", &from, Expected::Sequence(7))
+    ///     .save_if("player-2", &to, Expected::Sequence(3))
+    ///     .delete("trade-offer-9")
+    ///     .commit()?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            store: self,
+            saves: Vec::new(),
+            deletes: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// Checks ids, sizes and duplicates of a bulk write; returns the ids and
+    /// states as the statement's array parameters.
+    fn check_batch<'a>(
+        &self,
+        items: impl Iterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<(Vec<&'a str>, Vec<&'a [u8]>)> {
+        let (ids, states): (Vec<&str>, Vec<&[u8]>) = items.unzip();
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        for (id, state) in ids.iter().zip(&states) {
+            check_actor_id(id)?;
+            self.check_size(state)?;
+            if !seen.insert(*id) {
+                return Err(Error::DuplicateActorId {
+                    actor_id: (*id).to_owned(),
+                });
+            }
+        }
+        Ok((ids, states))
+    }
+
     // ----- bytes API -------------------------------------------------------
 
     /// [`save`](Self::save) with raw bytes, bypassing the codec.
@@ -866,6 +1089,258 @@ impl StateStore {
             actor_id: id.to_owned(),
             attempts: policy.max_attempts,
         })
+    }
+}
+
+/// The conditional bulk write: one outcome per id, in order. Where a
+/// conflict's reported version equals the expected one (the statement's
+/// snapshot predates the write that blocked it), the versions are read once
+/// more.
+fn many_if_on(
+    inner: &Inner,
+    c: &mut Connection,
+    ids: &[&str],
+    states: &[&[u8]],
+    expected: &[Option<i64>],
+) -> Result<Vec<Written>, Failure> {
+    let st = c.prepare(&inner.sql.save_many_if)?;
+    let rows = c.client.query(&st, &[&ids, &states, &expected])?;
+    let mut by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
+        .iter()
+        .map(|row| (row.get(0), (row.get(1), row.get(2))))
+        .collect();
+    let stale: Vec<&str> = ids
+        .iter()
+        .zip(expected)
+        .filter(|(id, e)| matches!(by_id.get(**id), Some((None, actual)) if actual == *e))
+        .map(|(id, _)| *id)
+        .collect();
+    if !stale.is_empty() {
+        let st = c.prepare(&inner.sql.load_many)?;
+        let current: HashMap<String, i64> = c
+            .client
+            .query(&st, &[&stale])?
+            .iter()
+            .map(|row| (row.get(0), row.get(2)))
+            .collect();
+        for id in stale {
+            if let Some(entry) = by_id.get_mut(id) {
+                entry.1 = current.get(id).copied();
+            }
+        }
+    }
+    Ok(ids
+        .iter()
+        .map(|id| match by_id.get(*id) {
+            Some((Some(sequence), _)) => Written::Yes {
+                sequence: to_u64(*sequence),
+                updated_at: SystemTime::UNIX_EPOCH,
+                created_at: SystemTime::UNIX_EPOCH,
+            },
+            Some((None, actual)) => Written::Blocked {
+                actual: actual.map(to_u64),
+            },
+            None => Written::Blocked { actual: None },
+        })
+        .collect())
+}
+
+/// What one operation of a committed [`Batch`] did, in the order added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BatchResult {
+    /// The actor was saved at this sequence number.
+    Saved(u64),
+    /// The actor was deleted (`true`) or did not exist (`false`).
+    Deleted(bool),
+}
+
+/// An atomic set of saves and deletes over several actors, from
+/// [`StateStore::batch`]. Nothing is sent until [`commit`](Self::commit);
+/// then every operation is applied in one transaction, or none is.
+///
+/// Each actor may appear once per batch. A failed condition
+/// ([`save_if`](Self::save_if)) rolls the whole batch back.
+#[must_use = "a batch does nothing until commit() is called"]
+pub struct Batch<'s> {
+    store: &'s StateStore,
+    /// (order, id, bytes, condition)
+    saves: Vec<(usize, String, Vec<u8>, Option<Expected>)>,
+    /// (order, id)
+    deletes: Vec<(usize, String)>,
+    error: Option<Error>,
+}
+
+impl fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batch")
+            .field("saves", &self.saves.len())
+            .field("deletes", &self.deletes.len())
+            .finish()
+    }
+}
+
+impl Batch<'_> {
+    fn next_index(&self) -> usize {
+        self.saves.len() + self.deletes.len()
+    }
+
+    fn push_save(mut self, id: &str, bytes: Result<Vec<u8>>, condition: Option<Expected>) -> Self {
+        if self.error.is_none() {
+            match bytes {
+                Ok(bytes) => {
+                    let index = self.next_index();
+                    self.saves.push((index, id.to_owned(), bytes, condition));
+                }
+                Err(e) => self.error = Some(e),
+            }
+        }
+        self
+    }
+
+    /// Saves `state` unconditionally.
+    pub fn save<T: Serialize + ?Sized>(self, id: &str, state: &T) -> Self {
+        let bytes = self.store.encode(state);
+        self.push_save(id, bytes, None)
+    }
+
+    /// Saves `state` when the stored version is what `expected` says;
+    /// otherwise the whole batch fails with [`Error::Conflict`].
+    pub fn save_if<T: Serialize + ?Sized>(self, id: &str, state: &T, expected: Expected) -> Self {
+        let bytes = self.store.encode(state);
+        self.push_save(id, bytes, Some(expected))
+    }
+
+    /// [`save`](Self::save) with raw bytes.
+    pub fn save_bytes(self, id: &str, state: &[u8]) -> Self {
+        self.push_save(id, Ok(state.to_vec()), None)
+    }
+
+    /// [`save_if`](Self::save_if) with raw bytes.
+    pub fn save_bytes_if(self, id: &str, state: &[u8], expected: Expected) -> Self {
+        self.push_save(id, Ok(state.to_vec()), Some(expected))
+    }
+
+    /// Deletes the actor (a missing actor is not an error).
+    pub fn delete(mut self, id: &str) -> Self {
+        let index = self.next_index();
+        self.deletes.push((index, id.to_owned()));
+        self
+    }
+
+    /// Applies every operation in one transaction and returns what each did,
+    /// in the order added.
+    ///
+    /// # Errors
+    ///
+    /// Nothing is applied on any error: the first encoding or input error
+    /// ([`Error::InvalidActorId`], [`Error::DuplicateActorId`],
+    /// [`Error::StateTooLarge`], [`Error::Encode`]); [`Error::Conflict`] for
+    /// the first failed condition; connection and database errors.
+    pub fn commit(self) -> Result<Vec<BatchResult>> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let store = self.store;
+        let mut seen = std::collections::HashSet::new();
+        for id in self
+            .saves
+            .iter()
+            .map(|s| &s.1)
+            .chain(self.deletes.iter().map(|d| &d.1))
+        {
+            check_actor_id(id)?;
+            if !seen.insert(id.as_str()) {
+                return Err(Error::DuplicateActorId {
+                    actor_id: id.clone(),
+                });
+            }
+        }
+        for (_, _, bytes, _) in &self.saves {
+            store.check_size(bytes)?;
+        }
+        let total = self.next_index();
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        let (plain, conditional): (Vec<_>, Vec<_>) = self
+            .saves
+            .iter()
+            .partition(|(_, _, _, condition)| condition.is_none());
+        let plain_ids: Vec<&str> = plain.iter().map(|s| s.1.as_str()).collect();
+        let plain_states: Vec<&[u8]> = plain.iter().map(|s| s.2.as_slice()).collect();
+        let cond_ids: Vec<&str> = conditional.iter().map(|s| s.1.as_str()).collect();
+        let cond_states: Vec<&[u8]> = conditional.iter().map(|s| s.2.as_slice()).collect();
+        let cond_expected = conditional
+            .iter()
+            .map(|s| match s.3 {
+                Some(Expected::Sequence(n)) => to_i64(n).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<Option<i64>>>>()?;
+        let delete_ids: Vec<&str> = self.deletes.iter().map(|d| d.1.as_str()).collect();
+
+        let outcome = store.call(false, |inner, c| {
+            let mut results: Vec<Option<BatchResult>> = vec![None; total];
+            // Prepared (and cached) before the transaction borrows the client.
+            let save_if_st = c.prepare(&inner.sql.save_many_if)?;
+            let save_st = c.prepare(&inner.sql.save_many)?;
+            let delete_st = c.prepare(&inner.sql.delete_many)?;
+            let mut tx = c.client.transaction()?;
+            let mut conflict = None;
+            if !cond_ids.is_empty() {
+                let rows = tx.query(&save_if_st, &[&cond_ids, &cond_states, &cond_expected])?;
+                let by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
+                    .iter()
+                    .map(|row| (row.get(0), (row.get(1), row.get(2))))
+                    .collect();
+                for (save, id) in conditional.iter().zip(&cond_ids) {
+                    match by_id.get(*id) {
+                        Some((Some(sequence), _)) => {
+                            results[save.0] = Some(BatchResult::Saved(to_u64(*sequence)))
+                        }
+                        other => {
+                            conflict.get_or_insert(Error::Conflict {
+                                actor_id: (*id).to_owned(),
+                                expected: save.3.unwrap_or(Expected::Absent),
+                                actual: other.and_then(|(_, actual)| actual.map(to_u64)),
+                            });
+                        }
+                    }
+                }
+            }
+            if let Some(conflict) = conflict {
+                tx.rollback()?;
+                return Ok(Err(conflict));
+            }
+            if !plain_ids.is_empty() {
+                let written: HashMap<String, i64> = tx
+                    .query(&save_st, &[&plain_ids, &plain_states])?
+                    .iter()
+                    .map(|row| (row.get(0), row.get(1)))
+                    .collect();
+                for (save, id) in plain.iter().zip(&plain_ids) {
+                    let sequence = written.get(*id).copied().unwrap_or(0);
+                    results[save.0] = Some(BatchResult::Saved(to_u64(sequence)));
+                }
+            }
+            if !delete_ids.is_empty() {
+                let deleted: std::collections::HashSet<String> = tx
+                    .query(&delete_st, &[&delete_ids])?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                for (index, id) in &self.deletes {
+                    results[*index] = Some(BatchResult::Deleted(deleted.contains(id)));
+                }
+            }
+            tx.commit()?;
+            Ok(Ok(results
+                .into_iter()
+                .map(|r| r.expect("every operation has a result"))
+                .collect()))
+        })?;
+        outcome
     }
 }
 

@@ -198,7 +198,10 @@ pub enum Error {
     /// The connection broke while a call was in flight.
     ///
     /// For a write this does not say whether the write was applied.
-    ConnectionLost(postgres::Error),
+    ///
+    /// Shared (`Arc`) because one lost connection can fail every writer of
+    /// a group commit.
+    ConnectionLost(std::sync::Arc<postgres::Error>),
     /// The TLS configuration could not be built (for example an unreadable
     /// root certificate).
     Tls(Box<dyn StdError + Send + Sync>),
@@ -246,8 +249,8 @@ impl Error {
             Error::Connect {
                 source: Some(e), ..
             }
-            | Error::ConnectionLost(e)
             | Error::Database(e) => e.code(),
+            Error::ConnectionLost(e) => e.code(),
             _ => None,
         }
     }
@@ -414,7 +417,7 @@ impl StdError for Error {
             Error::Connect {
                 source: Some(e), ..
             } => Some(e),
-            Error::ConnectionLost(e) => Some(e),
+            Error::ConnectionLost(e) => Some(e.as_ref()),
             Error::Tls(e) => Some(e.as_ref()),
             Error::Database(e) if e.as_db_error().is_none() => Some(e),
             _ => None,

@@ -78,6 +78,7 @@ mod change;
 mod codec;
 mod config;
 mod error;
+mod group;
 mod listener;
 mod pool;
 mod schema;

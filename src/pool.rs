@@ -420,7 +420,7 @@ impl Pool {
             );
             conn.broken = true;
             self.shared.epoch.fetch_add(1, Ordering::AcqRel);
-            return (Error::ConnectionLost(e), true);
+            return (Error::ConnectionLost(Arc::new(e)), true);
         }
         let error = match e.code() {
             Some(c) if *c == SqlState::QUERY_CANCELED => Error::StatementTimeout,

@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::codec::Codec;
 use crate::config::ConnectOptions;
 use crate::error::{Error, Expected, InvalidActorId, Result};
+use crate::group::{rounds, Combiner, Item};
 use crate::listener::{ChangeListener, ChangeListenerBuilder};
 use crate::pool::{Connection, Pool, PoolOptions};
 use crate::schema::{self, Names, Statements, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
@@ -87,6 +88,7 @@ pub struct StateStoreBuilder {
     max_state_size: usize,
     retry: RetryPolicy,
     migrate: bool,
+    group_commit: bool,
 }
 
 impl fmt::Debug for StateStoreBuilder {
@@ -160,6 +162,24 @@ impl StateStoreBuilder {
         self
     }
 
+    /// Group commit (default off): concurrent [`save`](StateStore::save)
+    /// and [`save_if`](StateStore::save_if) calls on this store are
+    /// combined into one statement and one commit.
+    ///
+    /// Each caller still returns only after its own row is committed, gets
+    /// its own result (a conflict fails only its caller), and every row is
+    /// announced. A lone writer goes through the same statement as without
+    /// grouping. What changes: when the connection is lost during a grouped
+    /// commit, every caller of that group gets [`Error::ConnectionLost`].
+    ///
+    /// Use it when many threads save at once: the change trigger's `NOTIFY`
+    /// serialises commits server-wide, so one commit per row caps writes near
+    /// the disk's flush rate, and one commit per group lifts that cap.
+    pub fn group_commit(mut self, enabled: bool) -> Self {
+        self.group_commit = enabled;
+        self
+    }
+
     /// Runs [`StateStore::migrate`] as part of `build` (default off).
     pub fn migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;
@@ -205,6 +225,7 @@ impl StateStoreBuilder {
                 codec: self.codec,
                 max_state_size: self.max_state_size,
                 retry: self.retry,
+                combiner: self.group_commit.then(Combiner::default),
             }),
         };
         if self.migrate {
@@ -221,6 +242,7 @@ struct Inner {
     codec: Codec,
     max_state_size: usize,
     retry: RetryPolicy,
+    combiner: Option<Combiner>,
 }
 
 /// Actor state in one PostgreSQL table.
@@ -344,6 +366,7 @@ impl StateStore {
             max_state_size: DEFAULT_MAX_STATE_SIZE,
             retry: RetryPolicy::default(),
             migrate: false,
+            group_commit: false,
         }
     }
 
@@ -912,11 +935,152 @@ impl StateStore {
     pub fn save_bytes(&self, id: &str, state: &[u8]) -> Result<u64> {
         check_actor_id(id)?;
         self.check_size(state)?;
+        match &self.inner.combiner {
+            Some(combiner) => combiner.submit(
+                Item {
+                    id: id.to_owned(),
+                    state: state.to_vec(),
+                    expected: None,
+                },
+                |items| self.write_group(items),
+            ),
+            None => self.save_one(id, state),
+        }
+    }
+
+    fn save_one(&self, id: &str, state: &[u8]) -> Result<u64> {
         self.call(false, |inner, c| {
             let st = c.prepare(&inner.sql.save)?;
             let row = c.client.query_one(&st, &[&id, &state])?;
             Ok(to_u64(row.get(0)))
         })
+    }
+
+    fn save_one_if(&self, id: &str, state: &[u8], expected: Expected) -> Result<u64> {
+        let written = self.call(false, |inner, c| write_if_on(inner, c, id, state, expected))?;
+        match written {
+            Written::Yes { sequence, .. } => Ok(sequence),
+            Written::Blocked { actual } => Err(Error::Conflict {
+                actor_id: id.to_owned(),
+                expected,
+                actual,
+            }),
+        }
+    }
+
+    fn write_item(&self, item: &Item) -> Result<u64> {
+        match item.expected {
+            None => self.save_one(&item.id, &item.state),
+            Some(expected) => self.save_one_if(&item.id, &item.state, expected),
+        }
+    }
+
+    /// Writes a group-commit batch: per round (each actor once), the
+    /// unconditional rows in one statement and the conditional ones in
+    /// another. Returns one result per item, in order.
+    fn write_group(&self, items: Vec<Item>) -> Vec<Result<u64>> {
+        if items.len() == 1 {
+            return vec![self.write_item(&items[0])];
+        }
+        let mut results: Vec<Option<Result<u64>>> = (0..items.len()).map(|_| None).collect();
+        for round in rounds(&items) {
+            let (plain, conditional): (Vec<usize>, Vec<usize>) = round
+                .into_iter()
+                .partition(|&i| items[i].expected.is_none());
+            if !plain.is_empty() {
+                let ids: Vec<&str> = plain.iter().map(|&i| items[i].id.as_str()).collect();
+                let states: Vec<&[u8]> = plain.iter().map(|&i| items[i].state.as_slice()).collect();
+                let written = self.call(false, |inner, c| {
+                    let st = c.prepare(&inner.sql.save_many)?;
+                    Ok(c.client
+                        .query(&st, &[&ids, &states])?
+                        .iter()
+                        .map(|row| (row.get::<_, String>(0), to_u64(row.get(1))))
+                        .collect::<HashMap<String, u64>>())
+                });
+                self.settle_group(
+                    &items,
+                    &plain,
+                    written.map(|w| {
+                        plain
+                            .iter()
+                            .map(|&i| Ok(w.get(&items[i].id).copied().unwrap_or(0)))
+                            .collect()
+                    }),
+                    &mut results,
+                );
+            }
+            if !conditional.is_empty() {
+                let ids: Vec<&str> = conditional.iter().map(|&i| items[i].id.as_str()).collect();
+                let states: Vec<&[u8]> = conditional
+                    .iter()
+                    .map(|&i| items[i].state.as_slice())
+                    .collect();
+                let expected: Vec<Option<i64>> = conditional
+                    .iter()
+                    .map(|&i| match items[i].expected {
+                        Some(Expected::Sequence(n)) => i64::try_from(n).ok(),
+                        _ => None,
+                    })
+                    .collect();
+                let written = self.call(false, |inner, c| {
+                    many_if_on(inner, c, &ids, &states, &expected)
+                });
+                self.settle_group(
+                    &items,
+                    &conditional,
+                    written.map(|w| {
+                        conditional
+                            .iter()
+                            .zip(w)
+                            .map(|(&i, outcome)| match outcome {
+                                Written::Yes { sequence, .. } => Ok(sequence),
+                                Written::Blocked { actual } => Err(Error::Conflict {
+                                    actor_id: items[i].id.clone(),
+                                    expected: items[i].expected.unwrap_or(Expected::Absent),
+                                    actual,
+                                }),
+                            })
+                            .collect()
+                    }),
+                    &mut results,
+                );
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every item belongs to one round"))
+            .collect()
+    }
+
+    /// Hands out one statement's outcome. When the connection was lost, the
+    /// statement may have committed, so every caller gets that error; any
+    /// other failure means nothing was written, and each row is written on
+    /// its own so that one bad row fails only its caller.
+    fn settle_group(
+        &self,
+        items: &[Item],
+        indexes: &[usize],
+        outcome: Result<Vec<Result<u64>>>,
+        results: &mut [Option<Result<u64>>],
+    ) {
+        match outcome {
+            Ok(per_item) => {
+                for (&i, r) in indexes.iter().zip(per_item) {
+                    results[i] = Some(r);
+                }
+            }
+            Err(Error::ConnectionLost(e)) => {
+                for &i in indexes {
+                    results[i] = Some(Err(Error::ConnectionLost(Arc::clone(&e))));
+                }
+            }
+            Err(_) => {
+                for &i in indexes {
+                    results[i] = Some(self.write_item(&items[i]));
+                }
+            }
+        }
     }
 
     /// [`load`](Self::load) returning the stored bytes.
@@ -988,14 +1152,19 @@ impl StateStore {
     pub fn save_bytes_if(&self, id: &str, state: &[u8], expected: Expected) -> Result<u64> {
         check_actor_id(id)?;
         self.check_size(state)?;
-        let written = self.call(false, |inner, c| write_if_on(inner, c, id, state, expected))?;
-        match written {
-            Written::Yes { sequence, .. } => Ok(sequence),
-            Written::Blocked { actual } => Err(Error::Conflict {
-                actor_id: id.to_owned(),
-                expected,
-                actual,
-            }),
+        if let Expected::Sequence(n) = expected {
+            to_i64(n)?;
+        }
+        match &self.inner.combiner {
+            Some(combiner) => combiner.submit(
+                Item {
+                    id: id.to_owned(),
+                    state: state.to_vec(),
+                    expected: Some(expected),
+                },
+                |items| self.write_group(items),
+            ),
+            None => self.save_one_if(id, state, expected),
         }
     }
 

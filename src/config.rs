@@ -4,6 +4,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
@@ -314,38 +315,48 @@ impl ConnectOptions {
     }
 
     /// Builds the TLS connector for these options. Build it once and share
-    /// it: each one costs about a megabyte and tens of milliseconds.
+    /// it: each one costs up to a megabyte and tens of milliseconds. A
+    /// connector that checks nothing (`disable`, `prefer`, `require` without
+    /// a root certificate) is built once per process and loads no root
+    /// certificates at all.
     pub(crate) fn tls_connector(&self) -> Result<postgres_native_tls::MakeTlsConnector> {
-        let mut builder = native_tls::TlsConnector::builder();
-        let root = match &self.ssl_root_cert {
-            Some(path) if path.as_os_str() != "system" => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    Error::Tls(format!("cannot read sslrootcert {}: {e}", path.display()).into())
-                })?;
-                let cert =
-                    native_tls::Certificate::from_pem(&pem).map_err(|e| Error::Tls(Box::new(e)))?;
-                builder
-                    .add_root_certificate(cert)
-                    .disable_built_in_roots(true);
-                true
-            }
-            _ => false,
+        let root = self
+            .ssl_root_cert
+            .as_ref()
+            .filter(|path| path.as_os_str() != "system");
+        let verifies = match self.ssl_mode {
+            SslMode::Disable | SslMode::Prefer => false,
+            SslMode::Require => root.is_some(),
+            SslMode::VerifyCa | SslMode::VerifyFull => true,
         };
-        match self.ssl_mode {
-            SslMode::Disable | SslMode::Prefer => {
-                builder
-                    .danger_accept_invalid_certs(true)
-                    .danger_accept_invalid_hostnames(true);
+        if !verifies {
+            static UNVERIFIED: OnceLock<postgres_native_tls::MakeTlsConnector> = OnceLock::new();
+            if let Some(connector) = UNVERIFIED.get() {
+                return Ok(connector.clone());
             }
-            SslMode::Require if !root => {
-                builder
-                    .danger_accept_invalid_certs(true)
-                    .danger_accept_invalid_hostnames(true);
-            }
-            SslMode::Require | SslMode::VerifyCa => {
-                builder.danger_accept_invalid_hostnames(true);
-            }
-            SslMode::VerifyFull => {}
+            let connector = native_tls::TlsConnector::builder()
+                .danger_accept_invalid_certs(true)
+                .danger_accept_invalid_hostnames(true)
+                .disable_built_in_roots(true)
+                .build()
+                .map_err(|e| Error::Tls(Box::new(e)))?;
+            let connector = postgres_native_tls::MakeTlsConnector::new(connector);
+            return Ok(UNVERIFIED.get_or_init(|| connector).clone());
+        }
+        let mut builder = native_tls::TlsConnector::builder();
+        if let Some(path) = root {
+            let pem = std::fs::read(path).map_err(|e| {
+                Error::Tls(format!("cannot read sslrootcert {}: {e}", path.display()).into())
+            })?;
+            let cert =
+                native_tls::Certificate::from_pem(&pem).map_err(|e| Error::Tls(Box::new(e)))?;
+            builder
+                .add_root_certificate(cert)
+                .disable_built_in_roots(true);
+        }
+        if self.ssl_mode != SslMode::VerifyFull {
+            // require with a root certificate, and verify-ca: the chain only.
+            builder.danger_accept_invalid_hostnames(true);
         }
         let connector = builder.build().map_err(|e| Error::Tls(Box::new(e)))?;
         Ok(postgres_native_tls::MakeTlsConnector::new(connector))

@@ -66,12 +66,16 @@ enum Op {
     Transform,
     TransformContended,
     Delete,
+    /// `save` through a store with group commit on; pgbench runs the plain
+    /// one-row save, so the ratio is against its notifying-save rate.
+    SaveGrouped,
 }
 
 impl Op {
-    const ALL: [Op; 6] = [
+    const ALL: [Op; 7] = [
         Op::Load,
         Op::Save,
+        Op::SaveGrouped,
         Op::SaveIf,
         Op::Transform,
         Op::TransformContended,
@@ -86,6 +90,7 @@ impl Op {
             Op::Transform => "transform",
             Op::TransformContended => "transform_contended",
             Op::Delete => "delete",
+            Op::SaveGrouped => "save_grouped",
         }
     }
 
@@ -283,7 +288,7 @@ impl LibrarySql {
     fn main_statement(&self, op: Op) -> &str {
         match op {
             Op::Load => &self.load,
-            Op::Save => &self.save,
+            Op::Save | Op::SaveGrouped => &self.save,
             Op::SaveIf | Op::Transform | Op::TransformContended => &self.save_if_sequence,
             Op::Delete => &self.delete,
         }
@@ -413,7 +418,9 @@ fn pgbench_script(op: Op, sql: &LibrarySql, bytea: &str, threads: usize) -> Stri
     );
     match op {
         Op::Load => format!("\\set id random(1, {ACTORS})\n{};\n", bind(&sql.load)),
-        Op::Save => format!("\\set id random(1, {ACTORS})\n{};\n", bind(&sql.save)),
+        Op::Save | Op::SaveGrouped => {
+            format!("\\set id random(1, {ACTORS})\n{};\n", bind(&sql.save))
+        }
         // No literal can carry the expected sequence: read it in a subselect
         // of the same statement (one more index lookup than the library).
         Op::SaveIf => format!(
@@ -632,7 +639,7 @@ fn thread_run(
                 .load_bytes(&random_ids[rng.usize(..random_ids.len())])
                 .map(drop)
                 .map_err(|e| e.to_string()),
-            Op::Save => store
+            Op::Save | Op::SaveGrouped => store
                 .save_bytes(&random_ids[rng.usize(..random_ids.len())], state)
                 .map(drop)
                 .map_err(|e| e.to_string()),
@@ -975,6 +982,8 @@ struct Bench {
     opts: Options,
     admin: postgres::Client,
     store: StateStore,
+    /// The same table and pool, with group commit on.
+    grouped: StateStore,
     app_name: String,
     table_sql: String,
     sql: LibrarySql,
@@ -1100,15 +1109,23 @@ impl Bench {
     ) -> Result<(), BoxError> {
         let (op, threads) = (row.op, row.threads);
         checkpoint(&mut self.admin);
+        let store = if op == Op::SaveGrouped {
+            &self.grouped
+        } else {
+            &self.store
+        };
         let lib = run_library(
-            &self.store,
+            store,
             op,
             threads,
             self.opts.duration,
             &self.state,
             block,
         );
-        self.check_statement_text(op)?;
+        // Grouped saves run the bulk statement, which has no pgbench twin.
+        if op != Op::SaveGrouped {
+            self.check_statement_text(op)?;
+        }
         if let Some((base, per)) = block {
             let count = per * threads as u64;
             let gone = count - remaining(&mut self.admin, &self.table_sql, base, count)?;
@@ -1377,12 +1394,19 @@ fn main() -> Result<(), BoxError> {
         state.iter().map(|b| format!("{b:02x}")).collect::<String>()
     );
     let table_sql = store.table();
+    let grouped = StateStore::builder()
+        .pool(store.pool().clone())
+        .table(TABLE)
+        .channel(CHANNEL)
+        .group_commit(true)
+        .build()?;
     let mut bench = Bench {
         sql: LibrarySql::new(&table_sql, &format!("\"{TABLE}_tombstones\"")),
         table_sql,
         opts,
         admin,
         store,
+        grouped,
         app_name,
         pgbench,
         state,

@@ -206,7 +206,10 @@ pub struct ListenerHealth {
 
 /// One subscriber's end at the listener.
 struct Sink {
+    /// Unbounded underneath, so that an idle subscription costs no queue
+    /// memory; `capacity` bounds it, and only the listener thread sends.
     tx: Sender<Event>,
+    capacity: usize,
     filter: Option<HashSet<String>>,
     /// A resync owed to this subscriber, delivered before anything else.
     owed: Option<ResyncReason>,
@@ -242,7 +245,7 @@ impl Sink {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        match self.tx.try_send(event) {
+        match self.send(event) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -259,7 +262,7 @@ impl Sink {
         let Some(reason) = self.owed else {
             return true;
         };
-        match self.tx.try_send(Event::Resync(reason)) {
+        match self.send(Event::Resync(reason)) {
             Ok(()) => {
                 self.owed = None;
                 true
@@ -267,6 +270,14 @@ impl Sink {
             Err(TrySendError::Full(_)) => true,
             Err(TrySendError::Disconnected(_)) => false,
         }
+    }
+
+    /// Sends without ever blocking; a queue at its capacity is full.
+    fn send(&self, event: Event) -> std::result::Result<(), TrySendError<Event>> {
+        if self.tx.len() >= self.capacity {
+            return Err(TrySendError::Full(event));
+        }
+        self.tx.try_send(event)
     }
 
     fn owe(&mut self, reason: ResyncReason) {
@@ -301,6 +312,7 @@ impl Shared {
 }
 
 /// Opens the listener's connection.
+#[derive(Clone)]
 struct Connector {
     config: postgres::Config,
     tls: MakeTlsConnector,
@@ -375,10 +387,12 @@ impl Worker {
             match first {
                 Ok(Some(n)) => {
                     owed = self.receive(&n).unwrap_or(owed);
-                    // Then whatever is already buffered, without waiting.
+                    // Then whatever is already buffered, without waiting,
+                    // but never past a shutdown: under a flood the buffer
+                    // never runs dry.
                     let mut notifications = client.notifications();
                     let mut buffered = notifications.iter();
-                    loop {
+                    while !self.stopping() {
                         match buffered.next() {
                             Ok(Some(n)) => owed = self.receive(&n).unwrap_or(owed),
                             Ok(None) => break,
@@ -459,6 +473,14 @@ impl Worker {
 
     /// Reconnects with capped, jittered exponential back-off until it
     /// succeeds or the listener shuts down; then catches subscribers up.
+    ///
+    /// Each attempt (connect, `LISTEN`, catch-up query) runs on a helper
+    /// thread while this one waits for it or for shutdown: the driver's
+    /// connect timeout covers only the TCP handshake, so a server that
+    /// accepts the connection and never answers would otherwise hold this
+    /// thread, and `shutdown()` joining it, for as long as it stays silent.
+    /// An attempt abandoned at shutdown ends on its own when the server
+    /// answers or goes away; its connection is then dropped.
     fn reconnect(&self) -> Option<Client> {
         let mut pause = self.initial_backoff;
         loop {
@@ -470,12 +492,40 @@ impl Worker {
             if self.stopping() {
                 return None;
             }
-            match self.conn.connect(Some(RECONNECT_CONNECT_TIMEOUT)) {
-                Ok(mut client) => {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let conn = self.conn.clone();
+            let sql = self.catch_up_sql.clone();
+            let shared = Arc::clone(&self.shared);
+            let spawned = thread::Builder::new()
+                .name("trebuchet-listener-connect".into())
+                .spawn(move || {
+                    let attempt =
+                        conn.connect(Some(RECONNECT_CONNECT_TIMEOUT))
+                            .map(|mut client| {
+                                // After LISTEN, so that nothing falls between the two.
+                                let ids = catch_up_ids(&shared);
+                                let current = catch_up_query(&mut client, sql.as_deref(), &ids);
+                                (client, current)
+                            });
+                    let _ = tx.send(attempt);
+                });
+            let attempt = match spawned {
+                Ok(_) => crossbeam_channel::select! {
+                    recv(rx) -> attempt => attempt.unwrap_or_else(|_| {
+                        Err(Error::invalid_config("the listener's connect thread failed"))
+                    }),
+                    recv(self.wake) -> _ => return None,
+                },
+                Err(e) => Err(Error::invalid_config(format!(
+                    "cannot start the listener's connect thread: {e}"
+                ))),
+            };
+            match attempt {
+                Ok((client, current)) => {
                     self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     self.shared.connected.store(true, Ordering::Release);
                     log::info!("listener reconnected to {}", self.conn.target);
-                    self.catch_up(&mut client);
+                    self.catch_up(current);
                     return Some(client);
                 }
                 Err(e) => {
@@ -488,58 +538,21 @@ impl Worker {
     }
 
     /// After a gap: filtered subscribers get the current versions of their
-    /// actors where that is cheap; everyone else gets a `Resync`.
-    fn catch_up(&self, client: &mut Client) {
-        let ids: Vec<String> = {
-            let registry = self.shared.registry();
-            let mut ids = HashSet::new();
-            for sink in registry.sinks.values() {
-                if let Some(filter) = &sink.filter {
-                    ids.extend(filter.iter().cloned());
-                }
-            }
-            ids.into_iter().collect()
-        };
-        let current = match (&self.catch_up_sql, ids.len()) {
-            (Some(sql), 1..=MAX_CATCH_UP_IDS) => match client.query(sql.as_str(), &[&ids]) {
-                Ok(rows) => Some(
-                    rows.iter()
-                        .map(|row| {
-                            let id: String = row.get(0);
-                            let sequence: i64 = row.get(1);
-                            let deleted: bool = row.get(2);
-                            let seconds: f64 = row.get(3);
-                            let change = Change {
-                                actor_id: id.clone(),
-                                sequence: u64::try_from(sequence).unwrap_or(0),
-                                timestamp: SystemTime::UNIX_EPOCH
-                                    + Duration::from_secs_f64(seconds.max(0.0)),
-                                kind: if deleted {
-                                    ChangeKind::Deleted
-                                } else {
-                                    ChangeKind::Saved
-                                },
-                            };
-                            (id, change)
-                        })
-                        .collect::<HashMap<_, _>>(),
-                ),
-                Err(e) => {
-                    log::warn!("catch-up query failed, sending resync instead: {e}");
-                    None
-                }
-            },
-            _ => None,
-        };
+    /// actors where that is cheap (`current`); everyone else gets a `Resync`.
+    fn catch_up(&self, found: Option<CatchUp>) {
         let mut registry = self.shared.registry();
         let stats = &self.shared.stats;
         registry
             .sinks
-            .retain(|_, sink| match (&sink.filter, &current) {
-                (Some(filter), Some(current)) => {
+            .retain(|_, sink| match (&sink.filter, &found) {
+                // A subscription made while the query ran was not asked
+                // about: it gets a resync.
+                (Some(filter), Some(found))
+                    if filter.iter().all(|id| found.queried.contains(id)) =>
+                {
                     let moved: Vec<Change> = filter
                         .iter()
-                        .filter_map(|id| current.get(id))
+                        .filter_map(|id| found.current.get(id))
                         .filter(|c| {
                             sink.last
                                 .get(&c.actor_id)
@@ -559,6 +572,61 @@ impl Worker {
     }
 }
 
+/// The actors of all filtered subscriptions, for the catch-up query.
+fn catch_up_ids(shared: &Shared) -> Vec<String> {
+    let registry = shared.registry();
+    let mut ids = HashSet::new();
+    for sink in registry.sinks.values() {
+        if let Some(filter) = &sink.filter {
+            ids.extend(filter.iter().cloned());
+        }
+    }
+    ids.into_iter().collect()
+}
+
+/// What the catch-up query found: the ids asked about, and the current
+/// version (or tombstone) of those that exist or existed.
+struct CatchUp {
+    queried: HashSet<String>,
+    current: HashMap<String, Change>,
+}
+
+/// Reads the current versions of `ids`, or `None` when catch-up is not
+/// possible and subscribers must get a `Resync` instead.
+fn catch_up_query(client: &mut Client, sql: Option<&str>, ids: &[String]) -> Option<CatchUp> {
+    let sql = sql.filter(|_| (1..=MAX_CATCH_UP_IDS).contains(&ids.len()))?;
+    match client.query(sql, &[&ids]) {
+        Ok(rows) => Some(CatchUp {
+            queried: ids.iter().cloned().collect(),
+            current: rows
+                .iter()
+                .map(|row| {
+                    let id: String = row.get(0);
+                    let sequence: i64 = row.get(1);
+                    let deleted: bool = row.get(2);
+                    let seconds: f64 = row.get(3);
+                    let change = Change {
+                        actor_id: id.clone(),
+                        sequence: u64::try_from(sequence).unwrap_or(0),
+                        timestamp: SystemTime::UNIX_EPOCH
+                            + Duration::from_secs_f64(seconds.max(0.0)),
+                        kind: if deleted {
+                            ChangeKind::Deleted
+                        } else {
+                            ChangeKind::Saved
+                        },
+                    };
+                    (id, change)
+                })
+                .collect(),
+        }),
+        Err(e) => {
+            log::warn!("catch-up query failed, sending resync instead: {e}");
+            None
+        }
+    }
+}
+
 struct Handle {
     shared: Arc<Shared>,
     wake: Sender<()>,
@@ -571,10 +639,12 @@ impl Handle {
     fn stop(&self) {
         self.shared.shutdown.store(true, Ordering::Release);
         let _ = self.wake.try_send(());
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(thread) = thread {
-            if thread.thread().id() != thread::current().id() {
-                let _ = thread.join();
+        // Held through the join, so a concurrent caller returns only once
+        // the thread has ended too.
+        let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(handle) = thread.take() {
+            if handle.thread().id() != thread::current().id() {
+                let _ = handle.join();
             }
         }
     }
@@ -598,7 +668,7 @@ impl Drop for Handle {
 /// back-off and `LISTEN`s again. Changes committed in the gap were not
 /// announced, so each subscriber then receives `Event::Resync` — or, for a
 /// subscription filtered to known actors of a listener made from a store,
-/// the current version of each of its actors that moved.
+/// the current version of each of its actors that it has not seen yet.
 ///
 /// Cheap to clone. Dropping the last clone (or calling
 /// [`shutdown`](Self::shutdown)) stops and joins the thread promptly (within
@@ -684,7 +754,7 @@ impl ChangeListener {
 
     fn add(&self, filter: Option<HashSet<String>>) -> Subscription {
         let shared = &self.handle.shared;
-        let (tx, rx) = crossbeam_channel::bounded(shared.capacity);
+        let (tx, rx) = crossbeam_channel::unbounded();
         let mut registry = shared.registry();
         let id = registry.next_id;
         registry.next_id += 1;
@@ -693,6 +763,7 @@ impl ChangeListener {
                 id,
                 Sink {
                     tx,
+                    capacity: shared.capacity,
                     filter,
                     owed: None,
                     last: HashMap::new(),

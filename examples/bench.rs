@@ -1114,14 +1114,7 @@ impl Bench {
         } else {
             &self.store
         };
-        let lib = run_library(
-            store,
-            op,
-            threads,
-            self.opts.duration,
-            &self.state,
-            block,
-        );
+        let lib = run_library(store, op, threads, self.opts.duration, &self.state, block);
         // Grouped saves run the bulk statement, which has no pgbench twin.
         if op != Op::SaveGrouped {
             self.check_statement_text(op)?;

@@ -129,6 +129,7 @@ pub(crate) struct Statements {
     pub load: String,
     pub load_versioned: String,
     pub load_many: String,
+    pub load_many_ordered: String,
     pub save_many: String,
     pub save_many_if: String,
     pub delete_many: String,
@@ -188,6 +189,10 @@ impl Statements {
             load_many: format!(
                 "SELECT actor_id, state, sequence_number, updated_at, created_at FROM {t} \
                  WHERE actor_id = ANY($1::VARCHAR[])"
+            ),
+            load_many_ordered: format!(
+                "SELECT i.n, t.state FROM unnest($1::VARCHAR[]) WITH ORDINALITY AS i(id, n) \
+                 JOIN {t} t ON t.actor_id = i.id"
             ),
             // Rows are written in actor id order so that concurrent batches
             // lock them in one order and cannot deadlock.

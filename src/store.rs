@@ -716,12 +716,10 @@ impl StateStore {
         &self,
         ids: &[S],
     ) -> Result<Vec<Option<T>>> {
-        let found = self.load_many_versioned_bytes(ids)?;
+        let found = self.load_many_bytes(ids)?;
         ids.iter()
-            .map(|id| {
-                let id = id.as_ref();
-                found.get(id).map(|v| self.decode(id, &v.value)).transpose()
-            })
+            .zip(found)
+            .map(|(id, bytes)| bytes.map(|b| self.decode(id.as_ref(), &b)).transpose())
             .collect()
     }
 
@@ -731,20 +729,29 @@ impl StateStore {
     ///
     /// As [`load_many`](Self::load_many), without decoding.
     pub fn load_many_bytes<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<Option<Vec<u8>>>> {
-        let mut found = self.load_many_versioned_bytes(ids)?;
-        Ok(ids
-            .iter()
-            .map(|id| {
-                let id = id.as_ref();
-                // A repeated id gets the same bytes each time.
-                match found.get(id) {
-                    Some(v) if ids.iter().filter(|other| other.as_ref() == id).count() > 1 => {
-                        Some(v.value.clone())
-                    }
-                    _ => found.remove(id).map(|v| v.value),
-                }
-            })
-            .collect())
+        let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
+        for id in &ids {
+            check_actor_id(id)?;
+        }
+        let mut found: Vec<Option<Vec<u8>>> = vec![None; ids.len()];
+        if ids.is_empty() {
+            return Ok(found);
+        }
+        // Rows come back with their position in `ids`: no lookup by id.
+        let rows = self.call(true, |inner, c| {
+            let st = c.prepare(&inner.sql.load_many_ordered)?;
+            Ok(c.client.query(&st, &[&ids])?)
+        })?;
+        for row in rows {
+            let position: i64 = row.get(0);
+            if let Some(slot) = usize::try_from(position - 1)
+                .ok()
+                .and_then(|i| found.get_mut(i))
+            {
+                *slot = Some(row.get(1));
+            }
+        }
+        Ok(found)
     }
 
     /// Saves several actors unconditionally in one statement (upserts) and

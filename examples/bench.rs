@@ -1278,6 +1278,58 @@ impl Bench {
 
 // ----- main ------------------------------------------------------------------
 
+/// States per second through `save_many` and `load_many`, 1,000 actors per
+/// call, at 1 and 2 threads.
+fn bulk_rates(
+    store: &StateStore,
+    state: &[u8],
+    duration: Duration,
+) -> Vec<(&'static str, usize, f64)> {
+    const PER_CALL: usize = 1_000;
+    let mut rates = Vec::new();
+    for (what, write) in [("save_many", true), ("load_many", false)] {
+        for threads in [1usize, 2] {
+            let start = Instant::now();
+            let done: usize = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|t| {
+                        scope.spawn(move || {
+                            let ids: Vec<String> =
+                                (0..PER_CALL).map(|i| format!("bulk-{t}-{i}")).collect();
+                            let items: Vec<(&str, &[u8])> =
+                                ids.iter().map(|id| (id.as_str(), state)).collect();
+                            let mut n = 0;
+                            // load_many reads what the save_many runs wrote.
+                            let begin = Instant::now();
+                            while begin.elapsed() < duration {
+                                if write {
+                                    store.save_many_bytes(&items).expect("save_many");
+                                } else {
+                                    let got = store.load_many_bytes(&ids).expect("load_many");
+                                    assert!(got.iter().all(Option::is_some));
+                                }
+                                n += PER_CALL;
+                            }
+                            n
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("bulk thread"))
+                    .sum()
+            });
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "{what:<19} T={threads:<2} {:>10.0} states/s",
+                done as f64 / secs
+            );
+            rates.push((what, threads, done as f64 / secs));
+        }
+    }
+    rates
+}
+
 fn main() -> Result<(), BoxError> {
     let opts = Options::parse()?;
     let app_name = format!("trebuchet-bench-{}", std::process::id());
@@ -1418,6 +1470,11 @@ fn main() -> Result<(), BoxError> {
     );
 
     let rows = bench.run_all()?;
+    let bulk = if bench.opts.ops.len() == Op::ALL.len() {
+        bulk_rates(&bench.store, &bench.state, bench.opts.duration)
+    } else {
+        Vec::new()
+    };
 
     let pool_state = bench.store.pool().state();
     let server_connections: i64 = bench
@@ -1448,6 +1505,14 @@ fn main() -> Result<(), BoxError> {
         println!("- smoke run: too short for meaningful numbers.");
     }
     println!();
+    if !bulk.is_empty() {
+        println!("## Bulk operations (1,000 actors per call, trigger and notifications on)");
+        println!();
+        for (what, threads, rate) in &bulk {
+            println!("- {what}, {threads} thread(s): {rate:.0} states/s");
+        }
+        println!();
+    }
     println!("## Statement text");
     println!();
     if bench.sql_mismatch.is_empty() {

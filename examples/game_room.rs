@@ -11,7 +11,7 @@ use std::thread;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use trebuchet_postgres::testing::TestCluster;
+use trebuchet_postgres::testing::TestDatabase;
 use trebuchet_postgres::{Event, StateStore, Versioned};
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -53,14 +53,9 @@ impl GameRoom {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (_cluster, url) = match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => (None, url),
-        _ => {
-            let cluster = TestCluster::start()?;
-            let url = cluster.url();
-            (Some(cluster), url)
-        }
-    };
+    // DATABASE_URL, or a throwaway cluster that lives as long as `db`.
+    let db = TestDatabase::from_env_or_start()?;
+    let url = db.url().to_owned();
     let store = StateStore::builder().url(&url).migrate(true).build()?;
     store.delete("game-room-1")?;
 

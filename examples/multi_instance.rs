@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use trebuchet_postgres::testing::TestCluster;
+use trebuchet_postgres::testing::TestDatabase;
 use trebuchet_postgres::{StateCache, StateStore};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,14 +84,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let url = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL")?;
         return run_instance(&name, &url);
     }
-    let (_cluster, url) = match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => (None, url),
-        _ => {
-            let cluster = TestCluster::start()?;
-            let url = cluster.url();
-            (Some(cluster), url)
-        }
-    };
+    // DATABASE_URL, or a throwaway cluster that lives as long as `db`.
+    let db = TestDatabase::from_env_or_start()?;
+    let url = db.url().to_owned();
     StateStore::builder()
         .url(&url)
         .migrate(true)

@@ -18,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use fallible_iterator::FallibleIterator;
-use trebuchet_postgres::testing::TestCluster;
+use trebuchet_postgres::testing::TestDatabase;
 use trebuchet_postgres::{ChangeListener, Event, StateStore};
 
 const NOTIFICATIONS: usize = 100_000;
@@ -113,14 +113,9 @@ fn latency(store: &StateStore) -> (Duration, Duration) {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (_cluster, url) = match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => (None, url),
-        _ => {
-            let cluster = TestCluster::start()?;
-            let url = cluster.url();
-            (Some(cluster), url)
-        }
-    };
+    // DATABASE_URL, or a throwaway cluster that lives as long as `db`.
+    let db = TestDatabase::from_env_or_start()?;
+    let url = db.url().to_owned();
     let store = StateStore::builder()
         .url(&url)
         .channel("bench_changes")

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use trebuchet_postgres::testing::TestCluster;
+use trebuchet_postgres::testing::TestDatabase;
 use trebuchet_postgres::{Expected, StateStore};
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -19,15 +19,12 @@ struct GameState {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Keep the cluster alive for the whole program.
-    let (_cluster, url) = match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => (None, url),
-        _ => {
-            println!("DATABASE_URL is not set: starting a throwaway PostgreSQL cluster");
-            let cluster = TestCluster::start()?;
-            let url = cluster.url();
-            (Some(cluster), url)
-        }
-    };
+    if std::env::var_os("DATABASE_URL").is_none() {
+        println!("DATABASE_URL is not set: starting a throwaway PostgreSQL cluster");
+    }
+    // DATABASE_URL, or a throwaway cluster that lives as long as `db`.
+    let db = TestDatabase::from_env_or_start()?;
+    let url = db.url().to_owned();
 
     let store = StateStore::connect(&url)?;
     let applied = store.migrate()?;

@@ -385,7 +385,11 @@ impl Pool {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         match last {
-            Some((at, failure, source)) if at >= start - self.options.connection_timeout => {
+            Some((at, failure, source))
+                if start
+                    .checked_sub(self.options.connection_timeout)
+                    .is_none_or(|window| at >= window) =>
+            {
                 Error::Connect {
                     failure,
                     target: self.shared.target.clone(),

@@ -374,12 +374,20 @@ impl TestDatabase {
     pub fn shared() -> &'static TestDatabase {
         static SHARED: OnceLock<TestDatabase> = OnceLock::new();
         SHARED.get_or_init(|| {
-            TestDatabase::from_env_or_cluster()
+            TestDatabase::from_env_or_start()
                 .unwrap_or_else(|e| panic!("no PostgreSQL for tests: {e}"))
         })
     }
 
-    fn from_env_or_cluster() -> io::Result<TestDatabase> {
+    /// A server of this value's own: `TEST_DATABASE_URL` or `DATABASE_URL`
+    /// when set, otherwise a throwaway cluster that stops when the value is
+    /// dropped. For programs (examples, tools) rather than tests, which
+    /// share [`shared`](Self::shared).
+    ///
+    /// # Errors
+    ///
+    /// When the variable does not parse or no cluster can be started.
+    pub fn from_env_or_start() -> io::Result<TestDatabase> {
         let url = ["TEST_DATABASE_URL", "DATABASE_URL"]
             .iter()
             .filter_map(|key| std::env::var(key).ok())

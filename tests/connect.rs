@@ -1034,3 +1034,39 @@ fn tls_modes_follow_libpq() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn statement_timeout_cancels_a_blocked_call() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema
+        .store_builder()
+        .pool_options(
+            PoolOptions::default()
+                .max_size(2)
+                .statement_timeout(Some(Duration::from_millis(200))),
+        )
+        .migrate(true)
+        .build()
+        .unwrap();
+    store.save("locked", &1u32).unwrap();
+    // Another session holds the row's lock, so the save waits on it.
+    let mut holder = schema.client().unwrap();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute(
+        &format!(
+            "SELECT 1 FROM {} WHERE actor_id = 'locked' FOR UPDATE",
+            store.table()
+        ),
+        &[],
+    )
+    .unwrap();
+    let started = Instant::now();
+    let err = store.save("locked", &2u32).unwrap_err();
+    assert!(matches!(err, Error::StatementTimeout), "{err:?}");
+    assert!(err.to_string().contains("statement_timeout"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    tx.rollback().unwrap();
+    // Nothing was written, and the connection is still usable.
+    assert_eq!(store.load::<u32>("locked").unwrap(), Some(1));
+    assert_eq!(store.save("locked", &3u32).unwrap(), 2);
+}

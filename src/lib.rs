@@ -44,6 +44,40 @@
 //! names both. [`StateStore::transform`] is an atomic read-modify-write built on
 //! it, retrying with jittered back-off.
 //!
+//! # Bulk writes, batches and group commit
+//!
+//! [`StateStore::load_many`], [`StateStore::save_many`],
+//! [`StateStore::save_many_if`] (one outcome per item) and
+//! [`StateStore::delete_many`] take one statement each.
+//! [`StateStore::batch`] applies saves, conditional saves and deletes over
+//! several actors in one transaction, all or nothing.
+//! [`StateStoreBuilder::group_commit`] combines concurrent saves into one
+//! commit, past the one-notifying-commit-at-a-time ceiling of the server.
+//!
+//! # Change feed
+//!
+//! A [`ChangeListener`] (from [`StateStore::listener`] or on its own) holds one
+//! connection and one thread that `LISTEN`s on the channel and fans every
+//! [`Change`] out to [`Subscription`]s, each with its own bounded queue. After
+//! any gap (a lost connection, a full queue) a subscriber receives
+//! [`Event::Resync`] before anything newer. A [`StateCache`] keeps decoded
+//! states fresh from it.
+//!
+//! ```no_run
+//! use trebuchet_postgres::{Event, StateStore};
+//!
+//! let store = StateStore::connect("postgresql://localhost/trebuchet")?;
+//! let listener = store.listener()?;
+//! let room = listener.subscribe_actor("room-1");
+//! store.save("room-1", &1u32)?;
+//! match room.recv_timeout(std::time::Duration::from_secs(1)) {
+//!     Ok(Event::Change(c)) => println!("room-1 is at sequence {}", c.sequence),
+//!     Ok(Event::Resync(_)) => println!("reload everything"),
+//!     other => println!("{other:?}"),
+//! }
+//! # Ok::<(), trebuchet_postgres::Error>(())
+//! ```
+//!
 //! # Encoding
 //!
 //! Typed states go through a [`Codec`]: CBOR by default, or JSON that matches
@@ -65,9 +99,18 @@
 //! oversized states, malformed connection strings) is rejected before anything is
 //! sent. Messages say what to do, and never contain a password.
 //!
+//! # Threads
+//!
+//! [`StateStore`], [`Pool`], [`ChangeListener`] and [`StateCache`] are
+//! `Send + Sync` and cheap to clone (an `Arc` inside); clone them into every
+//! thread. A call blocks its thread for its round trip; nothing runs on the
+//! caller's thread in the background. The pool runs r2d2's three maintenance
+//! threads; each listener runs one thread, each `on_change` callback and each
+//! cache one more.
+//!
 //! # Features
 //!
-//! - `testing`: [`testing`], a throwaway PostgreSQL cluster for tests and examples,
+//! - `testing`: the `testing` module, a throwaway PostgreSQL cluster for tests and examples,
 //!   started from the system's `initdb`/`pg_ctl`.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, clippy::all)]

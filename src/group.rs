@@ -15,6 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, Expected, Result};
@@ -30,19 +31,39 @@ pub(crate) struct Item {
     pub expected: Option<Expected>,
 }
 
-#[derive(Default)]
-struct State {
-    next_ticket: u64,
-    queue: VecDeque<(u64, Item)>,
-    leading: bool,
-    results: HashMap<u64, Result<u64>>,
+/// What a queued writer is waiting for.
+enum Turn {
+    Waiting,
+    /// It leads the next batch.
+    Lead,
+    /// Its row was written (or failed) in another writer's batch.
+    Done(Result<u64>),
 }
 
-/// The queue and the hand-over of results.
+/// One writer's mailbox: only the writer itself and the leader that takes
+/// its row touch it, so waking it wakes no one else.
+struct Waiter {
+    turn: Mutex<Turn>,
+    wake: Condvar,
+}
+
+impl Waiter {
+    fn set(&self, turn: Turn) {
+        *self.turn.lock().unwrap_or_else(|p| p.into_inner()) = turn;
+        self.wake.notify_one();
+    }
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<(Arc<Waiter>, Item)>,
+    leading: bool,
+}
+
+/// The queue and the hand-over of results and leadership.
 #[derive(Default)]
 pub(crate) struct Combiner {
     state: Mutex<State>,
-    done: Condvar,
 }
 
 impl Combiner {
@@ -54,46 +75,73 @@ impl Combiner {
     /// `write` executes a batch and returns one result per item, in order;
     /// it runs on the calling thread of whichever writer leads.
     pub fn submit(&self, item: Item, write: impl Fn(Vec<Item>) -> Vec<Result<u64>>) -> Result<u64> {
-        let mut state = self.lock();
-        let ticket = state.next_ticket;
-        state.next_ticket += 1;
-        state.queue.push_back((ticket, item));
-        loop {
-            if let Some(result) = state.results.remove(&ticket) {
-                return result;
-            }
-            if !state.leading {
-                // Our row is still queued (a leader publishes every result
-                // of its batch before it steps down), so it is in this batch.
-                state.leading = true;
-                let take = state.queue.len().min(MAX_GROUP);
-                let batch: Vec<(u64, Item)> = state.queue.drain(..take).collect();
+        let me = Arc::new(Waiter {
+            turn: Mutex::new(Turn::Waiting),
+            wake: Condvar::new(),
+        });
+        {
+            let mut state = self.lock();
+            state.queue.push_back((Arc::clone(&me), item));
+            if state.leading {
                 drop(state);
-                let (tickets, items): (Vec<u64>, Vec<Item>) = batch.into_iter().unzip();
-                let written = std::panic::catch_unwind(AssertUnwindSafe(|| write(items)));
-                state = self.lock();
-                state.leading = false;
-                match written {
-                    Ok(results) => state.results.extend(tickets.into_iter().zip(results)),
-                    Err(panic) => {
-                        // Release the followers of this batch, then let the
-                        // panic continue on the leader's thread.
-                        for ticket in tickets {
-                            state.results.insert(
-                                ticket,
-                                Err(Error::invalid_config("a group commit leader panicked")),
-                            );
+                let mut turn = me.turn.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    match std::mem::replace(&mut *turn, Turn::Waiting) {
+                        Turn::Done(result) => return result,
+                        Turn::Lead => break,
+                        Turn::Waiting => {
+                            turn = me.wake.wait(turn).unwrap_or_else(|p| p.into_inner())
                         }
-                        self.done.notify_all();
-                        drop(state);
-                        std::panic::resume_unwind(panic);
                     }
                 }
-                self.done.notify_all();
-                continue;
+            } else {
+                state.leading = true;
             }
-            state = self.done.wait(state).unwrap_or_else(|p| p.into_inner());
         }
+        // Leading: our own row is still queued, at the front (rows queue in
+        // order and every batch takes from the front).
+        self.lead(&me, write)
+    }
+
+    /// Writes one batch from the front of the queue, hands out its results,
+    /// then passes leadership to the next queued writer, if any.
+    fn lead(&self, me: &Arc<Waiter>, write: impl Fn(Vec<Item>) -> Vec<Result<u64>>) -> Result<u64> {
+        let batch: Vec<(Arc<Waiter>, Item)> = {
+            let mut state = self.lock();
+            let take = state.queue.len().min(MAX_GROUP);
+            state.queue.drain(..take).collect()
+        };
+        let (waiters, items): (Vec<Arc<Waiter>>, Vec<Item>) = batch.into_iter().unzip();
+        let count = items.len();
+        let (results, panic) = match std::panic::catch_unwind(AssertUnwindSafe(|| write(items))) {
+            Ok(results) => (results, None),
+            // Release this batch's writers before the panic goes on.
+            Err(panic) => (
+                (0..count)
+                    .map(|_| Err(Error::invalid_config("a group commit leader panicked")))
+                    .collect(),
+                Some(panic),
+            ),
+        };
+        let mut mine = None;
+        for (waiter, result) in waiters.iter().zip(results) {
+            if Arc::ptr_eq(waiter, me) {
+                mine = Some(result);
+            } else {
+                waiter.set(Turn::Done(result));
+            }
+        }
+        {
+            let mut state = self.lock();
+            match state.queue.front() {
+                Some((next, _)) => next.set(Turn::Lead),
+                None => state.leading = false,
+            }
+        }
+        if let Some(panic) = panic {
+            std::panic::resume_unwind(panic);
+        }
+        mine.expect("the leader's own row is in its batch")
     }
 }
 

@@ -133,6 +133,7 @@ pub(crate) struct Statements {
     pub save_many: String,
     pub save_many_if: String,
     pub delete_many: String,
+    pub lock_many: String,
     pub catch_up: String,
     pub delete: String,
     pub exists: String,
@@ -225,6 +226,12 @@ impl Statements {
                  FROM input LEFT JOIN updated u ON u.actor_id = input.id \
                  LEFT JOIN inserted n ON n.actor_id = input.id \
                  LEFT JOIN {t} c ON c.actor_id = input.id"
+            ),
+            // A batch locks its existing rows in actor id order first, so
+            // that batches over the same actors cannot deadlock.
+            lock_many: format!(
+                "SELECT actor_id FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
+                 ORDER BY actor_id FOR UPDATE"
             ),
             delete_many: format!(
                 "DELETE FROM {t} WHERE actor_id IN (SELECT l.actor_id FROM {t} l \

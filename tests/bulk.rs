@@ -268,3 +268,47 @@ fn concurrent_transfers_through_batches_conserve_the_total() {
     assert_eq!(seqs["acct-a"], 201, "one write per transfer on each side");
     assert_eq!(seqs["acct-b"], 201);
 }
+
+#[test]
+fn crossing_batches_do_not_fail_on_deadlocks() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    store.save_many(&[("x", 0u64), ("y", 0u64)]).unwrap();
+    // Each batch locks one actor through its condition and the other through
+    // a plain save, in opposite orders: the server may detect a deadlock,
+    // which the batch absorbs by running again.
+    let threads: Vec<_> = [("x", "y"), ("y", "x")]
+        .into_iter()
+        .map(|(first, second)| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut done = 0;
+                let mut attempts = 0;
+                while done < 100 {
+                    attempts += 1;
+                    assert!(attempts < 100_000, "starved");
+                    let current = store.load_versioned::<u64>(first).unwrap().unwrap();
+                    match store
+                        .batch()
+                        .save_if(
+                            first,
+                            &(current.value + 1),
+                            Expected::Sequence(current.sequence),
+                        )
+                        .save(second, &7u64)
+                        .commit()
+                    {
+                        Ok(_) => done += 1,
+                        Err(e) if e.is_conflict() => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let values: Vec<Option<u64>> = store.load_many(&["x", "y"]).unwrap();
+    assert!(values.iter().all(|v| v.is_some()));
+}

@@ -397,13 +397,26 @@ fn too_many_clients_suggests_pooling() {
 
     // That took the last slot. A pool that needs a second connection and
     // cannot get one reports the server's reason, not a generic exhaustion.
+    let holder = hold_a_connection(&store, Duration::from_millis(1200));
+    let err = expect_connect_failure(store.load::<u32>("other"), ConnectFailure::TooManyClients);
+    assert!(err.to_string().contains("max_connections"), "{err}");
+    holder.join().unwrap().unwrap();
+    assert_eq!(store.load::<u32>("held").unwrap(), Some(1));
+}
+
+/// Keeps one pooled connection busy for `busy`: a `transform` of actor
+/// "held" whose closure sleeps. Returns once the closure runs.
+fn hold_a_connection(
+    store: &StateStore,
+    busy: Duration,
+) -> thread::JoinHandle<trebuchet_postgres::Result<trebuchet_postgres::Versioned<u32>>> {
     let (entered_tx, entered_rx) = mpsc::channel();
     let holder = {
         let store = store.clone();
         thread::spawn(move || {
             store.transform("held", move |n: Option<u32>| {
                 let _ = entered_tx.send(());
-                thread::sleep(Duration::from_millis(1200));
+                thread::sleep(busy);
                 n.unwrap_or(0) + 1
             })
         })
@@ -411,10 +424,7 @@ fn too_many_clients_suggests_pooling() {
     entered_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the transform closure started");
-    let err = expect_connect_failure(store.load::<u32>("other"), ConnectFailure::TooManyClients);
-    assert!(err.to_string().contains("max_connections"), "{err}");
-    holder.join().unwrap().unwrap();
-    assert_eq!(store.load::<u32>("held").unwrap(), Some(1));
+    holder
 }
 
 #[test]
@@ -430,20 +440,7 @@ fn pool_exhaustion_says_how_to_raise_the_limit() {
         .migrate(true)
         .build()
         .unwrap();
-    let (entered_tx, entered_rx) = mpsc::channel();
-    let holder = {
-        let store = store.clone();
-        thread::spawn(move || {
-            store.transform("held", move |n: Option<u32>| {
-                let _ = entered_tx.send(());
-                thread::sleep(Duration::from_millis(1500));
-                n.unwrap_or(0) + 1
-            })
-        })
-    };
-    entered_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the transform closure started");
+    let holder = hold_a_connection(&store, Duration::from_millis(1500));
     let started = Instant::now();
     let err = store.load::<u32>("other").unwrap_err();
     let waited_here = started.elapsed();

@@ -149,7 +149,7 @@ struct Shared {
     last_error: Mutex<Option<(Instant, ConnectFailure, Option<postgres::Error>)>>,
     /// A connection made while constructing the pool, handed out first.
     spare: Mutex<Option<Client>>,
-    /// Check-outs that found no idle connection and waited.
+    /// Check-outs that found every connection in use and waited.
     waits: AtomicU64,
     /// Their total wait, in microseconds.
     wait_micros: AtomicU64,
@@ -283,9 +283,9 @@ pub struct PoolState {
     pub idle: u32,
     /// The configured maximum.
     pub max_size: u32,
-    /// Check-outs that found no idle connection and waited for one to be
-    /// returned or opened. Many waits with `connections == max_size` mean
-    /// the pool is too small for its callers.
+    /// Check-outs that found all `max_size` connections in use and waited
+    /// for one to be returned (opening a new connection is not a wait).
+    /// Many waits mean the pool is too small for its callers.
     pub waits: u64,
     /// The time those check-outs spent waiting, in total.
     pub wait_time: Duration,
@@ -404,13 +404,17 @@ impl Pool {
         Err(self.checkout_error(start))
     }
 
-    /// `r2d2::Pool::get`, counted as a wait.
+    /// `r2d2::Pool::get` when no connection is idle: a wait when every
+    /// connection is in use at `max_size`, otherwise a new connection.
     fn wait_for_connection(&self, start: Instant) -> Result<r2d2::PooledConnection<Manager>> {
+        let full = self.r2d2.state().connections >= self.options.max_size;
         let waiting = Instant::now();
         let conn = self.r2d2.get();
-        let waited = u64::try_from(waiting.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.shared.waits.fetch_add(1, Ordering::Relaxed);
-        self.shared.wait_micros.fetch_add(waited, Ordering::Relaxed);
+        if full {
+            let waited = u64::try_from(waiting.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.shared.waits.fetch_add(1, Ordering::Relaxed);
+            self.shared.wait_micros.fetch_add(waited, Ordering::Relaxed);
+        }
         conn.map_err(|_| {
             self.shared.timeouts.fetch_add(1, Ordering::Relaxed);
             self.checkout_error(start)

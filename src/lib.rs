@@ -141,7 +141,7 @@ pub use crate::monitor::{
 pub use crate::pool::{Pool, PoolOptions, PoolState};
 pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
 pub use crate::store::{
-    Batch, BatchResult, RetryPolicy, StateStore, StateStoreBuilder, Versioned,
+    validate_actor_id, Batch, BatchResult, RetryPolicy, StateStore, StateStoreBuilder, Versioned,
     DEFAULT_MAX_STATE_SIZE,
 };
 pub use crate::transfer::{ActorPage, ActorSummary, RestoreOutcome};

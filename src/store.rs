@@ -352,6 +352,22 @@ pub(crate) fn to_i64(n: u64) -> Result<i64> {
     i64::try_from(n).map_err(|_| Error::SequenceOutOfRange(n))
 }
 
+/// Checks an actor id as every operation does before it sends anything: not
+/// empty, at most 255 characters (the column is `VARCHAR(255)`), no NUL
+/// character. For rejecting bad input early, before connecting.
+///
+/// ```
+/// assert!(trebuchet_postgres::validate_actor_id("room-1").is_ok());
+/// assert!(trebuchet_postgres::validate_actor_id("").is_err());
+/// ```
+///
+/// # Errors
+///
+/// [`Error::InvalidActorId`] saying what is wrong.
+pub fn validate_actor_id(id: &str) -> Result<()> {
+    check_actor_id(id)
+}
+
 /// Rejects ids the table cannot hold, before any round trip.
 pub(crate) fn check_actor_id(id: &str) -> Result<()> {
     if id.is_empty() {

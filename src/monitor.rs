@@ -35,7 +35,7 @@ const WRITE_COUNTER: &str = "\
 
 /// Every other client session, to find those listening on the channel.
 const SESSIONS: &str = "\
-    SELECT pid, usename::TEXT, application_name, client_addr::TEXT, state_change, query \
+    SELECT pid, usename::TEXT, application_name, host(client_addr), state_change, query \
     FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()";
 
 /// Where pg_stat_statements is installed, and which column names the
@@ -159,7 +159,9 @@ pub struct ListenerSession {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum SlowStatements {
-    /// Up to ten statements that mention the table, slowest mean time first.
+    /// Up to ten reads and writes (`SELECT`, `INSERT`, `UPDATE`, `DELETE`,
+    /// `WITH`) that mention the table, slowest mean time first; schema
+    /// changes are left out.
     Found(Vec<SlowStatement>),
     /// The `pg_stat_statements` extension is not installed in this database.
     NotInstalled,
@@ -446,7 +448,9 @@ fn slow_statements(
     let sql = format!(
         "SELECT query, calls, {mean}, {max} FROM \"{}\".pg_stat_statements \
          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND position($1 IN query) > 0 ORDER BY {mean} DESC LIMIT $2",
+         AND position($1 IN query) > 0 \
+         AND query ~* '^\\s*(with|select|insert|update|delete)\\M' \
+         ORDER BY {mean} DESC LIMIT $2",
         schema.replace('"', "\"\"")
     );
     match client.query(&sql, &[&table, &SLOW_STATEMENTS]) {

@@ -76,14 +76,14 @@ pub fn progress(length: Option<u64>, unit: &str) -> ProgressBar {
 /// A bar of `unit` with rate and time left.
 pub fn bar_style(unit: &str) -> ProgressStyle {
     ProgressStyle::with_template(&format!(
-        "{{bar:40}} {{pos}}/{{len}} {unit} ({{per_sec}}, {{eta}} left)"
+        "{{wide_bar}} {{pos}}/{{len}} {unit}, {{eta}} left"
     ))
     .unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
 /// A bar of bytes with rate and time left.
 pub fn bytes_style() -> ProgressStyle {
-    ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)")
+    ProgressStyle::with_template("{wide_bar} {bytes}/{total_bytes}, {eta} left")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 

@@ -40,7 +40,12 @@ pub fn migrate(settings: &Settings, args: &Migrate) -> Result<(), Failure> {
     } else if !before.is_ok() && after.is_ok() {
         writeln!(out, "repaired {table}:")?;
         for problem in &before.problems {
-            writeln!(out, "- was: {}", problem_text(problem))?;
+            // What was wrong, without the fix that was just applied.
+            let text = problem.to_string();
+            let what = text
+                .split_once(": ")
+                .map_or(text.as_str(), |(what, _)| what);
+            writeln!(out, "- {what}")?;
         }
     } else {
         writeln!(out, "{table} is up to date")?;

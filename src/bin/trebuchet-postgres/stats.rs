@@ -209,8 +209,8 @@ fn as_json<'a>(s: &'a StoreStats, target: &'a str) -> StatsJson<'a> {
                 .map(|st| StatementJson {
                     query: &st.query,
                     calls: st.calls,
-                    mean_ms: st.mean.as_secs_f64() * 1000.0,
-                    max_ms: st.max.as_secs_f64() * 1000.0,
+                    mean_ms: millis(st.mean),
+                    max_ms: millis(st.max),
                 })
                 .collect(),
         },
@@ -259,6 +259,11 @@ fn as_json<'a>(s: &'a StoreStats, target: &'a str) -> StatsJson<'a> {
             timeouts: s.pool.timeouts,
         },
     }
+}
+
+/// Milliseconds to the microsecond, without binary fractions' noise.
+fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }
 
 /// A statement on one line, cut at `max` characters.

@@ -145,7 +145,9 @@ impl StateStore {
     /// All actors come from one snapshot (a read-only `REPEATABLE READ`
     /// transaction), so the result is the table as it was at one instant,
     /// however long the walk takes; rows are fetched 500 at a time, so
-    /// memory stays flat. The walk holds one pooled connection until it ends.
+    /// memory stays flat. The walk holds one pooled connection, and its
+    /// snapshot, until it ends: on a busy server a long walk holds back
+    /// vacuum, so keep `f` quick.
     ///
     /// ```no_run
     /// # use std::ops::ControlFlow;

@@ -807,6 +807,56 @@ fn export_then_import_into_a_fresh_table_reproduces_every_row() {
     );
 }
 
+/// Piped, `export` and `import` print only their summaries (see above); on
+/// a terminal they draw a progress bar. script(1) gives them one.
+#[test]
+fn progress_bars_are_drawn_on_a_terminal() {
+    let has_script = Command::new("script")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_script {
+        eprintln!("skipped: no script(1) to run the program on a terminal");
+        return;
+    }
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    for n in 0..50 {
+        store.save(&format!("actor-{n:02}"), &n).unwrap();
+    }
+    let cli = Cli::new(&schema);
+    let on_a_terminal = |args: &str| {
+        let line = format!(
+            "'{BIN}' {args} --url '{}' --table '{}' --channel '{}'",
+            cli.url, cli.table, cli.channel
+        );
+        let mut command = Command::new("script");
+        command
+            .args(["-qec", &line, "/dev/null"])
+            .current_dir(cli.dir());
+        for key in CONNECTION_VARIABLES {
+            command.env_remove(key);
+        }
+        let output = command
+            .stdin(Stdio::null())
+            .output()
+            .expect("run script(1)");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let exported = on_a_terminal("export -o actors.jsonl");
+    assert!(exported.contains("\u{1b}[2K"), "no bar drawn: {exported:?}");
+    assert!(exported.contains("exported 50 actors"), "{exported:?}");
+    let file = std::fs::read_to_string(cli.dir().join("actors.jsonl")).unwrap();
+    assert_eq!(file.lines().count(), 50);
+    let imported = on_a_terminal("import actors.jsonl");
+    assert!(imported.contains("\u{1b}[2K"), "no bar drawn: {imported:?}");
+    assert!(
+        imported.contains("skipped 50 already there"),
+        "{imported:?}"
+    );
+}
+
 // ----- usage, connection and configuration errors ----------------------------
 
 #[test]
@@ -822,6 +872,7 @@ fn bad_arguments_exit_2_with_one_line() {
         &["get", "a", "--codec", "xml"],
         &["stats", "--window", "-1"],
         &["ls", "--page-size", "0"],
+        &["ls", "--limit", "0"],
     ] {
         let err = run(
             {

@@ -8,7 +8,7 @@ use trebuchet_postgres::{validate_actor_id, Expected};
 
 use crate::args::{Delete, Get, Ls, Put, Seq};
 use crate::fail::Failure;
-use crate::output::{json_line, timestamp};
+use crate::output::{json_line, prompt_if_terminal, timestamp};
 use crate::settings::Settings;
 use crate::state_json;
 
@@ -83,6 +83,7 @@ pub fn put(settings: &Settings, args: &Put) -> Result<(), Failure> {
     let input = match args.value.as_deref() {
         Some(value) if value != "-" => value.as_bytes().to_vec(),
         _ => {
+            prompt_if_terminal("the state");
             let mut buffer = Vec::new();
             io::stdin()
                 .lock()

@@ -247,7 +247,7 @@ pub struct Ls {
     #[arg(long, value_name = "ID")]
     pub after: Option<String>,
     /// Print at most N ids
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: Option<u64>,
     /// Also print sequence number, size and last update
     #[arg(short = 'l', long, conflicts_with = "json")]

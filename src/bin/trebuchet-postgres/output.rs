@@ -29,6 +29,14 @@ pub fn json_line(out: &mut impl Write, value: &impl serde::Serialize) -> Result<
     Ok(())
 }
 
+/// Says what is awaited when standard input is a terminal, where reading
+/// it would otherwise look like a hang.
+pub fn prompt_if_terminal(what: &str) {
+    if io::stdin().is_terminal() {
+        eprintln!("reading {what} from standard input; end it with Ctrl-D");
+    }
+}
+
 /// `1 actor`, `2 actors`.
 pub fn count(n: u64, what: &str) -> String {
     if n == 1 {
@@ -58,19 +66,25 @@ pub fn size(bytes: u64) -> String {
     format!("{:.0} {}", value, UNITS[unit])
 }
 
-/// A progress bar on standard error when it is a terminal; nothing when it
-/// is a pipe or a file. Without a length it is a counter of `unit`.
-pub fn progress(length: Option<u64>, unit: &str) -> ProgressBar {
-    if !io::stderr().is_terminal() {
+/// Whether to show progress: standard error is a terminal, and the data
+/// does not go to the same terminal.
+pub fn shows_progress(data_to_stdout: bool) -> bool {
+    io::stderr().is_terminal() && !(data_to_stdout && io::stdout().is_terminal())
+}
+
+/// A progress bar on standard error, or a hidden one when `visible` is
+/// false (a pipe or a file gets no bar).
+pub fn progress(visible: bool, length: Option<u64>, style: ProgressStyle) -> ProgressBar {
+    if !visible {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::with_draw_target(length, ProgressDrawTarget::stderr());
-    if let Ok(style) =
-        ProgressStyle::with_template(&format!("{{spinner}} {{pos}} {unit} ({{per_sec}})"))
-    {
-        bar.set_style(style);
-    }
-    bar
+    ProgressBar::with_draw_target(length, ProgressDrawTarget::stderr()).with_style(style)
+}
+
+/// A counter of `unit` with its rate, for input of unknown length.
+pub fn counter_style(unit: &str) -> ProgressStyle {
+    ProgressStyle::with_template(&format!("{{spinner}} {{pos}} {unit} ({{per_sec}})"))
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
 
 /// A bar of `unit` with rate and time left.

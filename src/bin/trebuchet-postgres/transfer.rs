@@ -16,7 +16,10 @@ use trebuchet_postgres::{RestoreOutcome, StateStore, Versioned};
 
 use crate::args::{Export, Import};
 use crate::fail::{Failure, CONFLICT};
-use crate::output::{count, progress, timestamp};
+use crate::output::{
+    bar_style, bytes_style, count, counter_style, progress, prompt_if_terminal, shows_progress,
+    timestamp,
+};
 use crate::settings::{Connected, Settings};
 
 /// One actor in an export.
@@ -36,14 +39,17 @@ struct Line {
 pub fn export(settings: &Settings, args: &Export) -> Result<(), Failure> {
     let connected = settings.store()?;
     let store = &connected.store;
-    let bar = progress(None, "actors");
-    if !bar.is_hidden() {
-        let total = store
-            .count_actors(&args.prefix)
-            .map_err(|e| connected.fail(e))?;
-        bar.set_length(total);
-        bar.set_style(crate::output::bar_style("actors"));
-    }
+    let visible = shows_progress(args.output.is_none());
+    let total = if visible {
+        Some(
+            store
+                .count_actors(&args.prefix)
+                .map_err(|e| connected.fail(e))?,
+        )
+    } else {
+        None
+    };
+    let bar = progress(visible, total, bar_style("actors"));
     let (mut out, partial): (Box<dyn Write>, Option<PathBuf>) = match &args.output {
         Some(path) => {
             let partial = partial_path(path);
@@ -110,13 +116,17 @@ pub fn import(settings: &Settings, args: &Import) -> Result<(), Failure> {
             let size = file.metadata().ok().map(|m| m.len());
             (Box::new(BufReader::new(file)), size)
         }
-        _ => (Box::new(io::stdin().lock()), None),
+        _ => {
+            prompt_if_terminal("export lines");
+            (Box::new(io::stdin().lock()), None)
+        }
     };
     let connected = settings.store()?;
-    let bar = progress(size, "bytes");
-    if size.is_some() {
-        bar.set_style(crate::output::bytes_style());
-    }
+    let style = match size {
+        Some(_) => bytes_style(),
+        None => counter_style("actors"),
+    };
+    let bar = progress(shows_progress(false), size, style);
     let mut import = Importer {
         connected: &connected,
         bar: &bar,

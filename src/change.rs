@@ -59,6 +59,19 @@ pub enum Event {
     Resync(ResyncReason),
 }
 
+/// The key of the probe payloads that
+/// [`StateStore::notify_round_trip`](crate::StateStore::notify_round_trip)
+/// sends: `{"trebuchetProbe":"<token>"}`.
+pub(crate) const PROBE_KEY: &str = "trebuchetProbe";
+
+/// Whether `payload` is a round-trip probe rather than a change.
+pub(crate) fn is_probe(payload: &str) -> bool {
+    payload
+        .strip_prefix("{\"")
+        .and_then(|rest| rest.strip_prefix(PROBE_KEY))
+        .is_some_and(|rest| rest.starts_with('"'))
+}
+
 /// The trigger's JSON: the seed's keys plus the optional `op`.
 #[derive(Deserialize)]
 struct Payload {
@@ -150,6 +163,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.kind, ChangeKind::Deleted);
+    }
+
+    #[test]
+    fn probes_are_recognised() {
+        assert!(is_probe(r#"{"trebuchetProbe":"00ff"}"#));
+        assert!(!is_probe(r#"{"trebuchetProbeX":"00ff"}"#));
+        assert!(!is_probe(
+            r#"{"actorID":"trebuchetProbe","sequenceNumber":1}"#
+        ));
+        assert!(Change::from_payload(r#"{"trebuchetProbe":"00ff"}"#).is_err());
     }
 
     #[test]

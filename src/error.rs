@@ -110,6 +110,21 @@ pub enum Error {
         /// What is wrong and how to fix it.
         reason: String,
     },
+    /// A configuration file could not be read, or a key in it is unknown or
+    /// has a wrong value. Never holds a password or a connection string.
+    ConfigFile {
+        /// The file's path as given, or `"configuration"` for text that
+        /// came from no file.
+        origin: String,
+        /// The 1-based line of the offending key or value, when the problem
+        /// is in one place.
+        line: Option<usize>,
+        /// The offending key, dotted from the top level (`state.port`), when
+        /// the problem is one key.
+        key: Option<String>,
+        /// What is wrong and what to do about it.
+        reason: String,
+    },
     /// An actor id was rejected before reaching the database.
     InvalidActorId(InvalidActorId),
     /// A table, schema or channel name is not a valid PostgreSQL identifier.
@@ -225,6 +240,7 @@ impl Error {
             self,
             Error::InvalidConnectionString { .. }
                 | Error::InvalidConfig { .. }
+                | Error::ConfigFile { .. }
                 | Error::InvalidActorId(_)
                 | Error::InvalidIdentifier { .. }
                 | Error::StateTooLarge { .. }
@@ -282,6 +298,21 @@ impl fmt::Display for Error {
                 write!(f, "invalid connection string: {reason}")
             }
             Error::InvalidConfig { reason } => write!(f, "invalid configuration: {reason}"),
+            Error::ConfigFile {
+                origin,
+                line,
+                key,
+                reason,
+            } => {
+                write!(f, "{origin}")?;
+                if let Some(line) = line {
+                    write!(f, ", line {line}")?;
+                }
+                if let Some(key) = key {
+                    write!(f, ", {key}")?;
+                }
+                write!(f, ": {reason}")
+            }
             Error::InvalidActorId(why) => write!(f, "invalid actor id: {why}"),
             Error::InvalidIdentifier { what, reason } => write!(f, "invalid {what} name: {reason}"),
             Error::StateTooLarge { size, max } => write!(
@@ -447,6 +478,28 @@ mod tests {
             actual: Some(1),
         };
         assert!(e.to_string().contains("expected absent, found sequence 1"));
+    }
+
+    #[test]
+    fn config_file_errors_name_file_line_and_key() {
+        let e = Error::ConfigFile {
+            origin: "trebuchet.yaml".into(),
+            line: Some(7),
+            key: Some("state.prot".into()),
+            reason: "unknown key; did you mean port?".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "trebuchet.yaml, line 7, state.prot: unknown key; did you mean port?"
+        );
+        assert!(e.is_invalid_input());
+        let e = Error::ConfigFile {
+            origin: "x.yaml".into(),
+            line: None,
+            key: None,
+            reason: "cannot read it".into(),
+        };
+        assert_eq!(e.to_string(), "x.yaml: cannot read it");
     }
 
     #[test]

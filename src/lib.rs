@@ -93,6 +93,38 @@
 //! reports what is missing. `sql/schema.sql` holds the same SQL for the default
 //! names.
 //!
+//! # Configuration file
+//!
+//! [`StateConfig`] reads the `state:` section of the seed's `trebuchet.yaml`
+//! (`type: postgresql`, `host`, `port`, `database`, `username`, `password` or
+//! `connectionString: ${DATABASE_URL}`, plus `table`, `channel`, `poolSize`,
+//! `sslmode`, `sslrootcert`, `codec`) and builds the store and the listener
+//! from it. The file's other keys belong to other tools and are ignored.
+//!
+//! ```no_run
+//! let store = trebuchet_postgres::StateConfig::from_file("trebuchet.yaml")?.store()?;
+//! # Ok::<(), trebuchet_postgres::Error>(())
+//! ```
+//!
+//! # Monitoring
+//!
+//! [`StateStore::stats`] gives the seed's Monitoring figures as a
+//! [`StoreStats`]: table size, actor count, writes per second over a window,
+//! the channel's listeners, the notification queue, server connections and
+//! slow statements from `pg_stat_statements`. [`StateStore::connection_info`]
+//! and [`StateStore::notify_round_trip`] check a deployment as the seed's
+//! Troubleshooting section does. Without SQL, [`Pool::state`] tells a pool's
+//! connections and waits, and [`ChangeListener::health`] a listener's
+//! connection and counters.
+//!
+//! # Whole tables
+//!
+//! [`StateStore::list_actors`] pages through actor ids in a stable order,
+//! [`StateStore::for_each_bytes`] walks every actor from one snapshot (an
+//! export), and [`StateStore::restore_many_bytes`] writes actors back with
+//! their own sequence numbers and timestamps (an import that never replaces a
+//! newer version and can run twice).
+//!
 //! # Errors
 //!
 //! One error type, [`Error`]. Bad input (actor ids, table and channel names,
@@ -110,6 +142,9 @@
 //!
 //! # Features
 //!
+//! - `config-file` (default): [`StateConfig`], through the `saphyr` YAML parser.
+//! - `cli` (default): the `trebuchet-postgres` command-line program; turn it
+//!   off with `default-features = false` to skip its dependencies.
 //! - `testing`: the `testing` module, a throwaway PostgreSQL cluster for tests and examples,
 //!   started from the system's `initdb`/`pg_ctl`.
 #![deny(missing_docs)]
@@ -120,29 +155,39 @@ mod cache;
 mod change;
 mod codec;
 mod config;
+#[cfg(feature = "config-file")]
+mod config_file;
 mod error;
 mod group;
 mod listener;
+mod monitor;
 mod pool;
 mod schema;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod transfer;
 
 pub use crate::cache::StateCache;
 pub use crate::change::{Change, ChangeKind, Event, MalformedPayload, ResyncReason};
 pub use crate::codec::Codec;
 pub use crate::config::{ConnectOptions, SslMode};
+#[cfg(feature = "config-file")]
+pub use crate::config_file::{ConnectionSource, StateConfig};
 pub use crate::error::{ConnectFailure, Error, Expected, InvalidActorId, Result};
 pub use crate::listener::{
     CallbackHandle, ChangeListener, ChangeListenerBuilder, ListenerHealth, Subscription,
 };
+pub use crate::monitor::{
+    ConnectionInfo, ListenerSession, SlowStatement, SlowStatements, StoreStats,
+};
 pub use crate::pool::{Pool, PoolOptions, PoolState};
 pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
 pub use crate::store::{
-    Batch, BatchResult, RetryPolicy, StateStore, StateStoreBuilder, Versioned,
+    validate_actor_id, Batch, BatchResult, RetryPolicy, StateStore, StateStoreBuilder, Versioned,
     DEFAULT_MAX_STATE_SIZE,
 };
+pub use crate::transfer::{ActorPage, ActorSummary, RestoreOutcome};
 
 /// The driver this crate is built on, for its types (`SqlState`, `Host`).
 pub use postgres;

@@ -16,7 +16,7 @@ use fallible_iterator::FallibleIterator;
 use postgres::Client;
 use postgres_native_tls::MakeTlsConnector;
 
-use crate::change::{Change, ChangeKind, Event, ResyncReason};
+use crate::change::{is_probe, Change, ChangeKind, Event, ResyncReason};
 use crate::config::{classify_connect, validate_identifier, ConnectOptions, DEFAULT_CHANNEL};
 use crate::error::{Error, Result};
 
@@ -412,9 +412,14 @@ impl Worker {
     }
 
     /// Parses and fans out one notification. Returns whether a resync is
-    /// still owed, or `None` for a malformed payload (counted and logged).
+    /// still owed, or `None` for a round-trip probe (skipped) or a malformed
+    /// payload (counted and logged).
     fn receive(&self, n: &postgres::Notification) -> Option<bool> {
         self.shared.stats.received.fetch_add(1, Ordering::Relaxed);
+        if is_probe(n.payload()) {
+            // A round-trip check by `notify_round_trip`, not a change.
+            return None;
+        }
         match Change::from_payload(n.payload()) {
             Ok(change) => Some(self.fan_out(change)),
             Err(e) => {
@@ -505,6 +510,14 @@ impl Worker {
                                 // After LISTEN, so that nothing falls between the two.
                                 let ids = catch_up_ids(&shared);
                                 let current = catch_up_query(&mut client, sql.as_deref(), &ids);
+                                if sql.is_some() && !ids.is_empty() {
+                                    // Leaves LISTEN as the session's last
+                                    // statement, which is how monitoring
+                                    // (`StateStore::stats`, the seed's
+                                    // pg_stat_activity query) finds listeners.
+                                    // Listening again is a no-op otherwise.
+                                    let _ = client.batch_execute(&conn.listen);
+                                }
                                 (client, current)
                             });
                     let _ = tx.send(attempt);

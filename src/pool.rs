@@ -149,6 +149,12 @@ struct Shared {
     last_error: Mutex<Option<(Instant, ConnectFailure, Option<postgres::Error>)>>,
     /// A connection made while constructing the pool, handed out first.
     spare: Mutex<Option<Client>>,
+    /// Check-outs that found every connection in use and waited.
+    waits: AtomicU64,
+    /// Their total wait, in microseconds.
+    wait_micros: AtomicU64,
+    /// Check-outs that gave up after `connection_timeout`.
+    timeouts: AtomicU64,
     target: String,
     user: String,
 }
@@ -266,8 +272,10 @@ impl fmt::Debug for Pool {
     }
 }
 
-/// A snapshot of a pool's connections.
+/// A snapshot of a pool's connections and of how often callers had to wait
+/// for one, from [`Pool::state`]. The counters run from the pool's creation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PoolState {
     /// Connections open, in use or idle.
     pub connections: u32,
@@ -275,6 +283,15 @@ pub struct PoolState {
     pub idle: u32,
     /// The configured maximum.
     pub max_size: u32,
+    /// Check-outs that found all `max_size` connections in use and waited
+    /// for one to be returned (opening a new connection is not a wait).
+    /// Many waits mean the pool is too small for its callers.
+    pub waits: u64,
+    /// The time those check-outs spent waiting, in total.
+    pub wait_time: Duration,
+    /// Check-outs that waited `connection_timeout` in vain
+    /// ([`Error::PoolExhausted`] or [`Error::Connect`]).
+    pub timeouts: u64,
 }
 
 impl Pool {
@@ -296,6 +313,9 @@ impl Pool {
             epoch: AtomicU64::new(0),
             last_error: Mutex::new(None),
             spare: Mutex::new(None),
+            waits: AtomicU64::new(0),
+            wait_micros: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
             target: connect.target(),
             user: config.get_user().unwrap_or("postgres").to_owned(),
         });
@@ -331,13 +351,17 @@ impl Pool {
         Pool::new(url.parse()?, PoolOptions::default())
     }
 
-    /// How many connections are open and idle.
+    /// How many connections are open and idle, and how often callers
+    /// waited for one. Reads counters only: no round trip.
     pub fn state(&self) -> PoolState {
         let state = self.r2d2.state();
         PoolState {
             connections: state.connections,
             idle: state.idle_connections,
             max_size: self.options.max_size,
+            waits: self.shared.waits.load(Ordering::Relaxed),
+            wait_time: Duration::from_micros(self.shared.wait_micros.load(Ordering::Relaxed)),
+            timeouts: self.shared.timeouts.load(Ordering::Relaxed),
         }
     }
 
@@ -359,7 +383,10 @@ impl Pool {
         let start = Instant::now();
         // Bounded: each pass either returns or discards one dead connection.
         for _ in 0..=self.options.max_size {
-            let mut conn = self.r2d2.get().map_err(|_| self.checkout_error(start))?;
+            let mut conn = match self.r2d2.try_get() {
+                Some(conn) => conn,
+                None => self.wait_for_connection(start)?,
+            };
             let epoch = self.shared.epoch.load(Ordering::Acquire);
             if conn.verified_epoch >= epoch {
                 return Ok(conn);
@@ -375,6 +402,23 @@ impl Pool {
             conn.broken = true;
         }
         Err(self.checkout_error(start))
+    }
+
+    /// `r2d2::Pool::get` when no connection is idle: a wait when every
+    /// connection is in use at `max_size`, otherwise a new connection.
+    fn wait_for_connection(&self, start: Instant) -> Result<r2d2::PooledConnection<Manager>> {
+        let full = self.r2d2.state().connections >= self.options.max_size;
+        let waiting = Instant::now();
+        let conn = self.r2d2.get();
+        if full {
+            let waited = u64::try_from(waiting.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.shared.waits.fetch_add(1, Ordering::Relaxed);
+            self.shared.wait_micros.fetch_add(waited, Ordering::Relaxed);
+        }
+        conn.map_err(|_| {
+            self.shared.timeouts.fetch_add(1, Ordering::Relaxed);
+            self.checkout_error(start)
+        })
     }
 
     fn checkout_error(&self, start: Instant) -> Error {

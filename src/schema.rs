@@ -138,6 +138,11 @@ pub(crate) struct Statements {
     pub delete: String,
     pub exists: String,
     pub sequence: String,
+    pub list_page: String,
+    pub count_prefix: String,
+    pub count_tombstones: String,
+    pub scan_prefix: String,
+    pub restore_many: String,
 }
 
 impl Statements {
@@ -252,6 +257,39 @@ impl Statements {
             delete: format!("DELETE FROM {t} WHERE actor_id = $1::VARCHAR"),
             exists: format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE actor_id = $1::VARCHAR)"),
             sequence: format!("SELECT sequence_number FROM {t} WHERE actor_id = $1::VARCHAR"),
+            // Keyset pages in the primary key's order: each page is one index
+            // range scan, whatever the page. The first page starts after ''
+            // (actor ids are never empty).
+            list_page: format!(
+                "SELECT actor_id::TEXT, sequence_number, updated_at, octet_length(state)::INT8 \
+                 FROM {t} WHERE actor_id > $2::VARCHAR AND starts_with(actor_id, $1::TEXT) \
+                 ORDER BY actor_id LIMIT $3"
+            ),
+            count_prefix: format!(
+                "SELECT count(*) FROM {t} WHERE starts_with(actor_id, $1::TEXT)"
+            ),
+            count_tombstones: format!("SELECT count(*) FROM {b}"),
+            scan_prefix: format!(
+                "SELECT actor_id::TEXT, state, sequence_number, updated_at, created_at FROM {t} \
+                 WHERE starts_with(actor_id, $1::TEXT) ORDER BY actor_id"
+            ),
+            // Per item: whether it was written, else the stored version (and
+            // whether its bytes are the ones given) or the tombstone that
+            // blocked it. Timestamps given as NULL become now.
+            restore_many: format!(
+                "WITH input AS (SELECT * FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[], \
+                 $4::TIMESTAMP[], $5::TIMESTAMP[]) AS i(id, st, seq, upd, crt)), \
+                 written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
+                 SELECT i.id, i.st, i.seq, COALESCE(i.upd, {now}), COALESCE(i.crt, i.upd, {now}) \
+                 FROM input i LEFT JOIN {b} b ON b.actor_id = i.id \
+                 WHERE COALESCE(b.sequence_number, 0) < i.seq ORDER BY i.id \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at \
+                 WHERE t.sequence_number < EXCLUDED.sequence_number RETURNING actor_id) \
+                 SELECT i.id::TEXT, w.actor_id IS NOT NULL, c.sequence_number, c.state = i.st, \
+                 b.sequence_number FROM input i LEFT JOIN written w ON w.actor_id = i.id \
+                 LEFT JOIN {t} c ON c.actor_id = i.id LEFT JOIN {b} b ON b.actor_id = i.id"
+            ),
         }
     }
 }

@@ -189,6 +189,22 @@ impl StateStoreBuilder {
         self
     }
 
+    /// The SQL that [`StateStore::migrate`] runs for this builder's table
+    /// and channel, without connecting: to review, or to apply by hand.
+    ///
+    /// ```
+    /// let sql = trebuchet_postgres::StateStore::builder().table("rooms").migration_sql()?;
+    /// assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"rooms\""));
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidIdentifier`] for a bad table or channel name.
+    pub fn migration_sql(&self) -> Result<String> {
+        Ok(Names::new(&self.table, &self.channel)?.migration_sql())
+    }
+
     /// Validates the configuration, opens the pool (unless one was given) and
     /// connects once.
     ///
@@ -238,10 +254,10 @@ impl StateStoreBuilder {
     }
 }
 
-struct Inner {
-    pool: Pool,
-    names: Names,
-    sql: Statements,
+pub(crate) struct Inner {
+    pub(crate) pool: Pool,
+    pub(crate) names: Names,
+    pub(crate) sql: Statements,
     codec: Codec,
     max_state_size: usize,
     retry: RetryPolicy,
@@ -302,7 +318,7 @@ impl fmt::Debug for StateStore {
 
 /// Why a call on a connection failed: a driver error, to be classified with
 /// the connection at hand, or one of ours.
-enum Failure {
+pub(crate) enum Failure {
     Pg(postgres::Error),
     Store(Error),
 }
@@ -331,12 +347,28 @@ enum Written {
     },
 }
 
-fn to_u64(n: i64) -> u64 {
+pub(crate) fn to_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
-fn to_i64(n: u64) -> Result<i64> {
+pub(crate) fn to_i64(n: u64) -> Result<i64> {
     i64::try_from(n).map_err(|_| Error::SequenceOutOfRange(n))
+}
+
+/// Checks an actor id as every operation does before it sends anything: not
+/// empty, at most 255 characters (the column is `VARCHAR(255)`), no NUL
+/// character. For rejecting bad input early, before connecting.
+///
+/// ```
+/// assert!(trebuchet_postgres::validate_actor_id("room-1").is_ok());
+/// assert!(trebuchet_postgres::validate_actor_id("").is_err());
+/// ```
+///
+/// # Errors
+///
+/// [`Error::InvalidActorId`] saying what is wrong.
+pub fn validate_actor_id(id: &str) -> Result<()> {
+    check_actor_id(id)
 }
 
 /// Rejects ids the table cannot hold, before any round trip.
@@ -389,6 +421,10 @@ impl StateStore {
     /// As [`StateStoreBuilder::build`].
     pub fn from_env() -> Result<StateStore> {
         StateStore::builder().build()
+    }
+
+    pub(crate) fn names(&self) -> &Names {
+        &self.inner.names
     }
 
     /// The pool this store uses, to share with other stores.
@@ -468,7 +504,7 @@ impl StateStore {
     /// (`retry_lost`) run once more on another connection when the first
     /// one turns out to be dead; writes never do, since the first attempt
     /// may have been applied.
-    fn call<R>(
+    pub(crate) fn call<R>(
         &self,
         retry_lost: bool,
         mut f: impl FnMut(&Inner, &mut Connection) -> Result<R, Failure>,
@@ -516,7 +552,7 @@ impl StateStore {
             })
     }
 
-    fn check_size(&self, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn check_size(&self, bytes: &[u8]) -> Result<()> {
         if bytes.len() > self.inner.max_state_size {
             return Err(Error::StateTooLarge {
                 size: bytes.len(),
@@ -917,7 +953,7 @@ impl StateStore {
 
     /// Checks ids, sizes and duplicates of a bulk write; returns the ids and
     /// states as the statement's array parameters.
-    fn check_batch<'a>(
+    pub(crate) fn check_batch<'a>(
         &self,
         items: impl Iterator<Item = (&'a str, &'a [u8])>,
     ) -> Result<(Vec<&'a str>, Vec<&'a [u8]>)> {

@@ -1,0 +1,226 @@
+//! One actor at a time: `get`, `put`, `delete`, `seq`, and `ls`.
+
+use std::io::{self, Read, Write};
+
+use serde::Serialize;
+use serde_json::Value;
+use trebuchet_postgres::{validate_actor_id, Expected};
+
+use crate::args::{Delete, Get, Ls, Put, Seq};
+use crate::fail::Failure;
+use crate::output::{json_line, prompt_if_terminal, timestamp};
+use crate::settings::Settings;
+use crate::state_json;
+
+pub fn get(settings: &Settings, args: &Get) -> Result<(), Failure> {
+    validate_actor_id(&args.id)?;
+    let connected = settings.store()?;
+    let store = &connected.store;
+    let found = store
+        .load_versioned_bytes(&args.id)
+        .map_err(|e| connected.fail(e))?
+        .ok_or_else(|| Failure::not_found(&args.id))?;
+    let mut out = io::stdout().lock();
+    if args.raw {
+        out.write_all(&found.value)?;
+        out.flush()?;
+        return Ok(());
+    }
+    let state = state_json::decode(store.codec(), &found.value).map_err(|e| {
+        Failure::error(format!(
+            "could not decode the state of actor {:?} as {}: {e}; try --codec {}, or --raw \
+             for the bytes as stored",
+            args.id,
+            codec_name(store.codec()),
+            codec_name(other_codec(store.codec())),
+        ))
+    })?;
+    let written = match (args.meta, args.compact) {
+        (true, compact) => {
+            let value = WithMeta {
+                actor_id: &args.id,
+                sequence: found.sequence,
+                updated_at: timestamp(found.updated_at),
+                created_at: timestamp(found.created_at),
+                state,
+            };
+            if compact {
+                serde_json::to_writer(&mut out, &value)
+            } else {
+                serde_json::to_writer_pretty(&mut out, &value)
+            }
+        }
+        (false, true) => serde_json::to_writer(&mut out, &state),
+        (false, false) => serde_json::to_writer_pretty(&mut out, &state),
+    };
+    written.map_err(|e| Failure::from(std::io::Error::from(e)))?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// `get --meta`.
+#[derive(Serialize)]
+struct WithMeta<'a> {
+    actor_id: &'a str,
+    sequence: u64,
+    updated_at: String,
+    created_at: String,
+    state: Value,
+}
+
+/// `ls --json`.
+#[derive(Serialize)]
+struct Listed<'a> {
+    actor_id: &'a str,
+    sequence: u64,
+    size: u64,
+    updated_at: String,
+}
+
+pub fn put(settings: &Settings, args: &Put) -> Result<(), Failure> {
+    validate_actor_id(&args.id)?;
+    let input = match args.value.as_deref() {
+        Some(value) if value != "-" => value.as_bytes().to_vec(),
+        _ => {
+            prompt_if_terminal("the state");
+            let mut buffer = Vec::new();
+            io::stdin()
+                .lock()
+                .read_to_end(&mut buffer)
+                .map_err(|e| Failure::error(format!("cannot read standard input: {e}")))?;
+            buffer
+        }
+    };
+    let bytes = if args.raw {
+        input
+    } else {
+        let value: Value = serde_json::from_slice(&input).map_err(|e| {
+            Failure::usage(format!(
+                "the state is not JSON: {e}; pass --raw to store bytes as they are"
+            ))
+        })?;
+        state_json::encode(settings.codec, &value)
+            .map_err(|e| Failure::usage(format!("cannot encode the state: {e}")))?
+    };
+    let connected = settings.store()?;
+    let store = &connected.store;
+    let expected = match (args.if_sequence, args.if_absent) {
+        (Some(n), _) => Some(Expected::Sequence(n)),
+        (None, true) => Some(Expected::Absent),
+        (None, false) => None,
+    };
+    let sequence = match expected {
+        Some(expected) => store.save_bytes_if(&args.id, &bytes, expected),
+        None => store.save_bytes(&args.id, &bytes),
+    }
+    .map_err(|e| connected.fail(e))?;
+    let mut out = io::stdout().lock();
+    writeln!(out, "{sequence}")?;
+    Ok(())
+}
+
+pub fn delete(settings: &Settings, args: &Delete) -> Result<(), Failure> {
+    validate_actor_id(&args.id)?;
+    let connected = settings.store()?;
+    let existed = connected
+        .store
+        .delete(&args.id)
+        .map_err(|e| connected.fail(e))?;
+    if !existed && !args.missing_ok {
+        return Err(Failure::not_found(&args.id));
+    }
+    if existed {
+        eprintln!("deleted actor {:?}", args.id);
+    }
+    Ok(())
+}
+
+pub fn seq(settings: &Settings, args: &Seq) -> Result<(), Failure> {
+    validate_actor_id(&args.id)?;
+    let connected = settings.store()?;
+    let sequence = connected
+        .store
+        .sequence(&args.id)
+        .map_err(|e| connected.fail(e))?
+        .ok_or_else(|| Failure::not_found(&args.id))?;
+    writeln!(io::stdout().lock(), "{sequence}")?;
+    Ok(())
+}
+
+pub fn ls(settings: &Settings, args: &Ls) -> Result<(), Failure> {
+    let connected = settings.store()?;
+    let store = &connected.store;
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    if args.long {
+        writeln!(
+            out,
+            "{:>10}  {:>10}  {:<27}  ACTOR",
+            "SEQUENCE", "SIZE", "UPDATED"
+        )?;
+    }
+    let mut after = args.after.clone();
+    let mut printed: u64 = 0;
+    loop {
+        let room = args.limit.map_or(u64::MAX, |limit| limit - printed);
+        if room == 0 {
+            break;
+        }
+        let page_size =
+            u32::try_from(room.min(u64::from(args.page_size))).unwrap_or(args.page_size);
+        let page = store
+            .list_actors(&args.prefix, after.as_deref(), page_size)
+            .map_err(|e| connected.fail(e))?;
+        for actor in &page.actors {
+            if args.json {
+                json_line(
+                    &mut out,
+                    &Listed {
+                        actor_id: &actor.actor_id,
+                        sequence: actor.sequence,
+                        size: actor.size,
+                        updated_at: timestamp(actor.updated_at),
+                    },
+                )?;
+            } else if args.long {
+                writeln!(
+                    out,
+                    "{:>10}  {:>10}  {:<27}  {}",
+                    actor.sequence,
+                    actor.size,
+                    timestamp(actor.updated_at),
+                    actor.actor_id
+                )?;
+            } else {
+                writeln!(out, "{}", actor.actor_id)?;
+            }
+        }
+        printed += page.actors.len() as u64;
+        match page.next {
+            Some(next) => after = Some(next),
+            None => {
+                after = None;
+                break;
+            }
+        }
+    }
+    out.flush()?;
+    if let Some(after) = after {
+        eprintln!("more actors follow: continue with --after {after:?}");
+    }
+    Ok(())
+}
+
+fn codec_name(codec: trebuchet_postgres::Codec) -> &'static str {
+    match codec {
+        trebuchet_postgres::Codec::Json => "json",
+        _ => "cbor",
+    }
+}
+
+fn other_codec(codec: trebuchet_postgres::Codec) -> trebuchet_postgres::Codec {
+    match codec {
+        trebuchet_postgres::Codec::Json => trebuchet_postgres::Codec::Cbor,
+        _ => trebuchet_postgres::Codec::Json,
+    }
+}

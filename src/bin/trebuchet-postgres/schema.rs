@@ -1,0 +1,329 @@
+//! The schema and the deployment: `migrate`, `verify` and `doctor`.
+
+use std::io::{self, Write};
+use std::time::Duration;
+
+use trebuchet_postgres::postgres::config::Host;
+use trebuchet_postgres::{ConnectFailure, Error, SslMode, StateStore, VerifyReport};
+
+use crate::args::{Doctor, Migrate, Verify};
+use crate::fail::Failure;
+use crate::settings::{describe, ssl_mode_name, Settings};
+
+pub fn migrate(settings: &Settings, args: &Migrate) -> Result<(), Failure> {
+    if args.print {
+        let sql = StateStore::builder()
+            .table(settings.table.clone())
+            .channel(settings.channel.clone())
+            .migration_sql()?;
+        let mut out = io::stdout().lock();
+        out.write_all(sql.as_bytes())?;
+        out.flush()?;
+        return Ok(());
+    }
+    let connected = settings.store()?;
+    let store = &connected.store;
+    let fail = |e| connected.fail(e);
+    let before = store.verify().map_err(fail)?;
+    let applied = store.migrate().map_err(fail)?;
+    let after = store.verify().map_err(fail)?;
+    let mut out = io::stdout().lock();
+    let table = store.table();
+    if !applied.is_empty() {
+        let versions: Vec<String> = applied.iter().map(i32::to_string).collect();
+        writeln!(
+            out,
+            "applied migration {} to {table} (channel {:?})",
+            versions.join(", "),
+            store.channel()
+        )?;
+    } else if !before.is_ok() && after.is_ok() {
+        writeln!(out, "repaired {table}:")?;
+        for problem in &before.problems {
+            // What was wrong, without the fix that was just applied.
+            let text = problem.to_string();
+            let what = text
+                .split_once(": ")
+                .map_or(text.as_str(), |(what, _)| what);
+            writeln!(out, "- {what}")?;
+        }
+    } else {
+        writeln!(out, "{table} is up to date")?;
+    }
+    if !after.is_ok() {
+        for problem in &after.problems {
+            writeln!(out, "- {}", problem_text(problem))?;
+        }
+        return Err(Failure::error(format!(
+            "{table} still has {} after migrating",
+            count(after.problems.len(), "problem")
+        )));
+    }
+    Ok(())
+}
+
+pub fn verify(settings: &Settings, args: &Verify) -> Result<(), Failure> {
+    let connected = settings.store()?;
+    let store = &connected.store;
+    let mut list = Checklist::new();
+    let report = store.verify().map_err(|e| connected.fail(e))?;
+    schema_checks(&mut list, store, &report)?;
+    if report.is_ok() {
+        round_trip(&mut list, store, args.timeout)?;
+    } else {
+        list.skip("notify", "needs the schema")?;
+    }
+    list.finish()
+}
+
+pub fn doctor(settings: &Settings, args: &Doctor) -> Result<(), Failure> {
+    let mut list = Checklist::new();
+    let (builder, source) = match settings.builder() {
+        Ok(found) => found,
+        Err(failure) => {
+            list.fail("settings", &failure.to_string())?;
+            return list.finish();
+        }
+    };
+    let (options, _) = settings.connect_options()?;
+    list.ok(
+        "settings",
+        &format!(
+            "{} from {source}; table {:?}, channel {:?}",
+            describe(&options),
+            settings.table,
+            settings.channel
+        ),
+    )?;
+    let store = match builder.build() {
+        Ok(store) => store,
+        Err(error) => {
+            let (check, reached) = match &error {
+                Error::Connect { failure, .. } => match failure {
+                    ConnectFailure::AuthenticationFailed => ("auth", true),
+                    ConnectFailure::DatabaseMissing => ("database", true),
+                    ConnectFailure::Tls => ("tls", true),
+                    _ => ("connect", false),
+                },
+                Error::Tls(_) => ("tls", false),
+                e if e.is_invalid_input() => ("settings", false),
+                _ => ("connect", false),
+            };
+            if reached {
+                list.ok("connect", &format!("{} answers", options.target()))?;
+            }
+            list.fail(check, &Failure::from_store(error, &source).to_string())?;
+            list.skip("the rest", "needs a connection")?;
+            return list.finish();
+        }
+    };
+    let info = store
+        .connection_info()
+        .map_err(|e| Failure::from_store(e, &source))?;
+    list.ok(
+        "connect",
+        &format!("{}, PostgreSQL {}", options.target(), info.server_version),
+    )?;
+    list.ok(
+        "auth",
+        &format!("as {:?}, database {:?}", info.user, info.database),
+    )?;
+    match (&info.tls, options.get_ssl_mode()) {
+        (Some(tls), _) => list.ok("tls", tls)?,
+        (None, _) if is_local(&options) => list.ok("tls", "not encrypted (a local connection)")?,
+        (None, SslMode::Disable) => list.warn(
+            "tls",
+            "not encrypted (sslmode=disable): use sslmode=verify-full across a network",
+        )?,
+        (None, mode) => list.warn(
+            "tls",
+            &format!(
+                "not encrypted: the server offers no TLS and sslmode={} allows that; enable ssl \
+                 on the server and use sslmode=verify-full",
+                ssl_mode_name(mode)
+            ),
+        )?,
+    }
+    let report = store
+        .verify()
+        .map_err(|e| Failure::from_store(e, &source))?;
+    schema_checks(&mut list, &store, &report)?;
+    if !info.missing_privileges.is_empty() {
+        list.fail(
+            "privileges",
+            &format!(
+                "{:?} lacks {} on {}: GRANT {} ON {} TO \"{}\"",
+                info.user,
+                info.missing_privileges.join(", "),
+                store.table(),
+                info.missing_privileges.join(", "),
+                store.table(),
+                info.user
+            ),
+        )?;
+    } else if info.table_exists {
+        list.ok(
+            "privileges",
+            "SELECT, INSERT, UPDATE and DELETE on the table",
+        )?;
+    }
+    if report.is_ok() {
+        round_trip(&mut list, &store, args.timeout)?;
+        let stats = store.stats().map_err(|e| Failure::from_store(e, &source))?;
+        let queue = stats.notification_queue_usage * 100.0;
+        if queue >= 50.0 {
+            list.warn(
+                "queue",
+                &format!(
+                    "the notification queue is {queue:.0}% full: a listening session stopped \
+                     reading (`trebuchet-postgres stats` lists the listeners); at 100% every \
+                     write fails"
+                ),
+            )?;
+        } else {
+            list.ok(
+                "queue",
+                &format!(
+                    "notification queue {queue:.1}% full; {} listening on {:?}",
+                    count(stats.listeners.len(), "session"),
+                    store.channel()
+                ),
+            )?;
+        }
+        let used = stats.server_connections as f64 / stats.max_connections.max(1) as f64;
+        let detail = format!(
+            "{} of max_connections {} in use",
+            stats.server_connections, stats.max_connections
+        );
+        if used >= 0.8 {
+            list.warn(
+                "connections",
+                &format!(
+                    "{detail}: share one pool per process, lower pool sizes, raise \
+                     max_connections, or put PgBouncer in front"
+                ),
+            )?;
+        } else {
+            list.ok("connections", &detail)?;
+        }
+    }
+    list.finish()
+}
+
+/// One line per schema problem, or one `ok` line.
+fn schema_checks(
+    list: &mut Checklist,
+    store: &StateStore,
+    report: &VerifyReport,
+) -> Result<(), Failure> {
+    if report.is_ok() {
+        return list.ok(
+            "schema",
+            &format!(
+                "table {}, its columns, tombstones, notification function and trigger \
+                 (insert, update, delete) on channel {:?}",
+                store.table(),
+                store.channel()
+            ),
+        );
+    }
+    for problem in &report.problems {
+        list.fail("schema", &problem_text(problem))?;
+    }
+    Ok(())
+}
+
+fn round_trip(list: &mut Checklist, store: &StateStore, timeout: Duration) -> Result<(), Failure> {
+    match store.notify_round_trip(timeout) {
+        Ok(Some(rtt)) => list.ok(
+            "notify",
+            &format!(
+                "a probe on {:?} came back in {:.1} ms",
+                store.channel(),
+                rtt.as_secs_f64() * 1000.0
+            ),
+        ),
+        Ok(None) => list.fail(
+            "notify",
+            &format!(
+                "no probe came back on {:?} within {:.0} s: LISTEN needs a session-level \
+                 connection (not PgBouncer in transaction mode), and a full notification queue \
+                 blocks NOTIFY (`trebuchet-postgres stats`)",
+                store.channel(),
+                timeout.as_secs_f64()
+            ),
+        ),
+        Err(e) => list.fail("notify", &Failure::from(e).to_string()),
+    }
+}
+
+/// A problem's message with this program's fixes in place of the library's.
+fn problem_text(problem: &impl std::fmt::Display) -> String {
+    problem
+        .to_string()
+        .replace(
+            "run StateStore::migrate() or apply sql/schema.sql",
+            "run `trebuchet-postgres migrate`",
+        )
+        .replace(
+            "StateStore::migration_sql()",
+            "`trebuchet-postgres migrate --print`",
+        )
+}
+
+fn is_local(options: &trebuchet_postgres::ConnectOptions) -> bool {
+    options.get_hosts().iter().all(|host| match host {
+        Host::Tcp(name) => matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1"),
+        Host::Unix(_) => true,
+    })
+}
+
+fn count(n: usize, what: &str) -> String {
+    crate::output::count(n as u64, what)
+}
+
+/// `ok`, `warn`, `FAIL` and `skip` lines on standard output, flushed as they
+/// come; a failure at the end when any check failed.
+struct Checklist {
+    failed: usize,
+}
+
+impl Checklist {
+    fn new() -> Self {
+        Checklist { failed: 0 }
+    }
+
+    fn line(&mut self, status: &str, check: &str, detail: &str) -> Result<(), Failure> {
+        let mut out = io::stdout().lock();
+        writeln!(out, "{status:<4}  {check:<11}  {detail}")?;
+        out.flush()?;
+        Ok(())
+    }
+
+    fn ok(&mut self, check: &str, detail: &str) -> Result<(), Failure> {
+        self.line("ok", check, detail)
+    }
+
+    fn warn(&mut self, check: &str, detail: &str) -> Result<(), Failure> {
+        self.line("warn", check, detail)
+    }
+
+    fn fail(&mut self, check: &str, detail: &str) -> Result<(), Failure> {
+        self.failed += 1;
+        self.line("FAIL", check, detail)
+    }
+
+    fn skip(&mut self, check: &str, detail: &str) -> Result<(), Failure> {
+        self.line("skip", check, detail)
+    }
+
+    fn finish(self) -> Result<(), Failure> {
+        if self.failed == 0 {
+            return Ok(());
+        }
+        Err(Failure::error(format!(
+            "{} failed; each FAIL line above says what to do",
+            count(self.failed, "check")
+        )))
+    }
+}

@@ -1,0 +1,298 @@
+//! Whole-table work: listing actors page by page, reading every actor from
+//! one snapshot (export), and writing actors back with their own sequence
+//! numbers and timestamps (import).
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::time::SystemTime;
+
+use postgres::IsolationLevel;
+
+use crate::error::{Error, Result};
+use crate::store::{to_i64, to_u64, StateStore, Versioned};
+
+/// Rows fetched per round trip by [`StateStore::for_each_bytes`].
+const SCAN_BATCH: i32 = 500;
+
+/// One actor in a listing: its id, version and stored size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ActorSummary {
+    /// The actor.
+    pub actor_id: String,
+    /// Its sequence number.
+    pub sequence: u64,
+    /// When it was last written (UTC, from the server's clock).
+    pub updated_at: SystemTime,
+    /// The size of its stored state in bytes.
+    pub size: u64,
+}
+
+/// One page of a listing, from [`StateStore::list_actors`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ActorPage {
+    /// The actors of this page, in the table's key order.
+    pub actors: Vec<ActorSummary>,
+    /// Where the next page starts: pass it as `after` to get it. `None` on
+    /// the last page.
+    pub next: Option<String>,
+}
+
+/// What [`StateStore::restore_many_bytes`] did with one actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RestoreOutcome {
+    /// Written with the given state, sequence number and timestamps.
+    Written,
+    /// Already stored at this sequence number with these bytes: nothing
+    /// was written. Restoring the same data twice gives this.
+    Unchanged,
+    /// Not written: the table holds the actor at `current`, at or above the
+    /// given number, with other bytes.
+    Superseded {
+        /// The stored sequence number.
+        current: u64,
+    },
+    /// Not written: the actor was deleted at `current`, at or above the
+    /// given number, and a restore never brings back an older version.
+    Deleted {
+        /// The sequence number its delete took.
+        current: u64,
+    },
+}
+
+/// What the restore statement says of one item: written; the stored
+/// sequence number; whether the stored bytes are the ones given; the
+/// tombstone's sequence number.
+type RestoreRow = (bool, Option<i64>, Option<bool>, Option<i64>);
+
+impl StateStore {
+    /// One page of the actors whose id starts with `prefix` (`""` for
+    /// all), in the order of the table's primary key (the database's
+    /// collation; byte order under the `C` locale), starting after the id
+    /// `after`. Pages are stable: an actor written while you page through
+    /// shows up in its place or not at all, never twice.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let mut after = None;
+    /// loop {
+    ///     let page = store.list_actors("room-", after.as_deref(), 1000)?;
+    ///     for actor in &page.actors {
+    ///         println!("{} at {}", actor.actor_id, actor.sequence);
+    ///     }
+    ///     match page.next {
+    ///         Some(next) => after = Some(next),
+    ///         None => break,
+    ///     }
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when `limit` is 0; connection and database
+    /// errors; [`Error::SchemaMissing`] before migration.
+    pub fn list_actors(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<ActorPage> {
+        if limit == 0 {
+            return Err(Error::invalid_config("a page holds at least 1 actor"));
+        }
+        let after = after.unwrap_or("");
+        // One more than asked tells whether another page follows.
+        let fetch = i64::from(limit) + 1;
+        let rows = self.call(true, |inner, c| {
+            let st = c.prepare(&inner.sql.list_page)?;
+            Ok(c.client.query(&st, &[&prefix, &after, &fetch])?)
+        })?;
+        let mut actors: Vec<ActorSummary> = rows
+            .iter()
+            .map(|row| ActorSummary {
+                actor_id: row.get(0),
+                sequence: to_u64(row.get(1)),
+                updated_at: row.get(2),
+                size: to_u64(row.get(3)),
+            })
+            .collect();
+        let next = if actors.len() > limit as usize {
+            actors.truncate(limit as usize);
+            actors.last().map(|a| a.actor_id.clone())
+        } else {
+            None
+        };
+        Ok(ActorPage { actors, next })
+    }
+
+    /// How many actors have an id starting with `prefix` (`""` for all).
+    /// Counts every row: on a large table this takes a while.
+    ///
+    /// # Errors
+    ///
+    /// Connection and database errors; [`Error::SchemaMissing`] before
+    /// migration.
+    pub fn count_actors(&self, prefix: &str) -> Result<u64> {
+        self.call(true, |inner, c| {
+            let st = c.prepare(&inner.sql.count_prefix)?;
+            Ok(to_u64(c.client.query_one(&st, &[&prefix])?.get(0)))
+        })
+    }
+
+    /// Calls `f` with every actor whose id starts with `prefix` (`""` for
+    /// all), in id order, with its stored bytes, sequence number and
+    /// timestamps, and returns how many it visited. `f` returns
+    /// [`ControlFlow::Break`] to stop early.
+    ///
+    /// All actors come from one snapshot (a read-only `REPEATABLE READ`
+    /// transaction), so the result is the table as it was at one instant,
+    /// however long the walk takes; rows are fetched 500 at a time, so
+    /// memory stays flat. The walk holds one pooled connection, and its
+    /// snapshot, until it ends: on a busy server a long walk holds back
+    /// vacuum, so keep `f` quick.
+    ///
+    /// ```no_run
+    /// # use std::ops::ControlFlow;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let visited = store.for_each_bytes("", |id, v| {
+    ///     println!("{id} at {}: {} bytes", v.sequence, v.value.len());
+    ///     ControlFlow::Continue(())
+    /// })?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Connection and database errors; [`Error::SchemaMissing`] before
+    /// migration. An error after some actors were visited ends the walk.
+    pub fn for_each_bytes<F>(&self, prefix: &str, mut f: F) -> Result<u64>
+    where
+        F: FnMut(String, Versioned<Vec<u8>>) -> ControlFlow<()>,
+    {
+        // Not retried on a lost connection: `f` has seen some actors already.
+        self.call(false, |inner, c| {
+            let st = c.prepare(&inner.sql.scan_prefix)?;
+            let mut tx = c
+                .client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let portal = tx.bind(&st, &[&prefix])?;
+            let mut visited = 0;
+            'walk: loop {
+                let rows = tx.query_portal(&portal, SCAN_BATCH)?;
+                if rows.is_empty() {
+                    break;
+                }
+                for row in rows {
+                    visited += 1;
+                    let versioned = Versioned {
+                        value: row.get(1),
+                        sequence: to_u64(row.get(2)),
+                        updated_at: row.get(3),
+                        created_at: row.get(4),
+                    };
+                    if f(row.get(0), versioned).is_break() {
+                        break 'walk;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(visited)
+        })
+    }
+
+    /// Writes actors with the sequence numbers and timestamps given, as an
+    /// import from [`for_each_bytes`](Self::for_each_bytes) output needs, in
+    /// one statement; returns one [`RestoreOutcome`] per item, in order.
+    ///
+    /// An actor is written when the table holds it at a lower sequence
+    /// number or not at all (and it was not deleted at that number or
+    /// later); otherwise nothing changes for it. So restoring the same data
+    /// again writes nothing ([`RestoreOutcome::Unchanged`]), and a restore
+    /// never replaces a newer version. Every written row is announced on
+    /// the channel, with its restored `updated_at` as the timestamp. A
+    /// sequence number of 0 is never written (numbers start at 1).
+    ///
+    /// ```no_run
+    /// # use std::time::SystemTime;
+    /// # use trebuchet_postgres::{RestoreOutcome, Versioned};
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let now = SystemTime::now();
+    /// let item = Versioned { value: b"\xa0".to_vec(), sequence: 7, updated_at: now, created_at: now };
+    /// let outcomes = store.restore_many_bytes(&[("room-1", item)])?;
+    /// assert!(matches!(outcomes[0], RestoreOutcome::Written | RestoreOutcome::Unchanged));
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Nothing is written on an error: [`Error::InvalidActorId`],
+    /// [`Error::DuplicateActorId`], [`Error::StateTooLarge`],
+    /// [`Error::SequenceOutOfRange`]; connection and database errors;
+    /// [`Error::SchemaMissing`] before migration.
+    pub fn restore_many_bytes<S: AsRef<str>, B: AsRef<[u8]>>(
+        &self,
+        items: &[(S, Versioned<B>)],
+    ) -> Result<Vec<RestoreOutcome>> {
+        let (ids, states) =
+            self.check_batch(items.iter().map(|(id, v)| (id.as_ref(), v.value.as_ref())))?;
+        let sequences = items
+            .iter()
+            .map(|(_, v)| to_i64(v.sequence))
+            .collect::<Result<Vec<i64>>>()?;
+        let updated: Vec<Option<SystemTime>> =
+            items.iter().map(|(_, v)| Some(v.updated_at)).collect();
+        let created: Vec<Option<SystemTime>> =
+            items.iter().map(|(_, v)| Some(v.created_at)).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (by_id, current) = self.call(false, |inner, c| {
+            let st = c.prepare(&inner.sql.restore_many)?;
+            let rows = c
+                .client
+                .query(&st, &[&ids, &states, &sequences, &updated, &created])?;
+            let by_id: HashMap<String, RestoreRow> = rows
+                .iter()
+                .map(|row| (row.get(0), (row.get(1), row.get(2), row.get(3), row.get(4))))
+                .collect();
+            // Blocked with neither a row nor a tombstone in the statement's
+            // snapshot: a concurrent writer created the actor meanwhile.
+            let unseen: Vec<&str> = by_id
+                .iter()
+                .filter(|(_, (written, row, _, tomb))| !written && row.is_none() && tomb.is_none())
+                .map(|(id, _)| id.as_str())
+                .collect();
+            let mut current = HashMap::new();
+            if !unseen.is_empty() {
+                let st = c.prepare(&inner.sql.load_many)?;
+                for row in c.client.query(&st, &[&unseen])? {
+                    current.insert(row.get::<_, String>(0), to_u64(row.get(2)));
+                }
+            }
+            Ok((by_id, current))
+        })?;
+        Ok(ids
+            .iter()
+            .zip(&sequences)
+            .map(|(id, wanted)| match by_id.get(*id) {
+                Some((true, ..)) => RestoreOutcome::Written,
+                Some((false, Some(stored), same, _)) => {
+                    if stored == wanted && *same == Some(true) {
+                        RestoreOutcome::Unchanged
+                    } else {
+                        RestoreOutcome::Superseded {
+                            current: to_u64(*stored),
+                        }
+                    }
+                }
+                Some((false, None, _, Some(deleted))) => RestoreOutcome::Deleted {
+                    current: to_u64(*deleted),
+                },
+                _ => RestoreOutcome::Superseded {
+                    current: current.get(*id).copied().unwrap_or(0),
+                },
+            })
+            .collect())
+    }
+}

@@ -582,12 +582,15 @@ fn split_key_values(s: &str) -> Result<(String, Vec<(String, String)>)> {
                         i += 1;
                         break;
                     }
-                    Some(b'\\') if i + 1 < bytes.len() => {
-                        value.push(bytes[i + 1] as char);
-                        i += 2;
-                    }
-                    Some(_) => {
-                        let c = s[i..].chars().next().expect("in bounds");
+                    Some(b) => {
+                        // A backslash escapes the character after it (which
+                        // may take several bytes).
+                        if *b == b'\\' && i + 1 < bytes.len() {
+                            i += 1;
+                        }
+                        let Some(c) = s[i..].chars().next() else {
+                            break;
+                        };
                         value.push(c);
                         i += c.len_utf8();
                     }
@@ -598,7 +601,9 @@ fn split_key_values(s: &str) -> Result<(String, Vec<(String, String)>)> {
                 if bytes[i] == b'\\' && i + 1 < bytes.len() {
                     i += 1;
                 }
-                let c = s[i..].chars().next().expect("in bounds");
+                let Some(c) = s[i..].chars().next() else {
+                    break;
+                };
                 value.push(c);
                 i += c.len_utf8();
             }
@@ -769,6 +774,30 @@ mod tests {
                 .get_ssl_mode(),
             SslMode::Disable
         );
+    }
+
+    #[test]
+    fn arbitrary_text_never_panics() {
+        let alphabet: Vec<char> = "ab=' \\/:@?&%é€😀\t\n0".chars().collect();
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..24);
+            let mut text: String = (0..len)
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
+            if rng.bool() {
+                text.insert_str(0, if rng.bool() { "postgresql://" } else { "host=" });
+            }
+            let _ = parse(&text);
+        }
+    }
+
+    #[test]
+    fn escapes_of_multibyte_characters_do_not_panic() {
+        let o = parse("host=h password='p\\é\\'x' dbname=d\\é").unwrap();
+        assert!(o.has_password());
+        assert_eq!(o.get_dbname(), Some("dé"));
+        assert!(parse("host=h password='\\é").is_err());
     }
 
     #[test]

@@ -622,7 +622,8 @@ fn catch_up_query(client: &mut Client, sql: Option<&str>, ids: &[String]) -> Opt
                         actor_id: id.clone(),
                         sequence: u64::try_from(sequence).unwrap_or(0),
                         timestamp: SystemTime::UNIX_EPOCH
-                            + Duration::from_secs_f64(seconds.max(0.0)),
+                            // An 'infinity' timestamp must not end the thread.
+                            + Duration::try_from_secs_f64(seconds).unwrap_or_default(),
                         kind: if deleted {
                             ChangeKind::Deleted
                         } else {

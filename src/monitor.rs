@@ -472,7 +472,7 @@ fn slow_statements(
 }
 
 fn millis(ms: f64) -> Duration {
-    Duration::from_secs_f64((ms / 1000.0).max(0.0))
+    Duration::try_from_secs_f64(ms / 1000.0).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -167,13 +167,15 @@ typedef enum trebuchet_resync_reason {
 
 /**
  * Bytes the library allocated (a loaded state). Read them with
- * `trebuchet_buffer_get`; release with `trebuchet_buffer_free`.
+ * `trebuchet_buffer_get`; release with `trebuchet_buffer_free`. Immutable,
+ * so it may be read from several threads.
  */
 typedef struct trebuchet_buffer trebuchet_buffer;
 
 /**
  * A change listener: one connection that `LISTEN`s, fanning changes out to
- * subscriptions. Thread-safe.
+ * subscriptions. Thread-safe; `trebuchet_listener_shutdown` may be called
+ * from any thread while others wait on its subscriptions.
  */
 typedef struct trebuchet_listener trebuchet_listener;
 
@@ -184,12 +186,16 @@ typedef struct trebuchet_listener trebuchet_listener;
 typedef struct trebuchet_output trebuchet_output;
 
 /**
- * A connected store: a pool of connections to one table. Thread-safe.
+ * A connected store: a pool of connections to one table. Thread-safe:
+ * share one handle between all threads; free it once none uses it.
  */
 typedef struct trebuchet_store trebuchet_store;
 
 /**
- * A queue of events from a listener, for all actors or one.
+ * A queue of events from a listener, for all actors or one. May be waited
+ * on from any thread; threads waiting on the same subscription compete for
+ * its events (each event goes to one of them). Must not be freed while
+ * another thread waits on it.
  */
 typedef struct trebuchet_subscription trebuchet_subscription;
 

@@ -150,6 +150,25 @@ fn a_handle_of_another_kind_is_refused() {
     }
 }
 
+#[test]
+fn a_connect_failure_names_no_password() {
+    let mut store = std::ptr::null_mut();
+    // SAFETY: valid strings and out-pointer.
+    let status = unsafe {
+        trebuchet_store_open(
+            c"postgresql://someone:pa55-w0rd-xyz@127.0.0.1:1/db?connect_timeout=2".as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            &mut store,
+        )
+    };
+    assert_eq!(status, trebuchet_status::TREBUCHET_CONNECT_FAILED);
+    assert!(store.is_null());
+    let message = last_error();
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+    assert!(!message.contains("pa55-w0rd-xyz"), "{message}");
+}
+
 /// Handles are plain pointers; these tests move them between threads.
 struct SendPtr<T>(*mut T);
 // SAFETY: the library's store, listener and subscription are thread-safe.
@@ -230,26 +249,43 @@ fn c_library_dir() -> &'static Path {
     })
 }
 
-/// Compiles one C file against the header and the shared library.
-fn compile_c(source: &str, name: &str) -> PathBuf {
+/// How a C program links the library.
+#[derive(Clone, Copy, PartialEq)]
+enum Linking {
+    Shared,
+    Static,
+}
+
+/// Compiles one C file against the header and the library.
+fn compile_c(source: &str, name: &str, linking: Linking) -> PathBuf {
     let lib = c_library_dir();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = lib.join(format!("c-{name}"));
-    let output = Command::new("cc")
+    let mut command = Command::new("cc");
+    command
         .args(["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-g"])
         .args(["-Wall", "-Wextra", "-Werror"])
         .arg("-I")
         .arg(root.join("include"))
-        .arg(root.join(source))
-        .arg("-L")
-        .arg(lib)
-        .arg("-ltrebuchet_postgres_c")
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lpthread")
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .expect("cannot run cc");
+        .arg(root.join(source));
+    match linking {
+        Linking::Shared => {
+            command
+                .arg("-L")
+                .arg(lib)
+                .arg("-ltrebuchet_postgres_c")
+                .arg(format!("-Wl,-rpath,{}", lib.display()))
+                .arg("-lpthread");
+        }
+        Linking::Static => {
+            // What `cargo rustc ... -- --print native-static-libs` lists on Linux.
+            command
+                .arg(lib.join("libtrebuchet_postgres_c.a"))
+                .args(["-lssl", "-lcrypto", "-lgcc_s", "-lutil", "-lrt"])
+                .args(["-lpthread", "-lm", "-ldl", "-lc"]);
+        }
+    }
+    let output = command.arg("-o").arg(&out).output().expect("cannot run cc");
     assert!(
         output.status.success(),
         "cc {source} failed:\n{}",
@@ -258,9 +294,10 @@ fn compile_c(source: &str, name: &str) -> PathBuf {
     out
 }
 
-/// Runs the quick-start example against a fresh schema, returning stdout.
-fn run_example(wrapper: &[&str]) -> String {
-    let program = compile_c("examples/c/quickstart.c", "quickstart");
+/// Compiles the quick-start example as `name` (one name per test, since
+/// tests run in parallel) and runs it against a fresh schema, returning stdout.
+fn run_example(name: &str, linking: Linking, wrapper: &[&str]) -> String {
+    let program = compile_c("examples/c/quickstart.c", name, linking);
     let schema = TestDatabase::shared().schema();
     let (first, rest) = match wrapper.split_first() {
         Some((first, rest)) => (first.to_string(), rest.to_vec()),
@@ -289,7 +326,7 @@ fn run_example(wrapper: &[&str]) -> String {
 
 #[test]
 fn c_example_saves_loads_and_prints_a_change() {
-    let stdout = run_example(&[]);
+    let stdout = run_example("quickstart", Linking::Shared, &[]);
     assert_eq!(
         stdout,
         "saved room-1 at sequence 1\n\
@@ -299,8 +336,17 @@ fn c_example_saves_loads_and_prints_a_change() {
 }
 
 #[test]
+fn c_example_links_the_static_library() {
+    let stdout = run_example("quickstart-static", Linking::Static, &[]);
+    assert!(
+        stdout.ends_with("change: room-1 saved at sequence 1\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn c_tests_pass_against_a_real_server() {
-    let program = compile_c("tests/c/ffi_test.c", "ffi_test");
+    let program = compile_c("tests/c/ffi_test.c", "ffi_test", Linking::Shared);
     let schema = TestDatabase::shared().schema();
     let output = Command::new(&program)
         .arg(TestDatabase::shared().url())
@@ -336,12 +382,16 @@ fn c_example_has_no_leaks_under_valgrind() {
         eprintln!("valgrind is not installed; skipping");
         return;
     }
-    let stdout = run_example(&[
-        "valgrind",
-        "--quiet",
-        "--leak-check=full",
-        "--errors-for-leak-kinds=definite,indirect",
-        "--error-exitcode=99",
-    ]);
+    let stdout = run_example(
+        "quickstart-valgrind",
+        Linking::Shared,
+        &[
+            "valgrind",
+            "--quiet",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite,indirect",
+            "--error-exitcode=99",
+        ],
+    );
     assert!(stdout.contains("change: room-1 saved"), "{stdout}");
 }

@@ -167,3 +167,41 @@ pub extern "C" fn trebuchet_status_name(status: trebuchet_status) -> *const c_ch
     };
     name.as_ptr()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CStr;
+
+    use super::*;
+
+    fn last() -> String {
+        // SAFETY: never NULL, valid until the next call on this thread.
+        unsafe { CStr::from_ptr(trebuchet_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_panic_becomes_a_status_with_a_message() {
+        let status = boundary(|| panic!("boom in a test"));
+        assert_eq!(status, TREBUCHET_PANIC);
+        assert!(last().contains("boom in a test"), "{}", last());
+        assert_eq!(boundary(|| TREBUCHET_OK), TREBUCHET_OK);
+        assert_eq!(last(), "");
+    }
+
+    #[test]
+    fn every_status_has_its_name() {
+        // SAFETY: static strings.
+        let name = unsafe { CStr::from_ptr(trebuchet_status_name(TREBUCHET_WRONG_HANDLE)) };
+        assert_eq!(name.to_str().unwrap(), "TREBUCHET_WRONG_HANDLE");
+        assert_eq!(TREBUCHET_CONFLICT as u32, 200);
+        assert_eq!(TREBUCHET_PANIC as u32, 900);
+    }
+
+    #[test]
+    fn messages_with_nul_bytes_are_kept_without_them() {
+        set_last_error("a\0b");
+        assert_eq!(last(), "ab");
+    }
+}

@@ -55,24 +55,30 @@ const _: () = {
     send_sync::<Subscription>();
 };
 
-/// A connected store: a pool of connections to one table. Thread-safe.
+/// A connected store: a pool of connections to one table. Thread-safe:
+/// share one handle between all threads; free it once none uses it.
 pub struct trebuchet_store {
     _private: [u8; 0],
 }
 
 /// A change listener: one connection that `LISTEN`s, fanning changes out to
-/// subscriptions. Thread-safe.
+/// subscriptions. Thread-safe; `trebuchet_listener_shutdown` may be called
+/// from any thread while others wait on its subscriptions.
 pub struct trebuchet_listener {
     _private: [u8; 0],
 }
 
-/// A queue of events from a listener, for all actors or one.
+/// A queue of events from a listener, for all actors or one. May be waited
+/// on from any thread; threads waiting on the same subscription compete for
+/// its events (each event goes to one of them). Must not be freed while
+/// another thread waits on it.
 pub struct trebuchet_subscription {
     _private: [u8; 0],
 }
 
 /// Bytes the library allocated (a loaded state). Read them with
-/// `trebuchet_buffer_get`; release with `trebuchet_buffer_free`.
+/// `trebuchet_buffer_get`; release with `trebuchet_buffer_free`. Immutable,
+/// so it may be read from several threads.
 pub struct trebuchet_buffer {
     _private: [u8; 0],
 }

@@ -145,7 +145,7 @@
 //! - `config-file` (default): [`StateConfig`], through the `saphyr` YAML parser.
 //! - `cli` (default): the `trebuchet-postgres` command-line program; turn it
 //!   off with `default-features = false` to skip its dependencies.
-//! - `ffi`: the C ABI in the [`ffi`] module (`unsafe` lives only there).
+//! - `ffi`: the C ABI in the `ffi` module (`unsafe` lives only there).
 //!   The C library itself (`cdylib` and `staticlib`) is built by the
 //!   `trebuchet-postgres-ffi` package in `ffi/`, so Rust users never build it.
 //! - `testing`: the `testing` module, a throwaway PostgreSQL cluster for tests and examples,

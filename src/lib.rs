@@ -145,11 +145,14 @@
 //! - `config-file` (default): [`StateConfig`], through the `saphyr` YAML parser.
 //! - `cli` (default): the `trebuchet-postgres` command-line program; turn it
 //!   off with `default-features = false` to skip its dependencies.
+//! - `ffi`: the C ABI in the `ffi` module (`unsafe` lives only there).
+//!   The C library itself (`cdylib` and `staticlib`) is built by the
+//!   `trebuchet-postgres-ffi` package in `ffi/`, so Rust users never build it.
 //! - `testing`: the `testing` module, a throwaway PostgreSQL cluster for tests and examples,
 //!   started from the system's `initdb`/`pg_ctl`.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, clippy::all)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod cache;
 mod change;
@@ -158,6 +161,11 @@ mod config;
 #[cfg(feature = "config-file")]
 mod config_file;
 mod error;
+// The C ABI is the one place that needs `unsafe`: raw pointers from C and
+// `#[no_mangle]` exports. Every block carries a `SAFETY:` comment.
+#[cfg(feature = "ffi")]
+#[allow(unsafe_code)]
+pub mod ffi;
 mod group;
 mod listener;
 mod monitor;

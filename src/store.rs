@@ -1268,6 +1268,23 @@ impl StateStore {
 
     /// Read, compute, conditional write; again after a back-off when another
     /// writer won. Each attempt holds one connection for its two round trips.
+    /// [`transform_bytes`](Self::transform_bytes) with a step that may fail:
+    /// an error from `f` ends the call without writing. For the C ABI, whose
+    /// callbacks report failure with a return code.
+    #[cfg(feature = "ffi")]
+    pub(crate) fn try_transform_bytes<F>(&self, id: &str, mut f: F) -> Result<u64>
+    where
+        F: FnMut(Option<&[u8]>) -> Result<Vec<u8>>,
+    {
+        check_actor_id(id)?;
+        let versioned = self.transform_loop(id, |current| {
+            let next = f(current)?;
+            self.check_size(&next)?;
+            Ok(next)
+        })?;
+        Ok(versioned.sequence)
+    }
+
     fn transform_loop(
         &self,
         id: &str,

@@ -1,0 +1,285 @@
+/*
+ * The C ABI from C: NULL arguments, invalid UTF-8, double frees, wrong
+ * handle kinds, timeouts, shutdown with a waiting subscriber, conditional
+ * saves and transforms. Built and run by tests/ffi.rs:
+ *
+ *   ffi_test URL TABLE CHANNEL
+ *
+ * Prints "ok NAME" per check and exits non-zero at the first failure.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "trebuchet_postgres.h"
+
+#define CHECK(cond)                                                                  \
+  do {                                                                               \
+    if (!(cond)) {                                                                   \
+      fprintf(stderr, "%s:%d: check failed: %s (last error: %s)\n", __FILE__, __LINE__, \
+              #cond, trebuchet_last_error());                                        \
+      exit(1);                                                                       \
+    }                                                                                \
+  } while (0)
+
+#define EXPECT(call, status) CHECK((call) == (status))
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
+}
+
+static void null_arguments(trebuchet_store *store) {
+  trebuchet_store *none = NULL;
+  EXPECT(trebuchet_store_open(NULL, NULL, NULL, &none), TREBUCHET_NULL_ARGUMENT);
+  CHECK(none == NULL);
+  CHECK(strstr(trebuchet_last_error(), "url") != NULL);
+  EXPECT(trebuchet_store_open("postgresql://localhost/x", NULL, NULL, NULL), TREBUCHET_NULL_ARGUMENT);
+  EXPECT(trebuchet_store_save(NULL, "a", (const uint8_t *)"x", 1, NULL), TREBUCHET_NULL_ARGUMENT);
+  EXPECT(trebuchet_store_save(store, NULL, (const uint8_t *)"x", 1, NULL), TREBUCHET_NULL_ARGUMENT);
+  EXPECT(trebuchet_store_save(store, "a", NULL, 3, NULL), TREBUCHET_NULL_ARGUMENT);
+  EXPECT(trebuchet_store_load(store, "a", NULL), TREBUCHET_NULL_ARGUMENT);
+  EXPECT(trebuchet_store_exists(store, "a", NULL), TREBUCHET_NULL_ARGUMENT);
+  EXPECT(trebuchet_store_transform(store, "a", NULL, NULL, NULL), TREBUCHET_NULL_ARGUMENT);
+  EXPECT(trebuchet_listener_subscribe(NULL, NULL, NULL), TREBUCHET_NULL_ARGUMENT);
+  EXPECT(trebuchet_subscription_next(NULL, 0, NULL), TREBUCHET_NULL_ARGUMENT);
+  /* Out-parameters stay untouched on error. */
+  uint64_t sequence = 12345;
+  EXPECT(trebuchet_store_sequence(store, NULL, &sequence), TREBUCHET_NULL_ARGUMENT);
+  CHECK(sequence == 12345);
+  /* Free functions accept NULL and a pointer to NULL. */
+  trebuchet_store_free(NULL);
+  trebuchet_store_free(&none);
+  trebuchet_buffer_free(NULL);
+  trebuchet_listener_free(NULL);
+  trebuchet_subscription_free(NULL);
+  /* A successful call clears the last error. */
+  bool exists = true;
+  EXPECT(trebuchet_store_exists(store, "nobody", &exists), TREBUCHET_OK);
+  CHECK(!exists);
+  CHECK(strcmp(trebuchet_last_error(), "") == 0);
+  printf("ok null_arguments\n");
+}
+
+static void invalid_input(trebuchet_store *store) {
+  const char bad[] = {'r', 'o', 'o', 'm', (char)0xff, (char)0xfe, 0};
+  uint64_t sequence = 7;
+  EXPECT(trebuchet_store_save(store, bad, (const uint8_t *)"x", 1, &sequence), TREBUCHET_INVALID_UTF8);
+  CHECK(sequence == 7);
+  CHECK(strstr(trebuchet_last_error(), "UTF-8") != NULL);
+  trebuchet_buffer *buf = NULL;
+  EXPECT(trebuchet_store_load(store, bad, &buf), TREBUCHET_INVALID_UTF8);
+  CHECK(buf == NULL);
+  EXPECT(trebuchet_store_save(store, "", (const uint8_t *)"x", 1, NULL), TREBUCHET_INVALID_ACTOR_ID);
+  trebuchet_store *other = NULL;
+  EXPECT(trebuchet_store_open("postgresql://localhost/x", "no such;table", NULL, &other),
+         TREBUCHET_INVALID_CONFIG);
+  CHECK(other == NULL);
+  EXPECT(trebuchet_store_open("postgresql://user:s3cr3t-pw@localhost:99999/x", NULL, NULL, &other),
+         TREBUCHET_INVALID_CONFIG);
+  CHECK(strstr(trebuchet_last_error(), "s3cr3t-pw") == NULL);
+  printf("ok invalid_input\n");
+}
+
+static void save_load_and_double_free(trebuchet_store *store) {
+  uint64_t sequence = 0;
+  EXPECT(trebuchet_store_save(store, "c-actor", (const uint8_t *)"one", 3, &sequence), TREBUCHET_OK);
+  CHECK(sequence == 1);
+  trebuchet_buffer *buf = NULL;
+  uint64_t loaded_sequence = 0;
+  EXPECT(trebuchet_store_load_versioned(store, "c-actor", &buf, &loaded_sequence), TREBUCHET_OK);
+  CHECK(loaded_sequence == 1);
+  const uint8_t *data = NULL;
+  size_t len = 0;
+  EXPECT(trebuchet_buffer_get(buf, &data, &len), TREBUCHET_OK);
+  CHECK(len == 3 && memcmp(data, "one", 3) == 0);
+  /* The free function takes the variable's address and clears it, so the
+   * second call sees NULL and does nothing. */
+  trebuchet_buffer_free(&buf);
+  CHECK(buf == NULL);
+  trebuchet_buffer_free(&buf);
+  EXPECT(trebuchet_buffer_get(buf, &data, &len), TREBUCHET_NULL_ARGUMENT);
+
+  EXPECT(trebuchet_store_load(store, "c-nobody", &buf), TREBUCHET_NOT_FOUND);
+  CHECK(buf == NULL);
+  EXPECT(trebuchet_store_sequence(store, "c-nobody", &sequence), TREBUCHET_NOT_FOUND);
+
+  /* An empty state is a state. */
+  EXPECT(trebuchet_store_save(store, "c-empty", NULL, 0, NULL), TREBUCHET_OK);
+  EXPECT(trebuchet_store_load(store, "c-empty", &buf), TREBUCHET_OK);
+  EXPECT(trebuchet_buffer_get(buf, &data, &len), TREBUCHET_OK);
+  CHECK(len == 0 && data != NULL);
+  trebuchet_buffer_free(&buf);
+
+  bool deleted = false;
+  EXPECT(trebuchet_store_delete(store, "c-empty", &deleted), TREBUCHET_OK);
+  CHECK(deleted);
+  EXPECT(trebuchet_store_delete(store, "c-empty", &deleted), TREBUCHET_OK);
+  CHECK(!deleted);
+  printf("ok save_load_and_double_free\n");
+}
+
+static void conditional_saves(trebuchet_store *store) {
+  uint64_t sequence = 0;
+  EXPECT(trebuchet_store_save_if(store, "c-cond", (const uint8_t *)"a", 1, TREBUCHET_EXPECT_ABSENT, &sequence),
+         TREBUCHET_OK);
+  CHECK(sequence == 1);
+  EXPECT(trebuchet_store_save_if(store, "c-cond", (const uint8_t *)"b", 1, TREBUCHET_EXPECT_ABSENT, &sequence),
+         TREBUCHET_CONFLICT);
+  CHECK(sequence == 1);
+  EXPECT(trebuchet_store_save_if(store, "c-cond", (const uint8_t *)"b", 1, 1, &sequence), TREBUCHET_OK);
+  CHECK(sequence == 2);
+  EXPECT(trebuchet_store_save_if(store, "c-cond", (const uint8_t *)"c", 1, 1, NULL), TREBUCHET_CONFLICT);
+  EXPECT(trebuchet_store_sequence(store, "c-cond", &sequence), TREBUCHET_OK);
+  CHECK(sequence == 2);
+  printf("ok conditional_saves\n");
+}
+
+struct counter {
+  int calls;
+  int fail;
+};
+
+static int32_t increment(void *user_data, const uint8_t *current, size_t current_len, bool exists,
+                         trebuchet_output *next) {
+  struct counter *counter = user_data;
+  counter->calls++;
+  if (counter->fail) return 7;
+  uint8_t value = exists && current_len == 1 ? current[0] : 0;
+  value++;
+  return trebuchet_output_set(next, &value, 1) == TREBUCHET_OK ? 0 : 1;
+}
+
+static void transforms(trebuchet_store *store) {
+  struct counter counter = {0, 0};
+  uint64_t sequence = 0;
+  EXPECT(trebuchet_store_transform(store, "c-counter", increment, &counter, &sequence), TREBUCHET_OK);
+  EXPECT(trebuchet_store_transform(store, "c-counter", increment, &counter, &sequence), TREBUCHET_OK);
+  CHECK(sequence == 2 && counter.calls == 2);
+  counter.fail = 1;
+  EXPECT(trebuchet_store_transform(store, "c-counter", increment, &counter, &sequence), TREBUCHET_CALLBACK_FAILED);
+  CHECK(sequence == 2);
+  trebuchet_buffer *buf = NULL;
+  EXPECT(trebuchet_store_load(store, "c-counter", &buf), TREBUCHET_OK);
+  const uint8_t *data = NULL;
+  size_t len = 0;
+  EXPECT(trebuchet_buffer_get(buf, &data, &len), TREBUCHET_OK);
+  CHECK(len == 1 && data[0] == 2);
+  trebuchet_buffer_free(&buf);
+  printf("ok transforms\n");
+}
+
+static void wrong_handles(trebuchet_store *store, trebuchet_listener *listener) {
+  EXPECT(trebuchet_store_save((trebuchet_store *)listener, "a", (const uint8_t *)"x", 1, NULL),
+         TREBUCHET_WRONG_HANDLE);
+  CHECK(strstr(trebuchet_last_error(), "trebuchet_store") != NULL);
+  trebuchet_event event;
+  EXPECT(trebuchet_subscription_next((trebuchet_subscription *)store, 0, &event), TREBUCHET_WRONG_HANDLE);
+  trebuchet_subscription *sub = NULL;
+  EXPECT(trebuchet_listener_subscribe((trebuchet_listener *)store, NULL, &sub), TREBUCHET_WRONG_HANDLE);
+  CHECK(sub == NULL);
+  /* A free function given another kind leaves it alone. */
+  trebuchet_store *not_a_store = (trebuchet_store *)listener;
+  trebuchet_store_free(&not_a_store);
+  CHECK(not_a_store == (trebuchet_store *)listener);
+  EXPECT(trebuchet_listener_subscribe(listener, NULL, &sub), TREBUCHET_OK);
+  trebuchet_subscription_free(&sub);
+  CHECK(sub == NULL);
+  printf("ok wrong_handles\n");
+}
+
+static void timeouts_and_changes(trebuchet_store *store, trebuchet_listener *listener) {
+  trebuchet_subscription *sub = NULL;
+  EXPECT(trebuchet_listener_subscribe(listener, "c-watched", &sub), TREBUCHET_OK);
+  trebuchet_event event;
+  event.sequence = 99;
+  double start = now_ms();
+  EXPECT(trebuchet_subscription_next(sub, 200, &event), TREBUCHET_TIMEOUT);
+  double waited = now_ms() - start;
+  CHECK(waited >= 150 && waited < 5000);
+  CHECK(event.sequence == 99);
+  EXPECT(trebuchet_subscription_next(sub, 0, &event), TREBUCHET_TIMEOUT);
+
+  EXPECT(trebuchet_store_save(store, "c-other", (const uint8_t *)"x", 1, NULL), TREBUCHET_OK);
+  EXPECT(trebuchet_store_save(store, "c-watched", (const uint8_t *)"x", 1, NULL), TREBUCHET_OK);
+  EXPECT(trebuchet_store_delete(store, "c-watched", NULL), TREBUCHET_OK);
+  EXPECT(trebuchet_subscription_next(sub, 10000, &event), TREBUCHET_OK);
+  CHECK(event.kind == TREBUCHET_EVENT_SAVED);
+  CHECK(strcmp(event.actor_id, "c-watched") == 0 && event.actor_id_len == 9);
+  CHECK(event.sequence == 1);
+  CHECK(event.timestamp_us > (int64_t)1600000000 * 1000000);
+  EXPECT(trebuchet_subscription_next(sub, 10000, &event), TREBUCHET_OK);
+  CHECK(event.kind == TREBUCHET_EVENT_DELETED && event.sequence == 2);
+  trebuchet_subscription_free(&sub);
+  printf("ok timeouts_and_changes\n");
+}
+
+struct waiter {
+  trebuchet_subscription *sub;
+  trebuchet_status status;
+  double waited;
+};
+
+static void *wait_long(void *arg) {
+  struct waiter *w = arg;
+  trebuchet_event event;
+  double start = now_ms();
+  w->status = trebuchet_subscription_next(w->sub, 60000, &event);
+  w->waited = now_ms() - start;
+  return NULL;
+}
+
+static void shutdown_with_waiter(trebuchet_store *store) {
+  trebuchet_listener *listener = NULL;
+  EXPECT(trebuchet_listener_open(store, &listener), TREBUCHET_OK);
+  struct waiter w = {NULL, TREBUCHET_OK, 0};
+  EXPECT(trebuchet_listener_subscribe(listener, NULL, &w.sub), TREBUCHET_OK);
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, wait_long, &w) == 0);
+  struct timespec pause = {0, 300 * 1000 * 1000};
+  nanosleep(&pause, NULL);
+  EXPECT(trebuchet_listener_shutdown(listener), TREBUCHET_OK);
+  CHECK(pthread_join(thread, NULL) == 0);
+  CHECK(w.status == TREBUCHET_CLOSED);
+  CHECK(w.waited < 10000);
+  trebuchet_event event;
+  EXPECT(trebuchet_subscription_next(w.sub, 0, &event), TREBUCHET_CLOSED);
+  EXPECT(trebuchet_listener_shutdown(listener), TREBUCHET_OK); /* idempotent */
+  trebuchet_subscription_free(&w.sub);
+  trebuchet_listener_free(&listener);
+  CHECK(listener == NULL);
+  printf("ok shutdown_with_waiter\n");
+}
+
+int main(int argc, char **argv) {
+  if (argc != 4) {
+    fprintf(stderr, "usage: %s URL TABLE CHANNEL\n", argv[0]);
+    return 2;
+  }
+  trebuchet_store *store = NULL;
+  EXPECT(trebuchet_store_open(argv[1], argv[2], argv[3], &store), TREBUCHET_OK);
+  EXPECT(trebuchet_store_verify(store), TREBUCHET_SCHEMA_MISSING);
+  CHECK(strlen(trebuchet_last_error()) > 0);
+  EXPECT(trebuchet_store_migrate(store), TREBUCHET_OK);
+  EXPECT(trebuchet_store_verify(store), TREBUCHET_OK);
+  trebuchet_listener *listener = NULL;
+  EXPECT(trebuchet_listener_open(store, &listener), TREBUCHET_OK);
+
+  null_arguments(store);
+  invalid_input(store);
+  save_load_and_double_free(store);
+  conditional_saves(store);
+  transforms(store);
+  wrong_handles(store, listener);
+  timeouts_and_changes(store, listener);
+  shutdown_with_waiter(store);
+
+  trebuchet_listener_free(&listener);
+  trebuchet_store_free(&store);
+  CHECK(store == NULL);
+  printf("all passed\n");
+  return 0;
+}

@@ -1,0 +1,397 @@
+//! The C ABI (feature `ffi`) against a real PostgreSQL: from Rust through
+//! the exported functions, and from C by building the C library
+//! (`trebuchet-postgres-ffi`), compiling `examples/c/quickstart.c` and
+//! `tests/c/ffi_test.c` with the system compiler (`cc`), and running them,
+//! the example also under valgrind.
+#![allow(unsafe_code)] // calls the C ABI as C would
+
+use std::ffi::{c_char, CStr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use trebuchet_postgres::ffi::*;
+use trebuchet_postgres::testing::{TestDatabase, TestSchema};
+
+fn last_error() -> String {
+    // SAFETY: never NULL, valid until the next call on this thread.
+    unsafe { CStr::from_ptr(trebuchet_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A store handle on a fresh, migrated schema.
+fn open_store(schema: &TestSchema) -> *mut trebuchet_store {
+    let url = std::ffi::CString::new(TestDatabase::shared().url()).unwrap();
+    let table = std::ffi::CString::new(schema.table("actor_states")).unwrap();
+    let channel = std::ffi::CString::new(schema.channel()).unwrap();
+    let mut store = std::ptr::null_mut();
+    // SAFETY: valid strings and out-pointer.
+    unsafe {
+        let status =
+            trebuchet_store_open(url.as_ptr(), table.as_ptr(), channel.as_ptr(), &mut store);
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK, "{}", last_error());
+        assert_eq!(
+            trebuchet_store_migrate(store),
+            trebuchet_status::TREBUCHET_OK
+        );
+    }
+    store
+}
+
+#[test]
+fn null_arguments_fail_and_leave_outputs_untouched() {
+    let schema = TestDatabase::shared().schema();
+    let mut store = open_store(&schema);
+    // SAFETY: NULLs are what is being tested; the rest is valid.
+    unsafe {
+        let mut sequence = 42u64;
+        let status = trebuchet_store_sequence(store, std::ptr::null(), &mut sequence);
+        assert_eq!(status, trebuchet_status::TREBUCHET_NULL_ARGUMENT);
+        assert_eq!(sequence, 42);
+        assert!(last_error().contains("actor_id"), "{}", last_error());
+        let status = trebuchet_store_save(
+            std::ptr::null(),
+            c"a".as_ptr(),
+            std::ptr::null(),
+            0,
+            &mut sequence,
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_NULL_ARGUMENT);
+        assert_eq!(sequence, 42);
+        let status = trebuchet_store_load(store, c"a".as_ptr(), std::ptr::null_mut());
+        assert_eq!(status, trebuchet_status::TREBUCHET_NULL_ARGUMENT);
+        trebuchet_store_free(std::ptr::null_mut());
+        trebuchet_store_free(&mut store);
+        assert!(store.is_null());
+        trebuchet_store_free(&mut store);
+    }
+}
+
+#[test]
+fn invalid_utf8_in_an_actor_id_is_rejected() {
+    let schema = TestDatabase::shared().schema();
+    let mut store = open_store(&schema);
+    let bad = b"room-\xff\0";
+    // SAFETY: NUL-terminated bytes.
+    unsafe {
+        let mut sequence = 0;
+        let status = trebuchet_store_save(
+            store,
+            bad.as_ptr().cast::<c_char>(),
+            b"x".as_ptr(),
+            1,
+            &mut sequence,
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_INVALID_UTF8);
+        assert_eq!(sequence, 0);
+        assert!(last_error().contains("UTF-8"), "{}", last_error());
+        let mut exists = true;
+        let status = trebuchet_store_exists(store, c"".as_ptr(), &mut exists);
+        assert_eq!(status, trebuchet_status::TREBUCHET_INVALID_ACTOR_ID);
+        assert!(exists);
+        trebuchet_store_free(&mut store);
+    }
+}
+
+#[test]
+fn a_buffer_cannot_be_freed_twice_through_its_variable() {
+    let schema = TestDatabase::shared().schema();
+    let mut store = open_store(&schema);
+    // SAFETY: valid handles and pointers.
+    unsafe {
+        let status = trebuchet_store_save(
+            store,
+            c"a".as_ptr(),
+            b"abc".as_ptr(),
+            3,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK);
+        let mut buffer = std::ptr::null_mut();
+        let mut sequence = 0;
+        let status =
+            trebuchet_store_load_versioned(store, c"a".as_ptr(), &mut buffer, &mut sequence);
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK);
+        assert_eq!(sequence, 1);
+        let (mut data, mut len) = (std::ptr::null(), 0);
+        assert_eq!(
+            trebuchet_buffer_get(buffer, &mut data, &mut len),
+            trebuchet_status::TREBUCHET_OK
+        );
+        assert_eq!(std::slice::from_raw_parts(data, len), b"abc");
+        trebuchet_buffer_free(&mut buffer);
+        assert!(buffer.is_null());
+        trebuchet_buffer_free(&mut buffer); // a no-op
+        trebuchet_store_free(&mut store);
+    }
+}
+
+#[test]
+fn a_handle_of_another_kind_is_refused() {
+    let schema = TestDatabase::shared().schema();
+    let mut store = open_store(&schema);
+    // SAFETY: live handles of the wrong kind, which is what is tested.
+    unsafe {
+        let mut listener = std::ptr::null_mut();
+        assert_eq!(
+            trebuchet_listener_open(store, &mut listener),
+            trebuchet_status::TREBUCHET_OK
+        );
+        let status = trebuchet_store_migrate(listener.cast());
+        assert_eq!(status, trebuchet_status::TREBUCHET_WRONG_HANDLE);
+        assert!(last_error().contains("trebuchet_store"), "{}", last_error());
+        let mut wrong: *mut trebuchet_store = listener.cast();
+        trebuchet_store_free(&mut wrong); // not a store: left alone
+        assert_eq!(wrong, listener.cast());
+        trebuchet_listener_free(&mut listener);
+        trebuchet_store_free(&mut store);
+    }
+}
+
+#[test]
+fn a_connect_failure_names_no_password() {
+    let mut store = std::ptr::null_mut();
+    // SAFETY: valid strings and out-pointer.
+    let status = unsafe {
+        trebuchet_store_open(
+            c"postgresql://someone:pa55-w0rd-xyz@127.0.0.1:1/db?connect_timeout=2".as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            &mut store,
+        )
+    };
+    assert_eq!(status, trebuchet_status::TREBUCHET_CONNECT_FAILED);
+    assert!(store.is_null());
+    let message = last_error();
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+    assert!(!message.contains("pa55-w0rd-xyz"), "{message}");
+}
+
+/// Handles are plain pointers; these tests move them between threads.
+struct SendPtr<T>(*mut T);
+// SAFETY: the library's store, listener and subscription are thread-safe.
+unsafe impl<T> Send for SendPtr<T> {}
+
+#[test]
+fn a_wait_times_out_and_shutdown_wakes_a_waiting_thread() {
+    let schema = TestDatabase::shared().schema();
+    let mut store = open_store(&schema);
+    // SAFETY: valid handles; the subscription outlives the waiting thread.
+    unsafe {
+        let mut listener = std::ptr::null_mut();
+        assert_eq!(
+            trebuchet_listener_open(store, &mut listener),
+            trebuchet_status::TREBUCHET_OK
+        );
+        let mut subscription = std::ptr::null_mut();
+        let status = trebuchet_listener_subscribe(listener, std::ptr::null(), &mut subscription);
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK);
+        let mut event = std::mem::MaybeUninit::<trebuchet_event>::uninit();
+        let start = Instant::now();
+        let status = trebuchet_subscription_next(subscription, 150, event.as_mut_ptr());
+        assert_eq!(status, trebuchet_status::TREBUCHET_TIMEOUT);
+        assert!(start.elapsed() >= Duration::from_millis(140));
+
+        let waiting = SendPtr(subscription);
+        let waiter = std::thread::spawn(move || {
+            let waiting = waiting;
+            let mut event = std::mem::MaybeUninit::<trebuchet_event>::uninit();
+            let start = Instant::now();
+            let status = trebuchet_subscription_next(waiting.0, 60_000, event.as_mut_ptr());
+            (status, start.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            trebuchet_listener_shutdown(listener),
+            trebuchet_status::TREBUCHET_OK
+        );
+        let (status, waited) = waiter.join().unwrap();
+        assert_eq!(status, trebuchet_status::TREBUCHET_CLOSED);
+        assert!(waited < Duration::from_secs(10), "{waited:?}");
+        trebuchet_subscription_free(&mut subscription);
+        trebuchet_listener_free(&mut listener);
+        trebuchet_store_free(&mut store);
+    }
+}
+
+/// The directory holding `libtrebuchet_postgres_c.{so,a}`, built once by
+/// `cargo build -p trebuchet-postgres-ffi` into this test's own target
+/// directory and profile (so the dependencies already built are reused).
+fn c_library_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        // target/<profile>/deps/ffi-<hash>
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let target_dir = profile_dir.parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut command = Command::new(cargo);
+        command
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "trebuchet-postgres-ffi",
+                "--target-dir",
+            ])
+            .arg(target_dir)
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            command.arg("--release");
+        }
+        let status = command.status().expect("cannot run cargo");
+        assert!(status.success(), "building the C library failed");
+        assert!(profile_dir.join("libtrebuchet_postgres_c.so").exists());
+        profile_dir
+    })
+}
+
+/// How a C program links the library.
+#[derive(Clone, Copy, PartialEq)]
+enum Linking {
+    Shared,
+    Static,
+}
+
+/// Compiles one C file against the header and the library.
+fn compile_c(source: &str, name: &str, linking: Linking) -> PathBuf {
+    let lib = c_library_dir();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = lib.join(format!("c-{name}"));
+    let mut command = Command::new("cc");
+    command
+        .args(["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-g"])
+        .args(["-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(root.join("include"))
+        .arg(root.join(source));
+    match linking {
+        Linking::Shared => {
+            command
+                .arg("-L")
+                .arg(lib)
+                .arg("-ltrebuchet_postgres_c")
+                .arg(format!("-Wl,-rpath,{}", lib.display()))
+                .arg("-lpthread");
+        }
+        Linking::Static => {
+            // What `cargo rustc ... -- --print native-static-libs` lists on Linux.
+            command
+                .arg(lib.join("libtrebuchet_postgres_c.a"))
+                .args(["-lssl", "-lcrypto", "-lgcc_s", "-lutil", "-lrt"])
+                .args(["-lpthread", "-lm", "-ldl", "-lc"]);
+        }
+    }
+    let output = command.arg("-o").arg(&out).output().expect("cannot run cc");
+    assert!(
+        output.status.success(),
+        "cc {source} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}
+
+/// Compiles the quick-start example as `name` (one name per test, since
+/// tests run in parallel) and runs it against a fresh schema, returning stdout.
+fn run_example(name: &str, linking: Linking, wrapper: &[&str]) -> String {
+    let program = compile_c("examples/c/quickstart.c", name, linking);
+    let schema = TestDatabase::shared().schema();
+    let (first, rest) = match wrapper.split_first() {
+        Some((first, rest)) => (first.to_string(), rest.to_vec()),
+        None => (program.display().to_string(), Vec::new()),
+    };
+    let mut command = Command::new(first);
+    command.args(rest);
+    if !wrapper.is_empty() {
+        command.arg(&program);
+    }
+    let output = command
+        .arg(TestDatabase::shared().url())
+        .env("TREBUCHET_TABLE", schema.table("actor_states"))
+        .env("TREBUCHET_CHANNEL", schema.channel())
+        .output()
+        .expect("cannot run the example");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "example failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    stdout
+}
+
+#[test]
+fn c_example_saves_loads_and_prints_a_change() {
+    let stdout = run_example("quickstart", Linking::Shared, &[]);
+    assert_eq!(
+        stdout,
+        "saved room-1 at sequence 1\n\
+         loaded room-1: {\"players\":2}\n\
+         change: room-1 saved at sequence 1\n"
+    );
+}
+
+#[test]
+fn c_example_links_the_static_library() {
+    let stdout = run_example("quickstart-static", Linking::Static, &[]);
+    assert!(
+        stdout.ends_with("change: room-1 saved at sequence 1\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn c_tests_pass_against_a_real_server() {
+    let program = compile_c("tests/c/ffi_test.c", "ffi_test", Linking::Shared);
+    let schema = TestDatabase::shared().schema();
+    let output = Command::new(&program)
+        .arg(TestDatabase::shared().url())
+        .arg(schema.table("actor_states"))
+        .arg(schema.channel())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "C tests failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for name in [
+        "null_arguments",
+        "invalid_input",
+        "save_load_and_double_free",
+        "conditional_saves",
+        "transforms",
+        "wrong_handles",
+        "timeouts_and_changes",
+        "shutdown_with_waiter",
+    ] {
+        assert!(stdout.contains(&format!("ok {name}\n")), "{stdout}");
+    }
+    assert!(stdout.ends_with("all passed\n"), "{stdout}");
+}
+
+#[test]
+fn c_example_has_no_leaks_under_valgrind() {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        eprintln!("valgrind is not installed; skipping");
+        return;
+    }
+    let stdout = run_example(
+        "quickstart-valgrind",
+        Linking::Shared,
+        &[
+            "valgrind",
+            "--quiet",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite,indirect",
+            "--error-exitcode=99",
+        ],
+    );
+    assert!(stdout.contains("change: room-1 saved"), "{stdout}");
+}

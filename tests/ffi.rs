@@ -266,7 +266,7 @@ fn compile_c(source: &str, name: &str, linking: Linking) -> PathBuf {
         .args(["-std=c11", "-D_POSIX_C_SOURCE=200809L", "-g"])
         .args(["-Wall", "-Wextra", "-Werror"])
         .arg("-I")
-        .arg(root.join("include"))
+        .arg(root.join("ffi").join("include"))
         .arg(root.join(source));
     match linking {
         Linking::Shared => {

@@ -34,6 +34,9 @@ use crate::config::{ConnectOptions, SslMode};
 use crate::store::{StateStore, StateStoreBuilder};
 use crate::PoolOptions;
 
+mod proxy;
+pub use proxy::{Request as ProxyRequest, TcpProxy};
+
 fn other(message: String) -> io::Error {
     io::Error::other(message)
 }

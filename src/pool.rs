@@ -7,7 +7,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use postgres::error::SqlState;
 use postgres::{Client, Statement};
@@ -120,9 +120,20 @@ impl PoolOptions {
     }
 }
 
+/// The server process behind a connection: enough to find it again from
+/// another connection (pids are reused, start times tell them apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Backend {
+    pub pid: i32,
+    pub started: SystemTime,
+}
+
 /// A pooled connection with its prepared statements.
 pub(crate) struct Connection {
     pub client: Client,
+    /// The server process serving it, when the server said.
+    #[allow(dead_code)]
+    pub backend: Option<Backend>,
     statements: HashMap<Box<str>, Statement>,
     verified_epoch: u64,
     broken: bool,
@@ -148,7 +159,7 @@ struct Shared {
     epoch: AtomicU64,
     last_error: Mutex<Option<(Instant, ConnectFailure, Option<postgres::Error>)>>,
     /// A connection made while constructing the pool, handed out first.
-    spare: Mutex<Option<Client>>,
+    spare: Mutex<Option<(Client, Option<Backend>)>>,
     /// Check-outs that found every connection in use and waited.
     waits: AtomicU64,
     /// Their total wait, in microseconds.
@@ -166,17 +177,29 @@ pub(crate) struct Manager {
 }
 
 impl Manager {
-    fn open(&self) -> Result<Client> {
+    /// Connects, applies the session settings and learns which server
+    /// process serves the connection, in one round trip after the handshake.
+    fn open(&self) -> Result<(Client, Option<Backend>)> {
         let mut client = self
             .inner
             .connect()
             .map_err(|e| connect_error(e, &self.shared))?;
-        if let Some(timeout) = self.statement_timeout {
-            client
-                .batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis()))
-                .map_err(|e| connect_error(e, &self.shared))?;
-        }
-        Ok(client)
+        let timeout = self
+            .statement_timeout
+            .map(|t| t.as_millis().to_string());
+        let row = client
+            .query_one(
+                "SELECT pg_backend_pid(),                  (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()),                  CASE WHEN $1::TEXT IS NULL THEN NULL                  ELSE set_config('statement_timeout', $1::TEXT, false) END",
+                &[&timeout],
+            )
+            .map_err(|e| connect_error(e, &self.shared))?;
+        let backend = row
+            .get::<_, Option<SystemTime>>(1)
+            .map(|started| Backend {
+                pid: row.get(0),
+                started,
+            });
+        Ok((client, backend))
     }
 }
 
@@ -200,10 +223,10 @@ impl ManageConnection for Manager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let client = match spare {
-            Some(client) => client,
+        let (client, backend) = match spare {
+            Some(opened) => opened,
             None => match self.open() {
-                Ok(client) => client,
+                Ok(opened) => opened,
                 Err(e) => {
                     if let Error::Connect { failure, .. } = &e {
                         // Kept for callers that time out waiting: they get
@@ -221,6 +244,7 @@ impl ManageConnection for Manager {
         };
         Ok(Connection {
             client,
+            backend,
             statements: HashMap::new(),
             verified_epoch: self.shared.epoch.load(Ordering::Acquire),
             broken: false,

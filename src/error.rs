@@ -208,6 +208,19 @@ pub enum Error {
         /// The quoted, qualified table name.
         table: String,
     },
+    /// The role lacks a privilege the call needs (SQLSTATE 42501): it may
+    /// not create objects (`migrate`), or lacks a grant on the table or its
+    /// tombstone table. The message lists the grants the store needs.
+    InsufficientPrivilege {
+        /// Whether `migrate` was refused, rather than an operation on rows.
+        migrating: bool,
+        /// The quoted, qualified table.
+        table: String,
+        /// The quoted, qualified tombstone table.
+        tombstones: String,
+        /// The server's error, naming what was refused.
+        source: postgres::Error,
+    },
     /// A statement ran longer than the configured `statement_timeout`.
     StatementTimeout,
     /// The connection broke while a call was in flight.
@@ -265,7 +278,8 @@ impl Error {
             Error::Connect {
                 source: Some(e), ..
             }
-            | Error::Database(e) => e.code(),
+            | Error::Database(e)
+            | Error::InsufficientPrivilege { source: e, .. } => e.code(),
             Error::ConnectionLost(e) => e.code(),
             _ => None,
         }
@@ -425,6 +439,34 @@ impl fmt::Display for Error {
                 "table {table} or its trigger objects do not exist: run StateStore::migrate() \
                  or apply sql/schema.sql"
             ),
+            Error::InsufficientPrivilege {
+                migrating,
+                table,
+                tombstones,
+                source,
+            } => {
+                let refused = source
+                    .as_db_error()
+                    .map_or("permission denied", |db| db.message());
+                if *migrating {
+                    write!(
+                        f,
+                        "insufficient privilege to migrate {table}: {refused} (SQLSTATE 42501); \
+                         migrate creates and alters the table, {tombstones}, the notification \
+                         function and the trigger: run it as the schema's owner (for example \
+                         `trebuchet-postgres migrate`), and build this role's stores without \
+                         migrate(true)"
+                    )
+                } else {
+                    write!(
+                        f,
+                        "insufficient privilege on {table}: {refused} (SQLSTATE 42501); \
+                         GRANT SELECT, INSERT, UPDATE, DELETE ON {table} and \
+                         GRANT SELECT, INSERT, UPDATE ON {tombstones} to the role, with \
+                         USAGE on their schema (README, \"Least privilege\")"
+                    )
+                }
+            }
             Error::StatementTimeout => f.write_str(
                 "statement cancelled by statement_timeout; raise PoolOptions::statement_timeout",
             ),

@@ -52,7 +52,9 @@ const SESSION_INFO: &str = "\
      WHERE pid = pg_backend_pid()), \
     to_regclass($1) IS NOT NULL, \
     has_table_privilege(to_regclass($1), 'SELECT'), has_table_privilege(to_regclass($1), 'INSERT'), \
-    has_table_privilege(to_regclass($1), 'UPDATE'), has_table_privilege(to_regclass($1), 'DELETE')";
+    has_table_privilege(to_regclass($1), 'UPDATE'), has_table_privilege(to_regclass($1), 'DELETE'), \
+    has_table_privilege(to_regclass($2), 'SELECT'), has_table_privilege(to_regclass($2), 'INSERT'), \
+    has_table_privilege(to_regclass($2), 'UPDATE')";
 
 /// How many slow statements [`StoreStats::slow_statements`] lists at most.
 const SLOW_STATEMENTS: i64 = 10;
@@ -220,6 +222,12 @@ pub struct ConnectionInfo {
     /// Which of `SELECT`, `INSERT`, `UPDATE` and `DELETE` the role lacks on
     /// the table (empty when the table does not exist).
     pub missing_privileges: Vec<&'static str>,
+    /// The quoted, qualified tombstone table.
+    pub tombstone_table: String,
+    /// Which of `SELECT`, `INSERT` and `UPDATE` the role lacks on the
+    /// tombstone table, which saves read and the trigger writes on deletes
+    /// (empty when that table does not exist).
+    pub missing_tombstone_privileges: Vec<&'static str>,
 }
 
 /// Whether `query`, the last statement of a session, is `LISTEN` on
@@ -351,7 +359,8 @@ impl StateStore {
     }
 
     /// The server's version, the role and database connected to, whether
-    /// the connection is encrypted, and the role's privileges on the table:
+    /// the connection is encrypted, and the role's privileges on the table
+    /// and its tombstone table:
     /// the first things to check when something fails.
     ///
     /// # Errors
@@ -359,14 +368,19 @@ impl StateStore {
     /// Connection and database errors.
     pub fn connection_info(&self) -> Result<ConnectionInfo> {
         let table = self.table();
-        self.call(true, |_, c| {
-            let row = c.client.query_one(SESSION_INFO, &[&table])?;
-            let missing_privileges = ["SELECT", "INSERT", "UPDATE", "DELETE"]
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| row.get::<_, Option<bool>>(5 + i) == Some(false))
-                .map(|(_, privilege)| privilege)
-                .collect();
+        self.call(true, |inner, c| {
+            let tombstones = inner.names.qualify(&inner.names.tombstones);
+            let row = c.client.query_one(SESSION_INFO, &[&table, &tombstones])?;
+            let missing = |first: usize, privileges: &[&'static str]| -> Vec<&'static str> {
+                privileges
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| row.get::<_, Option<bool>>(first + i) == Some(false))
+                    .map(|(_, privilege)| *privilege)
+                    .collect()
+            };
+            let missing_privileges = missing(5, &["SELECT", "INSERT", "UPDATE", "DELETE"]);
+            let missing_tombstone_privileges = missing(9, &["SELECT", "INSERT", "UPDATE"]);
             Ok(ConnectionInfo {
                 server_version: row.get(0),
                 user: row.get(1),
@@ -374,6 +388,8 @@ impl StateStore {
                 tls: row.get(3),
                 table_exists: row.get(4),
                 missing_privileges,
+                tombstone_table: tombstones,
+                missing_tombstone_privileges,
             })
         })
     }

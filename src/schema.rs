@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use postgres::error::SqlState;
+
 use crate::config::{validate_identifier, MAX_IDENTIFIER_BYTES};
 pub use crate::config::{DEFAULT_CHANNEL, DEFAULT_TABLE};
 use crate::error::{Error, Result};
@@ -299,6 +301,27 @@ impl Statements {
 /// advisory lock and each version is applied once. Returns the versions
 /// applied by this call.
 pub(crate) fn migrate(client: &mut postgres::Client, names: &Names) -> Result<Vec<i32>> {
+    apply_migrations(client, names).map_err(|e| privilege_error(e, names, true))
+}
+
+/// Turns a server's "insufficient privilege" (42501) into
+/// [`Error::InsufficientPrivilege`], which says what to grant or run;
+/// other errors pass through.
+pub(crate) fn privilege_error(error: Error, names: &Names, migrating: bool) -> Error {
+    match error {
+        Error::Database(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Error::InsufficientPrivilege {
+                migrating,
+                table: names.table_sql(),
+                tombstones: names.qualify(&names.tombstones),
+                source: e,
+            }
+        }
+        other => other,
+    }
+}
+
+fn apply_migrations(client: &mut postgres::Client, names: &Names) -> Result<Vec<i32>> {
     // "trebuchet" in ASCII: one lock for every table's migrations.
     const LOCK_KEY: i64 = 0x7472_6562_7563_6874;
     let migrations = names.migrations_table_sql();

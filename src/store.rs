@@ -475,8 +475,8 @@ impl StateStore {
     ///
     /// # Errors
     ///
-    /// Connection errors, or [`Error::Database`] when the user may not
-    /// create objects.
+    /// Connection errors, or [`Error::InsufficientPrivilege`] when the role
+    /// may not create or alter the objects (run it as their owner).
     pub fn migrate(&self) -> Result<Vec<i32>> {
         let mut conn = self.inner.pool.get()?;
         schema::migrate(&mut conn.client, &self.inner.names)
@@ -532,7 +532,7 @@ impl StateStore {
             Some(c) if *c == postgres::error::SqlState::UNDEFINED_TABLE => Error::SchemaMissing {
                 table: self.inner.names.table_sql(),
             },
-            _ => error,
+            _ => schema::privilege_error(error, &self.inner.names, false),
         }
     }
 

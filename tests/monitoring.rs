@@ -188,6 +188,7 @@ fn connection_info_reports_the_session_and_missing_privileges() {
     assert_eq!(info.tls, None);
     assert!(info.table_exists);
     assert!(info.missing_privileges.is_empty());
+    assert!(info.missing_tombstone_privileges.is_empty());
     assert!(!info.server_version.is_empty());
 
     let role = format!("{}_reader", schema.name());
@@ -211,6 +212,14 @@ fn connection_info_reports_the_session_and_missing_privileges() {
         let info = reader.connection_info().unwrap();
         assert_eq!(info.user, role);
         assert_eq!(info.missing_privileges, ["INSERT", "UPDATE", "DELETE"]);
+        assert_eq!(
+            info.missing_tombstone_privileges,
+            ["SELECT", "INSERT", "UPDATE"]
+        );
+        assert_eq!(
+            info.tombstone_table,
+            format!("\"{}\".\"actor_states_tombstones\"", schema.name())
+        );
     }
     admin
         .batch_execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\""))

@@ -118,6 +118,9 @@ impl From<Error> for Failure {
             Error::StateTooLarge { size, max } => {
                 format!("state is {size} bytes, over the store's maximum of {max} bytes")
             }
+            Error::InsufficientPrivilege {
+                migrating: false, ..
+            } => format!("{error}; `trebuchet-postgres doctor` shows what is missing"),
             Error::Database(e) => match e.code() {
                 Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => format!(
                     "{error}: grant the role SELECT, INSERT, UPDATE and DELETE on the table \

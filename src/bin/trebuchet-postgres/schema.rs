@@ -148,23 +148,44 @@ pub fn doctor(settings: &Settings, args: &Doctor) -> Result<(), Failure> {
         .verify()
         .map_err(|e| Failure::from_store(e, &source))?;
     schema_checks(&mut list, &store, &report)?;
-    if !info.missing_privileges.is_empty() {
+    let lacking: Vec<(&[&str], String)> = [
+        (&info.missing_privileges[..], store.table()),
+        (
+            &info.missing_tombstone_privileges[..],
+            info.tombstone_table.clone(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(missing, _)| !missing.is_empty())
+    .collect();
+    if !lacking.is_empty() {
+        let what: Vec<String> = lacking
+            .iter()
+            .map(|(missing, table)| format!("{} on {table}", missing.join(", ")))
+            .collect();
+        let grants: Vec<String> = lacking
+            .iter()
+            .map(|(missing, table)| {
+                format!(
+                    "GRANT {} ON {table} TO \"{}\"",
+                    missing.join(", "),
+                    info.user
+                )
+            })
+            .collect();
         list.fail(
             "privileges",
             &format!(
-                "{:?} lacks {} on {}: GRANT {} ON {} TO \"{}\"",
+                "{:?} lacks {}: {}",
                 info.user,
-                info.missing_privileges.join(", "),
-                store.table(),
-                info.missing_privileges.join(", "),
-                store.table(),
-                info.user
+                what.join(" and "),
+                grants.join("; ")
             ),
         )?;
     } else if info.table_exists {
         list.ok(
             "privileges",
-            "SELECT, INSERT, UPDATE and DELETE on the table",
+            "SELECT, INSERT, UPDATE and DELETE on the table; SELECT, INSERT and UPDATE on its tombstones",
         )?;
     }
     if report.is_ok() {

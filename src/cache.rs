@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use serde::de::DeserializeOwned;
 
-use crate::change::{ChangeKind, Event};
+use crate::change::Event;
 use crate::error::Result;
 use crate::listener::{CallbackHandle, ChangeListener};
 use crate::store::StateStore;
@@ -63,16 +63,13 @@ impl<T: DeserializeOwned> Core<T> {
                         Some(Slot::Ready { sequence, .. }) if *sequence >= change.sequence => {
                             return
                         }
-                        Some(slot) if change.kind == ChangeKind::Deleted => {
-                            *slot = Slot::Ready {
-                                value: None,
-                                sequence: change.sequence,
-                            };
-                            return;
-                        }
                         Some(_) => {}
                     }
                 }
+                // Deletes too are read back rather than believed: any role
+                // that may connect may NOTIFY the channel, and a forged
+                // delete with a huge sequence number would otherwise empty
+                // the slot and hide every later change.
                 self.reload(&change.actor_id);
             }
             Event::Resync(_) => self.reload_all(),

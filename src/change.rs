@@ -89,6 +89,23 @@ struct Payload {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MalformedPayload(pub(crate) String);
 
+/// The most characters of a payload's fault kept in [`MalformedPayload`]:
+/// a hostile payload of 8,000 bytes must not become a log line as long.
+const MAX_REASON_CHARS: usize = 160;
+
+/// The longest actor id the table holds, in characters.
+const MAX_ACTOR_ID_CHARS: usize = 255;
+
+impl MalformedPayload {
+    fn new(mut reason: String) -> MalformedPayload {
+        if let Some((cut, _)) = reason.char_indices().nth(MAX_REASON_CHARS) {
+            reason.truncate(cut);
+            reason.push('…');
+        }
+        MalformedPayload(reason)
+    }
+}
+
 impl fmt::Display for MalformedPayload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "malformed change payload: {}", self.0)
@@ -105,27 +122,44 @@ impl Change {
     ///
     /// # Errors
     ///
-    /// [`MalformedPayload`] when a key is missing or has the wrong type, the
-    /// sequence number is negative, or `op` is unknown.
+    /// [`MalformedPayload`] when the payload is not a JSON object, a key is
+    /// missing or has the wrong type, `actorID` is not an id the table can
+    /// hold (empty, over 255 characters, or with a NUL), the sequence number
+    /// is negative, or `op` is unknown.
     pub fn from_payload(payload: &str) -> Result<Change, MalformedPayload> {
+        // serde would also read a struct from a JSON array (`["a",1]`),
+        // which no trigger sends.
+        if !payload.trim_start().starts_with('{') {
+            return Err(MalformedPayload::new("not a JSON object".into()));
+        }
         let p: Payload =
-            serde_json::from_str(payload).map_err(|e| MalformedPayload(e.to_string()))?;
+            serde_json::from_str(payload).map_err(|e| MalformedPayload::new(e.to_string()))?;
         if p.actor_id.is_empty() {
-            return Err(MalformedPayload("empty actorID".into()));
+            return Err(MalformedPayload::new("empty actorID".into()));
+        }
+        // The ids the table can hold, as `validate_actor_id` checks them.
+        if p.actor_id.len() > MAX_ACTOR_ID_CHARS && p.actor_id.chars().count() > MAX_ACTOR_ID_CHARS
+        {
+            return Err(MalformedPayload::new(format!(
+                "actorID longer than {MAX_ACTOR_ID_CHARS} characters"
+            )));
+        }
+        if p.actor_id.contains('\0') {
+            return Err(MalformedPayload::new("actorID contains NUL".into()));
         }
         let sequence = u64::try_from(p.sequence_number).map_err(|_| {
-            MalformedPayload(format!("negative sequenceNumber {}", p.sequence_number))
+            MalformedPayload::new(format!("negative sequenceNumber {}", p.sequence_number))
         })?;
         let kind = match p.op.as_deref() {
             None | Some("save") | Some("insert") | Some("update") => ChangeKind::Saved,
             Some("delete") => ChangeKind::Deleted,
-            Some(other) => return Err(MalformedPayload(format!("unknown op {other:?}"))),
+            Some(other) => return Err(MalformedPayload::new(format!("unknown op {other:?}"))),
         };
         let timestamp = match p.timestamp {
             Some(t) if (0.0..1e12).contains(&t) => {
                 SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t)
             }
-            Some(t) => return Err(MalformedPayload(format!("timestamp {t} out of range"))),
+            Some(t) => return Err(MalformedPayload::new(format!("timestamp {t} out of range"))),
             None => SystemTime::UNIX_EPOCH,
         };
         Ok(Change {
@@ -140,6 +174,30 @@ impl Change {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn actor_ids_are_held_to_the_table_limit() {
+        let payload = |id: &str| format!(r#"{{"actorID":"{id}","sequenceNumber":1}}"#);
+        assert!(Change::from_payload(&payload(&"é".repeat(255))).is_ok());
+        let err = Change::from_payload(&payload(&"é".repeat(256))).unwrap_err();
+        assert!(err.to_string().contains("255"), "{err}");
+    }
+
+    #[test]
+    fn reasons_are_short_whatever_the_payload() {
+        let huge = format!(
+            r#"{{"actorID":"a","sequenceNumber":"{}"}}"#,
+            "9".repeat(7900)
+        );
+        let err = Change::from_payload(&huge).unwrap_err();
+        assert!(err.0.chars().count() <= MAX_REASON_CHARS + 1, "{err}");
+        assert!(err.0.ends_with('…'));
+        let op = format!(
+            r#"{{"actorID":"a","sequenceNumber":1,"op":"{}"}}"#,
+            "é".repeat(4000)
+        );
+        assert!(Change::from_payload(&op).unwrap_err().0.chars().count() <= MAX_REASON_CHARS + 1);
+    }
 
     #[test]
     fn parses_the_seed_payload() {
@@ -189,6 +247,9 @@ mod tests {
             r#"{"actorID":"a","sequenceNumber":1,"op":"explode"}"#,
             r#"{"actorID":"a","sequenceNumber":1,"timestamp":-5}"#,
             "[1,2,3]",
+            r#"["a",1]"#,
+            r#"{"actorID":"a\u0000b","sequenceNumber":1}"#,
+            r#"{"actorID":"a","actorID":"b","sequenceNumber":1}"#,
         ] {
             assert!(Change::from_payload(bad).is_err(), "{bad:?}");
         }

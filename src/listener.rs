@@ -2,12 +2,13 @@
 //! on the channel, fan-out to bounded per-subscriber queues, reconnection
 //! with back-off, and an explicit `Resync` after every gap.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{
     Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError, TrySendError,
@@ -16,7 +17,7 @@ use fallible_iterator::FallibleIterator;
 use postgres::Client;
 use postgres_native_tls::MakeTlsConnector;
 
-use crate::change::{is_probe, Change, ChangeKind, Event, ResyncReason};
+use crate::change::{is_probe, Change, ChangeKind, Event, MalformedPayload, ResyncReason};
 use crate::config::{classify_connect, validate_identifier, ConnectOptions, DEFAULT_CHANNEL};
 use crate::error::{Error, Result};
 
@@ -157,6 +158,7 @@ impl ChangeListenerBuilder {
             wake: wake_rx,
             initial_backoff: self.initial_backoff,
             max_backoff: self.max_backoff,
+            malformed_log: MalformedLog::default(),
         };
         let thread = thread::Builder::new()
             .name(format!("trebuchet-listener-{}", self.channel))
@@ -346,6 +348,41 @@ struct Worker {
     wake: Receiver<()>,
     initial_backoff: Duration,
     max_backoff: Duration,
+    malformed_log: MalformedLog,
+}
+
+/// At most one log line per this interval about malformed payloads: any
+/// client that can connect may send them, as fast as it likes.
+const MALFORMED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Logs malformed payloads without letting a flood of them flood the log:
+/// the first at once, then one line per [`MALFORMED_LOG_INTERVAL`] with the
+/// count of those not logged. (All of them are counted in the health.)
+#[derive(Default)]
+struct MalformedLog {
+    last: Cell<Option<Instant>>,
+    unlogged: Cell<u64>,
+}
+
+impl MalformedLog {
+    fn note(&self, channel: &str, error: &MalformedPayload) {
+        let now = Instant::now();
+        if self
+            .last
+            .get()
+            .is_some_and(|at| now.duration_since(at) < MALFORMED_LOG_INTERVAL)
+        {
+            self.unlogged.set(self.unlogged.get() + 1);
+            return;
+        }
+        match self.unlogged.replace(0) {
+            0 => log::warn!("channel {channel:?}: {error}"),
+            n => log::warn!(
+                "channel {channel:?}: {error} ({n} more malformed payloads skipped since the last message)"
+            ),
+        }
+        self.last.set(Some(now));
+    }
 }
 
 impl Worker {
@@ -424,7 +461,7 @@ impl Worker {
             Ok(change) => Some(self.fan_out(change)),
             Err(e) => {
                 self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                log::warn!("channel {:?}: {e}", n.channel());
+                self.malformed_log.note(n.channel(), &e);
                 None
             }
         }

@@ -49,6 +49,15 @@ impl Codec {
 
     /// Decodes `bytes` into a `T`.
     ///
+    /// Safe on untrusted bytes: truncated input, nesting deeper than
+    /// [`CBOR_NESTING_LIMIT`](Self::CBOR_NESTING_LIMIT) (CBOR) or 128 (JSON)
+    /// levels, and lengths that the input claims but does not hold give an
+    /// error. A decode never allocates what a length claims (serde caps a
+    /// collection's pre-allocation at 1 MiB), so its memory stays within a
+    /// multiple of the input's size; at the nesting limit it needs about
+    /// 200 KiB of stack in a release build (1 MiB unoptimised), well inside
+    /// the 2 MiB of a spawned thread. `tests/decode_fuzz.rs` checks this.
+    ///
     /// # Errors
     ///
     /// The codec's error when the bytes are not valid for the codec or do not
@@ -58,10 +67,19 @@ impl Codec {
         bytes: &[u8],
     ) -> Result<T, Box<dyn StdError + Send + Sync>> {
         match self {
-            Codec::Cbor => Ok(ciborium::from_reader(bytes)?),
+            Codec::Cbor => Ok(ciborium::de::from_reader_with_recursion_limit(
+                bytes,
+                Self::CBOR_NESTING_LIMIT,
+            )?),
             Codec::Json => Ok(serde_json::from_slice(bytes)?),
         }
     }
+
+    /// How deeply nested (arrays, maps, tags, enums) a CBOR state may be for
+    /// [`decode`](Self::decode): 256, ciborium's default, fixed here so that
+    /// the stack a decode of untrusted bytes needs cannot change with a
+    /// dependency. A state nested deeper encodes but does not decode.
+    pub const CBOR_NESTING_LIMIT: usize = 256;
 }
 
 /// serde_json's compact output, adjusted to Foundation's `JSONEncoder`.

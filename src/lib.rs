@@ -169,6 +169,7 @@ pub mod ffi;
 mod group;
 mod listener;
 mod monitor;
+mod outcome;
 mod pool;
 mod schema;
 mod store;

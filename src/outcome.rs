@@ -20,12 +20,57 @@
 //!   can have followed it; otherwise the outcome is unknown.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Error, Result};
 use crate::pool::{Backend, Connection, Pool};
 use crate::schema::{Statements, WRITE_TAGS};
+
+/// How the writes of a store whose connection broke mid-write turned out,
+/// since the store was built: from [`StateStore::lost_writes`](crate::StateStore::lost_writes).
+/// One count per statement: a group commit or a bulk write counts once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LostWrites {
+    /// Found applied: the caller got its result as if nothing had happened.
+    pub applied: u64,
+    /// Found not applied: the caller got [`Error::NotApplied`] (or, inside
+    /// `transform`, the step ran again).
+    pub not_applied: u64,
+    /// Not found out: the caller got [`Error::OutcomeUnknown`].
+    pub unknown: u64,
+}
+
+/// The counters behind [`LostWrites`].
+#[derive(Debug, Default)]
+pub(crate) struct LostWriteCounters {
+    applied: AtomicU64,
+    not_applied: AtomicU64,
+    unknown: AtomicU64,
+}
+
+impl LostWriteCounters {
+    /// Counts how one lost write turned out.
+    pub fn count<R>(&self, result: &Result<R>) {
+        let counter = match result {
+            Ok(_) => &self.applied,
+            Err(Error::NotApplied { .. }) => &self.not_applied,
+            Err(Error::OutcomeUnknown { .. }) => &self.unknown,
+            Err(_) => &self.applied,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> LostWrites {
+        LostWrites {
+            applied: self.applied.load(Ordering::Relaxed),
+            not_applied: self.not_applied.load(Ordering::Relaxed),
+            unknown: self.unknown.load(Ordering::Relaxed),
+        }
+    }
+}
 
 /// A new random write id (never 0).
 pub(crate) fn write_id() -> i64 {
@@ -252,9 +297,9 @@ fn read(
                     row.get::<_, String>(0),
                     Trace {
                         row_sequence: row.get(1),
-                        row_tags: row.get::<_, Option<Vec<i64>>>(2).unwrap_or_default(),
+                        row_tags: tags(row.get(2)),
                         tomb_sequence: row.get(3),
-                        tomb_tags: row.get::<_, Option<Vec<i64>>>(4).unwrap_or_default(),
+                        tomb_tags: tags(row.get(4)),
                         updated_at: row.get(5),
                         created_at: row.get(6),
                     },
@@ -262,6 +307,11 @@ fn read(
             })
             .collect(),
     ))
+}
+
+/// The tags of a `recent_writes` array; NULL (no tagged write yet) is none.
+fn tags(array: Option<Vec<Option<i64>>>) -> Vec<i64> {
+    array.unwrap_or_default().into_iter().flatten().collect()
 }
 
 #[cfg(test)]

@@ -165,8 +165,8 @@ impl Statements {
         // The sequence number a new actor starts at, above its tombstone if
         // it had one, and the write tags the tombstone carried.
         let next = format!(
-            "(SELECT COALESCE(max(b.sequence_number), 0) + 1 AS seq, \
-             (array_agg(b.recent_writes))[1] AS tags FROM {b} b WHERE b.actor_id = $1::VARCHAR) n"
+            "(SELECT COALESCE(b.sequence_number, 0) + 1 AS seq, b.recent_writes AS tags \
+             FROM (SELECT 1) one LEFT JOIN {b} b ON b.actor_id = $1::VARCHAR) n"
         );
         // Both conditional writes answer in one round trip: the new row, or
         // the sequence number that blocked the write.

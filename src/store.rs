@@ -13,7 +13,7 @@ use crate::config::ConnectOptions;
 use crate::error::{Error, Expected, InvalidActorId, Result};
 use crate::group::{rounds, Combiner, Item};
 use crate::listener::{ChangeListener, ChangeListenerBuilder};
-use crate::outcome::{self, write_id, Landed, Traces};
+use crate::outcome::{self, write_id, Landed, LostWriteCounters, LostWrites, Traces};
 use crate::pool::{Connection, Pool, PoolOptions};
 use crate::schema::{self, Names, Statements, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
 
@@ -265,6 +265,7 @@ impl StateStoreBuilder {
                 max_state_size: self.max_state_size,
                 retry: self.retry,
                 outcome_timeout: self.outcome_timeout,
+                lost_writes: LostWriteCounters::default(),
                 combiner: self.group_commit.then(Combiner::default),
             }),
         };
@@ -283,6 +284,7 @@ pub(crate) struct Inner {
     max_state_size: usize,
     retry: RetryPolicy,
     outcome_timeout: Duration,
+    lost_writes: LostWriteCounters,
     combiner: Option<Combiner>,
 }
 
@@ -577,15 +579,23 @@ impl StateStore {
             "connection lost during a write to {:?}; finding out whether it was applied",
             ids.first().copied().unwrap_or_default()
         );
-        let traces = outcome::find_out(
+        let result = outcome::find_out(
             &self.inner.pool,
             &self.inner.sql,
             ids,
             backend,
             source,
             self.inner.outcome_timeout,
-        )?;
-        settle(&traces)
+        )
+        .and_then(|traces| settle(&traces));
+        self.inner.lost_writes.count(&result);
+        result
+    }
+
+    /// How the writes whose connection broke mid-write turned out, since
+    /// the store was built. Reads counters only: no round trip.
+    pub fn lost_writes(&self) -> LostWrites {
+        self.inner.lost_writes.snapshot()
     }
 
     fn schema_hint(&self, error: Error) -> Error {

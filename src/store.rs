@@ -324,6 +324,46 @@ pub(crate) struct Inner {
 /// tombstone row holding it, so an actor created again under the same id
 /// continues above it: a number never repeats for an id, and a listener that
 /// ignores numbers it has already seen never ignores a new actor.
+///
+/// # Lost connections
+///
+/// When a connection breaks after a write was sent and before its reply
+/// arrived (a server restart or crash, a network cut), the write may or may
+/// not have been committed. The store does not leave the caller guessing: it
+/// opens a new connection (retrying until
+/// [`outcome_timeout`](StateStoreBuilder::outcome_timeout)), makes sure the
+/// server process of the broken one has exited so the write cannot land
+/// later, and reads the actors' *write tags* back. Every write carries a
+/// random id, and each row it writes keeps `id XOR sequence number` among
+/// the actor's 32 most recent tags (the `recent_writes` column; deletes tag
+/// the tombstone). That costs no round trip and a few bytes per row.
+///
+/// The caller then gets what it would have got, or:
+///
+/// - [`Error::NotApplied`]: the write was not applied; the database is as if
+///   the call had never been made, and making it again is safe.
+///   [`transform`](Self::transform) does so itself, as after a lost race.
+/// - [`Error::OutcomeUnknown`]: the server did not come back within
+///   `outcome_timeout`, or the answer was pushed out of the tags. A
+///   conditional write ([`save_if`](Self::save_if) with a sequence number,
+///   [`transform`](Self::transform) on an existing actor,
+///   [`save_with_sequence`](Self::save_with_sequence)) knows the sequence
+///   number it would have produced, so it is always answered unless 32 other
+///   writes to the same actor followed it before the store could look. A
+///   plain [`save`](Self::save), a [`delete`](Self::delete) or
+///   `save_if(.., Expected::Absent)` is answered when the actor has fewer
+///   than 32 tagged writes in all, or when its write is among the last 32;
+///   otherwise it is unknown.
+///
+/// Bulk writes and batches are all or nothing, so one tag found means all of
+/// it committed. Writes made by other programs (the Swift adapter, manual
+/// SQL) leave no tags; they never make an answer wrong, except that an actor
+/// deleted *and* re-created by them while the store looks may read as
+/// "not applied" for a delete that was.
+///
+/// Reads are simply run once more on a new connection. Failing to get a
+/// connection at all ([`Error::Connect`], [`Error::PoolExhausted`]) means
+/// nothing was sent.
 #[derive(Clone)]
 pub struct StateStore {
     inner: Arc<Inner>,

@@ -132,7 +132,6 @@ pub(crate) struct Backend {
 pub(crate) struct Connection {
     pub client: Client,
     /// The server process serving it, when the server said.
-    #[allow(dead_code)]
     pub backend: Option<Backend>,
     statements: HashMap<Box<str>, Statement>,
     verified_epoch: u64,
@@ -171,12 +170,18 @@ struct Shared {
 }
 
 pub(crate) struct Manager {
+    opener: Arc<Opener>,
+}
+
+/// How connections are made: shared by the r2d2 manager and the pool
+/// handle, which opens connections of its own outside the pool.
+struct Opener {
     inner: PostgresConnectionManager<MakeTlsConnector>,
     statement_timeout: Option<Duration>,
     shared: Arc<Shared>,
 }
 
-impl Manager {
+impl Opener {
     /// Connects, applies the session settings and learns which server
     /// process serves the connection, in one round trip after the handshake.
     fn open(&self) -> Result<(Client, Option<Backend>)> {
@@ -184,22 +189,28 @@ impl Manager {
             .inner
             .connect()
             .map_err(|e| connect_error(e, &self.shared))?;
-        let timeout = self
-            .statement_timeout
-            .map(|t| t.as_millis().to_string());
+        let timeout = self.statement_timeout.map(|t| t.as_millis().to_string());
         let row = client
             .query_one(
                 "SELECT pg_backend_pid(),                  (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()),                  CASE WHEN $1::TEXT IS NULL THEN NULL                  ELSE set_config('statement_timeout', $1::TEXT, false) END",
                 &[&timeout],
             )
             .map_err(|e| connect_error(e, &self.shared))?;
-        let backend = row
-            .get::<_, Option<SystemTime>>(1)
-            .map(|started| Backend {
-                pid: row.get(0),
-                started,
-            });
+        let backend = row.get::<_, Option<SystemTime>>(1).map(|started| Backend {
+            pid: row.get(0),
+            started,
+        });
         Ok((client, backend))
+    }
+
+    fn wrap(&self, client: Client, backend: Option<Backend>) -> Connection {
+        Connection {
+            client,
+            backend,
+            statements: HashMap::new(),
+            verified_epoch: self.shared.epoch.load(Ordering::Acquire),
+            broken: false,
+        }
     }
 }
 
@@ -218,6 +229,7 @@ impl ManageConnection for Manager {
 
     fn connect(&self) -> Result<Connection> {
         let spare = self
+            .opener
             .shared
             .spare
             .lock()
@@ -225,13 +237,14 @@ impl ManageConnection for Manager {
             .take();
         let (client, backend) = match spare {
             Some(opened) => opened,
-            None => match self.open() {
+            None => match self.opener.open() {
                 Ok(opened) => opened,
                 Err(e) => {
                     if let Error::Connect { failure, .. } = &e {
                         // Kept for callers that time out waiting: they get
                         // the reason instead of "pool exhausted".
                         *self
+                            .opener
                             .shared
                             .last_error
                             .lock()
@@ -242,13 +255,7 @@ impl ManageConnection for Manager {
                 }
             },
         };
-        Ok(Connection {
-            client,
-            backend,
-            statements: HashMap::new(),
-            verified_epoch: self.shared.epoch.load(Ordering::Acquire),
-            broken: false,
-        })
+        Ok(self.opener.wrap(client, backend))
     }
 
     fn is_valid(&self, conn: &mut Connection) -> Result<()> {
@@ -278,6 +285,7 @@ impl ManageConnection for Manager {
 #[derive(Clone)]
 pub struct Pool {
     r2d2: r2d2::Pool<Manager>,
+    opener: Arc<Opener>,
     shared: Arc<Shared>,
     options: Arc<PoolOptions>,
     connect: Arc<ConnectOptions>,
@@ -343,12 +351,15 @@ impl Pool {
             target: connect.target(),
             user: config.get_user().unwrap_or("postgres").to_owned(),
         });
-        let manager = Manager {
+        let opener = Arc::new(Opener {
             inner: PostgresConnectionManager::new(config, tls),
             statement_timeout: options.statement_timeout,
             shared: Arc::clone(&shared),
+        });
+        let first = opener.open()?;
+        let manager = Manager {
+            opener: Arc::clone(&opener),
         };
-        let first = manager.open()?;
         *shared.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(first);
         let r2d2 = r2d2::Pool::builder()
             .max_size(options.max_size)
@@ -360,6 +371,7 @@ impl Pool {
             .build_unchecked(manager);
         Ok(Pool {
             r2d2,
+            opener,
             shared,
             options: Arc::new(options),
             connect,
@@ -470,6 +482,14 @@ impl Pool {
                 waited: start.elapsed(),
             },
         }
+    }
+
+    /// A new connection outside the pool, for finding out what became of a
+    /// write whose connection broke: unlike a check-out, it does not wait
+    /// for the pool's background reconnection.
+    pub(crate) fn open_unpooled(&self) -> Result<Connection> {
+        let (client, backend) = self.opener.open()?;
+        Ok(self.opener.wrap(client, backend))
     }
 
     /// Classifies an error from a call on `conn`. A broken connection is

@@ -42,6 +42,50 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// What stands between the client and PostgreSQL, when it is a
+/// connection pooler such as PgBouncer. Set with
+/// [`ConnectOptions::pooler`].
+///
+/// | mode | statements | server process found again after a lost connection | `LISTEN` |
+/// |---|---|---|---|
+/// | `None` (default) | prepared once per connection, cached | yes | yes |
+/// | `Session` | prepared once per connection, cached | no | yes |
+/// | `Transaction` | unnamed, parsed on every call | no | refused |
+///
+/// Through a transaction-mode pooler each transaction may run on another
+/// server connection, so a statement prepared in one is missing (or is
+/// another client's) in the next, session settings leak between clients,
+/// and notifications for a `LISTEN` go to whichever client holds that
+/// server connection, or nowhere. Declare it: the store then sends every
+/// statement unnamed with its parameter types, in one round trip, and a
+/// listener refuses it (give the listener a direct URL). Behind any pooler,
+/// the server process that served a broken connection may already serve
+/// another client, so it is never signalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PoolerMode {
+    /// Connected to PostgreSQL itself.
+    #[default]
+    None,
+    /// Through a pooler that gives each client one server connection for
+    /// its whole session (PgBouncer `pool_mode = session`).
+    Session,
+    /// Through a pooler that may give each transaction another server
+    /// connection (PgBouncer `pool_mode = transaction`).
+    Transaction,
+}
+
+/// Why a `LISTEN` connection is refused through a transaction-mode pooler.
+pub(crate) fn listen_through_transaction_pooler() -> Error {
+    Error::invalid_config(
+        "LISTEN needs a session of its own, and a transaction-mode pooler \
+         (PgBouncer pool_mode = transaction) hands each transaction to any server \
+         connection, so notifications would be lost: give the listener a direct URL \
+         (store.listener_builder().url(\"postgresql://db-host/db\")) or one through \
+         a session-mode pool",
+    )
+}
+
 impl FromStr for SslMode {
     type Err = Error;
 
@@ -88,6 +132,7 @@ pub struct ConnectOptions {
     pub(crate) pg: postgres::Config,
     ssl_mode: SslMode,
     ssl_root_cert: Option<PathBuf>,
+    pooler: PoolerMode,
 }
 
 impl Default for ConnectOptions {
@@ -110,6 +155,7 @@ impl ConnectOptions {
             pg,
             ssl_mode: SslMode::default(),
             ssl_root_cert: None,
+            pooler: PoolerMode::None,
         }
     }
 
@@ -218,6 +264,29 @@ impl ConnectOptions {
     pub fn ssl_root_cert(&mut self, path: impl Into<PathBuf>) -> &mut Self {
         self.ssl_root_cert = Some(path.into());
         self
+    }
+
+    /// Declares a connection pooler between the client and PostgreSQL
+    /// (default [`PoolerMode::None`]). Through PgBouncer in transaction mode
+    /// set [`PoolerMode::Transaction`]: statements are then sent unnamed,
+    /// and a listener refuses these options.
+    ///
+    /// ```
+    /// use trebuchet_postgres::{ConnectOptions, PoolerMode};
+    ///
+    /// let mut opts: ConnectOptions = "postgresql://app@pgbouncer:6432/game".parse()?;
+    /// opts.pooler(PoolerMode::Transaction);
+    /// assert_eq!(opts.get_pooler(), PoolerMode::Transaction);
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    pub fn pooler(&mut self, mode: PoolerMode) -> &mut Self {
+        self.pooler = mode;
+        self
+    }
+
+    /// The declared pooler.
+    pub fn get_pooler(&self) -> PoolerMode {
+        self.pooler
     }
 
     /// Sets `application_name`, shown in `pg_stat_activity`.
@@ -410,6 +479,7 @@ impl fmt::Debug for ConnectOptions {
             .field("ssl_mode", &self.ssl_mode)
             .field("ssl_root_cert", &self.ssl_root_cert)
             .field("application_name", &self.pg.get_application_name())
+            .field("pooler", &self.pooler)
             .finish_non_exhaustive()
     }
 }

@@ -180,7 +180,7 @@ mod transfer;
 pub use crate::cache::StateCache;
 pub use crate::change::{Change, ChangeKind, Event, MalformedPayload, ResyncReason};
 pub use crate::codec::Codec;
-pub use crate::config::{ConnectOptions, SslMode};
+pub use crate::config::{ConnectOptions, PoolerMode, SslMode};
 #[cfg(feature = "config-file")]
 pub use crate::config_file::{ConnectionSource, StateConfig};
 pub use crate::error::{ConnectFailure, Error, Expected, InvalidActorId, Result};

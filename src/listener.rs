@@ -14,11 +14,14 @@ use crossbeam_channel::{
     Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError, TrySendError,
 };
 use fallible_iterator::FallibleIterator;
-use postgres::Client;
+use postgres::{Client, SimpleQueryMessage};
 use postgres_native_tls::MakeTlsConnector;
 
 use crate::change::{is_probe, Change, ChangeKind, Event, MalformedPayload, ResyncReason};
-use crate::config::{classify_connect, validate_identifier, ConnectOptions, DEFAULT_CHANNEL};
+use crate::config::{
+    classify_connect, listen_through_transaction_pooler, validate_identifier, ConnectOptions,
+    PoolerMode, DEFAULT_CHANNEL,
+};
 use crate::error::{Error, Result};
 
 /// How long the listener thread waits for a notification before it looks at
@@ -65,7 +68,10 @@ impl fmt::Debug for ChangeListenerBuilder {
 impl ChangeListenerBuilder {
     /// Connects with a connection string. A listener needs a session-level
     /// connection: point it at the server itself, or at PgBouncer in session
-    /// mode, never at PgBouncer in transaction mode (LISTEN breaks there).
+    /// mode, never at PgBouncer in transaction mode (LISTEN breaks there):
+    /// [`build`](Self::build) refuses options that declare one
+    /// ([`PoolerMode::Transaction`](crate::PoolerMode::Transaction)) and one
+    /// it finds out about.
     pub fn url(mut self, url: &str) -> Self {
         self.connect = Some(url.parse());
         self
@@ -116,7 +122,10 @@ impl ChangeListenerBuilder {
     ///
     /// [`Error::InvalidIdentifier`], [`Error::InvalidConnectionString`] and
     /// [`Error::InvalidConfig`] before connecting; [`Error::Connect`] when
-    /// the first connection fails.
+    /// the first connection fails; [`Error::InvalidConfig`] when the
+    /// options declare a transaction-mode pooler, or when the connection
+    /// turns out to go through one (its transactions run on different server
+    /// processes), where notifications would be lost.
     pub fn build(self) -> Result<ChangeListener> {
         validate_identifier("channel", &self.channel)?;
         if self.capacity == 0 {
@@ -131,6 +140,9 @@ impl ChangeListenerBuilder {
             Some(connect) => connect?,
             None => ConnectOptions::from_env()?,
         };
+        if options.get_pooler() == PoolerMode::Transaction {
+            return Err(listen_through_transaction_pooler());
+        }
         let (idle, interval, retries) = self.keepalives;
         options.keepalives(idle, interval, retries);
         let tls = options.tls_connector()?;
@@ -141,7 +153,10 @@ impl ChangeListenerBuilder {
             target: target.clone(),
             listen: format!("LISTEN \"{}\"", self.channel),
         };
-        let client = conn.connect(None)?;
+        let mut client = conn.connect(None)?;
+        if conn.transaction_pooled(&mut client) {
+            return Err(listen_through_transaction_pooler());
+        }
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
             stats: Stats::default(),
@@ -337,6 +352,46 @@ impl Connector {
         let mut client = config.connect(self.tls.clone()).map_err(connect_error)?;
         client.batch_execute(&self.listen).map_err(connect_error)?;
         Ok(client)
+    }
+
+    /// Whether `client`'s transactions run on different server processes,
+    /// as through a transaction-mode pooler that was not declared: its
+    /// server process then serves a second connection opened now, or its own
+    /// next transaction runs on another process. Never true for a direct or
+    /// session-pooled connection, whose server process is its own for life,
+    /// so a `true` is proof. A pooler that happens to keep `client` on one
+    /// server process for these three statements goes unnoticed, and when the
+    /// check cannot be made (no second connection within two seconds) the
+    /// answer is `false`.
+    fn transaction_pooled(&self, client: &mut Client) -> bool {
+        fn pid(client: &mut Client) -> Option<String> {
+            let messages = client.simple_query("SELECT pg_backend_pid()").ok()?;
+            messages.into_iter().find_map(|m| match m {
+                SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+        }
+        let Some(first) = pid(client) else {
+            return false;
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let connector = self.clone();
+        let spawned = thread::Builder::new()
+            .name("trebuchet-listener-check".into())
+            .spawn(move || {
+                let other = connector
+                    .config
+                    .connect(connector.tls.clone())
+                    .ok()
+                    .and_then(|mut other| pid(&mut other));
+                let _ = tx.send(other);
+            });
+        let other = match spawned {
+            Ok(_) => rx.recv_timeout(Duration::from_secs(2)).ok().flatten(),
+            Err(_) => None,
+        };
+        let again = pid(client);
+        other.as_ref() == Some(&first) || again.is_some_and(|again| again != first)
     }
 }
 

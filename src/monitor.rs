@@ -12,14 +12,14 @@ use std::time::{Duration, Instant, SystemTime};
 use fallible_iterator::FallibleIterator;
 
 use crate::change::PROBE_KEY;
-use crate::config::classify_connect;
+use crate::config::{classify_connect, listen_through_transaction_pooler, PoolerMode};
 use crate::error::{Error, Result};
-use crate::pool::PoolState;
+use crate::pool::{Connection, PoolState};
 use crate::store::{to_u64, Failure, StateStore};
 
 /// Per-table figures, from the statistics views, in one round trip.
 const TABLE_FIGURES: &str = "\
-    SELECT to_regclass($1) IS NOT NULL, pg_total_relation_size(to_regclass($1)), \
+    SELECT to_regclass($1::TEXT) IS NOT NULL, pg_total_relation_size(to_regclass($1)), \
     s.n_tup_ins + s.n_tup_upd + s.n_tup_del, s.n_dead_tup, \
     GREATEST(s.last_vacuum, s.last_autovacuum), \
     (SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()), \
@@ -31,7 +31,7 @@ const TABLE_FIGURES: &str = "\
 /// The write counter alone, for the start of a window.
 const WRITE_COUNTER: &str = "\
     SELECT (SELECT n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables \
-    WHERE relid = to_regclass($1)), clock_timestamp()";
+    WHERE relid = to_regclass($1::TEXT)), clock_timestamp()";
 
 /// Every other client session, to find those listening on the channel.
 const SESSIONS: &str = "\
@@ -50,10 +50,10 @@ const SESSION_INFO: &str = "\
     SELECT current_setting('server_version'), current_user::TEXT, current_database()::TEXT, \
     (SELECT CASE WHEN ssl THEN version || ' ' || cipher END FROM pg_stat_ssl \
      WHERE pid = pg_backend_pid()), \
-    to_regclass($1) IS NOT NULL, \
+    to_regclass($1::TEXT) IS NOT NULL, \
     has_table_privilege(to_regclass($1), 'SELECT'), has_table_privilege(to_regclass($1), 'INSERT'), \
     has_table_privilege(to_regclass($1), 'UPDATE'), has_table_privilege(to_regclass($1), 'DELETE'), \
-    has_table_privilege(to_regclass($2), 'SELECT'), has_table_privilege(to_regclass($2), 'INSERT'), \
+    has_table_privilege(to_regclass($2::TEXT), 'SELECT'), has_table_privilege(to_regclass($2), 'INSERT'), \
     has_table_privilege(to_regclass($2), 'UPDATE')";
 
 /// How many slow statements [`StoreStats::slow_statements`] lists at most.
@@ -278,19 +278,21 @@ impl StateStore {
         let channel = self.channel().to_owned();
         let bare_table = self.names().table.clone();
         let mut stats = self.call(true, |inner, c| {
-            let row = c.client.query_one(TABLE_FIGURES, &[&table])?;
+            let row = c
+                .prepare(TABLE_FIGURES)?
+                .query_one(&mut c.client, &[&table])?;
             if !row.get::<_, bool>(0) {
                 return Err(Failure::Store(Error::SchemaMissing {
                     table: table.clone(),
                 }));
             }
             let actors = c.prepare(&inner.sql.count_prefix)?;
-            let actors = to_u64(c.client.query_one(&actors, &[&""])?.get(0));
+            let actors = to_u64(actors.query_one(&mut c.client, &[&""])?.get(0));
             let tombstones = c.prepare(&inner.sql.count_tombstones)?;
-            let tombstones = to_u64(c.client.query_one(&tombstones, &[])?.get(0));
+            let tombstones = to_u64(tombstones.query_one(&mut c.client, &[])?.get(0));
             let mut listeners = Vec::new();
             let mut hidden_sessions = 0;
-            for session in c.client.query(SESSIONS, &[])? {
+            for session in c.prepare(SESSIONS)?.query(&mut c.client, &[])? {
                 let query: Option<String> = session.get(5);
                 match query.as_deref() {
                     Some(q) if is_listen_on(q, &channel) => listeners.push(ListenerSession {
@@ -304,7 +306,7 @@ impl StateStore {
                     Some(_) => {}
                 }
             }
-            let slow_statements = slow_statements(&mut c.client, &bare_table)?;
+            let slow_statements = slow_statements(c, &bare_table)?;
             Ok(StoreStats {
                 table: table.clone(),
                 channel: channel.clone(),
@@ -345,7 +347,9 @@ impl StateStore {
         }
         let table = self.table();
         let (before, from): (Option<i64>, SystemTime) = self.call(true, |_, c| {
-            let row = c.client.query_one(WRITE_COUNTER, &[&table])?;
+            let row = c
+                .prepare(WRITE_COUNTER)?
+                .query_one(&mut c.client, &[&table])?;
             Ok((row.get(0), row.get(1)))
         })?;
         thread::sleep(window);
@@ -370,7 +374,9 @@ impl StateStore {
         let table = self.table();
         self.call(true, |inner, c| {
             let tombstones = inner.names.qualify(&inner.names.tombstones);
-            let row = c.client.query_one(SESSION_INFO, &[&table, &tombstones])?;
+            let row = c
+                .prepare(SESSION_INFO)?
+                .query_one(&mut c.client, &[&table, &tombstones])?;
             let missing = |first: usize, privileges: &[&'static str]| -> Vec<&'static str> {
                 privileges
                     .iter()
@@ -408,9 +414,13 @@ impl StateStore {
     /// # Errors
     ///
     /// [`Error::Connect`] when the listening connection cannot be opened;
-    /// connection and database errors.
+    /// [`Error::InvalidConfig`] through a transaction-mode pooler, where
+    /// `LISTEN` does not work; connection and database errors.
     pub fn notify_round_trip(&self, timeout: Duration) -> Result<Option<Duration>> {
         let options = self.pool().connect_options();
+        if options.get_pooler() == PoolerMode::Transaction {
+            return Err(listen_through_transaction_pooler());
+        }
         let config = options.driver_config();
         let connect_error = |e: postgres::Error| Error::Connect {
             failure: classify_connect(&e),
@@ -428,8 +438,8 @@ impl StateStore {
         let channel = self.channel().to_owned();
         let start = Instant::now();
         self.call(false, |_, c| {
-            c.client
-                .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])?;
+            c.prepare("SELECT pg_notify($1::TEXT, $2::TEXT)")?
+                .execute(&mut c.client, &[&channel, &payload])?;
             Ok(())
         })?;
         loop {
@@ -447,11 +457,11 @@ impl StateStore {
 }
 
 /// The slowest statements mentioning `table`, or why there are none.
-fn slow_statements(
-    client: &mut postgres::Client,
-    table: &str,
-) -> Result<SlowStatements, postgres::Error> {
-    let Some(extension) = client.query_opt(STATEMENTS_EXTENSION, &[])? else {
+fn slow_statements(c: &mut Connection, table: &str) -> Result<SlowStatements, postgres::Error> {
+    let Some(extension) = c
+        .prepare(STATEMENTS_EXTENSION)?
+        .query_opt(&mut c.client, &[])?
+    else {
         return Ok(SlowStatements::NotInstalled);
     };
     let schema: String = extension.get(0);
@@ -464,12 +474,15 @@ fn slow_statements(
     let sql = format!(
         "SELECT query, calls, {mean}, {max} FROM \"{}\".pg_stat_statements \
          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND position($1 IN query) > 0 \
+         AND position($1::TEXT IN query) > 0 \
          AND query ~* '^\\s*(with|select|insert|update|delete)\\M' \
-         ORDER BY {mean} DESC LIMIT $2",
+         ORDER BY {mean} DESC LIMIT $2::INT8",
         schema.replace('"', "\"\"")
     );
-    match client.query(&sql, &[&table, &SLOW_STATEMENTS]) {
+    let found = c
+        .prepare(&sql)
+        .and_then(|st| st.query(&mut c.client, &[&table, &SLOW_STATEMENTS]));
+    match found {
         Ok(rows) => Ok(SlowStatements::Found(
             rows.iter()
                 .map(|row| SlowStatement {
@@ -494,6 +507,19 @@ fn millis(ms: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_query_casts_each_parameter() {
+        for sql in [
+            TABLE_FIGURES,
+            WRITE_COUNTER,
+            SESSIONS,
+            STATEMENTS_EXTENSION,
+            SESSION_INFO,
+        ] {
+            assert!(crate::pool::param_types(sql).is_some(), "{sql}");
+        }
+    }
 
     #[test]
     fn listen_statements_are_recognised() {

@@ -289,7 +289,9 @@ fn read(
             std::thread::sleep(Duration::from_millis(2));
         }
     }
-    let rows = conn.client.query(&sql.outcomes, &[&ids])?;
+    let rows = conn
+        .prepare(&sql.outcomes)?
+        .query(&mut conn.client, &[&ids])?;
     Ok(Some(
         rows.iter()
             .map(|row| {

@@ -1,6 +1,8 @@
 //! The connection pool: r2d2 over `postgres::Client`, one TLS connector per
-//! pool, prepared statements cached per connection, and fault detection that
-//! re-checks idle connections only after a connection was seen to break.
+//! pool, prepared statements cached per connection (or, through a
+//! transaction-mode pooler, sent unnamed with their parameter types), and
+//! fault detection that re-checks idle connections only after a connection
+//! was seen to break.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -10,12 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use postgres::error::SqlState;
-use postgres::{Client, Statement};
+use postgres::types::{ToSql, Type};
+use postgres::{Client, GenericClient, Row, Statement, Transaction};
 use postgres_native_tls::MakeTlsConnector;
 use r2d2::ManageConnection;
 use r2d2_postgres::PostgresConnectionManager;
 
-use crate::config::{classify_connect, ConnectOptions};
+use crate::config::{classify_connect, ConnectOptions, PoolerMode};
 use crate::error::{ConnectFailure, Error, Result};
 
 /// Pool settings. Every field has a documented default ([`PoolOptions::default`]).
@@ -131,24 +134,201 @@ pub(crate) struct Backend {
 /// A pooled connection with its prepared statements.
 pub(crate) struct Connection {
     pub client: Client,
-    /// The server process serving it, when the server said.
+    /// The server process serving it, when the server said (never through
+    /// a pooler, whose server connections serve other clients too).
     pub backend: Option<Backend>,
     statements: HashMap<Box<str>, Statement>,
+    /// Through a transaction-mode pooler: statements are sent unnamed, with
+    /// the parameter types their casts name, read once per text.
+    unnamed: Option<HashMap<Box<str>, Arc<[Type]>>>,
     verified_epoch: u64,
     broken: bool,
 }
 
 impl Connection {
-    /// The prepared statement for `sql`, prepared on first use and cached
-    /// for the life of the connection.
-    pub fn prepare(&mut self, sql: &str) -> Result<Statement, postgres::Error> {
+    /// The statement for `sql`: prepared on first use and cached for the
+    /// life of the connection, or, through a transaction-mode pooler, the
+    /// text and its parameter types, to be sent unnamed on every call
+    /// (parse, bind and execute in one round trip).
+    pub fn prepare<'a>(&mut self, sql: &'a str) -> Result<Prepared<'a>, postgres::Error> {
+        if let Some(known) = &mut self.unnamed {
+            if let Some(types) = known.get(sql) {
+                return Ok(Prepared::Unnamed {
+                    sql,
+                    types: Arc::clone(types),
+                });
+            }
+            if let Some(types) = param_types(sql) {
+                let types: Arc<[Type]> = types.into();
+                known.insert(sql.into(), Arc::clone(&types));
+                return Ok(Prepared::Unnamed { sql, types });
+            }
+            // Every statement of this crate casts its parameters (a unit
+            // test checks): this is a bug, but a named statement still
+            // works wherever no transaction pooler is in the way.
+            log::warn!("a statement without parameter casts is sent as a named statement: {sql}");
+        }
         if let Some(statement) = self.statements.get(sql) {
-            return Ok(statement.clone());
+            return Ok(Prepared::Named(statement.clone()));
         }
         let statement = self.client.prepare(sql)?;
         self.statements.insert(sql.into(), statement.clone());
-        Ok(statement)
+        Ok(Prepared::Named(statement))
     }
+}
+
+/// A statement ready to run on a connection or on one of its transactions:
+/// the choke point through which every statement of the store goes.
+pub(crate) enum Prepared<'a> {
+    /// Prepared once and cached: each call is bind and execute.
+    Named(Statement),
+    /// Sent as an unnamed statement with its parameter types on every call.
+    Unnamed { sql: &'a str, types: Arc<[Type]> },
+}
+
+impl Prepared<'_> {
+    /// Runs the statement and returns its rows.
+    pub fn query(
+        &self,
+        client: &mut impl GenericClient,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error> {
+        match self {
+            Prepared::Named(statement) => client.query(statement, params),
+            Prepared::Unnamed { sql, types } => client.query_typed(sql, &typed(params, types)),
+        }
+    }
+
+    /// Runs the statement, which must return exactly one row.
+    pub fn query_one(
+        &self,
+        client: &mut impl GenericClient,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, postgres::Error> {
+        match self {
+            Prepared::Named(statement) => client.query_one(statement, params),
+            Prepared::Unnamed { sql, types } => client.query_typed_one(sql, &typed(params, types)),
+        }
+    }
+
+    /// Runs the statement, which must return at most one row.
+    pub fn query_opt(
+        &self,
+        client: &mut impl GenericClient,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        match self {
+            Prepared::Named(statement) => client.query_opt(statement, params),
+            Prepared::Unnamed { sql, types } => client.query_typed_opt(sql, &typed(params, types)),
+        }
+    }
+
+    /// Runs the statement and returns how many rows it changed.
+    pub fn execute(
+        &self,
+        client: &mut impl GenericClient,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        match self {
+            Prepared::Named(statement) => client.execute(statement, params),
+            Prepared::Unnamed { sql, types } => client.execute_typed(sql, &typed(params, types)),
+        }
+    }
+
+    /// Binds the statement to a portal of `transaction`, to read its rows a
+    /// batch at a time. (Unnamed, the text is prepared inside the
+    /// transaction, where even a transaction-mode pooler keeps one server
+    /// connection.)
+    pub fn bind(
+        &self,
+        transaction: &mut Transaction<'_>,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<postgres::Portal, postgres::Error> {
+        match self {
+            Prepared::Named(statement) => transaction.bind(statement, params),
+            Prepared::Unnamed { sql, .. } => transaction.bind(*sql, params),
+        }
+    }
+}
+
+/// Pairs parameters with their types for an unnamed statement.
+fn typed<'p>(
+    params: &[&'p (dyn ToSql + Sync)],
+    types: &[Type],
+) -> Vec<(&'p (dyn ToSql + Sync), Type)> {
+    params
+        .iter()
+        .zip(types.iter().cloned())
+        .map(|(param, ty)| (*param, ty))
+        .collect()
+}
+
+/// The parameter types of `sql`, read from the cast of each parameter's
+/// first appearance (`$1::VARCHAR`, `$2::BYTEA[]`): `None` when a parameter
+/// has no cast or names a type this crate does not send.
+pub(crate) fn param_types(sql: &str) -> Option<Vec<Type>> {
+    let mut types: Vec<Option<Type>> = Vec::new();
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'$' {
+            i += 1;
+            continue;
+        }
+        let digits = bytes[i + 1..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        if digits == 0 {
+            i += 1;
+            continue;
+        }
+        let n: usize = sql[i + 1..i + 1 + digits].parse().ok()?;
+        i += 1 + digits;
+        if n == 0 {
+            return None;
+        }
+        if types.len() < n {
+            types.resize(n, None);
+        }
+        let Some(rest) = sql[i..].strip_prefix("::") else {
+            continue;
+        };
+        let name_len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            .count();
+        let array = rest[name_len..].starts_with("[]");
+        if types[n - 1].is_none() {
+            types[n - 1] = Some(type_named(&rest[..name_len], array)?);
+        }
+    }
+    types.into_iter().collect()
+}
+
+/// The types this crate's statements cast their parameters to.
+fn type_named(name: &str, array: bool) -> Option<Type> {
+    let ty = match (name.to_ascii_uppercase().as_str(), array) {
+        ("VARCHAR", false) => Type::VARCHAR,
+        ("VARCHAR", true) => Type::VARCHAR_ARRAY,
+        ("TEXT", false) => Type::TEXT,
+        ("TEXT", true) => Type::TEXT_ARRAY,
+        ("BYTEA", false) => Type::BYTEA,
+        ("BYTEA", true) => Type::BYTEA_ARRAY,
+        ("BIGINT" | "INT8", false) => Type::INT8,
+        ("BIGINT" | "INT8", true) => Type::INT8_ARRAY,
+        ("INT" | "INTEGER" | "INT4", false) => Type::INT4,
+        ("INT" | "INTEGER" | "INT4", true) => Type::INT4_ARRAY,
+        ("OID", false) => Type::OID,
+        ("NAME", false) => Type::NAME,
+        ("BOOL" | "BOOLEAN", false) => Type::BOOL,
+        ("FLOAT8", false) => Type::FLOAT8,
+        ("TIMESTAMP", false) => Type::TIMESTAMP,
+        ("TIMESTAMP", true) => Type::TIMESTAMP_ARRAY,
+        ("TIMESTAMPTZ", false) => Type::TIMESTAMPTZ,
+        _ => return None,
+    };
+    Some(ty)
 }
 
 /// State shared by the pool handle and the r2d2 manager.
@@ -178,28 +358,42 @@ pub(crate) struct Manager {
 struct Opener {
     inner: PostgresConnectionManager<MakeTlsConnector>,
     statement_timeout: Option<Duration>,
+    pooler: PoolerMode,
     shared: Arc<Shared>,
 }
 
 impl Opener {
     /// Connects, applies the session settings and learns which server
     /// process serves the connection, in one round trip after the handshake.
+    /// Through a transaction-mode pooler there is no session to set up, and
+    /// behind any pooler the server process is not the connection's own.
     fn open(&self) -> Result<(Client, Option<Backend>)> {
         let mut client = self
             .inner
             .connect()
             .map_err(|e| connect_error(e, &self.shared))?;
+        if self.pooler == PoolerMode::Transaction {
+            return Ok((client, None));
+        }
         let timeout = self.statement_timeout.map(|t| t.as_millis().to_string());
+        // Unnamed, with the type given: one round trip, and no statement
+        // name for a pooler to lose.
         let row = client
-            .query_one(
-                "SELECT pg_backend_pid(),                  (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()),                  CASE WHEN $1::TEXT IS NULL THEN NULL                  ELSE set_config('statement_timeout', $1::TEXT, false) END",
-                &[&timeout],
+            .query_typed_one(
+                "SELECT pg_backend_pid(), \
+                 (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()), \
+                 CASE WHEN $1::TEXT IS NULL THEN NULL \
+                 ELSE set_config('statement_timeout', $1::TEXT, false) END",
+                &[(&timeout, Type::TEXT)],
             )
             .map_err(|e| connect_error(e, &self.shared))?;
-        let backend = row.get::<_, Option<SystemTime>>(1).map(|started| Backend {
-            pid: row.get(0),
-            started,
-        });
+        let backend = row
+            .get::<_, Option<SystemTime>>(1)
+            .map(|started| Backend {
+                pid: row.get(0),
+                started,
+            })
+            .filter(|_| self.pooler == PoolerMode::None);
         Ok((client, backend))
     }
 
@@ -208,6 +402,7 @@ impl Opener {
             client,
             backend,
             statements: HashMap::new(),
+            unnamed: (self.pooler == PoolerMode::Transaction).then(HashMap::new),
             verified_epoch: self.shared.epoch.load(Ordering::Acquire),
             broken: false,
         }
@@ -338,6 +533,15 @@ impl Pool {
     /// certificate.
     pub fn new(connect: ConnectOptions, options: PoolOptions) -> Result<Pool> {
         options.validate()?;
+        let pooler = connect.get_pooler();
+        if pooler == PoolerMode::Transaction && options.statement_timeout.is_some() {
+            return Err(Error::invalid_config(
+                "statement_timeout is a session setting, which a transaction-mode pooler \
+                 does not keep (and would pass to other clients): set it on the role instead \
+                 (ALTER ROLE app SET statement_timeout = '5s') and leave \
+                 PoolOptions::statement_timeout unset",
+            ));
+        }
         let config = connect.driver_config();
         let connect = Arc::new(connect);
         let tls = connect.tls_connector()?;
@@ -354,6 +558,7 @@ impl Pool {
         let opener = Arc::new(Opener {
             inner: PostgresConnectionManager::new(config, tls),
             statement_timeout: options.statement_timeout,
+            pooler,
             shared: Arc::clone(&shared),
         });
         let first = opener.open()?;
@@ -516,6 +721,23 @@ impl Pool {
         }
         let error = match e.code() {
             Some(c) if *c == SqlState::QUERY_CANCELED => Error::StatementTimeout,
+            // A statement this connection prepared is gone, or one of its
+            // names is taken: a transaction-mode pooler handed the call to
+            // another server connection. Nothing was executed.
+            Some(c)
+                if conn.unnamed.is_none()
+                    && (*c == SqlState::INVALID_SQL_STATEMENT_NAME
+                        || *c == SqlState::DUPLICATE_PSTATEMENT) =>
+            {
+                conn.statements.clear();
+                Error::invalid_config(format!(
+                    "{}: the server lost a statement this connection prepared, as happens \
+                     through a transaction-mode pooler (PgBouncer pool_mode = transaction); \
+                     declare it with ConnectOptions::pooler(PoolerMode::Transaction)",
+                    e.as_db_error()
+                        .map_or("prepared statement missing", |db| db.message())
+                ))
+            }
             _ => Error::Database(e),
         };
         (error, false)
@@ -531,4 +753,34 @@ fn is_io(e: &postgres::Error) -> bool {
         source = err.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_types_come_from_the_first_cast() {
+        assert_eq!(
+            param_types("SELECT $1::VARCHAR, $2::BYTEA[], $3::BIGINT, $2, $1").unwrap(),
+            [Type::VARCHAR, Type::BYTEA_ARRAY, Type::INT8]
+        );
+        assert_eq!(
+            param_types("SELECT set_config('x', $2::BIGINT::TEXT, true), $1::timestamp[]").unwrap(),
+            [Type::TIMESTAMP_ARRAY, Type::INT8]
+        );
+        assert_eq!(param_types("SELECT 1").unwrap(), []);
+        assert_eq!(
+            param_types("SELECT $1::NAME, $2::OID").unwrap(),
+            [Type::NAME, Type::OID]
+        );
+    }
+
+    #[test]
+    fn a_parameter_without_a_cast_has_no_type() {
+        assert_eq!(param_types("SELECT $1"), None);
+        assert_eq!(param_types("SELECT $2::TEXT"), None);
+        assert_eq!(param_types("SELECT $1::POINT"), None);
+        assert_eq!(param_types("SELECT $0::TEXT"), None);
+    }
 }

@@ -10,6 +10,7 @@ use postgres::error::SqlState;
 use crate::config::{validate_identifier, MAX_IDENTIFIER_BYTES};
 pub use crate::config::{DEFAULT_CHANNEL, DEFAULT_TABLE};
 use crate::error::{Error, Result};
+use crate::pool::Connection;
 
 /// The embedded migrations: version, description, template.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -298,7 +299,7 @@ impl Statements {
             list_page: format!(
                 "SELECT actor_id::TEXT, sequence_number, updated_at, octet_length(state)::INT8 \
                  FROM {t} WHERE actor_id > $2::VARCHAR AND starts_with(actor_id, $1::TEXT) \
-                 ORDER BY actor_id LIMIT $3"
+                 ORDER BY actor_id LIMIT $3::INT8"
             ),
             count_prefix: format!(
                 "SELECT count(*) FROM {t} WHERE starts_with(actor_id, $1::TEXT)"
@@ -624,15 +625,15 @@ const COLUMNS: [(&str, &[&str], &str); 5] = [
 ];
 
 /// Checks table, columns, tombstones, function and trigger.
-pub(crate) fn verify(client: &mut postgres::Client, names: &Names) -> Result<VerifyReport> {
+pub(crate) fn verify(conn: &mut Connection, names: &Names) -> Result<VerifyReport> {
     let mut problems = Vec::new();
     let table_sql = names.table_sql();
-    let row = client
-        .query_opt(
+    let row = conn
+        .prepare(
             "SELECT c.oid, n.nspname::text FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
-            &[&table_sql],
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1::TEXT)",
         )
+        .and_then(|st| st.query_opt(&mut conn.client, &[&table_sql]))
         .map_err(Error::Database)?;
     let Some(row) = row else {
         problems.push(Problem::TableMissing { table: table_sql });
@@ -641,12 +642,12 @@ pub(crate) fn verify(client: &mut postgres::Client, names: &Names) -> Result<Ver
     let oid: u32 = row.get(0);
     let schema: String = row.get(1);
 
-    let columns: Vec<(String, String)> = client
-        .query(
+    let columns: Vec<(String, String)> = conn
+        .prepare(
             "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
-             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
-            &[&oid],
+             WHERE attrelid = $1::OID AND attnum > 0 AND NOT attisdropped",
         )
+        .and_then(|st| st.query(&mut conn.client, &[&oid]))
         .map_err(Error::Database)?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
@@ -666,20 +667,21 @@ pub(crate) fn verify(client: &mut postgres::Client, names: &Names) -> Result<Ver
     }
 
     let tombstones = format!("{}.{}", quote(&schema), quote(&names.tombstones));
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&tombstones])
+    let exists: bool = conn
+        .prepare("SELECT to_regclass($1::TEXT) IS NOT NULL")
+        .and_then(|st| st.query_one(&mut conn.client, &[&tombstones]))
         .map_err(Error::Database)?
         .get(0);
     if !exists {
         problems.push(Problem::TombstonesMissing { table: tombstones });
     }
 
-    let source: Option<String> = client
-        .query_opt(
+    let source: Option<String> = conn
+        .prepare(
             "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-             WHERE p.proname = $1 AND n.nspname = $2",
-            &[&names.function, &schema],
+             WHERE p.proname = $1::NAME AND n.nspname = $2::NAME",
         )
+        .and_then(|st| st.query_opt(&mut conn.client, &[&names.function, &schema]))
         .map_err(Error::Database)?
         .map(|r| r.get(0));
     match source {
@@ -695,12 +697,12 @@ pub(crate) fn verify(client: &mut postgres::Client, names: &Names) -> Result<Ver
         Some(_) => {}
     }
 
-    let trigger = client
-        .query_opt(
+    let trigger = conn
+        .prepare(
             "SELECT t.tgenabled::text, t.tgtype::int4 FROM pg_trigger t \
-             WHERE t.tgrelid = $1 AND t.tgname = $2 AND NOT t.tgisinternal",
-            &[&oid, &names.trigger],
+             WHERE t.tgrelid = $1::OID AND t.tgname = $2::NAME AND NOT t.tgisinternal",
         )
+        .and_then(|st| st.query_opt(&mut conn.client, &[&oid, &names.trigger]))
         .map_err(Error::Database)?;
     match trigger {
         None => problems.push(Problem::TriggerMissing {
@@ -735,6 +737,67 @@ pub(crate) fn verify(client: &mut postgres::Client, names: &Names) -> Result<Ver
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_statement_casts_each_parameter() {
+        // Unnamed statements (through a transaction-mode pooler) take their
+        // parameter types from these casts. Destructured in full, so that a
+        // new statement cannot be left out of this test.
+        let names = Names::new("game.rooms", "room_changes").unwrap();
+        let Statements {
+            save,
+            save_if_absent,
+            save_if_sequence,
+            save_with_sequence,
+            load,
+            load_versioned,
+            load_many,
+            load_many_ordered,
+            save_many,
+            save_many_if,
+            delete_many,
+            lock_many,
+            catch_up,
+            delete,
+            exists,
+            sequence,
+            list_page,
+            count_prefix,
+            count_tombstones,
+            scan_prefix,
+            restore_many,
+            outcomes,
+        } = Statements::new(&names);
+        for (name, sql) in [
+            ("save", save),
+            ("save_if_absent", save_if_absent),
+            ("save_if_sequence", save_if_sequence),
+            ("save_with_sequence", save_with_sequence),
+            ("load", load),
+            ("load_versioned", load_versioned),
+            ("load_many", load_many),
+            ("load_many_ordered", load_many_ordered),
+            ("save_many", save_many),
+            ("save_many_if", save_many_if),
+            ("delete_many", delete_many),
+            ("lock_many", lock_many),
+            ("catch_up", catch_up),
+            ("delete", delete),
+            ("exists", exists),
+            ("sequence", sequence),
+            ("list_page", list_page),
+            ("count_prefix", count_prefix),
+            ("count_tombstones", count_tombstones),
+            ("scan_prefix", scan_prefix),
+            ("restore_many", restore_many),
+            ("outcomes", outcomes),
+        ] {
+            assert!(
+                crate::pool::param_types(&sql).is_some(),
+                "{name} has a parameter without a cast: {sql}"
+            );
+        }
+    }
 
     #[test]
     fn identifiers_are_validated() {

@@ -562,7 +562,7 @@ impl StateStore {
     /// Connection errors only; problems with the schema are in the report.
     pub fn verify(&self) -> Result<VerifyReport> {
         let mut conn = self.inner.pool.get()?;
-        schema::verify(&mut conn.client, &self.inner.names)
+        schema::verify(&mut conn, &self.inner.names)
     }
 
     /// Runs `f` on a pooled connection and classifies its errors. Reads
@@ -823,7 +823,7 @@ impl StateStore {
             &[id],
             |inner, c| {
                 let st = c.prepare(&inner.sql.delete)?;
-                Ok(c.client.execute(&st, &[&id, &w])? > 0)
+                Ok(st.execute(&mut c.client, &[&id, &w])? > 0)
             },
             |t| t.one(id, w, None).map(|_| true),
         )
@@ -838,7 +838,7 @@ impl StateStore {
         check_actor_id(id)?;
         self.call(true, |inner, c| {
             let st = c.prepare(&inner.sql.exists)?;
-            Ok(c.client.query_one(&st, &[&id])?.get(0))
+            Ok(st.query_one(&mut c.client, &[&id])?.get(0))
         })
     }
 
@@ -851,8 +851,8 @@ impl StateStore {
         check_actor_id(id)?;
         self.call(true, |inner, c| {
             let st = c.prepare(&inner.sql.sequence)?;
-            Ok(c.client
-                .query_opt(&st, &[&id])?
+            Ok(st
+                .query_opt(&mut c.client, &[&id])?
                 .map(|row| to_u64(row.get(0))))
         })
     }
@@ -895,7 +895,7 @@ impl StateStore {
         // Rows come back with their position in `ids`: no lookup by id.
         let rows = self.call(true, |inner, c| {
             let st = c.prepare(&inner.sql.load_many_ordered)?;
-            Ok(c.client.query(&st, &[&ids])?)
+            Ok(st.query(&mut c.client, &[&ids])?)
         })?;
         for row in rows {
             let position: i64 = row.get(0);
@@ -946,8 +946,8 @@ impl StateStore {
             &ids,
             |inner, c| {
                 let st = c.prepare(&inner.sql.save_many)?;
-                Ok(c.client
-                    .query(&st, &[&ids, &states, &write_ids])?
+                Ok(st
+                    .query(&mut c.client, &[&ids, &states, &write_ids])?
                     .iter()
                     .map(|row| (row.get(0), to_u64(row.get(1))))
                     .collect())
@@ -1059,8 +1059,8 @@ impl StateStore {
             &ids,
             |inner, c| {
                 let st = c.prepare(&inner.sql.delete_many)?;
-                Ok(c.client
-                    .query(&st, &[&ids, &w])?
+                Ok(st
+                    .query(&mut c.client, &[&ids, &w])?
                     .iter()
                     .map(|row| row.get(0))
                     .collect())
@@ -1154,7 +1154,7 @@ impl StateStore {
             &[id],
             |inner, c| {
                 let st = c.prepare(&inner.sql.save)?;
-                let row = c.client.query_one(&st, &[&id, &state, &w])?;
+                let row = st.query_one(&mut c.client, &[&id, &state, &w])?;
                 Ok(to_u64(row.get(0)))
             },
             |t| t.one(id, w, None),
@@ -1204,9 +1204,8 @@ impl StateStore {
                     &ids,
                     |inner, c| {
                         let st = c.prepare(&inner.sql.save_many)?;
-                        let written = c
-                            .client
-                            .query(&st, &[&ids, &states, &write_ids])?
+                        let written = st
+                            .query(&mut c.client, &[&ids, &states, &write_ids])?
                             .iter()
                             .map(|row| (row.get::<_, String>(0), to_u64(row.get(1))))
                             .collect::<HashMap<String, u64>>();
@@ -1319,7 +1318,7 @@ impl StateStore {
         check_actor_id(id)?;
         self.call(true, |inner, c| {
             let st = c.prepare(&inner.sql.load)?;
-            Ok(c.client.query_opt(&st, &[&id])?.map(|row| row.get(0)))
+            Ok(st.query_opt(&mut c.client, &[&id])?.map(|row| row.get(0)))
         })
     }
 
@@ -1353,8 +1352,8 @@ impl StateStore {
         }
         self.call(true, |inner, c| {
             let st = c.prepare(&inner.sql.load_many)?;
-            Ok(c.client
-                .query(&st, &[&ids])?
+            Ok(st
+                .query(&mut c.client, &[&ids])?
                 .iter()
                 .map(|row| {
                     (
@@ -1411,7 +1410,7 @@ impl StateStore {
             &[id],
             |inner, c| {
                 let st = c.prepare(&inner.sql.save_with_sequence)?;
-                let row = c.client.query_one(&st, &[&id, &state, &wanted, &w])?;
+                let row = st.query_one(&mut c.client, &[&id, &state, &wanted, &w])?;
                 Ok(match row.get::<_, Option<i64>>(0) {
                     Some(_) => None,
                     None => Some(row.get::<_, Option<i64>>(3).map(to_u64)),
@@ -1552,9 +1551,7 @@ fn many_if_on(
     write_ids: &[i64],
 ) -> Result<Vec<Written>, Failure> {
     let st = c.prepare(&inner.sql.save_many_if)?;
-    let rows = c
-        .client
-        .query(&st, &[&ids, &states, &expected, &write_ids])?;
+    let rows = st.query(&mut c.client, &[&ids, &states, &expected, &write_ids])?;
     let mut by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
         .iter()
         .map(|row| (row.get(0), (row.get(1), row.get(2))))
@@ -1567,9 +1564,8 @@ fn many_if_on(
         .collect();
     if !stale.is_empty() {
         let st = c.prepare(&inner.sql.load_many)?;
-        let current: HashMap<String, i64> = c
-            .client
-            .query(&st, &[&stale])?
+        let current: HashMap<String, i64> = st
+            .query(&mut c.client, &[&stale])?
             .iter()
             .map(|row| (row.get(0), row.get(2)))
             .collect();
@@ -1816,12 +1812,12 @@ impl Batch<'_> {
                 let lock_st = c.prepare(&inner.sql.lock_many)?;
                 let mut tx = c.client.transaction()?;
                 if total > 1 {
-                    tx.execute(&lock_st, &[&all_ids])?;
+                    lock_st.execute(&mut tx, &[&all_ids])?;
                 }
                 let mut conflict = None;
                 if !cond_ids.is_empty() {
-                    let rows = tx.query(
-                        &save_if_st,
+                    let rows = save_if_st.query(
+                        &mut tx,
                         &[&cond_ids, &cond_states, &cond_expected, &cond_write_ids],
                     )?;
                     let by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
@@ -1848,8 +1844,8 @@ impl Batch<'_> {
                     return Ok(Err(conflict));
                 }
                 if !plain_ids.is_empty() {
-                    let written: HashMap<String, i64> = tx
-                        .query(&save_st, &[&plain_ids, &plain_states, &plain_write_ids])?
+                    let written: HashMap<String, i64> = save_st
+                        .query(&mut tx, &[&plain_ids, &plain_states, &plain_write_ids])?
                         .iter()
                         .map(|row| (row.get(0), row.get(1)))
                         .collect();
@@ -1859,8 +1855,8 @@ impl Batch<'_> {
                     }
                 }
                 if !delete_ids.is_empty() {
-                    let deleted: std::collections::HashSet<String> = tx
-                        .query(&delete_st, &[&delete_ids, &w])?
+                    let deleted: std::collections::HashSet<String> = delete_st
+                        .query(&mut tx, &[&delete_ids, &w])?
                         .iter()
                         .map(|row| row.get(0))
                         .collect();
@@ -1932,7 +1928,7 @@ fn load_versioned_on(
     id: &str,
 ) -> Result<Option<Versioned<Vec<u8>>>, Failure> {
     let st = c.prepare(&inner.sql.load_versioned)?;
-    Ok(c.client.query_opt(&st, &[&id])?.map(|row| Versioned {
+    Ok(st.query_opt(&mut c.client, &[&id])?.map(|row| Versioned {
         value: row.get(0),
         sequence: to_u64(row.get(1)),
         updated_at: row.get(2),
@@ -1956,12 +1952,12 @@ fn write_if_on(
     let row = match expected {
         Expected::Absent => {
             let st = c.prepare(&inner.sql.save_if_absent)?;
-            c.client.query_one(&st, &[&id, &state, &write_id])?
+            st.query_one(&mut c.client, &[&id, &state, &write_id])?
         }
         Expected::Sequence(n) => {
             let n = to_i64(n)?;
             let st = c.prepare(&inner.sql.save_if_sequence)?;
-            c.client.query_one(&st, &[&id, &state, &n, &write_id])?
+            st.query_one(&mut c.client, &[&id, &state, &n, &write_id])?
         }
     };
     if let Some(sequence) = row.get::<_, Option<i64>>(0) {
@@ -1978,7 +1974,9 @@ fn write_if_on(
     let mut actual = row.get::<_, Option<i64>>(3).map(to_u64);
     if report_actual && Expected::from(actual) == expected {
         let st = c.prepare(&inner.sql.sequence)?;
-        actual = c.client.query_opt(&st, &[&id])?.map(|r| to_u64(r.get(0)));
+        actual = st
+            .query_opt(&mut c.client, &[&id])?
+            .map(|r| to_u64(r.get(0)));
     }
     Ok(Written::Blocked { actual })
 }

@@ -103,7 +103,7 @@ impl StateStore {
         let fetch = i64::from(limit) + 1;
         let rows = self.call(true, |inner, c| {
             let st = c.prepare(&inner.sql.list_page)?;
-            Ok(c.client.query(&st, &[&prefix, &after, &fetch])?)
+            Ok(st.query(&mut c.client, &[&prefix, &after, &fetch])?)
         })?;
         let mut actors: Vec<ActorSummary> = rows
             .iter()
@@ -133,7 +133,7 @@ impl StateStore {
     pub fn count_actors(&self, prefix: &str) -> Result<u64> {
         self.call(true, |inner, c| {
             let st = c.prepare(&inner.sql.count_prefix)?;
-            Ok(to_u64(c.client.query_one(&st, &[&prefix])?.get(0)))
+            Ok(to_u64(st.query_one(&mut c.client, &[&prefix])?.get(0)))
         })
     }
 
@@ -176,7 +176,7 @@ impl StateStore {
                 .isolation_level(IsolationLevel::RepeatableRead)
                 .read_only(true)
                 .start()?;
-            let portal = tx.bind(&st, &[&prefix])?;
+            let portal = st.bind(&mut tx, &[&prefix])?;
             let mut visited = 0;
             'walk: loop {
                 let rows = tx.query_portal(&portal, SCAN_BATCH)?;
@@ -249,9 +249,10 @@ impl StateStore {
         }
         let (by_id, current) = self.call(false, |inner, c| {
             let st = c.prepare(&inner.sql.restore_many)?;
-            let rows = c
-                .client
-                .query(&st, &[&ids, &states, &sequences, &updated, &created])?;
+            let rows = st.query(
+                &mut c.client,
+                &[&ids, &states, &sequences, &updated, &created],
+            )?;
             let by_id: HashMap<String, RestoreRow> = rows
                 .iter()
                 .map(|row| (row.get(0), (row.get(1), row.get(2), row.get(3), row.get(4))))
@@ -266,7 +267,7 @@ impl StateStore {
             let mut current = HashMap::new();
             if !unseen.is_empty() {
                 let st = c.prepare(&inner.sql.load_many)?;
-                for row in c.client.query(&st, &[&unseen])? {
+                for row in st.query(&mut c.client, &[&unseen])? {
                     current.insert(row.get::<_, String>(0), to_u64(row.get(2)));
                 }
             }

@@ -15,6 +15,10 @@
 //! - `--smoke` / `BENCH_SMOKE=1`: 0.2 s per library run, 1 thread
 //! - `BENCH_DELETE_RATE`: deletes/s to provision ids for (default 15,000;
 //!   a run that would delete more is flagged `EXHAUSTED`)
+//! - `BENCH_POOLER=transaction`: declare `PoolerMode::Transaction`, so the
+//!   library sends every statement unnamed as it does through PgBouncer in
+//!   transaction mode (here straight to the server: the cost of unnamed
+//!   statements alone)
 //!
 //! Server: `DATABASE_URL` when set (the benchmark truncates and refills its
 //! own table `bench_states` there), otherwise a throwaway cluster with
@@ -38,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use trebuchet_postgres::testing::TestCluster;
 use trebuchet_postgres::{
-    ChangeListener, ConnectOptions, Expected, PoolOptions, StateStore, Subscription,
+    ChangeListener, ConnectOptions, Expected, PoolOptions, PoolerMode, StateStore, Subscription,
 };
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -1421,6 +1425,15 @@ fn main() -> Result<(), BoxError> {
 
     let mut connect = connect;
     connect.application_name(&app_name);
+    match std::env::var("BENCH_POOLER").as_deref() {
+        Ok("transaction") => {
+            connect.pooler(PoolerMode::Transaction);
+            println!("- BENCH_POOLER=transaction: the library sends every statement unnamed");
+            println!();
+        }
+        Ok("") | Ok("none") | Err(_) => {}
+        Ok(other) => return Err(format!("BENCH_POOLER {other:?}: use transaction").into()),
+    }
     let setup_start = Instant::now();
     let store = StateStore::builder()
         .connect_options(connect)

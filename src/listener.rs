@@ -153,10 +153,15 @@ impl ChangeListenerBuilder {
             target: target.clone(),
             listen: format!("LISTEN \"{}\"", self.channel),
         };
-        let mut client = conn.connect(None)?;
-        if conn.transaction_pooled(&mut client) {
-            return Err(listen_through_transaction_pooler());
-        }
+        // Checked before LISTEN, which stays the session's last statement
+        // (monitoring finds listeners by it).
+        let client = conn.connect(None, |client| {
+            if conn.transaction_pooled(client) {
+                Err(listen_through_transaction_pooler())
+            } else {
+                Ok(())
+            }
+        })?;
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
             stats: Stats::default(),
@@ -338,7 +343,12 @@ struct Connector {
 }
 
 impl Connector {
-    fn connect(&self, timeout: Option<Duration>) -> Result<Client> {
+    /// Connects, runs `check` on the new connection, then `LISTEN`s.
+    fn connect(
+        &self,
+        timeout: Option<Duration>,
+        check: impl FnOnce(&mut Client) -> Result<()>,
+    ) -> Result<Client> {
         let mut config = self.config.clone();
         if let Some(timeout) = timeout {
             config.connect_timeout(timeout);
@@ -350,6 +360,7 @@ impl Connector {
             source: Some(e),
         };
         let mut client = config.connect(self.tls.clone()).map_err(connect_error)?;
+        check(&mut client)?;
         client.batch_execute(&self.listen).map_err(connect_error)?;
         Ok(client)
     }
@@ -596,22 +607,22 @@ impl Worker {
             let spawned = thread::Builder::new()
                 .name("trebuchet-listener-connect".into())
                 .spawn(move || {
-                    let attempt =
-                        conn.connect(Some(RECONNECT_CONNECT_TIMEOUT))
-                            .map(|mut client| {
-                                // After LISTEN, so that nothing falls between the two.
-                                let ids = catch_up_ids(&shared);
-                                let current = catch_up_query(&mut client, sql.as_deref(), &ids);
-                                if sql.is_some() && !ids.is_empty() {
-                                    // Leaves LISTEN as the session's last
-                                    // statement, which is how monitoring
-                                    // (`StateStore::stats`, the seed's
-                                    // pg_stat_activity query) finds listeners.
-                                    // Listening again is a no-op otherwise.
-                                    let _ = client.batch_execute(&conn.listen);
-                                }
-                                (client, current)
-                            });
+                    let attempt = conn
+                        .connect(Some(RECONNECT_CONNECT_TIMEOUT), |_| Ok(()))
+                        .map(|mut client| {
+                            // After LISTEN, so that nothing falls between the two.
+                            let ids = catch_up_ids(&shared);
+                            let current = catch_up_query(&mut client, sql.as_deref(), &ids);
+                            if sql.is_some() && !ids.is_empty() {
+                                // Leaves LISTEN as the session's last
+                                // statement, which is how monitoring
+                                // (`StateStore::stats`, the seed's
+                                // pg_stat_activity query) finds listeners.
+                                // Listening again is a no-op otherwise.
+                                let _ = client.batch_execute(&conn.listen);
+                            }
+                            (client, current)
+                        });
                     let _ = tx.send(attempt);
                 });
             let attempt = match spawned {

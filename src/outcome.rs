@@ -137,6 +137,11 @@ impl Trace {
 #[derive(Debug)]
 pub(crate) struct Traces {
     by_id: HashMap<String, Trace>,
+    /// Whether the broken connection's server process is known to be gone.
+    /// Behind a pooler it is not known (its server connection serves other
+    /// clients and is not ours to stop), so a write still running there
+    /// could land later: "not applied" is then never said.
+    settled: bool,
     source: Arc<postgres::Error>,
     first: String,
 }
@@ -147,9 +152,14 @@ impl Traces {
     }
 
     pub fn landed(&self, id: &str, write_id: i64, target: Option<u64>) -> Landed {
-        self.by_id
+        let landed = self
+            .by_id
             .get(id)
-            .map_or(Landed::No, |t| t.landed(write_id, target))
+            .map_or(Landed::No, |t| t.landed(write_id, target));
+        match landed {
+            Landed::No if !self.settled => Landed::Unknown,
+            other => other,
+        }
     }
 
     /// The current sequence number of `id`, if it exists.
@@ -228,6 +238,7 @@ pub(crate) fn find_out(
                 Ok(Some(by_id)) => {
                     return Ok(Traces {
                         by_id,
+                        settled: backend.is_some(),
                         source,
                         first,
                     })

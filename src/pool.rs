@@ -37,11 +37,13 @@ pub struct PoolOptions {
     statement_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
     max_lifetime: Option<Duration>,
+    wait_for_server: Option<Duration>,
 }
 
 impl Default for PoolOptions {
     /// `max_size` 10, `min_idle` 1, `connection_timeout` 10 s, no
-    /// `statement_timeout`, `idle_timeout` 10 min, `max_lifetime` 30 min.
+    /// `statement_timeout`, `idle_timeout` 10 min, `max_lifetime` 30 min,
+    /// no `wait_for_server`.
     fn default() -> Self {
         PoolOptions {
             max_size: 10,
@@ -50,6 +52,7 @@ impl Default for PoolOptions {
             statement_timeout: None,
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: Some(Duration::from_secs(1800)),
+            wait_for_server: None,
         }
     }
 }
@@ -93,6 +96,21 @@ impl PoolOptions {
     /// How long a connection lives at most (default 30 min).
     pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
         self.max_lifetime = lifetime;
+        self
+    }
+
+    /// How long [`Pool::new`] keeps trying to make its first connection
+    /// while the server is not up yet (default `None`: fail at once).
+    ///
+    /// For programs that may start before their database, as containers
+    /// started together do. Retried, with back-off from 50 ms doubling to
+    /// 1 s: a refused connection, a server that is starting up, in recovery
+    /// or shutting down (SQLSTATE 57P03 and the like), and a connect that
+    /// timed out. Anything else (a wrong password, a missing database, TLS)
+    /// fails at once. When the server is still not up at the deadline,
+    /// `Pool::new` returns the last [`Error::Connect`], which says why.
+    pub fn wait_for_server(mut self, wait: Option<Duration>) -> Self {
+        self.wait_for_server = wait;
         self
     }
 
@@ -184,22 +202,64 @@ impl Manager {
             .inner
             .connect()
             .map_err(|e| connect_error(e, &self.shared))?;
-        let timeout = self
-            .statement_timeout
-            .map(|t| t.as_millis().to_string());
+        let timeout = self.statement_timeout.map(|t| t.as_millis().to_string());
         let row = client
             .query_one(
                 "SELECT pg_backend_pid(),                  (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()),                  CASE WHEN $1::TEXT IS NULL THEN NULL                  ELSE set_config('statement_timeout', $1::TEXT, false) END",
                 &[&timeout],
             )
             .map_err(|e| connect_error(e, &self.shared))?;
-        let backend = row
-            .get::<_, Option<SystemTime>>(1)
-            .map(|started| Backend {
-                pid: row.get(0),
-                started,
-            });
+        let backend = row.get::<_, Option<SystemTime>>(1).map(|started| Backend {
+            pid: row.get(0),
+            started,
+        });
         Ok((client, backend))
+    }
+}
+
+/// The pool's first connection, retried while the server is not up yet
+/// and `wait` allows.
+fn open_first(manager: &Manager, wait: Option<Duration>) -> Result<(Client, Option<Backend>)> {
+    const FIRST_PAUSE: Duration = Duration::from_millis(50);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+    let deadline = wait.map(|wait| Instant::now() + wait);
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let error = match manager.open() {
+            Ok(opened) => return Ok(opened),
+            Err(e) => e,
+        };
+        let left = deadline
+            .filter(|_| server_not_up(&error))
+            .and_then(|deadline| deadline.checked_duration_since(Instant::now()))
+            .filter(|left| !left.is_zero());
+        let Some(left) = left else {
+            return Err(error);
+        };
+        log::info!(
+            "waiting for the server at {}: {error}",
+            manager.shared.target
+        );
+        std::thread::sleep(pause.mul_f64(0.5 + fastrand::f64() / 2.0).min(left));
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
+
+/// Whether a connect failure means the server is not up (yet): worth
+/// waiting for, unlike a wrong password or a missing database.
+fn server_not_up(error: &Error) -> bool {
+    match error {
+        Error::Connect {
+            failure: ConnectFailure::Refused | ConnectFailure::NotReady | ConnectFailure::Timeout,
+            ..
+        } => true,
+        // A server that closes the connection while it starts or stops.
+        Error::Connect {
+            failure: ConnectFailure::Other,
+            source: Some(e),
+            ..
+        } => e.code().is_none() && (e.is_closed() || is_io(e)),
+        _ => false,
     }
 }
 
@@ -320,14 +380,16 @@ pub struct PoolState {
 
 impl Pool {
     /// Opens a pool and one connection, to report a bad address, password or
-    /// database at once rather than on the first call.
+    /// database at once rather than on the first call. With
+    /// [`PoolOptions::wait_for_server`], waits for a server that is not up
+    /// yet.
     ///
     /// # Errors
     ///
     /// [`Error::Connect`] naming the cause (refused, authentication failed,
-    /// too many clients, missing database, TLS), [`Error::InvalidConfig`]
-    /// for impossible pool settings, [`Error::Tls`] for an unreadable root
-    /// certificate.
+    /// too many clients, missing database, not ready, TLS),
+    /// [`Error::InvalidConfig`] for impossible pool settings, [`Error::Tls`]
+    /// for an unreadable root certificate.
     pub fn new(connect: ConnectOptions, options: PoolOptions) -> Result<Pool> {
         options.validate()?;
         let config = connect.driver_config();
@@ -348,7 +410,7 @@ impl Pool {
             statement_timeout: options.statement_timeout,
             shared: Arc::clone(&shared),
         };
-        let first = manager.open()?;
+        let first = open_first(&manager, options.wait_for_server)?;
         *shared.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(first);
         let r2d2 = r2d2::Pool::builder()
             .max_size(options.max_size)

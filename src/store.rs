@@ -89,6 +89,7 @@ pub struct StateStoreBuilder {
     retry: RetryPolicy,
     migrate: bool,
     group_commit: bool,
+    wait_for_server: Option<Duration>,
 }
 
 impl fmt::Debug for StateStoreBuilder {
@@ -183,6 +184,30 @@ impl StateStoreBuilder {
         self
     }
 
+    /// How long [`build`](Self::build) waits for a server that is not up
+    /// yet (default: not at all): it retries a refused connection and a
+    /// server that is starting up (SQLSTATE 57P03) with back-off until the
+    /// server answers or `wait` has passed, then fails with the last
+    /// [`Error::Connect`]. For programs that may start before their
+    /// database. Sets [`PoolOptions::wait_for_server`]; ignored with
+    /// [`pool`](Self::pool).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use trebuchet_postgres::StateStore;
+    ///
+    /// let store = StateStore::builder()
+    ///     .url("postgresql://postgres@db/trebuchet")
+    ///     .wait_for_server(Duration::from_secs(60))
+    ///     .migrate(true)
+    ///     .build()?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    pub fn wait_for_server(mut self, wait: Duration) -> Self {
+        self.wait_for_server = Some(wait);
+        self
+    }
+
     /// Runs [`StateStore::migrate`] as part of `build` (default off).
     pub fn migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;
@@ -233,7 +258,11 @@ impl StateStoreBuilder {
                     Some(connect) => connect?,
                     None => ConnectOptions::from_env()?,
                 };
-                Pool::new(connect, self.pool_options)?
+                let mut pool_options = self.pool_options;
+                if let Some(wait) = self.wait_for_server {
+                    pool_options = pool_options.wait_for_server(Some(wait));
+                }
+                Pool::new(connect, pool_options)?
             }
         };
         let store = StateStore {
@@ -402,6 +431,7 @@ impl StateStore {
             retry: RetryPolicy::default(),
             migrate: false,
             group_commit: true,
+            wait_for_server: None,
         }
     }
 

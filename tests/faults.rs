@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use trebuchet_postgres::testing::{StopMode, TestCluster};
 use trebuchet_postgres::{
-    ChangeListener, Event, Expected, PoolOptions, ResyncReason, StateStore, Subscription,
+    ChangeListener, ConnectFailure, Error, Event, Expected, PoolOptions, ResyncReason, StateStore,
+    Subscription,
 };
 
 /// Threads saving at once.
@@ -573,4 +574,109 @@ fn child_transforms_and_batches_until_killed() {
         }
         assert!(!transformer.is_finished(), "the transform thread ended");
     }
+}
+
+// ----- 4. the server starts after the program ---------------------------------
+
+/// A store builder for `cluster` that may wait `wait` for its server.
+fn late_store(cluster: &TestCluster, wait: Option<Duration>) -> Result<StateStore, Error> {
+    let mut builder = StateStore::builder()
+        .connect_options(cluster.connect_options())
+        .migrate(true);
+    if let Some(wait) = wait {
+        builder = builder.wait_for_server(wait);
+    }
+    builder.build()
+}
+
+#[track_caller]
+fn assert_connect_failure(result: Result<StateStore, Error>, expected: ConnectFailure) -> Error {
+    match result {
+        Err(e @ Error::Connect { failure, .. }) if failure == expected => e,
+        Err(e) => panic!("expected {expected:?}, got {e} ({e:?})"),
+        Ok(_) => panic!("expected {expected:?}, got a store"),
+    }
+}
+
+#[test]
+fn a_program_started_before_the_server_waits_or_fails_clearly() {
+    let cluster = TestCluster::start().expect("cluster");
+    cluster.stop(StopMode::Fast).expect("stop");
+
+    // Without waiting: at once, saying what is wrong.
+    let started = Instant::now();
+    let e = assert_connect_failure(late_store(&cluster, None), ConnectFailure::Refused);
+    assert!(e.to_string().contains("is PostgreSQL running?"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Waiting too briefly: the same error once the wait is over.
+    let wait = Duration::from_millis(700);
+    let started = Instant::now();
+    assert_connect_failure(late_store(&cluster, Some(wait)), ConnectFailure::Refused);
+    let took = started.elapsed();
+    assert!(took >= wait && took < wait * 3, "gave up after {took:?}");
+
+    // Waiting long enough: the program starts first and gets its store
+    // once the server is up.
+    let program = {
+        let options = cluster.connect_options();
+        thread::spawn(move || {
+            StateStore::builder()
+                .connect_options(options)
+                .wait_for_server(RECOVERY)
+                .migrate(true)
+                .build()
+        })
+    };
+    thread::sleep(Duration::from_millis(800));
+    assert!(!program.is_finished(), "the program did not wait");
+    cluster.restart().expect("start the server late");
+    let store = program.join().unwrap().expect("the program's store");
+    assert_eq!(store.save("late", &1u32).unwrap(), 1);
+}
+
+#[test]
+fn a_server_still_starting_up_is_waited_for() {
+    let cluster = TestCluster::start().expect("cluster");
+    cluster.stop(StopMode::Fast).expect("stop");
+    cluster
+        .restart_in_recovery()
+        .expect("start the server, still in recovery");
+    // The server answers, but refuses connections while it starts up.
+    let refused = trebuchet_postgres::postgres::Client::connect(
+        &cluster.url(),
+        trebuchet_postgres::postgres::NoTls,
+    )
+    .map(drop)
+    .expect_err("a server in recovery refuses connections");
+    assert_eq!(
+        refused.code(),
+        Some(&trebuchet_postgres::postgres::error::SqlState::CANNOT_CONNECT_NOW),
+        "{refused}"
+    );
+
+    // Without waiting: a clear error saying the server is not ready.
+    let e = assert_connect_failure(late_store(&cluster, None), ConnectFailure::NotReady);
+    assert!(e.to_string().contains("starting up"), "{e}");
+
+    // Waiting: through 57P03 until the server is ready.
+    let program = {
+        let options = cluster.connect_options();
+        thread::spawn(move || {
+            StateStore::builder()
+                .connect_options(options)
+                .wait_for_server(RECOVERY)
+                .migrate(true)
+                .build()
+        })
+    };
+    thread::sleep(Duration::from_millis(800));
+    assert!(!program.is_finished(), "the program did not wait");
+    cluster.promote().expect("end recovery");
+    let store = program.join().unwrap().expect("the program's store");
+    assert_eq!(store.save("late", &1u32).unwrap(), 1);
 }

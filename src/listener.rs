@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{
     Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError, TrySendError,
@@ -39,7 +39,9 @@ const MAX_CATCH_UP_IDS: usize = 10_000;
 /// Defaults: connection from the environment unless given; channel
 /// `actor_state_changes`; queues of 1,024 events per subscriber;
 /// reconnection back-off from 100 ms doubling to 5 s; TCP keepalives idle
-/// 5 s, interval 2 s, 3 probes (a dead peer is noticed in about 11 s).
+/// 5 s, interval 2 s, 3 probes (a dead peer is noticed in about 11 s); a
+/// heartbeat after 5 s without notifications, answered within 5 s (a
+/// connection that stops answering is noticed within 10 s).
 #[must_use = "a builder does nothing until build() is called"]
 pub struct ChangeListenerBuilder {
     connect: Option<Result<ConnectOptions>>,
@@ -49,6 +51,7 @@ pub struct ChangeListenerBuilder {
     initial_backoff: Duration,
     max_backoff: Duration,
     keepalives: (Duration, Duration, u32),
+    heartbeat: (Duration, Duration),
 }
 
 impl fmt::Debug for ChangeListenerBuilder {
@@ -104,6 +107,20 @@ impl ChangeListenerBuilder {
         self
     }
 
+    /// The heartbeat: after `interval` without a notification the listener
+    /// sends a round trip (`LISTEN` again, which changes nothing), and when
+    /// no answer comes within `timeout` it treats the connection as lost,
+    /// reconnects and sends `Event::Resync`.
+    ///
+    /// TCP keepalives notice a peer that is gone, but not one whose kernel
+    /// still acknowledges while nothing answers: a frozen server, a hung
+    /// proxy or pooler, a network path that stalls. The heartbeat notices
+    /// those within `interval + timeout` (default 5 s + 5 s).
+    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.heartbeat = (interval, timeout);
+        self
+    }
+
     pub(crate) fn catch_up_sql(mut self, sql: String) -> Self {
         self.catch_up_sql = Some(sql);
         self
@@ -124,6 +141,11 @@ impl ChangeListenerBuilder {
         if self.initial_backoff.is_zero() || self.max_backoff < self.initial_backoff {
             return Err(Error::invalid_config(
                 "reconnect back-off must be positive, and its cap at least the first pause",
+            ));
+        }
+        if self.heartbeat.0.is_zero() || self.heartbeat.1.is_zero() {
+            return Err(Error::invalid_config(
+                "the heartbeat's interval and timeout must be positive",
             ));
         }
         let mut options = match self.connect {
@@ -157,6 +179,8 @@ impl ChangeListenerBuilder {
             wake: wake_rx,
             initial_backoff: self.initial_backoff,
             max_backoff: self.max_backoff,
+            heartbeat_interval: self.heartbeat.0,
+            heartbeat_timeout: self.heartbeat.1,
         };
         let thread = thread::Builder::new()
             .name(format!("trebuchet-listener-{}", self.channel))
@@ -346,6 +370,16 @@ struct Worker {
     wake: Receiver<()>,
     initial_backoff: Duration,
     max_backoff: Duration,
+    heartbeat_interval: Duration,
+    heartbeat_timeout: Duration,
+}
+
+/// Why [`Worker::listen`] returned.
+enum Listened {
+    /// The connection failed, or the listener is shutting down.
+    Ended,
+    /// Nothing arrived for a heartbeat interval.
+    Quiet,
 }
 
 impl Worker {
@@ -361,7 +395,16 @@ impl Worker {
         }
         let _end = EndSubscriptions(Arc::clone(&self.shared));
         loop {
-            self.listen(&mut client);
+            match self.listen(&mut client) {
+                Listened::Quiet => match self.heartbeat(client) {
+                    Some(alive) => {
+                        client = alive;
+                        continue;
+                    }
+                    None => {}
+                },
+                Listened::Ended => drop(client),
+            }
             if self.stopping() {
                 break;
             }
@@ -376,16 +419,22 @@ impl Worker {
         self.shared.shutdown.load(Ordering::Acquire)
     }
 
-    /// Receives and fans out until the connection fails or shutdown.
-    fn listen(&self, client: &mut Client) {
+    /// Receives and fans out until the connection fails, shutdown, or a
+    /// heartbeat interval passes without a notification.
+    fn listen(&self, client: &mut Client) -> Listened {
         // Whether some subscriber is owed a resync it had no room for.
         let mut owed = false;
+        let mut heard = Instant::now();
         while !self.stopping() {
+            if heard.elapsed() >= self.heartbeat_interval {
+                return Listened::Quiet;
+            }
             // A fresh iterator per wait: a TimeoutIter yields None forever
             // after its first timeout.
             let first = client.notifications().timeout_iter(TICK).next();
             match first {
                 Ok(Some(n)) => {
+                    heard = Instant::now();
                     owed = self.receive(&n).unwrap_or(owed);
                     // Then whatever is already buffered, without waiting,
                     // but never past a shutdown: under a flood the buffer
@@ -396,18 +445,81 @@ impl Worker {
                         match buffered.next() {
                             Ok(Some(n)) => owed = self.receive(&n).unwrap_or(owed),
                             Ok(None) => break,
-                            Err(e) => return self.lost(e),
+                            Err(e) => {
+                                self.lost(e);
+                                return Listened::Ended;
+                            }
                         }
                     }
                 }
-                Ok(None) if client.is_closed() => return self.lost_closed(),
+                Ok(None) if client.is_closed() => {
+                    self.lost_closed();
+                    return Listened::Ended;
+                }
                 Ok(None) => {
                     if owed {
                         owed = self.settle_all();
                     }
                 }
-                Err(e) => return self.lost(e),
+                Err(e) => {
+                    self.lost(e);
+                    return Listened::Ended;
+                }
             }
+        }
+        Listened::Ended
+    }
+
+    /// Checks that the server still answers: `LISTEN` again (a no-op that
+    /// keeps `LISTEN` as the session's last statement, which is how
+    /// monitoring finds listeners), on a helper thread so that a connection
+    /// that never answers cannot hold this thread (and `shutdown()`) beyond
+    /// the heartbeat timeout. Returns the client when it answered in time;
+    /// otherwise the connection counts as lost and, when it never answered,
+    /// the helper drops it once it does or once the socket dies.
+    fn heartbeat(&self, mut client: Client) -> Option<Client> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let listen = self.conn.listen.clone();
+        let spawned = thread::Builder::new()
+            .name("trebuchet-listener-heartbeat".into())
+            .spawn(move || {
+                let answer = client.batch_execute(&listen);
+                let _ = tx.send((client, answer));
+            });
+        if let Err(e) = spawned {
+            // The client went with the closure: reconnect.
+            log::warn!("cannot start the listener's heartbeat thread: {e}");
+            self.shared.connected.store(false, Ordering::Release);
+            self.shared
+                .set_error(format!("cannot start the heartbeat thread: {e}"));
+            return None;
+        }
+        crossbeam_channel::select! {
+            recv(rx) -> answer => match answer {
+                Ok((client, Ok(()))) => Some(client),
+                Ok((_, Err(e))) => {
+                    self.lost(e);
+                    None
+                }
+                Err(_) => {
+                    self.lost_closed();
+                    None
+                }
+            },
+            recv(self.wake) -> _ => None,
+            default(self.heartbeat_timeout) => {
+                log::warn!(
+                    "listener connection to {} did not answer a heartbeat within {:?}; reconnecting",
+                    self.conn.target,
+                    self.heartbeat_timeout
+                );
+                self.shared.connected.store(false, Ordering::Release);
+                self.shared.set_error(format!(
+                    "the server did not answer a heartbeat within {:?}",
+                    self.heartbeat_timeout
+                ));
+                None
+            },
         }
     }
 
@@ -730,6 +842,7 @@ impl ChangeListener {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             keepalives: (Duration::from_secs(5), Duration::from_secs(2), 3),
+            heartbeat: (Duration::from_secs(5), Duration::from_secs(5)),
         }
     }
 

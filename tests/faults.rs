@@ -21,10 +21,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use trebuchet_postgres::testing::{StopMode, TestCluster};
+use trebuchet_postgres::testing::{StopMode, TcpProxy, TestCluster};
 use trebuchet_postgres::{
-    ChangeListener, ConnectFailure, Error, Event, Expected, PoolOptions, ResyncReason, StateStore,
-    Subscription,
+    ChangeListener, ConnectFailure, ConnectOptions, Error, Event, Expected, PoolOptions,
+    ResyncReason, StateStore, Subscription,
 };
 
 /// Threads saving at once.
@@ -679,4 +679,74 @@ fn a_server_still_starting_up_is_waited_for() {
     cluster.promote().expect("end recovery");
     let store = program.join().unwrap().expect("the program's store");
     assert_eq!(store.save("late", &1u32).unwrap(), 1);
+}
+
+// ----- 5. the network stalls ------------------------------------------------------
+
+/// Connection options through `proxy` to `cluster`.
+fn through(proxy: &TcpProxy, cluster: &TestCluster) -> ConnectOptions {
+    let mut options = cluster.connect_options();
+    options.port(proxy.port());
+    options
+}
+
+#[test]
+fn a_listener_notices_a_stalled_network_and_resyncs_once_it_flows() {
+    let interval = Duration::from_millis(300);
+    let timeout = Duration::from_millis(700);
+    let cluster = TestCluster::start().expect("cluster");
+    let direct = store_on(&cluster, true);
+    let proxy = TcpProxy::start(cluster.port()).expect("proxy");
+    let listener = ChangeListener::builder()
+        .connect_options(through(&proxy, &cluster))
+        .channel(direct.channel())
+        .heartbeat(interval, timeout)
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .build()
+        .expect("listener through the proxy");
+    let changes = listener.subscribe();
+    direct.save("a", &1u32).unwrap();
+    match changes.recv_timeout(RECOVERY) {
+        Ok(Event::Change(c)) => assert_eq!((c.actor_id.as_str(), c.sequence), ("a", 1)),
+        other => panic!("expected the first change, got {other:?}"),
+    }
+
+    // The proxy keeps the connection open and forwards nothing: no error,
+    // no close, no keepalive failure (the proxy's kernel acknowledges).
+    proxy.stall();
+    let stalled = Instant::now();
+    wait_until(
+        "the listener notices the stall",
+        (interval + timeout) * 3,
+        || !listener.health().connected,
+    );
+    eprintln!("stall noticed after {:?}", stalled.elapsed());
+    let health = listener.health();
+    assert!(
+        health
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("heartbeat")),
+        "{health:?}"
+    );
+    direct.save("a", &2u32).unwrap(); // missed: the resync covers it
+    thread::sleep(Duration::from_millis(500));
+
+    proxy.resume();
+    match changes.recv_timeout(RECOVERY) {
+        Ok(Event::Resync(ResyncReason::Reconnected)) => {}
+        other => panic!("expected a resync once the network flows, got {other:?}"),
+    }
+    wait_until("the listener reconnects", RECOVERY, || {
+        listener.health().connected
+    });
+    direct.save("a", &3u32).unwrap();
+    match changes.recv_timeout(RECOVERY) {
+        Ok(Event::Change(c)) => assert_eq!((c.actor_id.as_str(), c.sequence), ("a", 3)),
+        other => panic!("expected the change after the resync, got {other:?}"),
+    }
+    // Shutdown stays prompt after all that.
+    let stopping = Instant::now();
+    listener.shutdown();
+    assert!(stopping.elapsed() < Duration::from_secs(5));
 }

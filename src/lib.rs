@@ -145,7 +145,8 @@
 //! - `config-file` (default): [`StateConfig`], through the `saphyr` YAML parser.
 //! - `cli` (default): the `trebuchet-postgres` command-line program; turn it
 //!   off with `default-features = false` to skip its dependencies.
-//! - `ffi`: the C ABI in the `ffi` module (`unsafe` lives only there).
+//! - `ffi`: the C ABI in the `ffi` module (`unsafe` lives there, and in one
+//!   function of the pool's call timeout that shuts a socket down).
 //!   The C library itself (`cdylib` and `staticlib`) is built by the
 //!   `trebuchet-postgres-ffi` package in `ffi/`, so Rust users never build it.
 //! - `testing`: the `testing` module, a throwaway PostgreSQL cluster for tests and examples,
@@ -161,8 +162,9 @@ mod config;
 #[cfg(feature = "config-file")]
 mod config_file;
 mod error;
-// The C ABI is the one place that needs `unsafe`: raw pointers from C and
-// `#[no_mangle]` exports. Every block carries a `SAFETY:` comment.
+// The C ABI is the one module that needs `unsafe`: raw pointers from C and
+// `#[no_mangle]` exports. Every block carries a `SAFETY:` comment. (The only
+// other `unsafe` is one function in `pool/watchdog.rs`, allowed there.)
 #[cfg(feature = "ffi")]
 #[allow(unsafe_code)]
 pub mod ffi;

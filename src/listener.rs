@@ -396,13 +396,12 @@ impl Worker {
         let _end = EndSubscriptions(Arc::clone(&self.shared));
         loop {
             match self.listen(&mut client) {
-                Listened::Quiet => match self.heartbeat(client) {
-                    Some(alive) => {
+                Listened::Quiet => {
+                    if let Some(alive) = self.heartbeat(client) {
                         client = alive;
                         continue;
                     }
-                    None => {}
-                },
+                }
                 Listened::Ended => drop(client),
             }
             if self.stopping() {

@@ -5,8 +5,10 @@
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use postgres::error::SqlState;
@@ -17,6 +19,9 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use crate::config::{classify_connect, ConnectOptions};
 use crate::error::{ConnectFailure, Error, Result};
+
+mod watchdog;
+use watchdog::{Watch, Watchdog};
 
 /// Pool settings. Every field has a documented default ([`PoolOptions::default`]).
 ///
@@ -38,12 +43,13 @@ pub struct PoolOptions {
     idle_timeout: Option<Duration>,
     max_lifetime: Option<Duration>,
     wait_for_server: Option<Duration>,
+    call_timeout: Option<Duration>,
 }
 
 impl Default for PoolOptions {
     /// `max_size` 10, `min_idle` 1, `connection_timeout` 10 s, no
     /// `statement_timeout`, `idle_timeout` 10 min, `max_lifetime` 30 min,
-    /// no `wait_for_server`.
+    /// no `wait_for_server`, no `call_timeout`.
     fn default() -> Self {
         PoolOptions {
             max_size: 10,
@@ -53,6 +59,7 @@ impl Default for PoolOptions {
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: Some(Duration::from_secs(1800)),
             wait_for_server: None,
+            call_timeout: None,
         }
     }
 }
@@ -114,6 +121,39 @@ impl PoolOptions {
         self
     }
 
+    /// The longest a call may hold a pooled connection (default `None`: no
+    /// limit). Past it the pool closes the connection, and the call fails
+    /// at once with a connection error ([`Error::is_connection`]) instead of
+    /// waiting for a server or network that stopped answering.
+    ///
+    /// It covers the whole call: its round trips and, for
+    /// [`transform`](crate::StateStore::transform), the closure. Choose it
+    /// above the slowest call you expect (a large bulk write, a
+    /// [`migrate`](crate::StateStore::migrate) waiting for another process).
+    /// A write cut this way may or may not have been applied, as with any
+    /// lost connection.
+    ///
+    /// Why it is needed: TCP keepalives and `TCP_USER_TIMEOUT` notice a
+    /// peer that is gone, but not one that still acknowledges while
+    /// nothing answers (a frozen server, a hung proxy or pooler, a stalled
+    /// path), and `statement_timeout` never fires for a request the server
+    /// never received. A call then fails within the timeout plus a tenth of
+    /// it; the calls after it fail within
+    /// [`connection_timeout`](Self::connection_timeout), since new
+    /// connections time out too (after the connect timeout of
+    /// [`ConnectOptions::connect_timeout`]).
+    ///
+    /// Enforced on Linux, for connections over TCP: the pool closes the
+    /// socket, which the driver does not expose, after finding it in
+    /// `/proc` when the connection is opened (the pool's connections are
+    /// then opened one at a time). A connection whose socket cannot be told
+    /// apart, for example because another part of the program connected
+    /// to the same port at the same moment, is used without the bound.
+    pub fn call_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
     /// The configured `max_size`.
     pub fn get_max_size(&self) -> u32 {
         self.max_size
@@ -128,6 +168,11 @@ impl PoolOptions {
         }
         if self.connection_timeout.is_zero() {
             return Err(Error::invalid_config("connection_timeout must be positive"));
+        }
+        if self.call_timeout.is_some_and(|t| t.as_millis() == 0) {
+            return Err(Error::invalid_config(
+                "call_timeout must be at least 1 ms (use None for no limit)",
+            ));
         }
         if self.statement_timeout.is_some_and(|t| t.as_millis() == 0) {
             return Err(Error::invalid_config(
@@ -155,6 +200,8 @@ pub(crate) struct Connection {
     statements: HashMap<Box<str>, Statement>,
     verified_epoch: u64,
     broken: bool,
+    /// Its entry at the call-timeout watchdog, when it has one.
+    watch: Option<Watch>,
 }
 
 impl Connection {
@@ -177,7 +224,11 @@ struct Shared {
     epoch: AtomicU64,
     last_error: Mutex<Option<(Instant, ConnectFailure, Option<postgres::Error>)>>,
     /// A connection made while constructing the pool, handed out first.
-    spare: Mutex<Option<(Client, Option<Backend>)>>,
+    spare: Mutex<Option<Opened>>,
+    /// Connects given up on that have not ended yet.
+    abandoned_connects: AtomicUsize,
+    /// Bounds calls, with a `call_timeout`.
+    watchdog: Option<Arc<Watchdog>>,
     /// Check-outs that found every connection in use and waited.
     waits: AtomicU64,
     /// Their total wait, in microseconds.
@@ -188,20 +239,106 @@ struct Shared {
     user: String,
 }
 
+/// A new connection, before the pool wraps it.
+struct Opened {
+    client: Client,
+    backend: Option<Backend>,
+    watch: Option<Watch>,
+}
+
+#[derive(Clone)]
 pub(crate) struct Manager {
-    inner: PostgresConnectionManager<MakeTlsConnector>,
+    inner: Arc<PostgresConnectionManager<MakeTlsConnector>>,
     statement_timeout: Option<Duration>,
+    /// The driver's connect timeout, which bounds all of [`Manager::open`].
+    connect_timeout: Option<Duration>,
+    /// The server's ports, to find a new connection's socket.
+    ports: Arc<[u16]>,
+    max_size: u32,
     shared: Arc<Shared>,
 }
 
 impl Manager {
+    /// Opens a connection within the connect timeout. The driver's own
+    /// timeout covers only the TCP handshake: a server or path that accepts
+    /// the connection and then stops answering would hold the caller (the
+    /// pool's thread, or `Pool::new`) for as long as it stays silent. So the
+    /// connect runs on a helper thread, given up on at the timeout; it ends
+    /// by itself when the peer answers or the socket dies, and drops its
+    /// connection. At most `max_size` such connects are left running.
+    fn open(&self) -> Result<Opened> {
+        let Some(limit) = self.connect_timeout else {
+            return self.open_here();
+        };
+        let timed_out = || Error::Connect {
+            failure: ConnectFailure::Timeout,
+            target: self.shared.target.clone(),
+            user: self.shared.user.clone(),
+            source: None,
+        };
+        let abandoned = &self.shared.abandoned_connects;
+        if abandoned.load(Ordering::Acquire) >= self.max_size as usize {
+            return Err(timed_out());
+        }
+        // Whoever moves it from WAITING first decides: the helper
+        // delivers, or the caller gives up and the helper counts itself out
+        // when it ends.
+        const WAITING: u8 = 0;
+        const DELIVERED: u8 = 1;
+        const ABANDONED: u8 = 2;
+        let outcome = Arc::new(AtomicU8::new(WAITING));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (manager, helper_outcome) = (self.clone(), Arc::clone(&outcome));
+        thread::Builder::new()
+            .name("trebuchet-connect".into())
+            .spawn(move || {
+                let opened = manager.open_here();
+                let decided = helper_outcome.compare_exchange(
+                    WAITING,
+                    DELIVERED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                match decided {
+                    Ok(_) => drop(tx.send(opened)),
+                    Err(_) => {
+                        manager
+                            .shared
+                            .abandoned_connects
+                            .fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+            })
+            .map_err(|e| Error::invalid_config(format!("cannot start a connect thread: {e}")))?;
+        match rx.recv_timeout(limit) {
+            Ok(opened) => opened,
+            Err(_) => {
+                abandoned.fetch_add(1, Ordering::AcqRel);
+                let gave_up = outcome.compare_exchange(
+                    WAITING,
+                    ABANDONED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                if gave_up.is_ok() {
+                    return Err(timed_out());
+                }
+                // Delivered just now: take it.
+                abandoned.fetch_sub(1, Ordering::AcqRel);
+                rx.recv().unwrap_or_else(|_| Err(timed_out()))
+            }
+        }
+    }
+
     /// Connects, applies the session settings and learns which server
     /// process serves the connection, in one round trip after the handshake.
-    fn open(&self) -> Result<(Client, Option<Backend>)> {
-        let mut client = self
-            .inner
-            .connect()
-            .map_err(|e| connect_error(e, &self.shared))?;
+    fn open_here(&self) -> Result<Opened> {
+        let connect = || self.inner.connect();
+        let (mut client, watch) = match &self.shared.watchdog {
+            Some(watchdog) => watchdog.open(&self.ports, connect),
+            None => connect().map(|client| (client, None)),
+        }
+        .map_err(|e| connect_error(e, &self.shared))?;
         let timeout = self.statement_timeout.map(|t| t.as_millis().to_string());
         let row = client
             .query_one(
@@ -213,13 +350,17 @@ impl Manager {
             pid: row.get(0),
             started,
         });
-        Ok((client, backend))
+        Ok(Opened {
+            client,
+            backend,
+            watch,
+        })
     }
 }
 
 /// The pool's first connection, retried while the server is not up yet
 /// and `wait` allows.
-fn open_first(manager: &Manager, wait: Option<Duration>) -> Result<(Client, Option<Backend>)> {
+fn open_first(manager: &Manager, wait: Option<Duration>) -> Result<Opened> {
     const FIRST_PAUSE: Duration = Duration::from_millis(50);
     const MAX_PAUSE: Duration = Duration::from_secs(1);
     let deadline = wait.map(|wait| Instant::now() + wait);
@@ -283,7 +424,7 @@ impl ManageConnection for Manager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let (client, backend) = match spare {
+        let opened = match spare {
             Some(opened) => opened,
             None => match self.open() {
                 Ok(opened) => opened,
@@ -303,11 +444,12 @@ impl ManageConnection for Manager {
             },
         };
         Ok(Connection {
-            client,
-            backend,
+            client: opened.client,
+            backend: opened.backend,
             statements: HashMap::new(),
             verified_epoch: self.shared.epoch.load(Ordering::Acquire),
             broken: false,
+            watch: opened.watch,
         })
     }
 
@@ -395,10 +537,23 @@ impl Pool {
         let config = connect.driver_config();
         let connect = Arc::new(connect);
         let tls = connect.tls_connector()?;
+        let watchdog = options
+            .call_timeout
+            .map(|timeout| Watchdog::start(timeout, connect.target()))
+            .transpose()
+            .map_err(|e| {
+                Error::invalid_config(format!("cannot start the call timeout's thread: {e}"))
+            })?;
+        let ports: Arc<[u16]> = match config.get_ports() {
+            [] => Arc::new([5432]),
+            ports => ports.into(),
+        };
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
             last_error: Mutex::new(None),
             spare: Mutex::new(None),
+            abandoned_connects: AtomicUsize::new(0),
+            watchdog,
             waits: AtomicU64::new(0),
             wait_micros: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
@@ -406,8 +561,11 @@ impl Pool {
             user: config.get_user().unwrap_or("postgres").to_owned(),
         });
         let manager = Manager {
-            inner: PostgresConnectionManager::new(config, tls),
+            connect_timeout: config.get_connect_timeout().copied(),
+            inner: Arc::new(PostgresConnectionManager::new(config, tls)),
             statement_timeout: options.statement_timeout,
+            ports,
+            max_size: options.max_size,
             shared: Arc::clone(&shared),
         };
         let first = open_first(&manager, options.wait_for_server)?;
@@ -465,8 +623,13 @@ impl Pool {
     /// Checks out a connection. A connection that was idle while another
     /// one broke is checked with a round trip first and replaced if dead, so
     /// a server restart costs each caller at most one error.
-    pub(crate) fn get(&self) -> Result<r2d2::PooledConnection<Manager>> {
+    pub(crate) fn get(&self) -> Result<Checkout> {
         let start = Instant::now();
+        // A check of a connection waits at most this long for its answer.
+        let check = self
+            .options
+            .call_timeout
+            .map_or(CHECK_TIMEOUT, |t| t.min(CHECK_TIMEOUT));
         // Bounded: each pass either returns or discards one dead connection.
         for _ in 0..=self.options.max_size {
             let mut conn = match self.r2d2.try_get() {
@@ -475,11 +638,11 @@ impl Pool {
             };
             let epoch = self.shared.epoch.load(Ordering::Acquire);
             if conn.verified_epoch >= epoch {
-                return Ok(conn);
+                return Ok(self.checkout(conn));
             }
-            if conn.client.is_valid(Duration::from_secs(5)).is_ok() {
+            if conn.client.is_valid(check).is_ok() {
                 conn.verified_epoch = epoch;
-                return Ok(conn);
+                return Ok(self.checkout(conn));
             }
             log::debug!(
                 "discarding a dead pooled connection to {}",
@@ -488,6 +651,14 @@ impl Pool {
             conn.broken = true;
         }
         Err(self.checkout_error(start))
+    }
+
+    /// Hands `conn` to a call, under the call timeout when there is one.
+    fn checkout(&self, conn: r2d2::PooledConnection<Manager>) -> Checkout {
+        if let (Some(watch), Some(watchdog)) = (&conn.watch, &self.shared.watchdog) {
+            watch.arm(Instant::now() + watchdog.timeout());
+        }
+        Checkout { conn }
     }
 
     /// `r2d2::Pool::get` when no connection is idle: a wait when every
@@ -590,6 +761,38 @@ fn is_notify_queue_full(code: &SqlState, e: &postgres::Error) -> bool {
     *code == SqlState::PROGRAM_LIMIT_EXCEEDED
         && e.as_db_error()
             .is_some_and(|db| db.message().contains("NOTIFY queue"))
+}
+
+/// How long a check of a connection that may have died waits for an answer.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection checked out for one call. Dereferences to the
+/// [`Connection`]; returns it to the pool when dropped, and discards it
+/// when the call timeout cut it.
+pub(crate) struct Checkout {
+    conn: r2d2::PooledConnection<Manager>,
+}
+
+impl Deref for Checkout {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if self.conn.watch.as_ref().is_some_and(Watch::release) {
+            self.conn.broken = true;
+        }
+    }
 }
 
 fn is_io(e: &postgres::Error) -> bool {

@@ -750,3 +750,62 @@ fn a_listener_notices_a_stalled_network_and_resyncs_once_it_flows() {
     listener.shutdown();
     assert!(stopping.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn calls_through_a_stalled_network_fail_within_the_call_timeout() {
+    let call_timeout = Duration::from_millis(800);
+    let connect_timeout = Duration::from_millis(800);
+    let connection_timeout = Duration::from_millis(1500);
+    // The most any one call may take while the network stalls: a call in
+    // flight is cut after the call timeout; a later one may first check an
+    // idle connection (up to the call timeout) and then wait for a new
+    // connection (up to the connection timeout).
+    let bound = call_timeout * 2 + connection_timeout;
+    let cluster = TestCluster::start().expect("cluster");
+    let direct = store_on(&cluster, true);
+    let proxy = TcpProxy::start(cluster.port()).expect("proxy");
+    let mut options = through(&proxy, &cluster);
+    options.connect_timeout(connect_timeout);
+    let store = StateStore::builder()
+        .connect_options(options)
+        .pool_options(
+            PoolOptions::default()
+                .max_size(2)
+                .call_timeout(Some(call_timeout))
+                .connection_timeout(connection_timeout),
+        )
+        .build()
+        .expect("store through the proxy");
+    store.save("a", &1u32).unwrap();
+    assert_eq!(store.load::<u32>("a").unwrap(), Some(1));
+
+    proxy.stall();
+    let mut outcomes = Vec::new();
+    for n in 2..8u32 {
+        let started = Instant::now();
+        let result = if n % 2 == 0 {
+            store.save("a", &n).map(drop)
+        } else {
+            store.load::<u32>("a").map(drop)
+        };
+        let took = started.elapsed();
+        let e = result.expect_err("a call through a stalled network");
+        assert!(e.is_connection(), "{e} ({e:?})");
+        assert!(
+            took < bound * 3,
+            "call {n} took {took:?}, over three times its bound of {bound:?}: {e}"
+        );
+        outcomes.push((took, e.to_string()));
+    }
+    eprintln!("calls while stalled: {outcomes:#?}");
+
+    proxy.resume();
+    // The same store recovers by itself.
+    wait_until("calls succeed again", RECOVERY, || {
+        store.save("a", &100u32).is_ok()
+    });
+    assert_eq!(store.load::<u32>("a").unwrap(), Some(100));
+    // A save cut by the timeout may have been applied, but only whole.
+    let stored: u32 = direct.load("a").unwrap().unwrap();
+    assert_eq!(stored, 100);
+}

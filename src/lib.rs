@@ -137,8 +137,11 @@
 //! `Send + Sync` and cheap to clone (an `Arc` inside); clone them into every
 //! thread. A call blocks its thread for its round trip; nothing runs on the
 //! caller's thread in the background. The pool runs r2d2's three maintenance
-//! threads; each listener runs one thread, each `on_change` callback and each
-//! cache one more.
+//! threads, and one more with a [`PoolOptions::call_timeout`]; each listener
+//! runs one thread, each `on_change` callback and each cache one more. A
+//! connect, and a listener's heartbeat, run on a short-lived thread of their
+//! own, so that a server that stops answering cannot hold them past their
+//! timeouts.
 //!
 //! # Features
 //!

@@ -18,7 +18,7 @@ use postgres_native_tls::MakeTlsConnector;
 
 use crate::change::{is_probe, Change, ChangeKind, Event, ResyncReason};
 use crate::config::{classify_connect, validate_identifier, ConnectOptions, DEFAULT_CHANNEL};
-use crate::error::{Error, Result};
+use crate::error::{ConnectFailure, Error, Result};
 
 /// How long the listener thread waits for a notification before it looks at
 /// its other duties (shutdown, owed resyncs). Bounds shutdown latency.
@@ -162,7 +162,7 @@ impl ChangeListenerBuilder {
             target: target.clone(),
             listen: format!("LISTEN \"{}\"", self.channel),
         };
-        let client = conn.connect(None)?;
+        let client = conn.connect_within_timeout()?;
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
             stats: Stats::default(),
@@ -359,6 +359,36 @@ impl Connector {
         let mut client = config.connect(self.tls.clone()).map_err(connect_error)?;
         client.batch_execute(&self.listen).map_err(connect_error)?;
         Ok(client)
+    }
+
+    /// Connects and listens within the configured connect timeout, which
+    /// the driver applies to the TCP handshake alone: a server or path that
+    /// accepts the connection and then never answers would otherwise hold
+    /// `build()` for as long as it stays silent. The attempt runs on a
+    /// helper thread, which ends by itself (dropping its connection) when
+    /// the peer answers or the socket dies.
+    fn connect_within_timeout(&self) -> Result<Client> {
+        let Some(&limit) = self.config.get_connect_timeout() else {
+            return self.connect(None);
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let conn = self.clone();
+        thread::Builder::new()
+            .name("trebuchet-listener-connect".into())
+            .spawn(move || {
+                let _ = tx.send(conn.connect(None));
+            })
+            .map_err(|e| {
+                Error::invalid_config(format!("cannot start the listener's connect thread: {e}"))
+            })?;
+        rx.recv_timeout(limit).unwrap_or_else(|_| {
+            Err(Error::Connect {
+                failure: ConnectFailure::Timeout,
+                target: self.target.clone(),
+                user: self.config.get_user().unwrap_or("postgres").to_owned(),
+                source: None,
+            })
+        })
     }
 }
 

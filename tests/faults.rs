@@ -730,7 +730,29 @@ fn a_listener_notices_a_stalled_network_and_resyncs_once_it_flows() {
         "{health:?}"
     );
     direct.save("a", &2u32).unwrap(); // missed: the resync covers it
-    thread::sleep(Duration::from_millis(500));
+
+    // A listener built meanwhile fails within its connect timeout instead
+    // of waiting for the network.
+    let connect_timeout = Duration::from_millis(800);
+    let mut options = through(&proxy, &cluster);
+    options.connect_timeout(connect_timeout);
+    let started = Instant::now();
+    match ChangeListener::builder()
+        .connect_options(options)
+        .channel(direct.channel())
+        .build()
+    {
+        Err(Error::Connect {
+            failure: ConnectFailure::Timeout,
+            ..
+        }) => {}
+        other => panic!("expected a connect timeout, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < connect_timeout * 3,
+        "{:?}",
+        started.elapsed()
+    );
 
     proxy.resume();
     match changes.recv_timeout(RECOVERY) {

@@ -239,8 +239,9 @@ impl LibrarySql {
     /// (`Names::tombstones`, `{table}_tombstones`).
     fn new(t: &str, b: &str) -> LibrarySql {
         let now = "(now() AT TIME ZONE 'UTC')";
-        let next_for_new = format!(
-            "COALESCE((SELECT b.sequence_number FROM {b} b WHERE b.actor_id = $1::VARCHAR), 0) + 1"
+        let next = format!(
+            "(SELECT COALESCE(b.sequence_number, 0) + 1 AS seq, b.recent_writes AS tags \
+             FROM (SELECT 1) one LEFT JOIN {b} b ON b.actor_id = $1::VARCHAR) n"
         );
         let outcome = format!(
             "SELECT (SELECT sequence_number FROM written), (SELECT updated_at FROM written), \
@@ -249,15 +250,19 @@ impl LibrarySql {
         );
         LibrarySql {
             save: format!(
-                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
-                 VALUES ($1::VARCHAR, $2, {next_for_new}, {now}, {now}) \
+                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, recent_writes) \
+                 SELECT $1::VARCHAR, $2::BYTEA, n.seq, {now}, {now}, {tag_new} FROM {next} \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at \
-                 RETURNING sequence_number"
+                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at, \
+                 recent_writes = (ARRAY[$3::BIGINT # (t.sequence_number + 1)] || t.recent_writes)[1:32] \
+                 RETURNING sequence_number",
+                tag_new = "(ARRAY[$3::BIGINT # n.seq] || n.tags)[1:32]"
             ),
             save_if_sequence: format!(
-                "WITH written AS (UPDATE {t} SET state = $2, sequence_number = sequence_number + 1, \
-                 updated_at = {now} WHERE actor_id = $1::VARCHAR AND sequence_number = $3 \
+                "WITH written AS (UPDATE {t} SET state = $2::BYTEA, sequence_number = sequence_number + 1, \
+                 updated_at = {now}, \
+                 recent_writes = (ARRAY[$4::BIGINT # ($3::BIGINT + 1)] || recent_writes)[1:32] \
+                 WHERE actor_id = $1::VARCHAR AND sequence_number = $3::BIGINT \
                  RETURNING sequence_number, updated_at, created_at) {outcome}"
             ),
             load: format!("SELECT state FROM {t} WHERE actor_id = $1::VARCHAR"),
@@ -268,7 +273,10 @@ impl LibrarySql {
                 "SELECT actor_id, state, sequence_number, updated_at, created_at FROM {t} \
                  WHERE actor_id = ANY($1::VARCHAR[])"
             ),
-            delete: format!("DELETE FROM {t} WHERE actor_id = $1::VARCHAR"),
+            delete: format!(
+                "DELETE FROM {t} WHERE actor_id = $1::VARCHAR AND \
+                 set_config('trebuchet.write_id', $2::BIGINT::TEXT, true) IS NOT NULL"
+            ),
             sequence: format!("SELECT sequence_number FROM {t} WHERE actor_id = $1::VARCHAR"),
         }
     }
@@ -410,7 +418,14 @@ impl Pgbench {
 /// The pgbench script of `op`: the library's statement with `:id` for the
 /// actor id and a bytea literal for the state.
 fn pgbench_script(op: Op, sql: &LibrarySql, bytea: &str, threads: usize) -> String {
-    let bind = |statement: &str| statement.replace("$1", ":id").replace("$2", bytea);
+    // A random write id, as the library draws one per write.
+    let write_id = "\\set w random(1, 9223372036854775806)\n";
+    let bind = |statement: &str| {
+        statement
+            .replace("$1", ":id")
+            .replace("$2", bytea)
+            .replace("$3", ":w")
+    };
     // The ids of client c: 1 + c, 1 + c + T, ... (the library's threads use
     // the same sets).
     let own_id = format!(
@@ -420,15 +435,19 @@ fn pgbench_script(op: Op, sql: &LibrarySql, bytea: &str, threads: usize) -> Stri
     match op {
         Op::Load => format!("\\set id random(1, {ACTORS})\n{};\n", bind(&sql.load)),
         Op::Save | Op::SaveGrouped => {
-            format!("\\set id random(1, {ACTORS})\n{};\n", bind(&sql.save))
+            format!(
+                "\\set id random(1, {ACTORS})\n{write_id}{};\n",
+                bind(&sql.save)
+            )
         }
         // No literal can carry the expected sequence: read it in a subselect
         // of the same statement (one more index lookup than the library).
         Op::SaveIf => format!(
-            "{own_id}{};\n",
+            "{own_id}{write_id}{};\n",
             sql.save_if_sequence
                 .replace("$1", ":id")
                 .replace("$2", bytea)
+                .replace("$4", ":w")
                 .replace(
                     "$3",
                     &format!(
@@ -444,18 +463,19 @@ fn pgbench_script(op: Op, sql: &LibrarySql, bytea: &str, threads: usize) -> Stri
                 format!("\\set id {CONTENDED_ID}\n")
             };
             format!(
-                "{id}{} \\gset\n{};\n",
+                "{id}{write_id}{} \\gset\n{};\n",
                 sql.load_versioned.replace("$1", ":id"),
                 sql.save_if_sequence
                     .replace("$1", ":id")
                     .replace("$2", bytea)
+                    .replace("$4", ":w")
                     .replace("$3", ":sequence_number")
             )
         }
         // Client c deletes base + c * per + 0, 1, 2, ... (n counts per client).
         Op::Delete => format!(
-            "\\set id :base + :client_id * :per + :n\n\\set n :n + 1\n{};\n",
-            bind(&sql.delete)
+            "\\set id :base + :client_id * :per + :n\n\\set n :n + 1\n{write_id}{};\n",
+            sql.delete.replace("$1", ":id").replace("$2", ":w")
         ),
     }
 }

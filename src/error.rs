@@ -220,13 +220,36 @@ pub enum Error {
     /// [`StateStore::stats`](crate::StateStore::stats) shows how full the
     /// queue is (`notification_queue_usage`) and which sessions listen.
     NotificationQueueFull(postgres::Error),
-    /// The connection broke while a call was in flight.
+    /// The connection broke while a read was in flight (and again on the
+    /// read's second try), or a write's outcome was settled another way.
     ///
-    /// For a write this does not say whether the write was applied.
+    /// Writes whose connection breaks report [`Error::NotApplied`] or
+    /// [`Error::OutcomeUnknown`] instead.
     ///
     /// Shared (`Arc`) because one lost connection can fail every writer of
     /// a group commit.
     ConnectionLost(std::sync::Arc<postgres::Error>),
+    /// The connection broke while a write was in flight, and the store then
+    /// found out, on a new connection, that the write was **not** applied:
+    /// the database is as if the call had never been made, so running it
+    /// again is safe.
+    NotApplied {
+        /// The first actor the write was for.
+        actor_id: String,
+        /// How the connection broke.
+        source: std::sync::Arc<postgres::Error>,
+    },
+    /// The connection broke while a write was in flight, and the store could
+    /// not find out whether the write was applied: the server did not come
+    /// back within the store's `outcome_timeout`, or the actor was written
+    /// more than 32 times by others before the store could look (see
+    /// [`StateStore`](crate::StateStore)'s section on lost connections).
+    OutcomeUnknown {
+        /// The first actor the write was for.
+        actor_id: String,
+        /// How the connection broke.
+        source: std::sync::Arc<postgres::Error>,
+    },
     /// The TLS configuration could not be built (for example an unreadable
     /// root certificate).
     Tls(Box<dyn StdError + Send + Sync>),
@@ -261,12 +284,30 @@ impl Error {
     }
 
     /// True for errors about reaching the server: connect failures, a broken
-    /// connection and pool exhaustion. Retrying later may succeed.
+    /// connection (including [`Error::NotApplied`] and
+    /// [`Error::OutcomeUnknown`]) and pool exhaustion. Retrying later may
+    /// succeed.
     pub fn is_connection(&self) -> bool {
         matches!(
             self,
-            Error::Connect { .. } | Error::PoolExhausted { .. } | Error::ConnectionLost(_)
+            Error::Connect { .. }
+                | Error::PoolExhausted { .. }
+                | Error::ConnectionLost(_)
+                | Error::NotApplied { .. }
+                | Error::OutcomeUnknown { .. }
         )
+    }
+
+    /// True for [`Error::NotApplied`]: a write whose connection broke was
+    /// found not to have been applied.
+    pub fn is_not_applied(&self) -> bool {
+        matches!(self, Error::NotApplied { .. })
+    }
+
+    /// True for [`Error::OutcomeUnknown`]: whether the write was applied
+    /// could not be found out.
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, Error::OutcomeUnknown { .. })
     }
 
     /// The SQLSTATE code when the server reported the error.
@@ -277,7 +318,9 @@ impl Error {
             }
             | Error::Database(e)
             | Error::NotificationQueueFull(e) => e.code(),
-            Error::ConnectionLost(e) => e.code(),
+            Error::ConnectionLost(e)
+            | Error::NotApplied { source: e, .. }
+            | Error::OutcomeUnknown { source: e, .. } => e.code(),
             _ => None,
         }
     }
@@ -449,6 +492,18 @@ impl fmt::Display for Error {
                 "connection to the server was lost during the call; \
                  a write may or may not have been applied",
             ),
+            Error::NotApplied { actor_id, .. } => write!(
+                f,
+                "connection to the server was lost during a write to {actor_id:?}; \
+                 the write was not applied and can be made again"
+            ),
+            Error::OutcomeUnknown { actor_id, .. } => write!(
+                f,
+                "connection to the server was lost during a write to {actor_id:?}, and whether \
+                 it was applied could not be found out (the server did not come back within \
+                 outcome_timeout, or the actor was rewritten too often meanwhile); read the \
+                 actor to see its state"
+            ),
             Error::Tls(_) => f.write_str("could not set up TLS"),
             Error::Database(e) => match e.as_db_error() {
                 Some(db) => write!(f, "database error {}: {}", db.code().code(), db.message()),
@@ -465,7 +520,9 @@ impl StdError for Error {
             Error::Connect {
                 source: Some(e), ..
             } => Some(e),
-            Error::ConnectionLost(e) => Some(e.as_ref()),
+            Error::ConnectionLost(e)
+            | Error::NotApplied { source: e, .. }
+            | Error::OutcomeUnknown { source: e, .. } => Some(e.as_ref()),
             Error::Tls(e) => Some(e.as_ref()),
             Error::NotificationQueueFull(e) => Some(e),
             Error::Database(e) if e.as_db_error().is_none() => Some(e),

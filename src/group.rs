@@ -29,6 +29,8 @@ pub(crate) struct Item {
     pub state: Vec<u8>,
     /// `None` for an unconditional save.
     pub expected: Option<Expected>,
+    /// Tags the row, to find out whether it landed if the connection breaks.
+    pub write_id: i64,
 }
 
 /// What a queued writer is waiting for.
@@ -172,6 +174,7 @@ mod tests {
             id: id.into(),
             state: vec![],
             expected: None,
+            write_id: 1,
         }
     }
 

@@ -174,6 +174,7 @@ pub mod ffi;
 mod group;
 mod listener;
 mod monitor;
+mod outcome;
 mod pool;
 mod schema;
 mod store;
@@ -194,11 +195,12 @@ pub use crate::listener::{
 pub use crate::monitor::{
     ConnectionInfo, ListenerSession, SlowStatement, SlowStatements, StoreStats,
 };
+pub use crate::outcome::LostWrites;
 pub use crate::pool::{Pool, PoolOptions, PoolState};
 pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
 pub use crate::store::{
     validate_actor_id, Batch, BatchResult, RetryPolicy, StateStore, StateStoreBuilder, Versioned,
-    DEFAULT_MAX_STATE_SIZE,
+    DEFAULT_MAX_STATE_SIZE, DEFAULT_OUTCOME_TIMEOUT,
 };
 pub use crate::transfer::{ActorPage, ActorSummary, RestoreOutcome};
 

@@ -195,7 +195,6 @@ pub(crate) struct Backend {
 pub(crate) struct Connection {
     pub client: Client,
     /// The server process serving it, when the server said.
-    #[allow(dead_code)]
     pub backend: Option<Backend>,
     statements: HashMap<Box<str>, Statement>,
     verified_epoch: u64,
@@ -246,11 +245,16 @@ struct Opened {
     watch: Option<Watch>,
 }
 
-#[derive(Clone)]
 pub(crate) struct Manager {
-    inner: Arc<PostgresConnectionManager<MakeTlsConnector>>,
+    opener: Arc<Opener>,
+}
+
+/// How connections are made: shared by the r2d2 manager and the pool
+/// handle, which opens connections of its own outside the pool.
+struct Opener {
+    inner: PostgresConnectionManager<MakeTlsConnector>,
     statement_timeout: Option<Duration>,
-    /// The driver's connect timeout, which bounds all of [`Manager::open`].
+    /// The driver's connect timeout, which bounds all of [`Opener::open`].
     connect_timeout: Option<Duration>,
     /// The server's ports, to find a new connection's socket.
     ports: Arc<[u16]>,
@@ -258,7 +262,7 @@ pub(crate) struct Manager {
     shared: Arc<Shared>,
 }
 
-impl Manager {
+impl Opener {
     /// Opens a connection within the connect timeout. The driver's own
     /// timeout covers only the TCP handshake: a server or path that accepts
     /// the connection and then stops answering would hold the caller (the
@@ -266,7 +270,7 @@ impl Manager {
     /// connect runs on a helper thread, given up on at the timeout; it ends
     /// by itself when the peer answers or the socket dies, and drops its
     /// connection. At most `max_size` such connects are left running.
-    fn open(&self) -> Result<Opened> {
+    fn open(self: &Arc<Self>) -> Result<Opened> {
         let Some(limit) = self.connect_timeout else {
             return self.open_here();
         };
@@ -288,11 +292,11 @@ impl Manager {
         const ABANDONED: u8 = 2;
         let outcome = Arc::new(AtomicU8::new(WAITING));
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let (manager, helper_outcome) = (self.clone(), Arc::clone(&outcome));
+        let (opener, helper_outcome) = (Arc::clone(self), Arc::clone(&outcome));
         thread::Builder::new()
             .name("trebuchet-connect".into())
             .spawn(move || {
-                let opened = manager.open_here();
+                let opened = opener.open_here();
                 let decided = helper_outcome.compare_exchange(
                     WAITING,
                     DELIVERED,
@@ -302,7 +306,7 @@ impl Manager {
                 match decided {
                     Ok(_) => drop(tx.send(opened)),
                     Err(_) => {
-                        manager
+                        opener
                             .shared
                             .abandoned_connects
                             .fetch_sub(1, Ordering::AcqRel);
@@ -356,17 +360,28 @@ impl Manager {
             watch,
         })
     }
+
+    fn wrap(&self, opened: Opened) -> Connection {
+        Connection {
+            client: opened.client,
+            backend: opened.backend,
+            statements: HashMap::new(),
+            verified_epoch: self.shared.epoch.load(Ordering::Acquire),
+            broken: false,
+            watch: opened.watch,
+        }
+    }
 }
 
 /// The pool's first connection, retried while the server is not up yet
 /// and `wait` allows.
-fn open_first(manager: &Manager, wait: Option<Duration>) -> Result<Opened> {
+fn open_first(opener: &Arc<Opener>, wait: Option<Duration>) -> Result<Opened> {
     const FIRST_PAUSE: Duration = Duration::from_millis(50);
     const MAX_PAUSE: Duration = Duration::from_secs(1);
     let deadline = wait.map(|wait| Instant::now() + wait);
     let mut pause = FIRST_PAUSE;
     loop {
-        let error = match manager.open() {
+        let error = match opener.open() {
             Ok(opened) => return Ok(opened),
             Err(e) => e,
         };
@@ -379,7 +394,7 @@ fn open_first(manager: &Manager, wait: Option<Duration>) -> Result<Opened> {
         };
         log::info!(
             "waiting for the server at {}: {error}",
-            manager.shared.target
+            opener.shared.target
         );
         std::thread::sleep(pause.mul_f64(0.5 + fastrand::f64() / 2.0).min(left));
         pause = (pause * 2).min(MAX_PAUSE);
@@ -419,6 +434,7 @@ impl ManageConnection for Manager {
 
     fn connect(&self) -> Result<Connection> {
         let spare = self
+            .opener
             .shared
             .spare
             .lock()
@@ -426,13 +442,14 @@ impl ManageConnection for Manager {
             .take();
         let opened = match spare {
             Some(opened) => opened,
-            None => match self.open() {
+            None => match self.opener.open() {
                 Ok(opened) => opened,
                 Err(e) => {
                     if let Error::Connect { failure, .. } = &e {
                         // Kept for callers that time out waiting: they get
                         // the reason instead of "pool exhausted".
                         *self
+                            .opener
                             .shared
                             .last_error
                             .lock()
@@ -443,14 +460,7 @@ impl ManageConnection for Manager {
                 }
             },
         };
-        Ok(Connection {
-            client: opened.client,
-            backend: opened.backend,
-            statements: HashMap::new(),
-            verified_epoch: self.shared.epoch.load(Ordering::Acquire),
-            broken: false,
-            watch: opened.watch,
-        })
+        Ok(self.opener.wrap(opened))
     }
 
     fn is_valid(&self, conn: &mut Connection) -> Result<()> {
@@ -480,6 +490,7 @@ impl ManageConnection for Manager {
 #[derive(Clone)]
 pub struct Pool {
     r2d2: r2d2::Pool<Manager>,
+    opener: Arc<Opener>,
     shared: Arc<Shared>,
     options: Arc<PoolOptions>,
     connect: Arc<ConnectOptions>,
@@ -560,15 +571,18 @@ impl Pool {
             target: connect.target(),
             user: config.get_user().unwrap_or("postgres").to_owned(),
         });
-        let manager = Manager {
+        let opener = Arc::new(Opener {
             connect_timeout: config.get_connect_timeout().copied(),
-            inner: Arc::new(PostgresConnectionManager::new(config, tls)),
+            inner: PostgresConnectionManager::new(config, tls),
             statement_timeout: options.statement_timeout,
             ports,
             max_size: options.max_size,
             shared: Arc::clone(&shared),
+        });
+        let first = open_first(&opener, options.wait_for_server)?;
+        let manager = Manager {
+            opener: Arc::clone(&opener),
         };
-        let first = open_first(&manager, options.wait_for_server)?;
         *shared.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(first);
         let r2d2 = r2d2::Pool::builder()
             .max_size(options.max_size)
@@ -580,6 +594,7 @@ impl Pool {
             .build_unchecked(manager);
         Ok(Pool {
             r2d2,
+            opener,
             shared,
             options: Arc::new(options),
             connect,
@@ -703,6 +718,14 @@ impl Pool {
                 waited: start.elapsed(),
             },
         }
+    }
+
+    /// A new connection outside the pool, for finding out what became of a
+    /// write whose connection broke: unlike a check-out, it does not wait
+    /// for the pool's background reconnection.
+    pub(crate) fn open_unpooled(&self) -> Result<Connection> {
+        let opened = self.opener.open()?;
+        Ok(self.opener.wrap(opened))
     }
 
     /// Classifies an error from a call on `conn`. A broken connection is

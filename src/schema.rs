@@ -10,11 +10,22 @@ pub use crate::config::{DEFAULT_CHANNEL, DEFAULT_TABLE};
 use crate::error::{Error, Result};
 
 /// The embedded migrations: version, description, template.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "actor state table, tombstones and change trigger",
-    include_str!("../sql/migrations/0001_actor_states.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "actor state table, tombstones and change trigger",
+        include_str!("../sql/migrations/0001_actor_states.sql"),
+    ),
+    (
+        2,
+        "write tags for finding out whether a write landed",
+        include_str!("../sql/migrations/0002_write_tags.sql"),
+    ),
+];
+
+/// How many write tags each row keeps (`recent_writes`); the SQL says
+/// `[1:32]`.
+pub(crate) const WRITE_TAGS: usize = 32;
 
 fn quote(ident: &str) -> String {
     format!("\"{ident}\"")
@@ -143,6 +154,7 @@ pub(crate) struct Statements {
     pub count_tombstones: String,
     pub scan_prefix: String,
     pub restore_many: String,
+    pub outcomes: String,
 }
 
 impl Statements {
@@ -150,8 +162,11 @@ impl Statements {
         let t = names.table_sql();
         let b = names.qualify(&names.tombstones);
         let now = "(now() AT TIME ZONE 'UTC')";
-        let next_for_new = format!(
-            "COALESCE((SELECT b.sequence_number FROM {b} b WHERE b.actor_id = $1::VARCHAR), 0) + 1"
+        // The sequence number a new actor starts at, above its tombstone if
+        // it had one, and the write tags the tombstone carried.
+        let next = format!(
+            "(SELECT COALESCE(b.sequence_number, 0) + 1 AS seq, b.recent_writes AS tags \
+             FROM (SELECT 1) one LEFT JOIN {b} b ON b.actor_id = $1::VARCHAR) n"
         );
         // Both conditional writes answer in one round trip: the new row, or
         // the sequence number that blocked the write.
@@ -160,31 +175,39 @@ impl Statements {
              (SELECT created_at FROM written), \
              (SELECT c.sequence_number FROM {t} c WHERE c.actor_id = $1::VARCHAR)"
         );
+        let set_write_id = "set_config('trebuchet.write_id', $2::BIGINT::TEXT, true) IS NOT NULL";
         Statements {
             save: format!(
-                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
-                 VALUES ($1::VARCHAR, $2, {next_for_new}, {now}, {now}) \
+                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, recent_writes) \
+                 SELECT $1::VARCHAR, $2::BYTEA, n.seq, {now}, {now}, {tag_new} FROM {next} \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at \
-                 RETURNING sequence_number"
+                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at, \
+                 recent_writes = (ARRAY[$3::BIGINT # (t.sequence_number + 1)] || t.recent_writes)[1:32] \
+                 RETURNING sequence_number",
+                tag_new = "(ARRAY[$3::BIGINT # n.seq] || n.tags)[1:32]"
             ),
             save_if_absent: format!(
-                "WITH written AS (INSERT INTO {t} (actor_id, state, sequence_number, updated_at, created_at) \
-                 VALUES ($1::VARCHAR, $2, {next_for_new}, {now}, {now}) \
+                "WITH written AS (INSERT INTO {t} (actor_id, state, sequence_number, updated_at, created_at, recent_writes) \
+                 SELECT $1::VARCHAR, $2::BYTEA, n.seq, {now}, {now}, \
+                 (ARRAY[$3::BIGINT # n.seq] || n.tags)[1:32] FROM {next} \
                  ON CONFLICT (actor_id) DO NOTHING \
                  RETURNING sequence_number, updated_at, created_at) {outcome}"
             ),
             save_if_sequence: format!(
-                "WITH written AS (UPDATE {t} SET state = $2, sequence_number = sequence_number + 1, \
-                 updated_at = {now} WHERE actor_id = $1::VARCHAR AND sequence_number = $3 \
+                "WITH written AS (UPDATE {t} SET state = $2::BYTEA, sequence_number = sequence_number + 1, \
+                 updated_at = {now}, \
+                 recent_writes = (ARRAY[$4::BIGINT # ($3::BIGINT + 1)] || recent_writes)[1:32] \
+                 WHERE actor_id = $1::VARCHAR AND sequence_number = $3::BIGINT \
                  RETURNING sequence_number, updated_at, created_at) {outcome}"
             ),
             save_with_sequence: format!(
-                "WITH written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
-                 SELECT $1::VARCHAR, $2, $3::BIGINT, {now}, {now} \
-                 WHERE COALESCE((SELECT b.sequence_number FROM {b} b WHERE b.actor_id = $1::VARCHAR), 0) < $3::BIGINT \
+                "WITH written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, recent_writes) \
+                 SELECT $1::VARCHAR, $2::BYTEA, $3::BIGINT, {now}, {now}, \
+                 (ARRAY[$4::BIGINT # $3::BIGINT] || n.tags)[1:32] FROM {next} \
+                 WHERE n.seq - 1 < $3::BIGINT \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at \
+                 sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at, \
+                 recent_writes = (ARRAY[$4::BIGINT # EXCLUDED.sequence_number] || t.recent_writes)[1:32] \
                  WHERE t.sequence_number < EXCLUDED.sequence_number \
                  RETURNING sequence_number, updated_at, created_at) {outcome}"
             ),
@@ -202,28 +225,36 @@ impl Statements {
             ),
             // Rows are written in actor id order so that concurrent batches
             // lock them in one order and cannot deadlock.
+            // The update branch recovers each row's write id from the tag
+            // the insert branch computed (`EXCLUDED` is all it can see).
             save_many: format!(
-                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
-                 SELECT i.id, i.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now} \
-                 FROM unnest($1::VARCHAR[], $2::BYTEA[]) AS i(id, st) \
+                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, recent_writes) \
+                 SELECT i.id, i.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now}, \
+                 (ARRAY[i.w # (COALESCE(b.sequence_number, 0) + 1)] || b.recent_writes)[1:32] \
+                 FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[]) AS i(id, st, w) \
                  LEFT JOIN {b} b ON b.actor_id = i.id ORDER BY i.id \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at \
+                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at, \
+                 recent_writes = (ARRAY[EXCLUDED.recent_writes[1] # EXCLUDED.sequence_number \
+                 # (t.sequence_number + 1)] || t.recent_writes)[1:32] \
                  RETURNING actor_id::TEXT, sequence_number"
             ),
             // Per item: the new sequence number, or NULL and the sequence
             // number that blocked it. `expected` NULL means "absent".
             save_many_if: format!(
-                "WITH input AS (SELECT * FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[]) \
-                 AS i(id, st, expected)), \
+                "WITH input AS (SELECT * FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[], \
+                 $4::BIGINT[]) AS i(id, st, expected, w)), \
                  locked AS (SELECT l.actor_id FROM {t} l JOIN input ON input.id = l.actor_id \
                  WHERE input.expected IS NOT NULL ORDER BY l.actor_id FOR UPDATE OF l), \
                  updated AS (UPDATE {t} AS t SET state = input.st, \
-                 sequence_number = t.sequence_number + 1, updated_at = {now} FROM input \
+                 sequence_number = t.sequence_number + 1, updated_at = {now}, \
+                 recent_writes = (ARRAY[input.w # (t.sequence_number + 1)] || t.recent_writes)[1:32] \
+                 FROM input \
                  WHERE t.actor_id = input.id AND t.actor_id IN (SELECT actor_id FROM locked) \
                  AND t.sequence_number = input.expected RETURNING t.actor_id, t.sequence_number), \
-                 inserted AS (INSERT INTO {t} (actor_id, state, sequence_number, updated_at, created_at) \
-                 SELECT input.id, input.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now} \
+                 inserted AS (INSERT INTO {t} (actor_id, state, sequence_number, updated_at, created_at, recent_writes) \
+                 SELECT input.id, input.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now}, \
+                 (ARRAY[input.w # (COALESCE(b.sequence_number, 0) + 1)] || b.recent_writes)[1:32] \
                  FROM input LEFT JOIN {b} b ON b.actor_id = input.id \
                  WHERE input.expected IS NULL ORDER BY input.id \
                  ON CONFLICT (actor_id) DO NOTHING RETURNING actor_id, sequence_number) \
@@ -238,10 +269,12 @@ impl Statements {
                 "SELECT actor_id FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
                  ORDER BY actor_id FOR UPDATE"
             ),
+            // Deletes hand their write id to the trigger, which tags the
+            // tombstone with it.
             delete_many: format!(
                 "DELETE FROM {t} WHERE actor_id IN (SELECT l.actor_id FROM {t} l \
                  WHERE l.actor_id = ANY($1::VARCHAR[]) ORDER BY l.actor_id FOR UPDATE) \
-                 RETURNING actor_id::TEXT"
+                 AND {set_write_id} RETURNING actor_id::TEXT"
             ),
             // The current version of each actor, or its tombstone when deleted:
             // what a listener announces after a gap instead of a resync.
@@ -254,7 +287,7 @@ impl Statements {
                  WHERE b.actor_id = ANY($1::VARCHAR[]) \
                  AND NOT EXISTS (SELECT 1 FROM {t} c WHERE c.actor_id = b.actor_id)"
             ),
-            delete: format!("DELETE FROM {t} WHERE actor_id = $1::VARCHAR"),
+            delete: format!("DELETE FROM {t} WHERE actor_id = $1::VARCHAR AND {set_write_id}"),
             exists: format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE actor_id = $1::VARCHAR)"),
             sequence: format!("SELECT sequence_number FROM {t} WHERE actor_id = $1::VARCHAR"),
             // Keyset pages in the primary key's order: each page is one index
@@ -288,6 +321,13 @@ impl Statements {
                  WHERE t.sequence_number < EXCLUDED.sequence_number RETURNING actor_id) \
                  SELECT i.id::TEXT, w.actor_id IS NOT NULL, c.sequence_number, c.state = i.st, \
                  b.sequence_number FROM input i LEFT JOIN written w ON w.actor_id = i.id \
+                 LEFT JOIN {t} c ON c.actor_id = i.id LEFT JOIN {b} b ON b.actor_id = i.id"
+            ),
+            // What a writer whose connection dropped reads back to learn
+            // whether its write landed.
+            outcomes: format!(
+                "SELECT i.id::TEXT, c.sequence_number, c.recent_writes, b.sequence_number, \
+                 b.recent_writes, c.updated_at, c.created_at FROM unnest($1::VARCHAR[]) AS i(id) \
                  LEFT JOIN {t} c ON c.actor_id = i.id LEFT JOIN {b} b ON b.actor_id = i.id"
             ),
         }

@@ -13,6 +13,7 @@ use crate::config::ConnectOptions;
 use crate::error::{Error, Expected, InvalidActorId, Result};
 use crate::group::{rounds, Combiner, Item};
 use crate::listener::{ChangeListener, ChangeListenerBuilder};
+use crate::outcome::{self, write_id, Landed, LostWriteCounters, LostWrites, Traces};
 use crate::pool::{Connection, Pool, PoolOptions};
 use crate::schema::{self, Names, Statements, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
 
@@ -90,7 +91,12 @@ pub struct StateStoreBuilder {
     migrate: bool,
     group_commit: bool,
     wait_for_server: Option<Duration>,
+    outcome_timeout: Duration,
 }
+
+/// How long a write whose connection broke tries to find out whether it
+/// landed, by default.
+pub const DEFAULT_OUTCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl fmt::Debug for StateStoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -170,9 +176,9 @@ impl StateStoreBuilder {
     /// Each caller still returns only after its own row is committed, gets
     /// its own result (a conflict fails only its caller), and every row is
     /// announced, in order per actor. A lone writer goes through the same
-    /// one-row statement as without grouping. What changes: when the
-    /// connection is lost during a grouped commit, every caller of that group
-    /// gets [`Error::ConnectionLost`].
+    /// one-row statement as without grouping. When the connection is lost
+    /// during a grouped commit, each caller finds out for its own row, as a
+    /// lone write would (see [`outcome_timeout`](Self::outcome_timeout)).
     ///
     /// Why it is on: the change trigger's `NOTIFY` serialises commits
     /// server-wide, so one commit per row caps writes near the disk's flush
@@ -205,6 +211,17 @@ impl StateStoreBuilder {
     /// ```
     pub fn wait_for_server(mut self, wait: Duration) -> Self {
         self.wait_for_server = Some(wait);
+        self
+    }
+
+    /// How long a write whose connection breaks before its reply arrives
+    /// keeps trying, on new connections, to find out whether it was applied
+    /// (default [`DEFAULT_OUTCOME_TIMEOUT`], 10 s). Within it the write
+    /// returns what it would have returned, or [`Error::NotApplied`]; past
+    /// it, [`Error::OutcomeUnknown`]. See [`StateStore`]'s section on lost
+    /// connections.
+    pub fn outcome_timeout(mut self, timeout: Duration) -> Self {
+        self.outcome_timeout = timeout;
         self
     }
 
@@ -246,6 +263,9 @@ impl StateStoreBuilder {
                 "RetryPolicy::max_attempts must be at least 1",
             ));
         }
+        if self.outcome_timeout.is_zero() {
+            return Err(Error::invalid_config("outcome_timeout must be positive"));
+        }
         if self.max_state_size > i32::MAX as usize {
             return Err(Error::invalid_config(
                 "max_state_size must stay below PostgreSQL's 1 GB bytea limit",
@@ -273,6 +293,8 @@ impl StateStoreBuilder {
                 codec: self.codec,
                 max_state_size: self.max_state_size,
                 retry: self.retry,
+                outcome_timeout: self.outcome_timeout,
+                lost_writes: LostWriteCounters::default(),
                 combiner: self.group_commit.then(Combiner::default),
             }),
         };
@@ -290,6 +312,8 @@ pub(crate) struct Inner {
     codec: Codec,
     max_state_size: usize,
     retry: RetryPolicy,
+    outcome_timeout: Duration,
+    lost_writes: LostWriteCounters,
     combiner: Option<Combiner>,
 }
 
@@ -329,6 +353,46 @@ pub(crate) struct Inner {
 /// tombstone row holding it, so an actor created again under the same id
 /// continues above it: a number never repeats for an id, and a listener that
 /// ignores numbers it has already seen never ignores a new actor.
+///
+/// # Lost connections
+///
+/// When a connection breaks after a write was sent and before its reply
+/// arrived (a server restart or crash, a network cut), the write may or may
+/// not have been committed. The store does not leave the caller guessing: it
+/// opens a new connection (retrying until
+/// [`outcome_timeout`](StateStoreBuilder::outcome_timeout)), makes sure the
+/// server process of the broken one has exited so the write cannot land
+/// later, and reads the actors' *write tags* back. Every write carries a
+/// random id, and each row it writes keeps `id XOR sequence number` among
+/// the actor's 32 most recent tags (the `recent_writes` column; deletes tag
+/// the tombstone). That costs no round trip and a few bytes per row.
+///
+/// The caller then gets what it would have got, or:
+///
+/// - [`Error::NotApplied`]: the write was not applied; the database is as if
+///   the call had never been made, and making it again is safe.
+///   [`transform`](Self::transform) does so itself, as after a lost race.
+/// - [`Error::OutcomeUnknown`]: the server did not come back within
+///   `outcome_timeout`, or the answer was pushed out of the tags. A
+///   conditional write ([`save_if`](Self::save_if) with a sequence number,
+///   [`transform`](Self::transform) on an existing actor,
+///   [`save_with_sequence`](Self::save_with_sequence)) knows the sequence
+///   number it would have produced, so it is always answered unless 32 other
+///   writes to the same actor followed it before the store could look. A
+///   plain [`save`](Self::save), a [`delete`](Self::delete) or
+///   `save_if(.., Expected::Absent)` is answered when the actor has fewer
+///   than 32 tagged writes in all, or when its write is among the last 32;
+///   otherwise it is unknown.
+///
+/// Bulk writes and batches are all or nothing, so one tag found means all of
+/// it committed. Writes made by other programs (the Swift adapter, manual
+/// SQL) leave no tags; they never make an answer wrong, except that an actor
+/// deleted *and* re-created by them while the store looks may read as
+/// "not applied" for a delete that was.
+///
+/// Reads are simply run once more on a new connection. Failing to get a
+/// connection at all ([`Error::Connect`], [`Error::PoolExhausted`]) means
+/// nothing was sent.
 #[derive(Clone)]
 pub struct StateStore {
     inner: Arc<Inner>,
@@ -432,6 +496,7 @@ impl StateStore {
             migrate: false,
             group_commit: true,
             wait_for_server: None,
+            outcome_timeout: DEFAULT_OUTCOME_TIMEOUT,
         }
     }
 
@@ -555,6 +620,52 @@ impl StateStore {
             }
             return Err(self.schema_hint(error));
         }
+    }
+
+    /// Runs a write on a pooled connection. When the connection breaks
+    /// before the reply arrives, the write may or may not have landed:
+    /// `settle` gives the result from what the rows of `ids` say, read on a
+    /// new connection once the old one's server process is gone (see the
+    /// section on lost connections).
+    pub(crate) fn write<R>(
+        &self,
+        ids: &[&str],
+        mut f: impl FnMut(&Inner, &mut Connection) -> Result<R, Failure>,
+        settle: impl FnOnce(&Traces) -> Result<R>,
+    ) -> Result<R> {
+        let mut conn = self.inner.pool.get()?;
+        let e = match f(&self.inner, &mut conn) {
+            Ok(r) => return Ok(r),
+            Err(Failure::Store(e)) => return Err(e),
+            Err(Failure::Pg(e)) => e,
+        };
+        let backend = conn.backend;
+        let (error, _) = self.inner.pool.call_error(&mut conn, e);
+        drop(conn);
+        let Error::ConnectionLost(source) = error else {
+            return Err(self.schema_hint(error));
+        };
+        log::info!(
+            "connection lost during a write to {:?}; finding out whether it was applied",
+            ids.first().copied().unwrap_or_default()
+        );
+        let result = outcome::find_out(
+            &self.inner.pool,
+            &self.inner.sql,
+            ids,
+            backend,
+            source,
+            self.inner.outcome_timeout,
+        )
+        .and_then(|traces| settle(&traces));
+        self.inner.lost_writes.count(&result);
+        result
+    }
+
+    /// How the writes whose connection broke mid-write turned out, since
+    /// the store was built. Reads counters only: no round trip.
+    pub fn lost_writes(&self) -> LostWrites {
+        self.inner.lost_writes.snapshot()
     }
 
     fn schema_hint(&self, error: Error) -> Error {
@@ -737,10 +848,15 @@ impl StateStore {
     /// [`Error::InvalidActorId`]; connection and database errors.
     pub fn delete(&self, id: &str) -> Result<bool> {
         check_actor_id(id)?;
-        self.call(false, |inner, c| {
-            let st = c.prepare(&inner.sql.delete)?;
-            Ok(c.client.execute(&st, &[&id])? > 0)
-        })
+        let w = write_id();
+        self.write(
+            &[id],
+            |inner, c| {
+                let st = c.prepare(&inner.sql.delete)?;
+                Ok(c.client.execute(&st, &[&id, &w])? > 0)
+            },
+            |t| t.one(id, w, None).map(|_| true),
+        )
     }
 
     /// Whether the actor exists.
@@ -854,14 +970,34 @@ impl StateStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let written: HashMap<String, u64> = self.call(false, |inner, c| {
-            let st = c.prepare(&inner.sql.save_many)?;
-            Ok(c.client
-                .query(&st, &[&ids, &states])?
-                .iter()
-                .map(|row| (row.get(0), to_u64(row.get(1))))
-                .collect())
-        })?;
+        let w = write_id();
+        let write_ids = vec![w; ids.len()];
+        let written: HashMap<String, u64> = self.write(
+            &ids,
+            |inner, c| {
+                let st = c.prepare(&inner.sql.save_many)?;
+                Ok(c.client
+                    .query(&st, &[&ids, &states, &write_ids])?
+                    .iter()
+                    .map(|row| (row.get(0), to_u64(row.get(1))))
+                    .collect())
+            },
+            |t| {
+                if !t.committed(ids.iter().map(|id| (*id, None)), w)? {
+                    return Err(t.not_applied());
+                }
+                Ok(ids
+                    .iter()
+                    .map(|id| {
+                        let sequence = match t.landed(id, w, None) {
+                            Landed::Yes(sequence) => sequence,
+                            _ => t.sequence(id).unwrap_or(0),
+                        };
+                        ((*id).to_owned(), sequence)
+                    })
+                    .collect())
+            },
+        )?;
         Ok(ids
             .iter()
             .map(|id| written.get(*id).copied().unwrap_or(0))
@@ -912,9 +1048,13 @@ impl StateStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let outcomes = self.call(false, |inner, c| {
-            many_if_on(inner, c, &ids, &states, &expected)
-        })?;
+        let w = write_id();
+        let write_ids = vec![w; ids.len()];
+        let outcomes = self.write(
+            &ids,
+            |inner, c| many_if_on(inner, c, &ids, &states, &expected, &write_ids),
+            |t| settle_many_if(t, &ids, &expected, &write_ids),
+        )?;
         Ok(items
             .iter()
             .zip(outcomes)
@@ -944,14 +1084,28 @@ impl StateStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let deleted: std::collections::HashSet<String> = self.call(false, |inner, c| {
-            let st = c.prepare(&inner.sql.delete_many)?;
-            Ok(c.client
-                .query(&st, &[&ids])?
-                .iter()
-                .map(|row| row.get(0))
-                .collect())
-        })?;
+        let w = write_id();
+        let deleted: std::collections::HashSet<String> = self.write(
+            &ids,
+            |inner, c| {
+                let st = c.prepare(&inner.sql.delete_many)?;
+                Ok(c.client
+                    .query(&st, &[&ids, &w])?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect())
+            },
+            |t| {
+                if !t.committed(ids.iter().map(|id| (*id, None)), w)? {
+                    return Err(t.not_applied());
+                }
+                Ok(ids
+                    .iter()
+                    .filter(|id| matches!(t.landed(id, w, None), Landed::Yes(_)))
+                    .map(|id| (*id).to_owned())
+                    .collect())
+            },
+        )?;
         Ok(ids.iter().map(|id| deleted.contains(*id)).collect())
     }
 
@@ -1017,25 +1171,32 @@ impl StateStore {
                     id: id.to_owned(),
                     state: state.to_vec(),
                     expected: None,
+                    write_id: write_id(),
                 },
                 |items| self.write_group(items),
             ),
-            None => self.save_one(id, state),
+            None => self.save_one(id, state, write_id()),
         }
     }
 
-    fn save_one(&self, id: &str, state: &[u8]) -> Result<u64> {
-        self.call(false, |inner, c| {
-            let st = c.prepare(&inner.sql.save)?;
-            let row = c.client.query_one(&st, &[&id, &state])?;
-            Ok(to_u64(row.get(0)))
-        })
+    fn save_one(&self, id: &str, state: &[u8], w: i64) -> Result<u64> {
+        self.write(
+            &[id],
+            |inner, c| {
+                let st = c.prepare(&inner.sql.save)?;
+                let row = c.client.query_one(&st, &[&id, &state, &w])?;
+                Ok(to_u64(row.get(0)))
+            },
+            |t| t.one(id, w, None),
+        )
     }
 
-    fn save_one_if(&self, id: &str, state: &[u8], expected: Expected) -> Result<u64> {
-        let written = self.call(false, |inner, c| {
-            write_if_on(inner, c, id, state, expected, true)
-        })?;
+    fn save_one_if(&self, id: &str, state: &[u8], expected: Expected, w: i64) -> Result<u64> {
+        let written = self.write(
+            &[id],
+            |inner, c| write_if_on(inner, c, id, state, expected, true, w),
+            |t| settle_if(t, id, expected, w),
+        )?;
         match written {
             Written::Yes { sequence, .. } => Ok(sequence),
             Written::Blocked { actual } => Err(Error::Conflict {
@@ -1048,8 +1209,8 @@ impl StateStore {
 
     fn write_item(&self, item: &Item) -> Result<u64> {
         match item.expected {
-            None => self.save_one(&item.id, &item.state),
-            Some(expected) => self.save_one_if(&item.id, &item.state, expected),
+            None => self.save_one(&item.id, &item.state, item.write_id),
+            Some(expected) => self.save_one_if(&item.id, &item.state, expected, item.write_id),
         }
     }
 
@@ -1068,25 +1229,30 @@ impl StateStore {
             if !plain.is_empty() {
                 let ids: Vec<&str> = plain.iter().map(|&i| items[i].id.as_str()).collect();
                 let states: Vec<&[u8]> = plain.iter().map(|&i| items[i].state.as_slice()).collect();
-                let written = self.call(false, |inner, c| {
-                    let st = c.prepare(&inner.sql.save_many)?;
-                    Ok(c.client
-                        .query(&st, &[&ids, &states])?
-                        .iter()
-                        .map(|row| (row.get::<_, String>(0), to_u64(row.get(1))))
-                        .collect::<HashMap<String, u64>>())
-                });
-                self.settle_group(
-                    &items,
-                    &plain,
-                    written.map(|w| {
-                        plain
+                let write_ids: Vec<i64> = plain.iter().map(|&i| items[i].write_id).collect();
+                let written = self.write(
+                    &ids,
+                    |inner, c| {
+                        let st = c.prepare(&inner.sql.save_many)?;
+                        let written = c
+                            .client
+                            .query(&st, &[&ids, &states, &write_ids])?
                             .iter()
-                            .map(|&i| Ok(w.get(&items[i].id).copied().unwrap_or(0)))
-                            .collect()
-                    }),
-                    &mut results,
+                            .map(|row| (row.get::<_, String>(0), to_u64(row.get(1))))
+                            .collect::<HashMap<String, u64>>();
+                        Ok(plain
+                            .iter()
+                            .map(|&i| Ok(written.get(&items[i].id).copied().unwrap_or(0)))
+                            .collect())
+                    },
+                    |t| {
+                        Ok(plain
+                            .iter()
+                            .map(|&i| t.one(&items[i].id, items[i].write_id, None))
+                            .collect())
+                    },
                 );
+                self.settle_group(&items, &plain, written, &mut results);
             }
             if !conditional.is_empty() {
                 let ids: Vec<&str> = conditional.iter().map(|&i| items[i].id.as_str()).collect();
@@ -1101,16 +1267,14 @@ impl StateStore {
                         _ => None,
                     })
                     .collect();
-                let written = self.call(false, |inner, c| {
-                    many_if_on(inner, c, &ids, &states, &expected)
-                });
-                self.settle_group(
-                    &items,
-                    &conditional,
-                    written.map(|w| {
-                        conditional
+                let write_ids: Vec<i64> = conditional.iter().map(|&i| items[i].write_id).collect();
+                let written = self.write(
+                    &ids,
+                    |inner, c| {
+                        let outcomes = many_if_on(inner, c, &ids, &states, &expected, &write_ids)?;
+                        Ok(conditional
                             .iter()
-                            .zip(w)
+                            .zip(outcomes)
                             .map(|(&i, outcome)| match outcome {
                                 Written::Yes { sequence, .. } => Ok(sequence),
                                 Written::Blocked { actual } => Err(Error::Conflict {
@@ -1119,10 +1283,22 @@ impl StateStore {
                                     actual,
                                 }),
                             })
-                            .collect()
-                    }),
-                    &mut results,
+                            .collect())
+                    },
+                    |t| {
+                        Ok(conditional
+                            .iter()
+                            .map(|&i| {
+                                let target = match items[i].expected {
+                                    Some(Expected::Sequence(n)) => Some(n.saturating_add(1)),
+                                    _ => None,
+                                };
+                                t.one(&items[i].id, items[i].write_id, target)
+                            })
+                            .collect())
+                    },
                 );
+                self.settle_group(&items, &conditional, written, &mut results);
             }
         }
         results
@@ -1131,8 +1307,8 @@ impl StateStore {
             .collect()
     }
 
-    /// Hands out one statement's outcome. When the connection was lost, the
-    /// statement may have committed, so every caller gets that error; any
+    /// Hands out one statement's outcome. When the connection was lost and
+    /// the outcome could not be found out, every caller gets that error; any
     /// other failure means nothing was written, and each row is written on
     /// its own so that one bad row fails only its caller.
     fn settle_group(
@@ -1148,9 +1324,12 @@ impl StateStore {
                     results[i] = Some(r);
                 }
             }
-            Err(Error::ConnectionLost(e)) => {
+            Err(Error::OutcomeUnknown { source, .. }) => {
                 for &i in indexes {
-                    results[i] = Some(Err(Error::ConnectionLost(Arc::clone(&e))));
+                    results[i] = Some(Err(Error::OutcomeUnknown {
+                        actor_id: items[i].id.clone(),
+                        source: Arc::clone(&source),
+                    }));
                 }
             }
             Err(_) => {
@@ -1239,10 +1418,11 @@ impl StateStore {
                     id: id.to_owned(),
                     state: state.to_vec(),
                     expected: Some(expected),
+                    write_id: write_id(),
                 },
                 |items| self.write_group(items),
             ),
-            None => self.save_one_if(id, state, expected),
+            None => self.save_one_if(id, state, expected, write_id()),
         }
     }
 
@@ -1255,18 +1435,28 @@ impl StateStore {
         check_actor_id(id)?;
         self.check_size(state)?;
         let wanted = to_i64(sequence)?;
-        let row = self.call(false, |inner, c| {
-            let st = c.prepare(&inner.sql.save_with_sequence)?;
-            Ok(c.client.query_one(&st, &[&id, &state, &wanted])?)
-        })?;
-        if row.get::<_, Option<i64>>(0).is_some() {
-            return Ok(());
+        let w = write_id();
+        // `Some(current)` when a higher sequence number blocked the write.
+        let blocked = self.write(
+            &[id],
+            |inner, c| {
+                let st = c.prepare(&inner.sql.save_with_sequence)?;
+                let row = c.client.query_one(&st, &[&id, &state, &wanted, &w])?;
+                Ok(match row.get::<_, Option<i64>>(0) {
+                    Some(_) => None,
+                    None => Some(row.get::<_, Option<i64>>(3).map(to_u64)),
+                })
+            },
+            |t| t.one(id, w, Some(sequence)).map(|_| None),
+        )?;
+        match blocked {
+            None => Ok(()),
+            Some(current) => Err(Error::StaleSequence {
+                actor_id: id.to_owned(),
+                sequence,
+                current,
+            }),
         }
-        Err(Error::StaleSequence {
-            actor_id: id.to_owned(),
-            sequence,
-            current: row.get::<_, Option<i64>>(3).map(to_u64),
-        })
     }
 
     /// [`transform`](Self::transform) on raw bytes: `f` gets the stored
@@ -1322,14 +1512,35 @@ impl StateStore {
     ) -> Result<Versioned<()>> {
         let policy = self.inner.retry;
         for attempt in 1..=policy.max_attempts {
-            let written = self.call(false, |inner, c| {
-                let current = load_versioned_on(inner, c, id)?;
-                let bytes = next(current.as_ref().map(|v| v.value.as_slice()))?;
-                let expected = current.map_or(Expected::Absent, |v| Expected::Sequence(v.sequence));
-                // A lost race is retried from a fresh read: no need for the
-                // exact version that won.
-                write_if_on(inner, c, id, &bytes, expected, false)
-            })?;
+            let w = write_id();
+            let expected = std::cell::Cell::new(None);
+            let written = self.write(
+                &[id],
+                |inner, c| {
+                    let current = load_versioned_on(inner, c, id)?;
+                    let bytes = next(current.as_ref().map(|v| v.value.as_slice()))?;
+                    let wanted =
+                        current.map_or(Expected::Absent, |v| Expected::Sequence(v.sequence));
+                    expected.set(Some(wanted));
+                    // A lost race is retried from a fresh read: no need for
+                    // the exact version that won.
+                    write_if_on(inner, c, id, &bytes, wanted, false, w)
+                },
+                |t| match expected.get() {
+                    Some(wanted) => settle_if(t, id, wanted, w),
+                    // Lost before the read returned: nothing was written.
+                    None => Err(t.not_applied()),
+                },
+            );
+            let written = match written {
+                // Nothing was written: run the step again, as after a lost
+                // race.
+                Err(e) if e.is_not_applied() && attempt < policy.max_attempts => {
+                    log::debug!("transform of {id:?} was not applied ({e}); running it again");
+                    continue;
+                }
+                other => other?,
+            };
             match written {
                 Written::Yes {
                     sequence,
@@ -1368,9 +1579,12 @@ fn many_if_on(
     ids: &[&str],
     states: &[&[u8]],
     expected: &[Option<i64>],
+    write_ids: &[i64],
 ) -> Result<Vec<Written>, Failure> {
     let st = c.prepare(&inner.sql.save_many_if)?;
-    let rows = c.client.query(&st, &[&ids, &states, &expected])?;
+    let rows = c
+        .client
+        .query(&st, &[&ids, &states, &expected, &write_ids])?;
     let mut by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
         .iter()
         .map(|row| (row.get(0), (row.get(1), row.get(2))))
@@ -1584,78 +1798,162 @@ impl Batch<'_> {
         let cond_ids: Vec<&str> = conditional.iter().map(|s| s.1.as_str()).collect();
         let cond_states: Vec<&[u8]> = conditional.iter().map(|s| s.2.as_slice()).collect();
         let delete_ids: Vec<&str> = self.deletes.iter().map(|d| d.1.as_str()).collect();
-        let outcome = store.call(false, |inner, c| {
+        let w = write_id();
+        let plain_write_ids = vec![w; plain_ids.len()];
+        let cond_write_ids = vec![w; cond_ids.len()];
+        let all_ids: Vec<&str> = cond_ids
+            .iter()
+            .chain(&plain_ids)
+            .chain(&delete_ids)
+            .copied()
+            .collect();
+        let settle = |t: &Traces| {
+            let targets = conditional
+                .iter()
+                .map(|s| match s.3 {
+                    Some(Expected::Sequence(n)) => Some(n.saturating_add(1)),
+                    _ => None,
+                })
+                .chain(std::iter::repeat(None));
+            if !t.committed(all_ids.iter().copied().zip(targets), w)? {
+                return Err(t.not_applied());
+            }
             let mut results: Vec<Option<BatchResult>> = vec![None; total];
-            // Prepared (and cached) before the transaction borrows the client.
-            let save_if_st = c.prepare(&inner.sql.save_many_if)?;
-            let save_st = c.prepare(&inner.sql.save_many)?;
-            let delete_st = c.prepare(&inner.sql.delete_many)?;
-            let lock_st = c.prepare(&inner.sql.lock_many)?;
-            let mut tx = c.client.transaction()?;
-            if total > 1 {
-                let all: Vec<&str> = cond_ids
-                    .iter()
-                    .chain(&plain_ids)
-                    .chain(&delete_ids)
-                    .copied()
-                    .collect();
-                tx.execute(&lock_st, &[&all])?;
+            for save in conditional.iter().chain(plain) {
+                let sequence = match t.landed(&save.1, w, None) {
+                    Landed::Yes(sequence) => sequence,
+                    _ => t.sequence(&save.1).unwrap_or(0),
+                };
+                results[save.0] = Some(BatchResult::Saved(sequence));
             }
-            let mut conflict = None;
-            if !cond_ids.is_empty() {
-                let rows = tx.query(&save_if_st, &[&cond_ids, &cond_states, &cond_expected])?;
-                let by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
-                    .iter()
-                    .map(|row| (row.get(0), (row.get(1), row.get(2))))
-                    .collect();
-                for (save, id) in conditional.iter().zip(&cond_ids) {
-                    match by_id.get(*id) {
-                        Some((Some(sequence), _)) => {
-                            results[save.0] = Some(BatchResult::Saved(to_u64(*sequence)))
-                        }
-                        other => {
-                            conflict.get_or_insert(Error::Conflict {
-                                actor_id: (*id).to_owned(),
-                                expected: save.3.unwrap_or(Expected::Absent),
-                                actual: other.and_then(|(_, actual)| actual.map(to_u64)),
-                            });
-                        }
-                    }
-                }
+            for (index, id) in &self.deletes {
+                let landed = matches!(t.landed(id, w, None), Landed::Yes(_));
+                results[*index] = Some(BatchResult::Deleted(landed));
             }
-            if let Some(conflict) = conflict {
-                tx.rollback()?;
-                return Ok(Err(conflict));
-            }
-            if !plain_ids.is_empty() {
-                let written: HashMap<String, i64> = tx
-                    .query(&save_st, &[&plain_ids, &plain_states])?
-                    .iter()
-                    .map(|row| (row.get(0), row.get(1)))
-                    .collect();
-                for (save, id) in plain.iter().zip(&plain_ids) {
-                    let sequence = written.get(*id).copied().unwrap_or(0);
-                    results[save.0] = Some(BatchResult::Saved(to_u64(sequence)));
-                }
-            }
-            if !delete_ids.is_empty() {
-                let deleted: std::collections::HashSet<String> = tx
-                    .query(&delete_st, &[&delete_ids])?
-                    .iter()
-                    .map(|row| row.get(0))
-                    .collect();
-                for (index, id) in &self.deletes {
-                    results[*index] = Some(BatchResult::Deleted(deleted.contains(id)));
-                }
-            }
-            tx.commit()?;
             Ok(Ok(results
                 .into_iter()
                 .map(|r| r.expect("every operation has a result"))
                 .collect()))
-        })?;
+        };
+        let outcome = store.write(
+            &all_ids,
+            |inner, c| {
+                let mut results: Vec<Option<BatchResult>> = vec![None; total];
+                // Prepared (and cached) before the transaction borrows the client.
+                let save_if_st = c.prepare(&inner.sql.save_many_if)?;
+                let save_st = c.prepare(&inner.sql.save_many)?;
+                let delete_st = c.prepare(&inner.sql.delete_many)?;
+                let lock_st = c.prepare(&inner.sql.lock_many)?;
+                let mut tx = c.client.transaction()?;
+                if total > 1 {
+                    tx.execute(&lock_st, &[&all_ids])?;
+                }
+                let mut conflict = None;
+                if !cond_ids.is_empty() {
+                    let rows = tx.query(
+                        &save_if_st,
+                        &[&cond_ids, &cond_states, &cond_expected, &cond_write_ids],
+                    )?;
+                    let by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
+                        .iter()
+                        .map(|row| (row.get(0), (row.get(1), row.get(2))))
+                        .collect();
+                    for (save, id) in conditional.iter().zip(&cond_ids) {
+                        match by_id.get(*id) {
+                            Some((Some(sequence), _)) => {
+                                results[save.0] = Some(BatchResult::Saved(to_u64(*sequence)))
+                            }
+                            other => {
+                                conflict.get_or_insert(Error::Conflict {
+                                    actor_id: (*id).to_owned(),
+                                    expected: save.3.unwrap_or(Expected::Absent),
+                                    actual: other.and_then(|(_, actual)| actual.map(to_u64)),
+                                });
+                            }
+                        }
+                    }
+                }
+                if let Some(conflict) = conflict {
+                    tx.rollback()?;
+                    return Ok(Err(conflict));
+                }
+                if !plain_ids.is_empty() {
+                    let written: HashMap<String, i64> = tx
+                        .query(&save_st, &[&plain_ids, &plain_states, &plain_write_ids])?
+                        .iter()
+                        .map(|row| (row.get(0), row.get(1)))
+                        .collect();
+                    for (save, id) in plain.iter().zip(&plain_ids) {
+                        let sequence = written.get(*id).copied().unwrap_or(0);
+                        results[save.0] = Some(BatchResult::Saved(to_u64(sequence)));
+                    }
+                }
+                if !delete_ids.is_empty() {
+                    let deleted: std::collections::HashSet<String> = tx
+                        .query(&delete_st, &[&delete_ids, &w])?
+                        .iter()
+                        .map(|row| row.get(0))
+                        .collect();
+                    for (index, id) in &self.deletes {
+                        results[*index] = Some(BatchResult::Deleted(deleted.contains(id)));
+                    }
+                }
+                tx.commit()?;
+                Ok(Ok(results
+                    .into_iter()
+                    .map(|r| r.expect("every operation has a result"))
+                    .collect()))
+            },
+            settle,
+        )?;
         outcome
     }
+}
+
+/// A conditional write's result after its connection broke.
+fn settle_if(t: &Traces, id: &str, expected: Expected, w: i64) -> Result<Written> {
+    let target = match expected {
+        Expected::Sequence(n) => Some(n.saturating_add(1)),
+        Expected::Absent => None,
+    };
+    let sequence = t.one(id, w, target)?;
+    let trace = t.of(id);
+    Ok(Written::Yes {
+        sequence,
+        updated_at: trace.updated_at.unwrap_or(SystemTime::UNIX_EPOCH),
+        created_at: trace.created_at.unwrap_or(SystemTime::UNIX_EPOCH),
+    })
+}
+
+/// The conditional bulk write's outcomes after its connection broke: the
+/// statement is all or nothing, so if any row landed, the others were
+/// blocked (or pushed out of the tags by later writes).
+fn settle_many_if(
+    t: &Traces,
+    ids: &[&str],
+    expected: &[Option<i64>],
+    write_ids: &[i64],
+) -> Result<Vec<Written>> {
+    let target = |e: &Option<i64>| e.map(|n| to_u64(n).saturating_add(1));
+    let w = write_ids.first().copied().unwrap_or_default();
+    let committed = t.committed(ids.iter().copied().zip(expected.iter().map(target)), w)?;
+    if !committed {
+        return Err(t.not_applied());
+    }
+    Ok(ids
+        .iter()
+        .zip(expected)
+        .map(|(id, e)| match t.landed(id, w, target(e)) {
+            Landed::Yes(sequence) => Written::Yes {
+                sequence,
+                updated_at: SystemTime::UNIX_EPOCH,
+                created_at: SystemTime::UNIX_EPOCH,
+            },
+            _ => Written::Blocked {
+                actual: t.sequence(id),
+            },
+        })
+        .collect())
 }
 
 fn load_versioned_on(
@@ -1683,16 +1981,17 @@ fn write_if_on(
     state: &[u8],
     expected: Expected,
     report_actual: bool,
+    write_id: i64,
 ) -> Result<Written, Failure> {
     let row = match expected {
         Expected::Absent => {
             let st = c.prepare(&inner.sql.save_if_absent)?;
-            c.client.query_one(&st, &[&id, &state])?
+            c.client.query_one(&st, &[&id, &state, &write_id])?
         }
         Expected::Sequence(n) => {
             let n = to_i64(n)?;
             let st = c.prepare(&inner.sql.save_if_sequence)?;
-            c.client.query_one(&st, &[&id, &state, &n])?
+            c.client.query_one(&st, &[&id, &state, &n, &write_id])?
         }
     };
     if let Some(sequence) = row.get::<_, Option<i64>>(0) {

@@ -778,11 +778,15 @@ fn calls_through_a_stalled_network_fail_within_the_call_timeout() {
     let call_timeout = Duration::from_millis(800);
     let connect_timeout = Duration::from_millis(800);
     let connection_timeout = Duration::from_millis(1500);
+    let outcome_timeout = Duration::from_millis(1500);
     // The most any one call may take while the network stalls: a call in
     // flight is cut after the call timeout; a later one may first check an
     // idle connection (up to the call timeout) and then wait for a new
-    // connection (up to the connection timeout).
-    let bound = call_timeout * 2 + connection_timeout;
+    // connection (up to the connection timeout). A write whose connection
+    // was cut then tries to find out whether it landed, on new connections
+    // (each up to the connect timeout), for up to the outcome timeout.
+    let read_bound = call_timeout * 2 + connection_timeout;
+    let write_bound = read_bound + outcome_timeout + connect_timeout;
     let cluster = TestCluster::start().expect("cluster");
     let direct = store_on(&cluster, true);
     let proxy = TcpProxy::start(cluster.port()).expect("proxy");
@@ -796,6 +800,7 @@ fn calls_through_a_stalled_network_fail_within_the_call_timeout() {
                 .call_timeout(Some(call_timeout))
                 .connection_timeout(connection_timeout),
         )
+        .outcome_timeout(outcome_timeout)
         .build()
         .expect("store through the proxy");
     store.save("a", &1u32).unwrap();
@@ -805,10 +810,10 @@ fn calls_through_a_stalled_network_fail_within_the_call_timeout() {
     let mut outcomes = Vec::new();
     for n in 2..8u32 {
         let started = Instant::now();
-        let result = if n % 2 == 0 {
-            store.save("a", &n).map(drop)
+        let (result, bound) = if n % 2 == 0 {
+            (store.save("a", &n).map(drop), write_bound)
         } else {
-            store.load::<u32>("a").map(drop)
+            (store.load::<u32>("a").map(drop), read_bound)
         };
         let took = started.elapsed();
         let e = result.expect_err("a call through a stalled network");

@@ -7,6 +7,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, SystemTime};
 
+/// Every embedded migration, in order: what a fresh table gets.
+const ALL_VERSIONS: &[i32] = &[1, 2];
+
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
 use trebuchet_postgres::{Error, Expected, Problem, StateStore, DEFAULT_CHANNEL};
 
@@ -88,7 +91,7 @@ impl Drop for DropSchema<'_> {
 fn migrate_is_idempotent_and_records_its_version() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store_builder().build().unwrap();
-    assert_eq!(store.migrate().unwrap(), vec![1]);
+    assert_eq!(store.migrate().unwrap(), ALL_VERSIONS);
     assert_eq!(store.migrate().unwrap(), Vec::<i32>::new());
     // Another store on the same table finds nothing to do either.
     schema.store_builder().migrate(true).build().unwrap();
@@ -99,7 +102,7 @@ fn migrate_is_idempotent_and_records_its_version() {
         .unwrap()
         .query(
             &format!(
-                "SELECT table_name, version, description FROM \"{}\".trebuchet_schema_migrations",
+                "SELECT table_name, version, description FROM \"{}\".trebuchet_schema_migrations ORDER BY version",
                 schema.name()
             ),
             &[],
@@ -109,10 +112,12 @@ fn migrate_is_idempotent_and_records_its_version() {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    assert_eq!(rows[0].0, store.table());
-    assert_eq!(rows[0].1, 1);
-    assert!(!rows[0].2.is_empty());
+    assert_eq!(rows.len(), ALL_VERSIONS.len(), "{rows:?}");
+    for (row, version) in rows.iter().zip(ALL_VERSIONS) {
+        assert_eq!(row.0, store.table());
+        assert_eq!(row.1, *version);
+        assert!(!row.2.is_empty());
+    }
 
     // The data survives a repeated migrate.
     store.save("a", &1u32).unwrap();
@@ -158,9 +163,9 @@ fn concurrent_migrations_on_a_fresh_schema_all_succeed() {
         applied.push(result.unwrap_or_else(|e| panic!("a concurrent migrate failed: {e}")));
     }
     assert_eq!(
-        applied.iter().filter(|a| **a == [1]).count(),
+        applied.iter().filter(|a| *a == ALL_VERSIONS).count(),
         1,
-        "exactly one migrate applies version 1: {applied:?}"
+        "exactly one migrate applies the versions: {applied:?}"
     );
     assert_eq!(applied.iter().filter(|a| a.is_empty()).count(), THREADS - 1);
     for store in &stores {
@@ -175,7 +180,7 @@ fn concurrent_migrations_on_a_fresh_schema_all_succeed() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(count, 1);
+    assert_eq!(count, ALL_VERSIONS.len() as i64);
     assert_eq!(stores[3].save("a", &1u32).unwrap(), 1);
 }
 
@@ -401,7 +406,11 @@ fn custom_table_in_custom_schema_gets_its_own_objects_and_channel() {
         .build()
         .unwrap();
     assert_eq!(rooms.table(), quoted_table(&schema, "rooms"));
-    assert_eq!(rooms.migrate().unwrap(), vec![1], "versions are per table");
+    assert_eq!(
+        rooms.migrate().unwrap(),
+        ALL_VERSIONS,
+        "versions are per table"
+    );
     assert!(rooms.verify().unwrap().is_ok());
     assert!(default.verify().unwrap().is_ok());
 
@@ -459,7 +468,11 @@ fn custom_table_in_custom_schema_gets_its_own_objects_and_channel() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(migrated, 2, "one row per table");
+    assert_eq!(
+        migrated,
+        2 * ALL_VERSIONS.len() as i64,
+        "one row per table and version"
+    );
 
     client
         .batch_execute(&format!(
@@ -559,7 +572,7 @@ fn seed_table_is_upgraded_by_migrate_without_losing_rows() {
             },
         ]
     );
-    assert_eq!(store.migrate().unwrap(), vec![1]);
+    assert_eq!(store.migrate().unwrap(), ALL_VERSIONS);
     let report = store.verify().unwrap();
     assert!(report.is_ok(), "{report}");
     assert_eq!(

@@ -104,6 +104,16 @@ typedef enum trebuchet_status {
    */
   TREBUCHET_TLS = 303,
   /**
+   * The connection broke during a write, and the write was found not to
+   * have been applied: making it again is safe.
+   */
+  TREBUCHET_NOT_APPLIED = 304,
+  /**
+   * The connection broke during a write, and whether it was applied could
+   * not be found out before the outcome timeout.
+   */
+  TREBUCHET_OUTCOME_UNKNOWN = 305,
+  /**
    * The table or its companion objects are missing or wrong; run migrate.
    */
   TREBUCHET_SCHEMA_MISSING = 400,

@@ -50,6 +50,12 @@ pub enum trebuchet_status {
     TREBUCHET_POOL_EXHAUSTED = 302,
     /// The TLS configuration could not be built.
     TREBUCHET_TLS = 303,
+    /// The connection broke during a write, and the write was found not to
+    /// have been applied: making it again is safe.
+    TREBUCHET_NOT_APPLIED = 304,
+    /// The connection broke during a write, and whether it was applied could
+    /// not be found out before the outcome timeout.
+    TREBUCHET_OUTCOME_UNKNOWN = 305,
     /// The table or its companion objects are missing or wrong; run migrate.
     TREBUCHET_SCHEMA_MISSING = 400,
     /// A statement exceeded the configured statement timeout.
@@ -95,6 +101,8 @@ pub(crate) fn error_status(error: &Error) -> trebuchet_status {
         Error::TooManyConflicts { .. } => TREBUCHET_TOO_MANY_CONFLICTS,
         Error::Connect { .. } => TREBUCHET_CONNECT_FAILED,
         Error::ConnectionLost(_) => TREBUCHET_CONNECTION_LOST,
+        Error::NotApplied { .. } => TREBUCHET_NOT_APPLIED,
+        Error::OutcomeUnknown { .. } => TREBUCHET_OUTCOME_UNKNOWN,
         Error::PoolExhausted { .. } => TREBUCHET_POOL_EXHAUSTED,
         Error::Tls(_) => TREBUCHET_TLS,
         Error::SchemaMissing { .. } => TREBUCHET_SCHEMA_MISSING,
@@ -159,6 +167,8 @@ pub extern "C" fn trebuchet_status_name(status: trebuchet_status) -> *const c_ch
         TREBUCHET_CONNECTION_LOST => c"TREBUCHET_CONNECTION_LOST",
         TREBUCHET_POOL_EXHAUSTED => c"TREBUCHET_POOL_EXHAUSTED",
         TREBUCHET_TLS => c"TREBUCHET_TLS",
+        TREBUCHET_NOT_APPLIED => c"TREBUCHET_NOT_APPLIED",
+        TREBUCHET_OUTCOME_UNKNOWN => c"TREBUCHET_OUTCOME_UNKNOWN",
         TREBUCHET_SCHEMA_MISSING => c"TREBUCHET_SCHEMA_MISSING",
         TREBUCHET_STATEMENT_TIMEOUT => c"TREBUCHET_STATEMENT_TIMEOUT",
         TREBUCHET_DATABASE => c"TREBUCHET_DATABASE",

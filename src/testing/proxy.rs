@@ -41,6 +41,8 @@ struct Shared {
     refusing: AtomicBool,
     closing: AtomicBool,
     cut: Mutex<Option<Cut>>,
+    /// Matching requests to let through before the armed cut happens.
+    skip: AtomicUsize,
     cuts_done: AtomicUsize,
     accepted: AtomicUsize,
     connections: Mutex<Vec<Arc<Link>>>,
@@ -158,14 +160,35 @@ impl TcpProxy {
     /// Arms a cut: the next matching request on any connection is dropped
     /// and its connection severed, so the server never sees it.
     pub fn cut_before(&self, request: Request) {
-        *self.shared.cut.lock().expect("proxy lock") = Some(Cut::Before(request));
+        self.cut_before_nth(request, 1);
     }
 
     /// Arms a cut: the next matching request on any connection reaches the
     /// server and completes there, then its reply is discarded and its
     /// connection severed, so the client never learns the outcome.
     pub fn cut_after(&self, request: Request) {
-        *self.shared.cut.lock().expect("proxy lock") = Some(Cut::After(request));
+        self.cut_after_nth(request, 1);
+    }
+
+    /// [`cut_before`](Self::cut_before) at the `nth` matching request
+    /// (1 is the next one).
+    pub fn cut_before_nth(&self, request: Request, nth: usize) {
+        let mut cut = self.shared.cut.lock().expect("proxy lock");
+        self.shared
+            .skip
+            .store(nth.saturating_sub(1), Ordering::SeqCst);
+        *cut = Some(Cut::Before(request));
+    }
+
+    /// [`cut_after`](Self::cut_after) at the `nth` matching request (1 is
+    /// the next one): for an operation of several statements, such as a
+    /// read followed by a write.
+    pub fn cut_after_nth(&self, request: Request, nth: usize) {
+        let mut cut = self.shared.cut.lock().expect("proxy lock");
+        self.shared
+            .skip
+            .store(nth.saturating_sub(1), Ordering::SeqCst);
+        *cut = Some(Cut::After(request));
     }
 
     /// Disarms a cut that has not happened yet.
@@ -421,6 +444,10 @@ fn pump_up(link: &Link, shared: &Shared) {
                     None => false,
                 };
                 if hit {
+                    if shared.skip.load(Ordering::SeqCst) > 0 {
+                        shared.skip.fetch_sub(1, Ordering::SeqCst);
+                        continue;
+                    }
                     cut_here = armed.take();
                     break;
                 }

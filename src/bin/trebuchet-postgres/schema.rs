@@ -33,7 +33,8 @@ pub fn migrate(settings: &Settings, args: &Migrate) -> Result<(), Failure> {
         let versions: Vec<String> = applied.iter().map(i32::to_string).collect();
         writeln!(
             out,
-            "applied migration {} to {table} (channel {:?})",
+            "applied migration{} {} to {table} (channel {:?})",
+            if versions.len() == 1 { "" } else { "s" },
             versions.join(", "),
             store.channel()
         )?;

@@ -130,8 +130,9 @@ impl PoolOptions {
     /// [`transform`](crate::StateStore::transform), the closure. Choose it
     /// above the slowest call you expect (a large bulk write, a
     /// [`migrate`](crate::StateStore::migrate) waiting for another process).
-    /// A write cut this way may or may not have been applied, as with any
-    /// lost connection.
+    /// A write cut this way is a write whose connection broke: it then
+    /// finds out on a new connection whether it landed, within
+    /// [`StateStoreBuilder::outcome_timeout`](crate::StateStoreBuilder::outcome_timeout).
     ///
     /// Why it is needed: TCP keepalives and `TCP_USER_TIMEOUT` notice a
     /// peer that is gone, but not one that still acknowledges while

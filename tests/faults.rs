@@ -826,6 +826,20 @@ fn calls_through_a_stalled_network_fail_within_the_call_timeout() {
     }
     eprintln!("calls while stalled: {outcomes:#?}");
 
+    // A store built meanwhile fails within its connect timeout too.
+    let mut options = through(&proxy, &cluster);
+    options.connect_timeout(connect_timeout);
+    let started = Instant::now();
+    assert_connect_failure(
+        StateStore::builder().connect_options(options).build(),
+        ConnectFailure::Timeout,
+    );
+    assert!(
+        started.elapsed() < connect_timeout * 3,
+        "{:?}",
+        started.elapsed()
+    );
+
     proxy.resume();
     // The same store recovers by itself.
     wait_until("calls succeed again", RECOVERY, || {

@@ -5,7 +5,11 @@
 //! - the server restarts (fast and immediate shutdown) while eight threads
 //!   save and a listener listens;
 //! - every pooled backend is terminated (`pg_terminate_backend`) mid-load;
-//! - a process is killed (SIGKILL) in the middle of transforms and batches.
+//! - a process is killed (SIGKILL) in the middle of transforms and batches;
+//! - the server starts after the program (refusing, then answering 57P03);
+//! - the network stalls: the proxy forwards nothing and closes nothing.
+//!
+//! (A full NOTIFY queue is in `tests/notify_queue.rs`.)
 //!
 //! The write checks hold whatever error a lost write reports: every save
 //! that returned `Ok` is in the table with the bytes it saved, and an actor

@@ -223,6 +223,16 @@ pub enum Error {
     },
     /// A statement ran longer than the configured `statement_timeout`.
     StatementTimeout,
+    /// The server's notification queue is full, so the write's `NOTIFY`
+    /// (and so the write) failed at commit; nothing was applied.
+    ///
+    /// The queue (8 GB on PostgreSQL 15) fills when a session that
+    /// `LISTEN`s stops consuming notifications, usually because it sits in
+    /// a long open transaction. Every notifying write on the server fails
+    /// until that session ends its transaction or disconnects.
+    /// [`StateStore::stats`](crate::StateStore::stats) shows how full the
+    /// queue is (`notification_queue_usage`) and which sessions listen.
+    NotificationQueueFull(postgres::Error),
     /// The connection broke while a read was in flight (and again on the
     /// read's second try), or a write's outcome was settled another way.
     ///
@@ -320,7 +330,8 @@ impl Error {
                 source: Some(e), ..
             }
             | Error::Database(e)
-            | Error::InsufficientPrivilege { source: e, .. } => e.code(),
+            | Error::InsufficientPrivilege { source: e, .. }
+            | Error::NotificationQueueFull(e) => e.code(),
             Error::ConnectionLost(e)
             | Error::NotApplied { source: e, .. }
             | Error::OutcomeUnknown { source: e, .. } => e.code(),
@@ -513,6 +524,12 @@ impl fmt::Display for Error {
             Error::StatementTimeout => f.write_str(
                 "statement cancelled by statement_timeout; raise PoolOptions::statement_timeout",
             ),
+            Error::NotificationQueueFull(_) => f.write_str(
+                "the server's NOTIFY queue is full, so the write was not applied: a listening \
+                 session has stopped reading notifications, usually inside a long open \
+                 transaction; find it in pg_stat_activity (StateStore::stats lists listeners \
+                 and notification_queue_usage) and end its transaction",
+            ),
             Error::ConnectionLost(_) => f.write_str(
                 "connection to the server was lost during the call; \
                  a write may or may not have been applied",
@@ -549,6 +566,7 @@ impl StdError for Error {
             | Error::NotApplied { source: e, .. }
             | Error::OutcomeUnknown { source: e, .. } => Some(e.as_ref()),
             Error::Tls(e) => Some(e.as_ref()),
+            Error::NotificationQueueFull(e) => Some(e),
             Error::Database(e) if e.as_db_error().is_none() => Some(e),
             _ => None,
         }

@@ -137,15 +137,19 @@
 //! `Send + Sync` and cheap to clone (an `Arc` inside); clone them into every
 //! thread. A call blocks its thread for its round trip; nothing runs on the
 //! caller's thread in the background. The pool runs r2d2's three maintenance
-//! threads; each listener runs one thread, each `on_change` callback and each
-//! cache one more.
+//! threads, and one more with a [`PoolOptions::call_timeout`]; each listener
+//! runs one thread, each `on_change` callback and each cache one more. A
+//! connect, and a listener's heartbeat, run on a short-lived thread of their
+//! own, so that a server that stops answering cannot hold them past their
+//! timeouts.
 //!
 //! # Features
 //!
 //! - `config-file` (default): [`StateConfig`], through the `saphyr` YAML parser.
 //! - `cli` (default): the `trebuchet-postgres` command-line program; turn it
 //!   off with `default-features = false` to skip its dependencies.
-//! - `ffi`: the C ABI in the `ffi` module (`unsafe` lives only there).
+//! - `ffi`: the C ABI in the `ffi` module (`unsafe` lives there, and in one
+//!   function of the pool's call timeout that shuts a socket down).
 //!   The C library itself (`cdylib` and `staticlib`) is built by the
 //!   `trebuchet-postgres-ffi` package in `ffi/`, so Rust users never build it.
 //! - `testing`: the `testing` module, a throwaway PostgreSQL cluster for tests and examples,
@@ -161,8 +165,9 @@ mod config;
 #[cfg(feature = "config-file")]
 mod config_file;
 mod error;
-// The C ABI is the one place that needs `unsafe`: raw pointers from C and
-// `#[no_mangle]` exports. Every block carries a `SAFETY:` comment.
+// The C ABI is the one module that needs `unsafe`: raw pointers from C and
+// `#[no_mangle]` exports. Every block carries a `SAFETY:` comment. (The only
+// other `unsafe` is one function in `pool/watchdog.rs`, allowed there.)
 #[cfg(feature = "ffi")]
 #[allow(unsafe_code)]
 pub mod ffi;

@@ -22,7 +22,7 @@ use crate::config::{
     classify_connect, listen_through_transaction_pooler, validate_identifier, ConnectOptions,
     PoolerMode, DEFAULT_CHANNEL,
 };
-use crate::error::{Error, Result};
+use crate::error::{ConnectFailure, Error, Result};
 
 /// How long the listener thread waits for a notification before it looks at
 /// its other duties (shutdown, owed resyncs). Bounds shutdown latency.
@@ -43,7 +43,9 @@ const MAX_CATCH_UP_IDS: usize = 10_000;
 /// Defaults: connection from the environment unless given; channel
 /// `actor_state_changes`; queues of 1,024 events per subscriber;
 /// reconnection back-off from 100 ms doubling to 5 s; TCP keepalives idle
-/// 5 s, interval 2 s, 3 probes (a dead peer is noticed in about 11 s).
+/// 5 s, interval 2 s, 3 probes (a dead peer is noticed in about 11 s); a
+/// heartbeat after 5 s without notifications, answered within 5 s (a
+/// connection that stops answering is noticed within 10 s).
 #[must_use = "a builder does nothing until build() is called"]
 pub struct ChangeListenerBuilder {
     connect: Option<Result<ConnectOptions>>,
@@ -53,6 +55,7 @@ pub struct ChangeListenerBuilder {
     initial_backoff: Duration,
     max_backoff: Duration,
     keepalives: (Duration, Duration, u32),
+    heartbeat: (Duration, Duration),
 }
 
 impl fmt::Debug for ChangeListenerBuilder {
@@ -111,6 +114,20 @@ impl ChangeListenerBuilder {
         self
     }
 
+    /// The heartbeat: after `interval` without a notification the listener
+    /// sends a round trip (`LISTEN` again, which changes nothing), and when
+    /// no answer comes within `timeout` it treats the connection as lost,
+    /// reconnects and sends `Event::Resync`.
+    ///
+    /// TCP keepalives notice a peer that is gone, but not one whose kernel
+    /// still acknowledges while nothing answers: a frozen server, a hung
+    /// proxy or pooler, a network path that stalls. The heartbeat notices
+    /// those within `interval + timeout` (default 5 s + 5 s).
+    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.heartbeat = (interval, timeout);
+        self
+    }
+
     pub(crate) fn catch_up_sql(mut self, sql: String) -> Self {
         self.catch_up_sql = Some(sql);
         self
@@ -136,6 +153,11 @@ impl ChangeListenerBuilder {
                 "reconnect back-off must be positive, and its cap at least the first pause",
             ));
         }
+        if self.heartbeat.0.is_zero() || self.heartbeat.1.is_zero() {
+            return Err(Error::invalid_config(
+                "the heartbeat's interval and timeout must be positive",
+            ));
+        }
         let mut options = match self.connect {
             Some(connect) => connect?,
             None => ConnectOptions::from_env()?,
@@ -153,15 +175,7 @@ impl ChangeListenerBuilder {
             target: target.clone(),
             listen: format!("LISTEN \"{}\"", self.channel),
         };
-        // Checked before LISTEN, which stays the session's last statement
-        // (monitoring finds listeners by it).
-        let client = conn.connect(None, |client| {
-            if conn.transaction_pooled(client) {
-                Err(listen_through_transaction_pooler())
-            } else {
-                Ok(())
-            }
-        })?;
+        let client = conn.connect_within_timeout()?;
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
             stats: Stats::default(),
@@ -179,6 +193,8 @@ impl ChangeListenerBuilder {
             initial_backoff: self.initial_backoff,
             max_backoff: self.max_backoff,
             malformed_log: MalformedLog::default(),
+            heartbeat_interval: self.heartbeat.0,
+            heartbeat_timeout: self.heartbeat.1,
         };
         let thread = thread::Builder::new()
             .name(format!("trebuchet-listener-{}", self.channel))
@@ -404,6 +420,49 @@ impl Connector {
         let again = pid(client);
         other.as_ref() == Some(&first) || again.is_some_and(|again| again != first)
     }
+
+    /// Connects and listens, refusing a transaction-mode pooler. The check
+    /// comes before LISTEN, which stays the session's last statement
+    /// (monitoring finds listeners by it).
+    fn connect_refusing_transaction_poolers(&self) -> Result<Client> {
+        self.connect(None, |client| {
+            if self.transaction_pooled(client) {
+                Err(listen_through_transaction_pooler())
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    /// Connects and listens within the configured connect timeout, which
+    /// the driver applies to the TCP handshake alone: a server or path that
+    /// accepts the connection and then never answers would otherwise hold
+    /// `build()` for as long as it stays silent. The attempt runs on a
+    /// helper thread, which ends by itself (dropping its connection) when
+    /// the peer answers or the socket dies.
+    fn connect_within_timeout(&self) -> Result<Client> {
+        let Some(&limit) = self.config.get_connect_timeout() else {
+            return self.connect_refusing_transaction_poolers();
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let conn = self.clone();
+        thread::Builder::new()
+            .name("trebuchet-listener-connect".into())
+            .spawn(move || {
+                let _ = tx.send(conn.connect_refusing_transaction_poolers());
+            })
+            .map_err(|e| {
+                Error::invalid_config(format!("cannot start the listener's connect thread: {e}"))
+            })?;
+        rx.recv_timeout(limit).unwrap_or_else(|_| {
+            Err(Error::Connect {
+                failure: ConnectFailure::Timeout,
+                target: self.target.clone(),
+                user: self.config.get_user().unwrap_or("postgres").to_owned(),
+                source: None,
+            })
+        })
+    }
 }
 
 /// The listener thread.
@@ -415,6 +474,8 @@ struct Worker {
     initial_backoff: Duration,
     max_backoff: Duration,
     malformed_log: MalformedLog,
+    heartbeat_interval: Duration,
+    heartbeat_timeout: Duration,
 }
 
 /// At most one log line per this interval about malformed payloads: any
@@ -451,6 +512,14 @@ impl MalformedLog {
     }
 }
 
+/// Why [`Worker::listen`] returned.
+enum Listened {
+    /// The connection failed, or the listener is shutting down.
+    Ended,
+    /// Nothing arrived for a heartbeat interval.
+    Quiet,
+}
+
 impl Worker {
     fn run(self, mut client: Client) {
         // However the thread ends, even by a panic, subscribers must not
@@ -464,7 +533,15 @@ impl Worker {
         }
         let _end = EndSubscriptions(Arc::clone(&self.shared));
         loop {
-            self.listen(&mut client);
+            match self.listen(&mut client) {
+                Listened::Quiet => {
+                    if let Some(alive) = self.heartbeat(client) {
+                        client = alive;
+                        continue;
+                    }
+                }
+                Listened::Ended => drop(client),
+            }
             if self.stopping() {
                 break;
             }
@@ -479,16 +556,22 @@ impl Worker {
         self.shared.shutdown.load(Ordering::Acquire)
     }
 
-    /// Receives and fans out until the connection fails or shutdown.
-    fn listen(&self, client: &mut Client) {
+    /// Receives and fans out until the connection fails, shutdown, or a
+    /// heartbeat interval passes without a notification.
+    fn listen(&self, client: &mut Client) -> Listened {
         // Whether some subscriber is owed a resync it had no room for.
         let mut owed = false;
+        let mut heard = Instant::now();
         while !self.stopping() {
+            if heard.elapsed() >= self.heartbeat_interval {
+                return Listened::Quiet;
+            }
             // A fresh iterator per wait: a TimeoutIter yields None forever
             // after its first timeout.
             let first = client.notifications().timeout_iter(TICK).next();
             match first {
                 Ok(Some(n)) => {
+                    heard = Instant::now();
                     owed = self.receive(&n).unwrap_or(owed);
                     // Then whatever is already buffered, without waiting,
                     // but never past a shutdown: under a flood the buffer
@@ -499,18 +582,81 @@ impl Worker {
                         match buffered.next() {
                             Ok(Some(n)) => owed = self.receive(&n).unwrap_or(owed),
                             Ok(None) => break,
-                            Err(e) => return self.lost(e),
+                            Err(e) => {
+                                self.lost(e);
+                                return Listened::Ended;
+                            }
                         }
                     }
                 }
-                Ok(None) if client.is_closed() => return self.lost_closed(),
+                Ok(None) if client.is_closed() => {
+                    self.lost_closed();
+                    return Listened::Ended;
+                }
                 Ok(None) => {
                     if owed {
                         owed = self.settle_all();
                     }
                 }
-                Err(e) => return self.lost(e),
+                Err(e) => {
+                    self.lost(e);
+                    return Listened::Ended;
+                }
             }
+        }
+        Listened::Ended
+    }
+
+    /// Checks that the server still answers: `LISTEN` again (a no-op that
+    /// keeps `LISTEN` as the session's last statement, which is how
+    /// monitoring finds listeners), on a helper thread so that a connection
+    /// that never answers cannot hold this thread (and `shutdown()`) beyond
+    /// the heartbeat timeout. Returns the client when it answered in time;
+    /// otherwise the connection counts as lost and, when it never answered,
+    /// the helper drops it once it does or once the socket dies.
+    fn heartbeat(&self, mut client: Client) -> Option<Client> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let listen = self.conn.listen.clone();
+        let spawned = thread::Builder::new()
+            .name("trebuchet-listener-heartbeat".into())
+            .spawn(move || {
+                let answer = client.batch_execute(&listen);
+                let _ = tx.send((client, answer));
+            });
+        if let Err(e) = spawned {
+            // The client went with the closure: reconnect.
+            log::warn!("cannot start the listener's heartbeat thread: {e}");
+            self.shared.connected.store(false, Ordering::Release);
+            self.shared
+                .set_error(format!("cannot start the heartbeat thread: {e}"));
+            return None;
+        }
+        crossbeam_channel::select! {
+            recv(rx) -> answer => match answer {
+                Ok((client, Ok(()))) => Some(client),
+                Ok((_, Err(e))) => {
+                    self.lost(e);
+                    None
+                }
+                Err(_) => {
+                    self.lost_closed();
+                    None
+                }
+            },
+            recv(self.wake) -> _ => None,
+            default(self.heartbeat_timeout) => {
+                log::warn!(
+                    "listener connection to {} did not answer a heartbeat within {:?}; reconnecting",
+                    self.conn.target,
+                    self.heartbeat_timeout
+                );
+                self.shared.connected.store(false, Ordering::Release);
+                self.shared.set_error(format!(
+                    "the server did not answer a heartbeat within {:?}",
+                    self.heartbeat_timeout
+                ));
+                None
+            },
         }
     }
 
@@ -833,6 +979,7 @@ impl ChangeListener {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             keepalives: (Duration::from_secs(5), Duration::from_secs(2), 3),
+            heartbeat: (Duration::from_secs(5), Duration::from_secs(5)),
         }
     }
 

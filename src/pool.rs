@@ -7,8 +7,10 @@
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use postgres::error::SqlState;
@@ -20,6 +22,9 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use crate::config::{classify_connect, ConnectOptions, PoolerMode};
 use crate::error::{ConnectFailure, Error, Result};
+
+mod watchdog;
+use watchdog::{Watch, Watchdog};
 
 /// Pool settings. Every field has a documented default ([`PoolOptions::default`]).
 ///
@@ -40,11 +45,14 @@ pub struct PoolOptions {
     statement_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
     max_lifetime: Option<Duration>,
+    wait_for_server: Option<Duration>,
+    call_timeout: Option<Duration>,
 }
 
 impl Default for PoolOptions {
     /// `max_size` 10, `min_idle` 1, `connection_timeout` 10 s, no
-    /// `statement_timeout`, `idle_timeout` 10 min, `max_lifetime` 30 min.
+    /// `statement_timeout`, `idle_timeout` 10 min, `max_lifetime` 30 min,
+    /// no `wait_for_server`, no `call_timeout`.
     fn default() -> Self {
         PoolOptions {
             max_size: 10,
@@ -53,6 +61,8 @@ impl Default for PoolOptions {
             statement_timeout: None,
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: Some(Duration::from_secs(1800)),
+            wait_for_server: None,
+            call_timeout: None,
         }
     }
 }
@@ -99,6 +109,55 @@ impl PoolOptions {
         self
     }
 
+    /// How long [`Pool::new`] keeps trying to make its first connection
+    /// while the server is not up yet (default `None`: fail at once).
+    ///
+    /// For programs that may start before their database, as containers
+    /// started together do. Retried, with back-off from 50 ms doubling to
+    /// 1 s: a refused connection, a server that is starting up, in recovery
+    /// or shutting down (SQLSTATE 57P03 and the like), and a connect that
+    /// timed out. Anything else (a wrong password, a missing database, TLS)
+    /// fails at once. When the server is still not up at the deadline,
+    /// `Pool::new` returns the last [`Error::Connect`], which says why.
+    pub fn wait_for_server(mut self, wait: Option<Duration>) -> Self {
+        self.wait_for_server = wait;
+        self
+    }
+
+    /// The longest a call may hold a pooled connection (default `None`: no
+    /// limit). Past it the pool closes the connection, and the call fails
+    /// at once with a connection error ([`Error::is_connection`]) instead of
+    /// waiting for a server or network that stopped answering.
+    ///
+    /// It covers the whole call: its round trips and, for
+    /// [`transform`](crate::StateStore::transform), the closure. Choose it
+    /// above the slowest call you expect (a large bulk write, a
+    /// [`migrate`](crate::StateStore::migrate) waiting for another process).
+    /// A write cut this way is a write whose connection broke: it then
+    /// finds out on a new connection whether it landed, within
+    /// [`StateStoreBuilder::outcome_timeout`](crate::StateStoreBuilder::outcome_timeout).
+    ///
+    /// Why it is needed: TCP keepalives and `TCP_USER_TIMEOUT` notice a
+    /// peer that is gone, but not one that still acknowledges while
+    /// nothing answers (a frozen server, a hung proxy or pooler, a stalled
+    /// path), and `statement_timeout` never fires for a request the server
+    /// never received. A call then fails within the timeout plus a tenth of
+    /// it; the calls after it fail within
+    /// [`connection_timeout`](Self::connection_timeout), since new
+    /// connections time out too (after the connect timeout of
+    /// [`ConnectOptions::connect_timeout`]).
+    ///
+    /// Enforced on Linux, for connections over TCP: the pool closes the
+    /// socket, which the driver does not expose, after finding it in
+    /// `/proc` when the connection is opened (the pool's connections are
+    /// then opened one at a time). A connection whose socket cannot be told
+    /// apart, for example because another part of the program connected
+    /// to the same port at the same moment, is used without the bound.
+    pub fn call_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
     /// The configured `max_size`.
     pub fn get_max_size(&self) -> u32 {
         self.max_size
@@ -113,6 +172,11 @@ impl PoolOptions {
         }
         if self.connection_timeout.is_zero() {
             return Err(Error::invalid_config("connection_timeout must be positive"));
+        }
+        if self.call_timeout.is_some_and(|t| t.as_millis() == 0) {
+            return Err(Error::invalid_config(
+                "call_timeout must be at least 1 ms (use None for no limit)",
+            ));
         }
         if self.statement_timeout.is_some_and(|t| t.as_millis() == 0) {
             return Err(Error::invalid_config(
@@ -143,6 +207,8 @@ pub(crate) struct Connection {
     unnamed: Option<HashMap<Box<str>, Arc<[Type]>>>,
     verified_epoch: u64,
     broken: bool,
+    /// Its entry at the call-timeout watchdog, when it has one.
+    watch: Option<Watch>,
 }
 
 impl Connection {
@@ -338,7 +404,11 @@ struct Shared {
     epoch: AtomicU64,
     last_error: Mutex<Option<(Instant, ConnectFailure, Option<postgres::Error>)>>,
     /// A connection made while constructing the pool, handed out first.
-    spare: Mutex<Option<(Client, Option<Backend>)>>,
+    spare: Mutex<Option<Opened>>,
+    /// Connects given up on that have not ended yet.
+    abandoned_connects: AtomicUsize,
+    /// Bounds calls, with a `call_timeout`.
+    watchdog: Option<Arc<Watchdog>>,
     /// Check-outs that found every connection in use and waited.
     waits: AtomicU64,
     /// Their total wait, in microseconds.
@@ -347,6 +417,13 @@ struct Shared {
     timeouts: AtomicU64,
     target: String,
     user: String,
+}
+
+/// A new connection, before the pool wraps it.
+struct Opened {
+    client: Client,
+    backend: Option<Backend>,
+    watch: Option<Watch>,
 }
 
 pub(crate) struct Manager {
@@ -359,21 +436,103 @@ struct Opener {
     inner: PostgresConnectionManager<MakeTlsConnector>,
     statement_timeout: Option<Duration>,
     pooler: PoolerMode,
+    /// The driver's connect timeout, which bounds all of [`Opener::open`].
+    connect_timeout: Option<Duration>,
+    /// The server's ports, to find a new connection's socket.
+    ports: Arc<[u16]>,
+    max_size: u32,
     shared: Arc<Shared>,
 }
 
 impl Opener {
+    /// Opens a connection within the connect timeout. The driver's own
+    /// timeout covers only the TCP handshake: a server or path that accepts
+    /// the connection and then stops answering would hold the caller (the
+    /// pool's thread, or `Pool::new`) for as long as it stays silent. So the
+    /// connect runs on a helper thread, given up on at the timeout; it ends
+    /// by itself when the peer answers or the socket dies, and drops its
+    /// connection. At most `max_size` such connects are left running.
+    fn open(self: &Arc<Self>) -> Result<Opened> {
+        let Some(limit) = self.connect_timeout else {
+            return self.open_here();
+        };
+        let timed_out = || Error::Connect {
+            failure: ConnectFailure::Timeout,
+            target: self.shared.target.clone(),
+            user: self.shared.user.clone(),
+            source: None,
+        };
+        let abandoned = &self.shared.abandoned_connects;
+        if abandoned.load(Ordering::Acquire) >= self.max_size as usize {
+            return Err(timed_out());
+        }
+        // Whoever moves it from WAITING first decides: the helper
+        // delivers, or the caller gives up and the helper counts itself out
+        // when it ends.
+        const WAITING: u8 = 0;
+        const DELIVERED: u8 = 1;
+        const ABANDONED: u8 = 2;
+        let outcome = Arc::new(AtomicU8::new(WAITING));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (opener, helper_outcome) = (Arc::clone(self), Arc::clone(&outcome));
+        thread::Builder::new()
+            .name("trebuchet-connect".into())
+            .spawn(move || {
+                let opened = opener.open_here();
+                let decided = helper_outcome.compare_exchange(
+                    WAITING,
+                    DELIVERED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                match decided {
+                    Ok(_) => drop(tx.send(opened)),
+                    Err(_) => {
+                        opener
+                            .shared
+                            .abandoned_connects
+                            .fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+            })
+            .map_err(|e| Error::invalid_config(format!("cannot start a connect thread: {e}")))?;
+        match rx.recv_timeout(limit) {
+            Ok(opened) => opened,
+            Err(_) => {
+                abandoned.fetch_add(1, Ordering::AcqRel);
+                let gave_up = outcome.compare_exchange(
+                    WAITING,
+                    ABANDONED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                if gave_up.is_ok() {
+                    return Err(timed_out());
+                }
+                // Delivered just now: take it.
+                abandoned.fetch_sub(1, Ordering::AcqRel);
+                rx.recv().unwrap_or_else(|_| Err(timed_out()))
+            }
+        }
+    }
+
     /// Connects, applies the session settings and learns which server
     /// process serves the connection, in one round trip after the handshake.
     /// Through a transaction-mode pooler there is no session to set up, and
     /// behind any pooler the server process is not the connection's own.
-    fn open(&self) -> Result<(Client, Option<Backend>)> {
-        let mut client = self
-            .inner
-            .connect()
-            .map_err(|e| connect_error(e, &self.shared))?;
+    fn open_here(&self) -> Result<Opened> {
+        let connect = || self.inner.connect();
+        let (mut client, watch) = match &self.shared.watchdog {
+            Some(watchdog) => watchdog.open(&self.ports, connect),
+            None => connect().map(|client| (client, None)),
+        }
+        .map_err(|e| connect_error(e, &self.shared))?;
         if self.pooler == PoolerMode::Transaction {
-            return Ok((client, None));
+            return Ok(Opened {
+                client,
+                backend: None,
+                watch,
+            });
         }
         let timeout = self.statement_timeout.map(|t| t.as_millis().to_string());
         // Unnamed, with the type given: one round trip, and no statement
@@ -394,18 +553,69 @@ impl Opener {
                 started,
             })
             .filter(|_| self.pooler == PoolerMode::None);
-        Ok((client, backend))
-    }
-
-    fn wrap(&self, client: Client, backend: Option<Backend>) -> Connection {
-        Connection {
+        Ok(Opened {
             client,
             backend,
+            watch,
+        })
+    }
+
+    fn wrap(&self, opened: Opened) -> Connection {
+        Connection {
+            client: opened.client,
+            backend: opened.backend,
             statements: HashMap::new(),
             unnamed: (self.pooler == PoolerMode::Transaction).then(HashMap::new),
             verified_epoch: self.shared.epoch.load(Ordering::Acquire),
             broken: false,
+            watch: opened.watch,
         }
+    }
+}
+
+/// The pool's first connection, retried while the server is not up yet
+/// and `wait` allows.
+fn open_first(opener: &Arc<Opener>, wait: Option<Duration>) -> Result<Opened> {
+    const FIRST_PAUSE: Duration = Duration::from_millis(50);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+    let deadline = wait.map(|wait| Instant::now() + wait);
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let error = match opener.open() {
+            Ok(opened) => return Ok(opened),
+            Err(e) => e,
+        };
+        let left = deadline
+            .filter(|_| server_not_up(&error))
+            .and_then(|deadline| deadline.checked_duration_since(Instant::now()))
+            .filter(|left| !left.is_zero());
+        let Some(left) = left else {
+            return Err(error);
+        };
+        log::info!(
+            "waiting for the server at {}: {error}",
+            opener.shared.target
+        );
+        std::thread::sleep(pause.mul_f64(0.5 + fastrand::f64() / 2.0).min(left));
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
+
+/// Whether a connect failure means the server is not up (yet): worth
+/// waiting for, unlike a wrong password or a missing database.
+fn server_not_up(error: &Error) -> bool {
+    match error {
+        Error::Connect {
+            failure: ConnectFailure::Refused | ConnectFailure::NotReady | ConnectFailure::Timeout,
+            ..
+        } => true,
+        // A server that closes the connection while it starts or stops.
+        Error::Connect {
+            failure: ConnectFailure::Other,
+            source: Some(e),
+            ..
+        } => e.code().is_none() && (e.is_closed() || is_io(e)),
+        _ => false,
     }
 }
 
@@ -430,7 +640,7 @@ impl ManageConnection for Manager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let (client, backend) = match spare {
+        let opened = match spare {
             Some(opened) => opened,
             None => match self.opener.open() {
                 Ok(opened) => opened,
@@ -450,7 +660,7 @@ impl ManageConnection for Manager {
                 }
             },
         };
-        Ok(self.opener.wrap(client, backend))
+        Ok(self.opener.wrap(opened))
     }
 
     fn is_valid(&self, conn: &mut Connection) -> Result<()> {
@@ -523,14 +733,16 @@ pub struct PoolState {
 
 impl Pool {
     /// Opens a pool and one connection, to report a bad address, password or
-    /// database at once rather than on the first call.
+    /// database at once rather than on the first call. With
+    /// [`PoolOptions::wait_for_server`], waits for a server that is not up
+    /// yet.
     ///
     /// # Errors
     ///
     /// [`Error::Connect`] naming the cause (refused, authentication failed,
-    /// too many clients, missing database, TLS), [`Error::InvalidConfig`]
-    /// for impossible pool settings, [`Error::Tls`] for an unreadable root
-    /// certificate.
+    /// too many clients, missing database, not ready, TLS),
+    /// [`Error::InvalidConfig`] for impossible pool settings, [`Error::Tls`]
+    /// for an unreadable root certificate.
     pub fn new(connect: ConnectOptions, options: PoolOptions) -> Result<Pool> {
         options.validate()?;
         let pooler = connect.get_pooler();
@@ -545,10 +757,23 @@ impl Pool {
         let config = connect.driver_config();
         let connect = Arc::new(connect);
         let tls = connect.tls_connector()?;
+        let watchdog = options
+            .call_timeout
+            .map(|timeout| Watchdog::start(timeout, connect.target()))
+            .transpose()
+            .map_err(|e| {
+                Error::invalid_config(format!("cannot start the call timeout's thread: {e}"))
+            })?;
+        let ports: Arc<[u16]> = match config.get_ports() {
+            [] => Arc::new([5432]),
+            ports => ports.into(),
+        };
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
             last_error: Mutex::new(None),
             spare: Mutex::new(None),
+            abandoned_connects: AtomicUsize::new(0),
+            watchdog,
             waits: AtomicU64::new(0),
             wait_micros: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
@@ -556,12 +781,15 @@ impl Pool {
             user: config.get_user().unwrap_or("postgres").to_owned(),
         });
         let opener = Arc::new(Opener {
+            connect_timeout: config.get_connect_timeout().copied(),
             inner: PostgresConnectionManager::new(config, tls),
             statement_timeout: options.statement_timeout,
             pooler,
+            ports,
+            max_size: options.max_size,
             shared: Arc::clone(&shared),
         });
-        let first = opener.open()?;
+        let first = open_first(&opener, options.wait_for_server)?;
         let manager = Manager {
             opener: Arc::clone(&opener),
         };
@@ -620,8 +848,13 @@ impl Pool {
     /// Checks out a connection. A connection that was idle while another
     /// one broke is checked with a round trip first and replaced if dead, so
     /// a server restart costs each caller at most one error.
-    pub(crate) fn get(&self) -> Result<r2d2::PooledConnection<Manager>> {
+    pub(crate) fn get(&self) -> Result<Checkout> {
         let start = Instant::now();
+        // A check of a connection waits at most this long for its answer.
+        let check = self
+            .options
+            .call_timeout
+            .map_or(CHECK_TIMEOUT, |t| t.min(CHECK_TIMEOUT));
         // Bounded: each pass either returns or discards one dead connection.
         for _ in 0..=self.options.max_size {
             let mut conn = match self.r2d2.try_get() {
@@ -630,11 +863,11 @@ impl Pool {
             };
             let epoch = self.shared.epoch.load(Ordering::Acquire);
             if conn.verified_epoch >= epoch {
-                return Ok(conn);
+                return Ok(self.checkout(conn));
             }
-            if conn.client.is_valid(Duration::from_secs(5)).is_ok() {
+            if conn.client.is_valid(check).is_ok() {
                 conn.verified_epoch = epoch;
-                return Ok(conn);
+                return Ok(self.checkout(conn));
             }
             log::debug!(
                 "discarding a dead pooled connection to {}",
@@ -643,6 +876,14 @@ impl Pool {
             conn.broken = true;
         }
         Err(self.checkout_error(start))
+    }
+
+    /// Hands `conn` to a call, under the call timeout when there is one.
+    fn checkout(&self, conn: r2d2::PooledConnection<Manager>) -> Checkout {
+        if let (Some(watch), Some(watchdog)) = (&conn.watch, &self.shared.watchdog) {
+            watch.arm(Instant::now() + watchdog.timeout());
+        }
+        Checkout { conn }
     }
 
     /// `r2d2::Pool::get` when no connection is idle: a wait when every
@@ -693,8 +934,8 @@ impl Pool {
     /// write whose connection broke: unlike a check-out, it does not wait
     /// for the pool's background reconnection.
     pub(crate) fn open_unpooled(&self) -> Result<Connection> {
-        let (client, backend) = self.opener.open()?;
-        Ok(self.opener.wrap(client, backend))
+        let opened = self.opener.open()?;
+        Ok(self.opener.wrap(opened))
     }
 
     /// Classifies an error from a call on `conn`. A broken connection is
@@ -738,9 +979,69 @@ impl Pool {
                         .map_or("prepared statement missing", |db| db.message())
                 ))
             }
+            Some(c) if is_notify_queue_full(c, &e) => {
+                // The server moves the queue's tail only when a notifying
+                // commit crosses a page, which a full queue never lets
+                // happen: once the session that held the queue back is
+                // gone, the queue would stay full. Asking for its usage
+                // moves the tail, so that the next write can succeed.
+                if let Err(e) = conn
+                    .client
+                    .simple_query("SELECT pg_notification_queue_usage()")
+                {
+                    log::debug!("could not advance the notification queue: {e}");
+                }
+                log::warn!(
+                    "the NOTIFY queue of {} is full: writes fail until the session \
+                     holding it back ends its transaction",
+                    self.shared.target
+                );
+                Error::NotificationQueueFull(e)
+            }
             _ => Error::Database(e),
         };
         (error, false)
+    }
+}
+
+/// PostgreSQL's "too many notifications in the NOTIFY queue", raised at
+/// commit. The code alone (program limit exceeded) also covers other
+/// limits, such as an over-long row; the message tells them apart.
+fn is_notify_queue_full(code: &SqlState, e: &postgres::Error) -> bool {
+    *code == SqlState::PROGRAM_LIMIT_EXCEEDED
+        && e.as_db_error()
+            .is_some_and(|db| db.message().contains("NOTIFY queue"))
+}
+
+/// How long a check of a connection that may have died waits for an answer.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection checked out for one call. Dereferences to the
+/// [`Connection`]; returns it to the pool when dropped, and discards it
+/// when the call timeout cut it.
+pub(crate) struct Checkout {
+    conn: r2d2::PooledConnection<Manager>,
+}
+
+impl Deref for Checkout {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if self.conn.watch.as_ref().is_some_and(Watch::release) {
+            self.conn.broken = true;
+        }
     }
 }
 

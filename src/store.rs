@@ -90,6 +90,7 @@ pub struct StateStoreBuilder {
     retry: RetryPolicy,
     migrate: bool,
     group_commit: bool,
+    wait_for_server: Option<Duration>,
     outcome_timeout: Duration,
 }
 
@@ -189,6 +190,30 @@ impl StateStoreBuilder {
         self
     }
 
+    /// How long [`build`](Self::build) waits for a server that is not up
+    /// yet (default: not at all): it retries a refused connection and a
+    /// server that is starting up (SQLSTATE 57P03) with back-off until the
+    /// server answers or `wait` has passed, then fails with the last
+    /// [`Error::Connect`]. For programs that may start before their
+    /// database. Sets [`PoolOptions::wait_for_server`]; ignored with
+    /// [`pool`](Self::pool).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use trebuchet_postgres::StateStore;
+    ///
+    /// let store = StateStore::builder()
+    ///     .url("postgresql://postgres@db/trebuchet")
+    ///     .wait_for_server(Duration::from_secs(60))
+    ///     .migrate(true)
+    ///     .build()?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    pub fn wait_for_server(mut self, wait: Duration) -> Self {
+        self.wait_for_server = Some(wait);
+        self
+    }
+
     /// How long a write whose connection breaks before its reply arrives
     /// keeps trying, on new connections, to find out whether it was applied
     /// (default [`DEFAULT_OUTCOME_TIMEOUT`], 10 s). Within it the write
@@ -253,7 +278,11 @@ impl StateStoreBuilder {
                     Some(connect) => connect?,
                     None => ConnectOptions::from_env()?,
                 };
-                Pool::new(connect, self.pool_options)?
+                let mut pool_options = self.pool_options;
+                if let Some(wait) = self.wait_for_server {
+                    pool_options = pool_options.wait_for_server(Some(wait));
+                }
+                Pool::new(connect, pool_options)?
             }
         };
         let store = StateStore {
@@ -472,6 +501,7 @@ impl StateStore {
             retry: RetryPolicy::default(),
             migrate: false,
             group_commit: true,
+            wait_for_server: None,
             outcome_timeout: DEFAULT_OUTCOME_TIMEOUT,
         }
     }

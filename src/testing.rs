@@ -203,7 +203,51 @@ impl TestCluster {
         self.start_server()
     }
 
+    /// Starts the server again after [`stop`](Self::stop), but as a standby
+    /// with no primary to follow and `hot_standby` off: it stays in recovery,
+    /// refusing every connection with SQLSTATE 57P03 (`cannot_connect_now`,
+    /// "the database system is not accepting connections"), until
+    /// [`promote`](Self::promote). A server that is still starting up,
+    /// for as long as a test needs.
+    ///
+    /// # Errors
+    ///
+    /// When the signal file cannot be written or `pg_ctl start` fails.
+    pub fn restart_in_recovery(&self) -> io::Result<()> {
+        let signal = self.data_dir().join("standby.signal");
+        fs::write(&signal, b"")?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&signal, Some(uid), Some(gid))?;
+        }
+        self.start_server_with(&[("hot_standby", "off")])
+    }
+
+    /// Ends the recovery of [`restart_in_recovery`](Self::restart_in_recovery):
+    /// the server accepts connections once this returns.
+    ///
+    /// # Errors
+    ///
+    /// When `pg_ctl promote` fails.
+    pub fn promote(&self) -> io::Result<()> {
+        let data = self.data_dir();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().expect("utf-8 temp path"),
+                "-w",
+                "-t",
+                "60",
+                "promote",
+            ],
+        )
+    }
+
     fn start_server(&self) -> io::Result<()> {
+        self.start_server_with(&[])
+    }
+
+    fn start_server_with(&self, extra: &[(&str, &str)]) -> io::Result<()> {
         let data = self.data_dir();
         let log = self.root.join("server.log");
         let mut options = format!(
@@ -211,7 +255,8 @@ impl TestCluster {
             self.port,
             self.root.display()
         );
-        for (key, value) in &self.settings {
+        let settings = self.settings.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        for (key, value) in settings.chain(extra.iter().copied()) {
             options.push_str(&format!(" -c {key}={value}"));
         }
         self.run(

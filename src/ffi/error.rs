@@ -107,7 +107,9 @@ pub(crate) fn error_status(error: &Error) -> trebuchet_status {
         Error::Tls(_) => TREBUCHET_TLS,
         Error::SchemaMissing { .. } => TREBUCHET_SCHEMA_MISSING,
         Error::StatementTimeout => TREBUCHET_STATEMENT_TIMEOUT,
-        Error::Database(_) | Error::InsufficientPrivilege { .. } => TREBUCHET_DATABASE,
+        Error::Database(_)
+        | Error::InsufficientPrivilege { .. }
+        | Error::NotificationQueueFull(_) => TREBUCHET_DATABASE,
         _ => TREBUCHET_OTHER,
     };
     fail(status, error.to_string())

@@ -296,7 +296,17 @@ fn read_chunk(link: &Link, shared: &Shared, mut from: &TcpStream, buf: &mut [u8]
         }
         match from.read(buf) {
             Ok(0) => return None,
-            Ok(n) => return Some(n),
+            Ok(n) => {
+                // A stall that began while this read waited holds what it
+                // read, so that nothing passes once `stall` has returned.
+                while shared.stalled.load(Ordering::SeqCst) {
+                    if link.closed.load(Ordering::SeqCst) || shared.closing.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    thread::sleep(TICK);
+                }
+                return Some(n);
+            }
             Err(e)
                 if matches!(
                     e.kind(),

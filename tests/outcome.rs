@@ -493,6 +493,8 @@ fn child_process_counts() {
         .table("restart_counter")
         .pool_options(PoolOptions::default().max_size(2))
         .outcome_timeout(Duration::from_secs(60))
+        // A slow child may start while the server restarts.
+        .wait_for_server(Duration::from_secs(60))
         .build()
         .unwrap_or_else(|e| panic!("child cannot connect: {e}"));
     let (mut ok, mut not_applied, mut unknown, mut other) = (0, 0, 0, 0);

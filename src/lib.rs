@@ -148,8 +148,7 @@
 //! - `config-file` (default): [`StateConfig`], through the `saphyr` YAML parser.
 //! - `cli` (default): the `trebuchet-postgres` command-line program; turn it
 //!   off with `default-features = false` to skip its dependencies.
-//! - `ffi`: the C ABI in the `ffi` module (`unsafe` lives there, and in one
-//!   function of the pool's call timeout that shuts a socket down).
+//! - `ffi`: the C ABI in the `ffi` module (the only place with `unsafe`).
 //!   The C library itself (`cdylib` and `staticlib`) is built by the
 //!   `trebuchet-postgres-ffi` package in `ffi/`, so Rust users never build it.
 //! - `testing`: the `testing` module, a throwaway PostgreSQL cluster for tests and examples,
@@ -166,8 +165,7 @@ mod config;
 mod config_file;
 mod error;
 // The C ABI is the one module that needs `unsafe`: raw pointers from C and
-// `#[no_mangle]` exports. Every block carries a `SAFETY:` comment. (The only
-// other `unsafe` is one function in `pool/watchdog.rs`, allowed there.)
+// `#[no_mangle]` exports. Every block carries a `SAFETY:` comment.
 #[cfg(feature = "ffi")]
 #[allow(unsafe_code)]
 pub mod ffi;

@@ -15,7 +15,10 @@
 //! (read from `/proc`; the pool's connects take turns while this runs).
 //! When that is not one socket (another part of the program connected to
 //! the same port at the same moment) or not Linux, the connection is
-//! opened anyway, without the bound.
+//! opened anyway, without the bound. The cut itself shuts down a duplicate
+//! of the descriptor taken through this process's pidfd (Linux 5.6+), with
+//! no `unsafe`; where that is refused (an old kernel, a seccomp profile), the
+//! cut is logged and the call waits for the kernel's own timeouts.
 //!
 //! The normal path costs an uncontended lock at check-out and check-in; no
 //! thread hop, no round trip.
@@ -192,14 +195,16 @@ impl Watchdog {
 /// close it) before it takes that lock, so `fd` is still the connection's
 /// socket and still open.
 #[cfg(target_os = "linux")]
-#[allow(unsafe_code)] // The driver owns the socket and offers no way to close it; see the module docs.
 fn cut(fd: i32) -> std::io::Result<()> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: `fd` is an open TCP socket owned by a live connection (see
-    // above), and `ManuallyDrop` keeps this temporary handle from closing
-    // it: only `shutdown` is called on it.
-    let stream = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
-    stream.shutdown(std::net::Shutdown::Both)
+    use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
+    // A duplicate of the connection's descriptor, taken through this
+    // process's pidfd (safe, unlike borrowing a raw descriptor); shutting
+    // down the duplicate shuts down the socket itself, and dropping it
+    // closes only the duplicate.
+    let me = pidfd_open(getpid(), PidfdFlags::empty())?;
+    let socket = pidfd_getfd(&me, fd, PidfdGetfdFlags::empty())?;
+    rustix::net::shutdown(&socket, rustix::net::Shutdown::Both)?;
+    Ok(())
 }
 
 #[cfg(not(target_os = "linux"))]

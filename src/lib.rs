@@ -161,6 +161,7 @@ mod config;
 #[cfg(feature = "config-file")]
 mod config_file;
 mod error;
+mod expiry;
 // The C ABI is the one place that needs `unsafe`: raw pointers from C and
 // `#[no_mangle]` exports. Every block carries a `SAFETY:` comment.
 #[cfg(feature = "ffi")]
@@ -183,6 +184,7 @@ pub use crate::config::{ConnectOptions, SslMode};
 #[cfg(feature = "config-file")]
 pub use crate::config_file::{ConnectionSource, StateConfig};
 pub use crate::error::{ConnectFailure, Error, Expected, InvalidActorId, Result};
+pub use crate::expiry::{Sweep, SweepOptions, MAX_SWEEP_BATCH};
 pub use crate::listener::{
     CallbackHandle, ChangeListener, ChangeListenerBuilder, ListenerHealth, Subscription,
 };
@@ -190,12 +192,12 @@ pub use crate::monitor::{
     ConnectionInfo, ListenerSession, SlowStatement, SlowStatements, StoreStats,
 };
 pub use crate::pool::{Pool, PoolOptions, PoolState};
-pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
+pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE, MAX_PARTITIONS};
 pub use crate::store::{
     validate_actor_id, Batch, BatchResult, RetryPolicy, StateStore, StateStoreBuilder, Versioned,
     DEFAULT_MAX_STATE_SIZE,
 };
-pub use crate::transfer::{ActorPage, ActorSummary, RestoreOutcome};
+pub use crate::transfer::{ActorPage, ActorSummary, IdPage, RestoreOutcome};
 
 /// The driver this crate is built on, for its types (`SqlState`, `Host`).
 pub use postgres;

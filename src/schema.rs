@@ -9,12 +9,35 @@ use crate::config::{validate_identifier, MAX_IDENTIFIER_BYTES};
 pub use crate::config::{DEFAULT_CHANNEL, DEFAULT_TABLE};
 use crate::error::{Error, Result};
 
-/// The embedded migrations: version, description, template.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "actor state table, tombstones and change trigger",
-    include_str!("../sql/migrations/0001_actor_states.sql"),
-)];
+/// The embedded migrations: version, description, template. Versions need
+/// not be contiguous; each is applied once, in this order.
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "actor state table, tombstones and change trigger",
+        include_str!("../sql/migrations/0001_actor_states.sql"),
+    ),
+    (
+        3,
+        "expiry: expires_at column and its index",
+        include_str!("../sql/migrations/0003_expiry.sql"),
+    ),
+];
+
+/// The most hash partitions a table may be created with.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// Checks a partition count: 1 to [`MAX_PARTITIONS`].
+pub(crate) fn check_partitions(partitions: u32) -> std::result::Result<(), String> {
+    if (1..=MAX_PARTITIONS).contains(&partitions) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{partitions} partitions: a table has 1 to {MAX_PARTITIONS} hash partitions \
+             (a few per CPU core of the server is plenty)"
+        ))
+    }
+}
 
 fn quote(ident: &str) -> String {
     format!("\"{ident}\"")
@@ -44,6 +67,9 @@ pub(crate) struct Names {
     pub trigger: String,
     idx_updated: String,
     idx_sequence: String,
+    idx_expires: String,
+    /// Hash partitions to create the table with; `None` for a plain table.
+    pub partitions: Option<u32>,
 }
 
 impl Names {
@@ -74,6 +100,8 @@ impl Names {
             tombstones: fit(format!("{table}_tombstones")),
             idx_updated: fit(format!("idx_{table}_updated")),
             idx_sequence: fit(format!("idx_{table}_sequence")),
+            idx_expires: fit(format!("idx_{table}_expires")),
+            partitions: None,
             table: table.to_owned(),
             channel: channel.to_owned(),
             function,
@@ -98,14 +126,41 @@ impl Names {
         self.qualify("trebuchet_schema_migrations")
     }
 
+    /// The name of hash partition `index` (`{table}_p0`, `{table}_p1`, ...).
+    pub fn partition(&self, index: u32) -> String {
+        fit(format!("{}_p{index}", self.table))
+    }
+
+    /// The clauses that make a new table hash-partitioned, when asked for.
+    fn partitioning(&self) -> (String, String) {
+        let Some(n) = self.partitions else {
+            return (String::new(), String::new());
+        };
+        let mut partitions = String::from(
+            "\n\n-- Hash partitions by actor_id: every statement keyed by actor_id touches one.",
+        );
+        for i in 0..n {
+            partitions.push_str(&format!(
+                "\nCREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES WITH (MODULUS {n}, REMAINDER {i});",
+                self.qualify(&self.partition(i)),
+                self.table_sql()
+            ));
+        }
+        (" PARTITION BY HASH (actor_id)".to_owned(), partitions)
+    }
+
     fn render(&self, template: &str) -> String {
+        let (partition_by, partitions) = self.partitioning();
         template
+            .replace("{{partition_by}}", &partition_by)
+            .replace("{{partitions}}", &partitions)
             .replace("{{table}}", &self.table_sql())
             .replace("{{tombstones}}", &self.qualify(&self.tombstones))
             .replace("{{function}}", &self.qualify(&self.function))
             .replace("{{trigger}}", &quote(&self.trigger))
             .replace("{{idx_updated}}", &quote(&self.idx_updated))
             .replace("{{idx_sequence}}", &quote(&self.idx_sequence))
+            .replace("{{idx_expires}}", &quote(&self.idx_expires))
             .replace("{{channel}}", &self.channel)
     }
 
@@ -143,6 +198,7 @@ pub(crate) struct Statements {
     pub count_tombstones: String,
     pub scan_prefix: String,
     pub restore_many: String,
+    pub sweep: String,
 }
 
 impl Statements {
@@ -150,6 +206,22 @@ impl Statements {
         let t = names.table_sql();
         let b = names.qualify(&names.tombstones);
         let now = "(now() AT TIME ZONE 'UTC')";
+        // Expiry: a row past its expires_at reads as absent. A write treats
+        // it as an actor deleted at the next number: it takes the number
+        // after that and starts a new created_at. `live`/`expired` take the
+        // row's alias with its dot ("" for none).
+        let live = |a: &str| format!("({a}expires_at IS NULL OR {a}expires_at > {now})");
+        let expired = |a: &str| format!("{a}expires_at <= {now}");
+        let bump = format!(
+            "t.sequence_number + CASE WHEN {} THEN 2 ELSE 1 END",
+            expired("t.")
+        );
+        let renew = format!(
+            "created_at = CASE WHEN {} THEN EXCLUDED.created_at ELSE t.created_at END",
+            expired("t.")
+        );
+        // The time to live as microseconds, NULL for none.
+        let ttl = |p: &str| format!("{now} + {p}::BIGINT * INTERVAL '1 microsecond'");
         let next_for_new = format!(
             "COALESCE((SELECT b.sequence_number FROM {b} b WHERE b.actor_id = $1::VARCHAR), 0) + 1"
         );
@@ -158,47 +230,63 @@ impl Statements {
         let outcome = format!(
             "SELECT (SELECT sequence_number FROM written), (SELECT updated_at FROM written), \
              (SELECT created_at FROM written), \
-             (SELECT c.sequence_number FROM {t} c WHERE c.actor_id = $1::VARCHAR)"
+             (SELECT c.sequence_number FROM {t} c WHERE c.actor_id = $1::VARCHAR AND {})",
+            live("c.")
         );
         Statements {
             save: format!(
-                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
-                 VALUES ($1::VARCHAR, $2, {next_for_new}, {now}, {now}) \
+                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, expires_at) \
+                 VALUES ($1::VARCHAR, $2, {next_for_new}, {now}, {now}, {}) \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at \
-                 RETURNING sequence_number"
+                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, \
+                 {renew}, expires_at = EXCLUDED.expires_at \
+                 RETURNING sequence_number",
+                ttl("$3")
             ),
+            // An expired row is absent: replacing it is a create.
             save_if_absent: format!(
-                "WITH written AS (INSERT INTO {t} (actor_id, state, sequence_number, updated_at, created_at) \
-                 VALUES ($1::VARCHAR, $2, {next_for_new}, {now}, {now}) \
-                 ON CONFLICT (actor_id) DO NOTHING \
-                 RETURNING sequence_number, updated_at, created_at) {outcome}"
+                "WITH written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, expires_at) \
+                 VALUES ($1::VARCHAR, $2, {next_for_new}, {now}, {now}, {}) \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, \
+                 {renew}, expires_at = EXCLUDED.expires_at WHERE {} \
+                 RETURNING sequence_number, updated_at, created_at) {outcome}",
+                ttl("$3"),
+                expired("t.")
             ),
             save_if_sequence: format!(
                 "WITH written AS (UPDATE {t} SET state = $2, sequence_number = sequence_number + 1, \
-                 updated_at = {now} WHERE actor_id = $1::VARCHAR AND sequence_number = $3 \
-                 RETURNING sequence_number, updated_at, created_at) {outcome}"
+                 updated_at = {now}, expires_at = {} \
+                 WHERE actor_id = $1::VARCHAR AND sequence_number = $3 AND {} \
+                 RETURNING sequence_number, updated_at, created_at) {outcome}",
+                ttl("$4"),
+                live("")
             ),
             save_with_sequence: format!(
                 "WITH written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
                  SELECT $1::VARCHAR, $2, $3::BIGINT, {now}, {now} \
                  WHERE COALESCE((SELECT b.sequence_number FROM {b} b WHERE b.actor_id = $1::VARCHAR), 0) < $3::BIGINT \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at \
-                 WHERE t.sequence_number < EXCLUDED.sequence_number \
-                 RETURNING sequence_number, updated_at, created_at) {outcome}"
+                 sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at, \
+                 {renew}, expires_at = NULL \
+                 WHERE t.sequence_number + CASE WHEN {} THEN 1 ELSE 0 END < EXCLUDED.sequence_number \
+                 RETURNING sequence_number, updated_at, created_at) {outcome}",
+                expired("t.")
             ),
-            load: format!("SELECT state FROM {t} WHERE actor_id = $1::VARCHAR"),
+            load: format!("SELECT state FROM {t} WHERE actor_id = $1::VARCHAR AND {}", live("")),
             load_versioned: format!(
-                "SELECT state, sequence_number, updated_at, created_at FROM {t} WHERE actor_id = $1::VARCHAR"
+                "SELECT state, sequence_number, updated_at, created_at FROM {t} WHERE actor_id = $1::VARCHAR AND {}",
+                live("")
             ),
             load_many: format!(
                 "SELECT actor_id, state, sequence_number, updated_at, created_at FROM {t} \
-                 WHERE actor_id = ANY($1::VARCHAR[])"
+                 WHERE actor_id = ANY($1::VARCHAR[]) AND {}",
+                live("")
             ),
             load_many_ordered: format!(
                 "SELECT i.n, t.state FROM unnest($1::VARCHAR[]) WITH ORDINALITY AS i(id, n) \
-                 JOIN {t} t ON t.actor_id = i.id"
+                 JOIN {t} t ON t.actor_id = i.id AND {}",
+                live("t.")
             ),
             // Rows are written in actor id order so that concurrent batches
             // lock them in one order and cannot deadlock.
@@ -208,7 +296,8 @@ impl Statements {
                  FROM unnest($1::VARCHAR[], $2::BYTEA[]) AS i(id, st) \
                  LEFT JOIN {b} b ON b.actor_id = i.id ORDER BY i.id \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at \
+                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, \
+                 {renew}, expires_at = NULL \
                  RETURNING actor_id::TEXT, sequence_number"
             ),
             // Per item: the new sequence number, or NULL and the sequence
@@ -219,18 +308,24 @@ impl Statements {
                  locked AS (SELECT l.actor_id FROM {t} l JOIN input ON input.id = l.actor_id \
                  WHERE input.expected IS NOT NULL ORDER BY l.actor_id FOR UPDATE OF l), \
                  updated AS (UPDATE {t} AS t SET state = input.st, \
-                 sequence_number = t.sequence_number + 1, updated_at = {now} FROM input \
+                 sequence_number = t.sequence_number + 1, updated_at = {now}, expires_at = NULL FROM input \
                  WHERE t.actor_id = input.id AND t.actor_id IN (SELECT actor_id FROM locked) \
-                 AND t.sequence_number = input.expected RETURNING t.actor_id, t.sequence_number), \
-                 inserted AS (INSERT INTO {t} (actor_id, state, sequence_number, updated_at, created_at) \
+                 AND t.sequence_number = input.expected AND {} RETURNING t.actor_id, t.sequence_number), \
+                 inserted AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
                  SELECT input.id, input.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now} \
                  FROM input LEFT JOIN {b} b ON b.actor_id = input.id \
                  WHERE input.expected IS NULL ORDER BY input.id \
-                 ON CONFLICT (actor_id) DO NOTHING RETURNING actor_id, sequence_number) \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, \
+                 {renew}, expires_at = NULL WHERE {} \
+                 RETURNING actor_id, sequence_number) \
                  SELECT input.id::TEXT, COALESCE(u.sequence_number, n.sequence_number), c.sequence_number \
                  FROM input LEFT JOIN updated u ON u.actor_id = input.id \
                  LEFT JOIN inserted n ON n.actor_id = input.id \
-                 LEFT JOIN {t} c ON c.actor_id = input.id"
+                 LEFT JOIN {t} c ON c.actor_id = input.id AND {}",
+                live("t."),
+                expired("t."),
+                live("c.")
             ),
             // A batch locks its existing rows in actor id order first, so
             // that batches over the same actors cannot deadlock.
@@ -238,40 +333,60 @@ impl Statements {
                 "SELECT actor_id FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
                  ORDER BY actor_id FOR UPDATE"
             ),
+            // Each deleted id, and whether it was live: an expired row is
+            // removed (and announced) too, but it did not exist any more.
             delete_many: format!(
                 "DELETE FROM {t} WHERE actor_id IN (SELECT l.actor_id FROM {t} l \
                  WHERE l.actor_id = ANY($1::VARCHAR[]) ORDER BY l.actor_id FOR UPDATE) \
-                 RETURNING actor_id::TEXT"
+                 RETURNING actor_id::TEXT, {}",
+                live("")
             ),
             // The current version of each actor, or its tombstone when deleted:
             // what a listener announces after a gap instead of a resync.
+            // An expired row is reported as deleted at the next number, as
+            // the sweeper will announce it.
             catch_up: format!(
-                "SELECT actor_id::TEXT, sequence_number, false, \
-                 EXTRACT(EPOCH FROM updated_at)::FLOAT8 FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
+                "SELECT actor_id::TEXT, sequence_number + CASE WHEN {e} THEN 1 ELSE 0 END, \
+                 COALESCE({e}, false), \
+                 EXTRACT(EPOCH FROM CASE WHEN {e} THEN expires_at ELSE updated_at END)::FLOAT8 \
+                 FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
                  UNION ALL \
                  SELECT b.actor_id::TEXT, b.sequence_number, true, \
                  EXTRACT(EPOCH FROM b.deleted_at)::FLOAT8 FROM {b} b \
                  WHERE b.actor_id = ANY($1::VARCHAR[]) \
-                 AND NOT EXISTS (SELECT 1 FROM {t} c WHERE c.actor_id = b.actor_id)"
+                 AND NOT EXISTS (SELECT 1 FROM {t} c WHERE c.actor_id = b.actor_id)",
+                e = expired("")
             ),
-            delete: format!("DELETE FROM {t} WHERE actor_id = $1::VARCHAR"),
-            exists: format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE actor_id = $1::VARCHAR)"),
-            sequence: format!("SELECT sequence_number FROM {t} WHERE actor_id = $1::VARCHAR"),
+            delete: format!(
+                "DELETE FROM {t} WHERE actor_id = $1::VARCHAR RETURNING {}",
+                live("")
+            ),
+            exists: format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} WHERE actor_id = $1::VARCHAR AND {})",
+                live("")
+            ),
+            sequence: format!(
+                "SELECT sequence_number FROM {t} WHERE actor_id = $1::VARCHAR AND {}",
+                live("")
+            ),
             // Keyset pages in the primary key's order: each page is one index
             // range scan, whatever the page. The first page starts after ''
             // (actor ids are never empty).
             list_page: format!(
                 "SELECT actor_id::TEXT, sequence_number, updated_at, octet_length(state)::INT8 \
                  FROM {t} WHERE actor_id > $2::VARCHAR AND starts_with(actor_id, $1::TEXT) \
-                 ORDER BY actor_id LIMIT $3"
+                 AND {} ORDER BY actor_id LIMIT $3",
+                live("")
             ),
             count_prefix: format!(
-                "SELECT count(*) FROM {t} WHERE starts_with(actor_id, $1::TEXT)"
+                "SELECT count(*) FROM {t} WHERE starts_with(actor_id, $1::TEXT) AND {}",
+                live("")
             ),
             count_tombstones: format!("SELECT count(*) FROM {b}"),
             scan_prefix: format!(
                 "SELECT actor_id::TEXT, state, sequence_number, updated_at, created_at FROM {t} \
-                 WHERE starts_with(actor_id, $1::TEXT) ORDER BY actor_id"
+                 WHERE starts_with(actor_id, $1::TEXT) AND {} ORDER BY actor_id",
+                live("")
             ),
             // Per item: whether it was written, else the stored version (and
             // whether its bytes are the ones given) or the tombstone that
@@ -284,11 +399,23 @@ impl Statements {
                  FROM input i LEFT JOIN {b} b ON b.actor_id = i.id \
                  WHERE COALESCE(b.sequence_number, 0) < i.seq ORDER BY i.id \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at \
+                 sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at, \
+                 expires_at = NULL \
                  WHERE t.sequence_number < EXCLUDED.sequence_number RETURNING actor_id) \
                  SELECT i.id::TEXT, w.actor_id IS NOT NULL, c.sequence_number, c.state = i.st, \
                  b.sequence_number FROM input i LEFT JOIN written w ON w.actor_id = i.id \
                  LEFT JOIN {t} c ON c.actor_id = i.id LEFT JOIN {b} b ON b.actor_id = i.id"
+            ),
+            // Up to $1 expired rows, oldest first, skipping rows another
+            // transaction holds; deleted through the trigger, so each is
+            // announced and leaves a tombstone. The condition is checked
+            // again on the row deleted, which a save may have renewed.
+            sweep: format!(
+                "WITH gone AS (DELETE FROM {t} WHERE actor_id IN (SELECT e.actor_id FROM {t} e \
+                 WHERE {} ORDER BY e.expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) AND {} \
+                 RETURNING 1) SELECT count(*) FROM gone",
+                expired("e."),
+                expired("")
             ),
         }
     }
@@ -306,6 +433,9 @@ pub(crate) fn migrate(client: &mut postgres::Client, names: &Names) -> Result<Ve
     let mut tx = client.transaction().map_err(Error::Database)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .map_err(Error::Database)?;
+    if let Some(wanted) = names.partitions {
+        check_layout(&mut tx, names, wanted)?;
+    }
     // The trigger function names the tombstone table; qualify it with the
     // schema the table lands in, so that writers with another search_path
     // still find it.
@@ -391,6 +521,71 @@ pub(crate) fn migrate(client: &mut postgres::Client, names: &Names) -> Result<Ve
     Ok(done)
 }
 
+/// How a table is laid out: plain, or partitioned (and how).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    Missing,
+    Plain,
+    /// Hash-partitioned by `actor_id` with this many partitions.
+    Hash(u32),
+    /// Partitioned some other way (by range or list, or by another key).
+    Other,
+}
+
+/// How the table is laid out now.
+pub(crate) fn layout(client: &mut impl postgres::GenericClient, names: &Names) -> Result<Layout> {
+    let row = client
+        .query_opt(
+            "SELECT c.relkind::TEXT, p.partstrat::TEXT, \
+             (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid), \
+             p.partnatts = 1 AND (SELECT a.attname = 'actor_id' FROM pg_attribute a \
+             WHERE a.attrelid = c.oid AND a.attnum = p.partattrs[0]) \
+             FROM pg_class c LEFT JOIN pg_partitioned_table p ON p.partrelid = c.oid \
+             WHERE c.oid = to_regclass($1)",
+            &[&names.table_sql()],
+        )
+        .map_err(Error::Database)?;
+    let Some(row) = row else {
+        return Ok(Layout::Missing);
+    };
+    let kind: String = row.get(0);
+    if kind != "p" {
+        return Ok(Layout::Plain);
+    }
+    let strategy: Option<String> = row.get(1);
+    let by_actor: Option<bool> = row.get(3);
+    Ok(match (strategy.as_deref(), by_actor) {
+        (Some("h"), Some(true)) => {
+            Layout::Hash(u32::try_from(row.get::<_, i64>(2)).unwrap_or(u32::MAX))
+        }
+        _ => Layout::Other,
+    })
+}
+
+/// Refuses to migrate a table that exists with another layout than the
+/// store was built for: converting it is a separate, explicit step.
+fn check_layout(tx: &mut postgres::Transaction<'_>, names: &Names, wanted: u32) -> Result<()> {
+    let table = names.table_sql();
+    let convert = format!(
+        "convert it with StateStore::partition_table({wanted}) or \
+         `trebuchet-postgres partition --partitions {wanted}`, or build the store without \
+         partitions()"
+    );
+    match layout(tx, names)? {
+        Layout::Missing => Ok(()),
+        Layout::Hash(n) if n == wanted => Ok(()),
+        Layout::Hash(n) => Err(Error::invalid_config(format!(
+            "table {table} has {n} hash partitions, not the {wanted} asked for: {convert}"
+        ))),
+        Layout::Plain => Err(Error::invalid_config(format!(
+            "table {table} exists and is not partitioned: {convert}"
+        ))),
+        Layout::Other => Err(Error::invalid_config(format!(
+            "table {table} is partitioned, but not by a hash of actor_id: {convert}"
+        ))),
+    }
+}
+
 /// Whether the tombstone table exists and the trigger calls this store's
 /// function on insert, update and delete of each row.
 fn companions_present(tx: &mut postgres::Transaction<'_>, names: &Names) -> Result<bool> {
@@ -469,6 +664,14 @@ pub enum Problem {
         /// The events it lacks.
         missing: Vec<&'static str>,
     },
+    /// On a partitioned table, the trigger is disabled (or missing) on one
+    /// partition, so changes to the actors stored there are not announced.
+    PartitionTriggerDisabled {
+        /// The quoted, qualified partition.
+        partition: String,
+        /// The trigger's name.
+        trigger: String,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -514,6 +717,11 @@ impl fmt::Display for Problem {
                 "trigger {trigger} does not fire for each row on {}: {FIX}",
                 missing.join(", ")
             ),
+            Problem::PartitionTriggerDisabled { partition, trigger } => write!(
+                f,
+                "trigger {trigger} does not fire on partition {partition}, so changes to its \
+                 actors are not announced: ALTER TABLE {partition} ENABLE TRIGGER {trigger}"
+            ),
         }
     }
 }
@@ -548,7 +756,7 @@ impl fmt::Display for VerifyReport {
     }
 }
 
-const COLUMNS: [(&str, &[&str], &str); 5] = [
+const COLUMNS: [(&str, &[&str], &str); 6] = [
     (
         "actor_id",
         &["character varying(255)", "text"],
@@ -558,6 +766,7 @@ const COLUMNS: [(&str, &[&str], &str); 5] = [
     ("sequence_number", &["bigint"], "BIGINT"),
     ("updated_at", &["timestamp without time zone"], "TIMESTAMP"),
     ("created_at", &["timestamp without time zone"], "TIMESTAMP"),
+    ("expires_at", &["timestamp without time zone"], "TIMESTAMP"),
 ];
 
 /// Checks table, columns, tombstones, function and trigger.
@@ -662,6 +871,23 @@ pub(crate) fn verify(client: &mut postgres::Client, names: &Names) -> Result<Ver
                 problems.push(Problem::TriggerEvents {
                     trigger: names.trigger.clone(),
                     missing,
+                });
+            }
+            // A partitioned table's trigger fires through its clone on each
+            // partition, which can be disabled on its own.
+            let silent = client
+                .query(
+                    "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_partition_tree($1::oid::regclass) p \
+                     JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE p.isleaf AND p.level > 0 AND NOT EXISTS (SELECT 1 FROM pg_trigger t \
+                     WHERE t.tgrelid = c.oid AND t.tgname = $2 AND t.tgenabled <> 'D') ORDER BY 1",
+                    &[&oid, &names.trigger],
+                )
+                .map_err(Error::Database)?;
+            for row in silent {
+                problems.push(Problem::PartitionTriggerDisabled {
+                    partition: row.get(0),
+                    trigger: names.trigger.clone(),
                 });
             }
         }

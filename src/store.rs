@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::codec::Codec;
 use crate::config::ConnectOptions;
 use crate::error::{Error, Expected, InvalidActorId, Result};
+use crate::expiry::{ttl_micros, SweepOptions, Sweeper};
 use crate::group::{rounds, Combiner, Item};
 use crate::listener::{ChangeListener, ChangeListenerBuilder};
 use crate::pool::{Connection, Pool, PoolOptions};
@@ -89,6 +90,8 @@ pub struct StateStoreBuilder {
     retry: RetryPolicy,
     migrate: bool,
     group_commit: bool,
+    partitions: Option<u32>,
+    sweeper: Option<SweepOptions>,
 }
 
 impl fmt::Debug for StateStoreBuilder {
@@ -183,6 +186,37 @@ impl StateStoreBuilder {
         self
     }
 
+    /// Creates the table hash-partitioned by `actor_id` into `partitions`
+    /// tables (`{table}_p0`, `{table}_p1`, ...) when [`StateStore::migrate`]
+    /// creates it (default: one plain table). Everything else is the same:
+    /// the trigger, delete announcements, tombstones, every operation and
+    /// the listener.
+    ///
+    /// A table that already exists is not converted: `migrate` refuses one
+    /// laid out otherwise, with [`Error::InvalidConfig`] saying how to
+    /// convert it ([`StateStore::partition_table`]).
+    ///
+    /// ```
+    /// let sql = trebuchet_postgres::StateStore::builder().partitions(4).migration_sql()?;
+    /// assert!(sql.contains("PARTITION BY HASH (actor_id)"));
+    /// assert!(sql.contains("\"actor_states_p3\" PARTITION OF"));
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
+    /// Runs a sweeper thread that deletes expired actors in batches
+    /// ([`StateStore::sweep_expired`]) every [`SweepOptions::interval`]
+    /// (default: no sweeper). At most one sweeper works on a table at a
+    /// time across all processes, so every instance may run one. The thread
+    /// stops and is joined when the store's last handle is dropped.
+    pub fn expiry_sweeper(mut self, options: SweepOptions) -> Self {
+        self.sweeper = Some(options);
+        self
+    }
+
     /// Runs [`StateStore::migrate`] as part of `build` (default off).
     pub fn migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;
@@ -202,7 +236,16 @@ impl StateStoreBuilder {
     ///
     /// [`Error::InvalidIdentifier`] for a bad table or channel name.
     pub fn migration_sql(&self) -> Result<String> {
-        Ok(Names::new(&self.table, &self.channel)?.migration_sql())
+        Ok(self.names()?.migration_sql())
+    }
+
+    fn names(&self) -> Result<Names> {
+        let mut names = Names::new(&self.table, &self.channel)?;
+        if let Some(partitions) = self.partitions {
+            schema::check_partitions(partitions).map_err(Error::invalid_config)?;
+            names.partitions = Some(partitions);
+        }
+        Ok(names)
     }
 
     /// Validates the configuration, opens the pool (unless one was given) and
@@ -215,7 +258,10 @@ impl StateStoreBuilder {
     /// errors of [`Pool::new`] and, with [`migrate`](Self::migrate), of
     /// [`StateStore::migrate`].
     pub fn build(self) -> Result<StateStore> {
-        let names = Names::new(&self.table, &self.channel)?;
+        let names = self.names()?;
+        if let Some(sweeper) = &self.sweeper {
+            sweeper.validate()?;
+        }
         if self.retry.max_attempts == 0 {
             return Err(Error::invalid_config(
                 "RetryPolicy::max_attempts must be at least 1",
@@ -245,10 +291,19 @@ impl StateStoreBuilder {
                 max_state_size: self.max_state_size,
                 retry: self.retry,
                 combiner: self.group_commit.then(Combiner::default),
+                sweeper: std::sync::OnceLock::new(),
             }),
         };
         if self.migrate {
             store.migrate()?;
+        }
+        if let Some(options) = &self.sweeper {
+            let weak = Arc::downgrade(&store.inner);
+            let sweeper = Sweeper::start(options, move |batch| {
+                let inner = weak.upgrade()?;
+                Some(StateStore { inner }.sweep_batch(batch))
+            })?;
+            let _ = store.inner.sweeper.set(sweeper);
         }
         Ok(store)
     }
@@ -262,6 +317,9 @@ pub(crate) struct Inner {
     max_state_size: usize,
     retry: RetryPolicy,
     combiner: Option<Combiner>,
+    /// Set once, after the store exists: the thread holds only a weak
+    /// reference to it.
+    sweeper: std::sync::OnceLock<Sweeper>,
 }
 
 /// Actor state in one PostgreSQL table.
@@ -402,6 +460,8 @@ impl StateStore {
             retry: RetryPolicy::default(),
             migrate: false,
             group_commit: true,
+            partitions: None,
+            sweeper: None,
         }
     }
 
@@ -660,6 +720,65 @@ impl StateStore {
         self.save_bytes_with_sequence(id, &bytes, sequence)
     }
 
+    /// [`save`](Self::save) with a time to live: the state reads as absent
+    /// once `ttl` has passed (by the server's clock), and the sweeper
+    /// ([`sweep_expired`](Self::sweep_expired)) deletes it later, announcing
+    /// a delete. Every save sets the time to live anew: a later save without
+    /// one keeps the state for good.
+    ///
+    /// An expired actor is treated as deleted at the number after its last:
+    /// a save after expiry continues above that, and starts a new
+    /// `created_at`.
+    ///
+    /// Saves with a time to live take a statement and a commit of their own
+    /// (they are not combined by [group commit](StateStoreBuilder::group_commit)).
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// store.save_with_ttl("session-42", &"token", Duration::from_secs(30 * 60))?;
+    /// assert!(store.exists("session-42")?); // for 30 minutes
+    /// store.save("session-42", &"token")?;  // no time to live: kept for good
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a `ttl` under 1 ms or over 1,000
+    /// years (nothing is sent); otherwise as [`save`](Self::save).
+    pub fn save_with_ttl<T: Serialize + ?Sized>(
+        &self,
+        id: &str,
+        state: &T,
+        ttl: Duration,
+    ) -> Result<u64> {
+        check_actor_id(id)?;
+        ttl_micros(ttl)?;
+        let bytes = self.encode(state)?;
+        self.save_bytes_with_ttl(id, &bytes, ttl)
+    }
+
+    /// [`save_if`](Self::save_if) with a time to live, as
+    /// [`save_with_ttl`](Self::save_with_ttl). An expired actor counts as
+    /// absent: [`Expected::Absent`] replaces it, and a sequence number
+    /// expected of it fails with a conflict that finds it absent.
+    ///
+    /// # Errors
+    ///
+    /// As [`save_if`](Self::save_if) and [`save_with_ttl`](Self::save_with_ttl).
+    pub fn save_if_with_ttl<T: Serialize + ?Sized>(
+        &self,
+        id: &str,
+        state: &T,
+        expected: Expected,
+        ttl: Duration,
+    ) -> Result<u64> {
+        check_actor_id(id)?;
+        ttl_micros(ttl)?;
+        let bytes = self.encode(state)?;
+        self.save_bytes_if_with_ttl(id, &bytes, expected, ttl)
+    }
+
     /// Atomically replaces an actor's state with `f(current)`, where
     /// `current` is `None` for a new actor, and returns what was written.
     ///
@@ -707,9 +826,13 @@ impl StateStore {
     /// [`Error::InvalidActorId`]; connection and database errors.
     pub fn delete(&self, id: &str) -> Result<bool> {
         check_actor_id(id)?;
+        // An expired row is deleted (and announced) too, but it no longer
+        // existed: the statement says whether the row was live.
         self.call(false, |inner, c| {
             let st = c.prepare(&inner.sql.delete)?;
-            Ok(c.client.execute(&st, &[&id])? > 0)
+            Ok(c.client
+                .query_opt(&st, &[&id])?
+                .is_some_and(|row| row.get(0)))
         })
     }
 
@@ -916,11 +1039,7 @@ impl StateStore {
         }
         let deleted: std::collections::HashSet<String> = self.call(false, |inner, c| {
             let st = c.prepare(&inner.sql.delete_many)?;
-            Ok(c.client
-                .query(&st, &[&ids])?
-                .iter()
-                .map(|row| row.get(0))
-                .collect())
+            Ok(live_deletes(c.client.query(&st, &[&ids])?))
         })?;
         Ok(ids.iter().map(|id| deleted.contains(*id)).collect())
     }
@@ -990,21 +1109,61 @@ impl StateStore {
                 },
                 |items| self.write_group(items),
             ),
-            None => self.save_one(id, state),
+            None => self.save_one(id, state, None),
         }
     }
 
-    fn save_one(&self, id: &str, state: &[u8]) -> Result<u64> {
+    /// [`save_with_ttl`](Self::save_with_ttl) with raw bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`save_with_ttl`](Self::save_with_ttl).
+    pub fn save_bytes_with_ttl(&self, id: &str, state: &[u8], ttl: Duration) -> Result<u64> {
+        check_actor_id(id)?;
+        self.check_size(state)?;
+        let ttl = ttl_micros(ttl)?;
+        self.save_one(id, state, Some(ttl))
+    }
+
+    /// [`save_if_with_ttl`](Self::save_if_with_ttl) with raw bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`save_if_with_ttl`](Self::save_if_with_ttl).
+    pub fn save_bytes_if_with_ttl(
+        &self,
+        id: &str,
+        state: &[u8],
+        expected: Expected,
+        ttl: Duration,
+    ) -> Result<u64> {
+        check_actor_id(id)?;
+        self.check_size(state)?;
+        if let Expected::Sequence(n) = expected {
+            to_i64(n)?;
+        }
+        let ttl = ttl_micros(ttl)?;
+        self.save_one_if(id, state, expected, Some(ttl))
+    }
+
+    /// One unconditional save in its own statement; `ttl` in microseconds.
+    fn save_one(&self, id: &str, state: &[u8], ttl: Option<i64>) -> Result<u64> {
         self.call(false, |inner, c| {
             let st = c.prepare(&inner.sql.save)?;
-            let row = c.client.query_one(&st, &[&id, &state])?;
+            let row = c.client.query_one(&st, &[&id, &state, &ttl])?;
             Ok(to_u64(row.get(0)))
         })
     }
 
-    fn save_one_if(&self, id: &str, state: &[u8], expected: Expected) -> Result<u64> {
+    fn save_one_if(
+        &self,
+        id: &str,
+        state: &[u8],
+        expected: Expected,
+        ttl: Option<i64>,
+    ) -> Result<u64> {
         let written = self.call(false, |inner, c| {
-            write_if_on(inner, c, id, state, expected, true)
+            write_if_on(inner, c, id, state, expected, ttl, true)
         })?;
         match written {
             Written::Yes { sequence, .. } => Ok(sequence),
@@ -1018,8 +1177,8 @@ impl StateStore {
 
     fn write_item(&self, item: &Item) -> Result<u64> {
         match item.expected {
-            None => self.save_one(&item.id, &item.state),
-            Some(expected) => self.save_one_if(&item.id, &item.state, expected),
+            None => self.save_one(&item.id, &item.state, None),
+            Some(expected) => self.save_one_if(&item.id, &item.state, expected, None),
         }
     }
 
@@ -1212,7 +1371,7 @@ impl StateStore {
                 },
                 |items| self.write_group(items),
             ),
-            None => self.save_one_if(id, state, expected),
+            None => self.save_one_if(id, state, expected, None),
         }
     }
 
@@ -1298,7 +1457,7 @@ impl StateStore {
                 let expected = current.map_or(Expected::Absent, |v| Expected::Sequence(v.sequence));
                 // A lost race is retried from a fresh read: no need for the
                 // exact version that won.
-                write_if_on(inner, c, id, &bytes, expected, false)
+                write_if_on(inner, c, id, &bytes, expected, None, false)
             })?;
             match written {
                 Written::Yes {
@@ -1609,11 +1768,7 @@ impl Batch<'_> {
                 }
             }
             if !delete_ids.is_empty() {
-                let deleted: std::collections::HashSet<String> = tx
-                    .query(&delete_st, &[&delete_ids])?
-                    .iter()
-                    .map(|row| row.get(0))
-                    .collect();
+                let deleted = live_deletes(tx.query(&delete_st, &[&delete_ids])?);
                 for (index, id) in &self.deletes {
                     results[*index] = Some(BatchResult::Deleted(deleted.contains(id)));
                 }
@@ -1626,6 +1781,14 @@ impl Batch<'_> {
         })?;
         outcome
     }
+}
+
+/// The ids a bulk delete removed while they were live (not expired).
+fn live_deletes(rows: Vec<postgres::Row>) -> std::collections::HashSet<String> {
+    rows.iter()
+        .filter(|row| row.get::<_, bool>(1))
+        .map(|row| row.get(0))
+        .collect()
 }
 
 fn load_versioned_on(
@@ -1642,27 +1805,29 @@ fn load_versioned_on(
     }))
 }
 
-/// The conditional write, in one round trip in the common case. When the
-/// statement's snapshot could not see the row that blocked it (a writer
-/// committed in between) and `report_actual` is set, the current sequence
-/// number is read once more so that the conflict reports the truth.
+/// The conditional write, in one round trip in the common case; `ttl` in
+/// microseconds. When the statement's snapshot could not see the row that
+/// blocked it (a writer committed in between) and `report_actual` is set,
+/// the current sequence number is read once more so that the conflict
+/// reports the truth.
 fn write_if_on(
     inner: &Inner,
     c: &mut Connection,
     id: &str,
     state: &[u8],
     expected: Expected,
+    ttl: Option<i64>,
     report_actual: bool,
 ) -> Result<Written, Failure> {
     let row = match expected {
         Expected::Absent => {
             let st = c.prepare(&inner.sql.save_if_absent)?;
-            c.client.query_one(&st, &[&id, &state])?
+            c.client.query_one(&st, &[&id, &state, &ttl])?
         }
         Expected::Sequence(n) => {
             let n = to_i64(n)?;
             let st = c.prepare(&inner.sql.save_if_sequence)?;
-            c.client.query_one(&st, &[&id, &state, &n])?
+            c.client.query_one(&st, &[&id, &state, &n, &ttl])?
         }
     };
     if let Some(sequence) = row.get::<_, Option<i64>>(0) {

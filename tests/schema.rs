@@ -88,7 +88,7 @@ impl Drop for DropSchema<'_> {
 fn migrate_is_idempotent_and_records_its_version() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store_builder().build().unwrap();
-    assert_eq!(store.migrate().unwrap(), vec![1]);
+    assert_eq!(store.migrate().unwrap(), vec![1, 3]);
     assert_eq!(store.migrate().unwrap(), Vec::<i32>::new());
     // Another store on the same table finds nothing to do either.
     schema.store_builder().migrate(true).build().unwrap();
@@ -109,10 +109,12 @@ fn migrate_is_idempotent_and_records_its_version() {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    assert_eq!(rows[0].0, store.table());
-    assert_eq!(rows[0].1, 1);
-    assert!(!rows[0].2.is_empty());
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (row, version) in rows.iter().zip([1, 3]) {
+        assert_eq!(row.0, store.table());
+        assert_eq!(row.1, version);
+        assert!(!row.2.is_empty());
+    }
 
     // The data survives a repeated migrate.
     store.save("a", &1u32).unwrap();
@@ -123,7 +125,7 @@ fn migrate_is_idempotent_and_records_its_version() {
 
 /// Eight stores (eight pools, as eight processes would have) migrate a
 /// schema that does not exist yet at the same moment: all succeed, exactly
-/// one applies version 1.
+/// one applies the migrations.
 #[test]
 fn concurrent_migrations_on_a_fresh_schema_all_succeed() {
     const THREADS: usize = 8;
@@ -158,9 +160,9 @@ fn concurrent_migrations_on_a_fresh_schema_all_succeed() {
         applied.push(result.unwrap_or_else(|e| panic!("a concurrent migrate failed: {e}")));
     }
     assert_eq!(
-        applied.iter().filter(|a| **a == [1]).count(),
+        applied.iter().filter(|a| **a == [1, 3]).count(),
         1,
-        "exactly one migrate applies version 1: {applied:?}"
+        "exactly one migrate applies versions 1 and 3: {applied:?}"
     );
     assert_eq!(applied.iter().filter(|a| a.is_empty()).count(), THREADS - 1);
     for store in &stores {
@@ -175,7 +177,7 @@ fn concurrent_migrations_on_a_fresh_schema_all_succeed() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(count, 1);
+    assert_eq!(count, 2, "versions 1 and 3, once each");
     assert_eq!(stores[3].save("a", &1u32).unwrap(), 1);
 }
 
@@ -401,7 +403,11 @@ fn custom_table_in_custom_schema_gets_its_own_objects_and_channel() {
         .build()
         .unwrap();
     assert_eq!(rooms.table(), quoted_table(&schema, "rooms"));
-    assert_eq!(rooms.migrate().unwrap(), vec![1], "versions are per table");
+    assert_eq!(
+        rooms.migrate().unwrap(),
+        vec![1, 3],
+        "versions are per table"
+    );
     assert!(rooms.verify().unwrap().is_ok());
     assert!(default.verify().unwrap().is_ok());
 
@@ -459,7 +465,7 @@ fn custom_table_in_custom_schema_gets_its_own_objects_and_channel() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(migrated, 2, "one row per table");
+    assert_eq!(migrated, 4, "one row per table and version");
 
     client
         .batch_execute(&format!(
@@ -546,6 +552,9 @@ fn seed_table_is_upgraded_by_migrate_without_losing_rows() {
     assert_eq!(
         store.verify().unwrap().problems,
         vec![
+            Problem::ColumnMissing {
+                column: "expires_at"
+            },
             Problem::TombstonesMissing {
                 table: quoted_table(&schema, "actor_states_tombstones")
             },
@@ -559,7 +568,7 @@ fn seed_table_is_upgraded_by_migrate_without_losing_rows() {
             },
         ]
     );
-    assert_eq!(store.migrate().unwrap(), vec![1]);
+    assert_eq!(store.migrate().unwrap(), vec![1, 3]);
     let report = store.verify().unwrap();
     assert!(report.is_ok(), "{report}");
     assert_eq!(

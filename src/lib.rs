@@ -170,6 +170,7 @@ pub mod ffi;
 mod group;
 mod listener;
 mod monitor;
+mod partition;
 mod pool;
 mod schema;
 mod store;
@@ -191,6 +192,7 @@ pub use crate::listener::{
 pub use crate::monitor::{
     ConnectionInfo, ListenerSession, SlowStatement, SlowStatements, StoreStats,
 };
+pub use crate::partition::Partitioning;
 pub use crate::pool::{Pool, PoolOptions, PoolState};
 pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE, MAX_PARTITIONS};
 pub use crate::store::{

@@ -39,12 +39,12 @@ pub(crate) fn check_partitions(partitions: u32) -> std::result::Result<(), Strin
     }
 }
 
-fn quote(ident: &str) -> String {
+pub(crate) fn quote(ident: &str) -> String {
     format!("\"{ident}\"")
 }
 
 /// Shortens a derived name to fit 63 bytes, keeping it unique with a hash.
-fn fit(name: String) -> String {
+pub(crate) fn fit(name: String) -> String {
     if name.len() <= MAX_IDENTIFIER_BYTES {
         return name;
     }
@@ -114,6 +114,14 @@ impl Names {
         match &self.schema {
             Some(schema) => format!("{}.{}", quote(schema), quote(name)),
             None => quote(name),
+        }
+    }
+
+    /// The same names in `schema` (where the table was found).
+    pub fn in_schema(&self, schema: String) -> Names {
+        Names {
+            schema: Some(schema),
+            ..self.clone()
         }
     }
 
@@ -426,38 +434,15 @@ impl Statements {
 /// advisory lock and each version is applied once. Returns the versions
 /// applied by this call.
 pub(crate) fn migrate(client: &mut postgres::Client, names: &Names) -> Result<Vec<i32>> {
-    // "trebuchet" in ASCII: one lock for every table's migrations.
-    const LOCK_KEY: i64 = 0x7472_6562_7563_6874;
     let migrations = names.migrations_table_sql();
     let table_key = names.table_sql();
     let mut tx = client.transaction().map_err(Error::Database)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .map_err(Error::Database)?;
     if let Some(wanted) = names.partitions {
         check_layout(&mut tx, names, wanted)?;
     }
-    // The trigger function names the tombstone table; qualify it with the
-    // schema the table lands in, so that writers with another search_path
-    // still find it.
-    let rendered = match &names.schema {
-        Some(_) => names.clone(),
-        None => {
-            let schema: Option<String> = tx
-                .query_one("SELECT current_schema()::text", &[])
-                .map_err(Error::Database)?
-                .get(0);
-            let schema = schema.ok_or_else(|| {
-                Error::invalid_config(
-                    "the connection's search_path names no existing schema: \
-                     qualify the table as schema.table",
-                )
-            })?;
-            Names {
-                schema: Some(schema),
-                ..names.clone()
-            }
-        }
-    };
+    let rendered = qualified(&mut tx, names)?;
     if let Some(schema) = &names.schema {
         // CREATE SCHEMA checks CREATE on the database even when the schema
         // exists, so a role that owns its schema but may not create schemas
@@ -519,6 +504,71 @@ pub(crate) fn migrate(client: &mut postgres::Client, names: &Names) -> Result<Ve
     }
     tx.commit().map_err(Error::Database)?;
     Ok(done)
+}
+
+/// The advisory lock that migrations (and layout conversions) take:
+/// "trebuchet" in ASCII, one lock for every table's.
+pub(crate) const MIGRATION_LOCK: i64 = 0x7472_6562_7563_6874;
+
+/// `names` with the schema the table lands in. The trigger function names
+/// the tombstone table; qualifying it means writers with another
+/// search_path still find it.
+fn qualified(tx: &mut postgres::Transaction<'_>, names: &Names) -> Result<Names> {
+    if names.schema.is_some() {
+        return Ok(names.clone());
+    }
+    let schema: Option<String> = tx
+        .query_one("SELECT current_schema()::text", &[])
+        .map_err(Error::Database)?
+        .get(0);
+    let schema = schema.ok_or_else(|| {
+        Error::invalid_config(
+            "the connection's search_path names no existing schema: \
+             qualify the table as schema.table",
+        )
+    })?;
+    Ok(Names {
+        schema: Some(schema),
+        ..names.clone()
+    })
+}
+
+/// Applies every migration again (they are idempotent): puts back what a
+/// table lacks, such as the trigger of a table that was just re-created.
+pub(crate) fn reapply(tx: &mut postgres::Transaction<'_>, names: &Names) -> Result<()> {
+    let rendered = qualified(tx, names)?;
+    for (_, _, template) in MIGRATIONS {
+        tx.batch_execute(&rendered.render(template))
+            .map_err(Error::Database)?;
+    }
+    Ok(())
+}
+
+/// The migration versions not yet applied to the table (all of them when
+/// the bookkeeping table does not exist).
+pub(crate) fn pending(tx: &mut postgres::Transaction<'_>, names: &Names) -> Result<Vec<i32>> {
+    let migrations = names.migrations_table_sql();
+    let exists: bool = tx
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&migrations])
+        .map_err(Error::Database)?
+        .get(0);
+    let applied: Vec<i32> = if exists {
+        tx.query(
+            &format!("SELECT version FROM {migrations} WHERE table_name = $1"),
+            &[&names.table_sql()],
+        )
+        .map_err(Error::Database)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(MIGRATIONS
+        .iter()
+        .map(|(version, _, _)| *version)
+        .filter(|v| !applied.contains(v))
+        .collect())
 }
 
 /// How a table is laid out: plain, or partitioned (and how).

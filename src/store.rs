@@ -487,6 +487,11 @@ impl StateStore {
         &self.inner.names
     }
 
+    #[cfg(feature = "testing")]
+    pub(crate) fn statements(&self) -> &Statements {
+        &self.inner.sql
+    }
+
     /// The pool this store uses, to share with other stores.
     pub fn pool(&self) -> &Pool {
         &self.inner.pool

@@ -15,6 +15,11 @@
 //! - `--duration SECS`: measured seconds per operation (default 5)
 //! - `--threads N`: threads measuring at once (default 1: latency alone)
 //! - `--state-bytes N`: the size of each state (default 256)
+//! - `--fillfactor N`: the table's (each partition's) fillfactor (default
+//!   PostgreSQL's 100)
+//! - `--without-seed-indexes`: drop the seed's indexes on `updated_at` and
+//!   `sequence_number`, which every save changes, so that saves can be HOT
+//!   updates (see the README's "Maintenance")
 //! - `--async-commit`: measure with `synchronous_commit = off`, so that a
 //!   write's latency is the server's work rather than the disk's flush
 //! - `--smoke`: 2,000 and 5,000 actors, 0.2 s per operation, layouts 0 and 4
@@ -53,6 +58,8 @@ struct Options {
     threads: usize,
     state_bytes: usize,
     async_commit: bool,
+    fillfactor: Option<u32>,
+    without_seed_indexes: bool,
 }
 
 impl Options {
@@ -65,6 +72,8 @@ impl Options {
             threads: 1,
             state_bytes: 256,
             async_commit: false,
+            fillfactor: None,
+            without_seed_indexes: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -77,6 +86,10 @@ impl Options {
             }
             if flag == "--async-commit" {
                 o.async_commit = true;
+                continue;
+            }
+            if flag == "--without-seed-indexes" {
+                o.without_seed_indexes = true;
                 continue;
             }
             let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -97,6 +110,7 @@ impl Options {
                 "--duration" => o.duration = Duration::from_secs_f64(value.parse()?),
                 "--threads" => o.threads = value.parse()?,
                 "--state-bytes" => o.state_bytes = value.parse()?,
+                "--fillfactor" => o.fillfactor = Some(value.parse()?),
                 other => {
                     return Err(format!(
                         "unknown option {other}; see the header of examples/scale_bench.rs"
@@ -402,12 +416,20 @@ fn main() -> Result<(), BoxError> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     println!(
-        "- {}-byte states; {} thread(s) measuring, {:.1} s per operation; group commit off{}",
+        "- {}-byte states; {} thread(s) measuring, {:.1} s per operation; group commit off{}{}{}",
         opts.state_bytes,
         opts.threads,
         opts.duration.as_secs_f64(),
         if opts.async_commit {
             "; measured with synchronous_commit = off"
+        } else {
+            ""
+        },
+        opts.fillfactor
+            .map(|f| format!("; fillfactor {f}"))
+            .unwrap_or_default(),
+        if opts.without_seed_indexes {
+            "; without the seed's updated_at and sequence_number indexes"
         } else {
             ""
         }
@@ -436,6 +458,21 @@ fn main() -> Result<(), BoxError> {
         }
         let store = builder.build()?;
         let table = store.table();
+        if let Some(fillfactor) = opts.fillfactor {
+            // On each partition: a partitioned table takes no storage parameters.
+            admin.batch_execute(&format!(
+                "DO $$ DECLARE r regclass; BEGIN \
+                 FOR r IN SELECT relid FROM pg_partition_tree('{table}') WHERE isleaf \
+                 UNION ALL SELECT '{table}'::regclass WHERE {partitions} = 0 LOOP \
+                 EXECUTE format('ALTER TABLE %s SET (fillfactor = {fillfactor})', r); END LOOP; END $$"
+            ))?;
+        }
+        if opts.without_seed_indexes {
+            admin.batch_execute(&format!(
+                "DROP INDEX {SCHEMA}.idx_states_{partitions}_updated; \
+                 DROP INDEX {SCHEMA}.idx_states_{partitions}_sequence"
+            ))?;
+        }
         println!("## {layout}");
         println!();
         println!(

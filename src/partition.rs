@@ -27,13 +27,18 @@ const INDEX_SHAPES: &str = "\
     FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
     WHERE i.indrelid = to_regclass($1) ORDER BY c.relname";
 
-/// The old table's schema, row security, triggers of others, grants (as
-/// `GRANT` statements on the same name) and storage parameters (of the
+/// The old table's schema, row security, foreign keys, whether the
+/// store's trigger is there; its triggers and grants as the statements that
+/// make them again on the same name; and its storage parameters (of the
 /// table, or of its first partition).
 const TABLE_FACTS: &str = "\
     SELECT n.nspname::TEXT, c.relrowsecurity, \
-    ARRAY(SELECT t.tgname::TEXT FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal \
-          AND t.tgname <> $2 ORDER BY 1), \
+    ARRAY(SELECT k.conname::TEXT FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'f' \
+          ORDER BY 1), \
+    EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = $2), \
+    ARRAY(SELECT pg_get_triggerdef(t.oid) || CASE WHEN t.tgenabled = 'D' \
+          THEN format('; ALTER TABLE %s DISABLE TRIGGER %I', $1::TEXT, t.tgname) ELSE '' END \
+          FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal ORDER BY t.tgname), \
     ARRAY(SELECT format('GRANT %s ON %s TO %s%s', a.privilege_type, $1::TEXT, \
           CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, \
           CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) \
@@ -76,19 +81,19 @@ impl StateStore {
     /// columns, defaults, constraints and indexes (`LIKE ... INCLUDING
     /// ALL`), each partition with the old table's storage parameters
     /// (`fillfactor`, autovacuum settings); every row is copied; then, for
-    /// a moment, reads wait too while the old table is dropped, the copy
-    /// takes its name, its index names and its grants, and the trigger is
-    /// created on it. The tombstone table and notification function stay as
-    /// they are, so sequence numbers go on where they were. Writers that
-    /// waited carry on against the new table; nothing is announced for the
-    /// copied rows (none changed). The table is analyzed afterwards.
+    /// a moment, reads wait too while the old table is dropped and the copy
+    /// takes its name, its index names, its triggers (the store's and any
+    /// others, disabled ones staying disabled) and its grants. The tombstone
+    /// table and the notification function stay as they are, so sequence
+    /// numbers go on where they were. Writers that waited carry on against
+    /// the new table; nothing is announced for the copied rows (none
+    /// changed). The table is analyzed afterwards.
     ///
     /// Writes wait for the whole copy: on a large table run it when writes
-    /// can pause (about 10 s per million actors of 256 bytes on a 2-core
-    /// machine). It refuses a table with triggers of its own besides the
-    /// store's, or with row-level security, both of which the copy would
-    /// lose; a view on the table makes the drop fail and the conversion
-    /// roll back.
+    /// can pause (the README gives measured times). It refuses a table with
+    /// foreign keys or row-level security, which the copy would lose, and
+    /// one whose trigger is missing (run [`migrate`](Self::migrate) first);
+    /// a view on the table makes the drop fail and the conversion roll back.
     ///
     /// ```no_run
     /// # let store = trebuchet_postgres::StateStore::from_env()?;
@@ -102,9 +107,10 @@ impl StateStore {
     /// [`Error::InvalidArgument`] for a count outside 1 to
     /// [`MAX_PARTITIONS`](crate::MAX_PARTITIONS) (nothing is sent);
     /// [`Error::SchemaMissing`] when the table does not exist;
-    /// [`Error::InvalidConfig`] when migrations are pending or the table has
-    /// triggers of its own or row-level security; connection and database
-    /// errors. On every error the table is as it was.
+    /// [`Error::InvalidConfig`] when migrations are pending, the trigger is
+    /// missing, or the table has foreign keys or row-level security;
+    /// connection and database errors. On every error the table is as it
+    /// was.
     pub fn partition_table(&self, partitions: u32) -> Result<Partitioning> {
         schema::check_partitions(partitions)
             .map_err(|reason| Error::invalid_argument("partitions", reason))?;
@@ -170,15 +176,24 @@ fn convert(
     if facts.get::<_, bool>(1) {
         return Err(refuse("row-level security".to_owned()));
     }
-    let triggers: Vec<String> = facts.get(2);
-    if !triggers.is_empty() {
+    let foreign_keys: Vec<String> = facts.get(2);
+    if !foreign_keys.is_empty() {
         return Err(refuse(format!(
-            "triggers of its own ({})",
-            triggers.join(", ")
+            "foreign keys ({})",
+            foreign_keys.join(", ")
         )));
     }
-    let grants: Vec<String> = facts.get(3);
-    let options: Vec<String> = facts.get(4);
+    if !facts.get::<_, bool>(3) {
+        return Err(Error::invalid_config(format!(
+            "table {table} lacks its trigger {}: run StateStore::migrate() \
+             (or `trebuchet-postgres migrate`) first",
+            names.trigger
+        ))
+        .into());
+    }
+    let triggers: Vec<String> = facts.get(4);
+    let grants: Vec<String> = facts.get(5);
+    let options: Vec<String> = facts.get(6);
     let with = storage_parameters(&options);
 
     // The copy, while writers wait and readers go on.
@@ -257,13 +272,11 @@ fn convert(
         }
         tx.batch_execute(&renames)?;
     }
-    if !grants.is_empty() {
-        tx.batch_execute(&grants.join(";\n"))?;
+    // The triggers (the store's and any others, enabled or not) and the
+    // grants, as they were, on the table that now has the name.
+    for statement in triggers.iter().chain(&grants) {
+        tx.batch_execute(statement)?;
     }
-    // The trigger, and anything else the migrations make, on the new table.
-    let mut partitioned = names.clone();
-    partitioned.partitions = Some(partitions);
-    schema::reapply(&mut tx, &partitioned)?;
     tx.commit()?;
     Ok(Partitioning {
         partitions,

@@ -533,17 +533,6 @@ fn qualified(tx: &mut postgres::Transaction<'_>, names: &Names) -> Result<Names>
     })
 }
 
-/// Applies every migration again (they are idempotent): puts back what a
-/// table lacks, such as the trigger of a table that was just re-created.
-pub(crate) fn reapply(tx: &mut postgres::Transaction<'_>, names: &Names) -> Result<()> {
-    let rendered = qualified(tx, names)?;
-    for (_, _, template) in MIGRATIONS {
-        tx.batch_execute(&rendered.render(template))
-            .map_err(Error::Database)?;
-    }
-    Ok(())
-}
-
 /// The migration versions not yet applied to the table (all of them when
 /// the bookkeeping table does not exist).
 pub(crate) fn pending(tx: &mut postgres::Transaction<'_>, names: &Names) -> Result<Vec<i32>> {

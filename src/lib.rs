@@ -125,6 +125,33 @@
 //! their own sequence numbers and timestamps (an import that never replaces a
 //! newer version and can run twice).
 //!
+//! # Expiry
+//!
+//! [`StateStore::save_with_ttl`] and [`StateStore::save_if_with_ttl`] give a
+//! state a time to live: once it has passed the actor reads as absent
+//! everywhere, and [`StateStore::sweep_expired`] (or a sweeper thread from
+//! [`StateStoreBuilder::expiry_sweeper`], or `trebuchet-postgres sweep` from
+//! cron) deletes it in batches, announcing each removal as a delete. At most
+//! one sweeper works on a table at a time across all processes.
+//!
+//! ```no_run
+//! # use std::time::Duration;
+//! # let store = trebuchet_postgres::StateStore::from_env()?;
+//! store.save_with_ttl("session-1", &"token", Duration::from_secs(3600))?;
+//! let swept = store.sweep_expired(1000)?;
+//! # Ok::<(), trebuchet_postgres::Error>(())
+//! ```
+//!
+//! # Large tables
+//!
+//! [`StateStoreBuilder::partitions`] creates the table hash-partitioned by
+//! `actor_id`; [`StateStore::partition_table`] converts an existing table
+//! without losing anything. Every operation, the change feed and `verify`
+//! work the same on it, and every statement on one actor touches one
+//! partition. [`StateStore::list_ids`] pages through ids with a resumable
+//! token. The README covers autovacuum settings for a table this busy, and
+//! running it on a distributed PostgreSQL engine.
+//!
 //! # Errors
 //!
 //! One error type, [`Error`]. Bad input (actor ids, table and channel names,

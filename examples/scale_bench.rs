@@ -22,6 +22,10 @@
 //!   updates (see the README's "Maintenance")
 //! - `--async-commit`: measure with `synchronous_commit = off`, so that a
 //!   write's latency is the server's work rather than the disk's flush
+//! - `--server-setting KEY=VALUE`: a `postgresql.conf` setting for the
+//!   throwaway cluster, such as `shared_buffers=4GB` (repeatable)
+//! - `--convert-to N`: after measuring each layout, time
+//!   `partition_table(N)` on the full table
 //! - `--smoke`: 2,000 and 5,000 actors, 0.2 s per operation, layouts 0 and 4
 //!
 //! Server: `DATABASE_URL` when set (the benchmark works in a schema of its
@@ -60,6 +64,8 @@ struct Options {
     async_commit: bool,
     fillfactor: Option<u32>,
     without_seed_indexes: bool,
+    server_settings: Vec<(String, String)>,
+    convert_to: Option<u32>,
 }
 
 impl Options {
@@ -74,6 +80,8 @@ impl Options {
             async_commit: false,
             fillfactor: None,
             without_seed_indexes: false,
+            server_settings: vec![("max_connections".into(), "100".into())],
+            convert_to: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -111,6 +119,13 @@ impl Options {
                 "--threads" => o.threads = value.parse()?,
                 "--state-bytes" => o.state_bytes = value.parse()?,
                 "--fillfactor" => o.fillfactor = Some(value.parse()?),
+                "--convert-to" => o.convert_to = Some(value.parse()?),
+                "--server-setting" => {
+                    let (key, value) = value
+                        .split_once('=')
+                        .ok_or("--server-setting takes KEY=VALUE")?;
+                    o.server_settings.push((key.to_owned(), value.to_owned()));
+                }
                 other => {
                     return Err(format!(
                         "unknown option {other}; see the header of examples/scale_bench.rs"
@@ -194,6 +209,10 @@ struct Measured {
     conflicts: u64,
 }
 
+/// What one measuring thread saw: latencies in nanoseconds, conflicts, and
+/// how long it measured.
+type ThreadRun = (Vec<u64>, u64, Duration);
+
 /// Runs `op` on random actors among the first `actors` for `duration` on
 /// `threads` threads (after an unmeasured half second).
 fn measure(
@@ -205,7 +224,7 @@ fn measure(
     state: &[u8],
 ) -> Result<Measured, BoxError> {
     let barrier = Barrier::new(threads);
-    let runs: Vec<Result<(Vec<u64>, u64, Duration), String>> = std::thread::scope(|scope| {
+    let runs: Vec<Result<ThreadRun, String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
@@ -386,7 +405,12 @@ fn main() -> Result<(), BoxError> {
         Some(url) => (None, url),
         None => {
             eprintln!("DATABASE_URL is not set: starting a throwaway PostgreSQL cluster");
-            let cluster = TestCluster::start_with(&[("max_connections", "100")])?;
+            let settings: Vec<(&str, &str)> = opts
+                .server_settings
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let cluster = TestCluster::start_with(&settings)?;
             let url = cluster.url();
             (Some(cluster), url)
         }
@@ -566,6 +590,16 @@ fn main() -> Result<(), BoxError> {
                 base = row.clone();
             }
             summary.push((layout.clone(), count, row, s.heap + s.indexes));
+        }
+        if let Some(to) = opts.convert_to {
+            let started = Instant::now();
+            let done = store.partition_table(to)?;
+            notes.push(format!(
+                "partition_table({to}) on {} actors: {} rows copied in {:.1} s (with the ANALYZE after it)",
+                thousands(filled),
+                thousands(done.rows),
+                started.elapsed().as_secs_f64()
+            ));
         }
         println!();
         for note in notes {

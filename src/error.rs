@@ -127,6 +127,14 @@ pub enum Error {
     },
     /// An actor id was rejected before reaching the database.
     InvalidActorId(InvalidActorId),
+    /// An argument of a call is out of range or malformed (a time to live,
+    /// a page token, a batch size); nothing was sent.
+    InvalidArgument {
+        /// What was given: `"ttl"`, `"page token"`, ...
+        what: &'static str,
+        /// Why it was rejected, and what is accepted.
+        reason: String,
+    },
     /// A table, schema or channel name is not a valid PostgreSQL identifier.
     InvalidIdentifier {
         /// What was being named: `"table"`, `"schema"` or `"channel"`.
@@ -288,6 +296,7 @@ impl Error {
                 | Error::InvalidConfig { .. }
                 | Error::ConfigFile { .. }
                 | Error::InvalidActorId(_)
+                | Error::InvalidArgument { .. }
                 | Error::InvalidIdentifier { .. }
                 | Error::StateTooLarge { .. }
                 | Error::SequenceOutOfRange(_)
@@ -352,6 +361,13 @@ impl Error {
         }
     }
 
+    pub(crate) fn invalid_argument(what: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            what,
+            reason: reason.into(),
+        }
+    }
+
     pub(crate) fn invalid_config(reason: impl Into<String>) -> Self {
         Error::InvalidConfig {
             reason: reason.into(),
@@ -382,6 +398,7 @@ impl fmt::Display for Error {
                 write!(f, ": {reason}")
             }
             Error::InvalidActorId(why) => write!(f, "invalid actor id: {why}"),
+            Error::InvalidArgument { what, reason } => write!(f, "invalid {what}: {reason}"),
             Error::InvalidIdentifier { what, reason } => write!(f, "invalid {what} name: {reason}"),
             Error::StateTooLarge { size, max } => write!(
                 f,

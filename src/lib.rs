@@ -125,6 +125,33 @@
 //! their own sequence numbers and timestamps (an import that never replaces a
 //! newer version and can run twice).
 //!
+//! # Expiry
+//!
+//! [`StateStore::save_with_ttl`] and [`StateStore::save_if_with_ttl`] give a
+//! state a time to live: once it has passed the actor reads as absent
+//! everywhere, and [`StateStore::sweep_expired`] (or a sweeper thread from
+//! [`StateStoreBuilder::expiry_sweeper`], or `trebuchet-postgres sweep` from
+//! cron) deletes it in batches, announcing each removal as a delete. At most
+//! one sweeper works on a table at a time across all processes.
+//!
+//! ```no_run
+//! # use std::time::Duration;
+//! # let store = trebuchet_postgres::StateStore::from_env()?;
+//! store.save_with_ttl("session-1", &"token", Duration::from_secs(3600))?;
+//! let swept = store.sweep_expired(1000)?;
+//! # Ok::<(), trebuchet_postgres::Error>(())
+//! ```
+//!
+//! # Large tables
+//!
+//! [`StateStoreBuilder::partitions`] creates the table hash-partitioned by
+//! `actor_id`; [`StateStore::partition_table`] converts an existing table
+//! without losing anything. Every operation, the change feed and `verify`
+//! work the same on it, and every statement on one actor touches one
+//! partition. [`StateStore::list_ids`] pages through ids with a resumable
+//! token. The README covers autovacuum settings for a table this busy, and
+//! running it on a distributed PostgreSQL engine.
+//!
 //! # Errors
 //!
 //! One error type, [`Error`]. Bad input (actor ids, table and channel names,
@@ -164,6 +191,7 @@ mod config;
 #[cfg(feature = "config-file")]
 mod config_file;
 mod error;
+mod expiry;
 // The C ABI is the one module that needs `unsafe`: raw pointers from C and
 // `#[no_mangle]` exports. Every block carries a `SAFETY:` comment.
 #[cfg(feature = "ffi")]
@@ -173,6 +201,7 @@ mod group;
 mod listener;
 mod monitor;
 mod outcome;
+mod partition;
 mod pool;
 mod schema;
 mod store;
@@ -187,6 +216,7 @@ pub use crate::config::{ConnectOptions, PoolerMode, SslMode};
 #[cfg(feature = "config-file")]
 pub use crate::config_file::{ConnectionSource, StateConfig};
 pub use crate::error::{ConnectFailure, Error, Expected, InvalidActorId, Result};
+pub use crate::expiry::{Sweep, SweepOptions, MAX_SWEEP_BATCH};
 pub use crate::listener::{
     CallbackHandle, ChangeListener, ChangeListenerBuilder, ListenerHealth, Subscription,
 };
@@ -194,13 +224,14 @@ pub use crate::monitor::{
     ConnectionInfo, ListenerSession, SlowStatement, SlowStatements, StoreStats,
 };
 pub use crate::outcome::LostWrites;
+pub use crate::partition::Partitioning;
 pub use crate::pool::{Pool, PoolOptions, PoolState};
-pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
+pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE, MAX_PARTITIONS};
 pub use crate::store::{
     validate_actor_id, Batch, BatchResult, RetryPolicy, StateStore, StateStoreBuilder, Versioned,
     DEFAULT_MAX_STATE_SIZE, DEFAULT_OUTCOME_TIMEOUT,
 };
-pub use crate::transfer::{ActorPage, ActorSummary, RestoreOutcome};
+pub use crate::transfer::{ActorPage, ActorSummary, IdPage, RestoreOutcome};
 
 /// The driver this crate is built on, for its types (`SqlState`, `Host`).
 pub use postgres;

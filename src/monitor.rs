@@ -15,23 +15,43 @@ use crate::change::PROBE_KEY;
 use crate::config::{classify_connect, listen_through_transaction_pooler, PoolerMode};
 use crate::error::{Error, Result};
 use crate::pool::{Connection, PoolState};
+use crate::schema::{self, Layout};
 use crate::store::{to_u64, Failure, StateStore};
 
-/// Per-table figures, from the statistics views, in one round trip.
-const TABLE_FIGURES: &str = "\
-    SELECT to_regclass($1::TEXT) IS NOT NULL, pg_total_relation_size(to_regclass($1)), \
-    s.n_tup_ins + s.n_tup_upd + s.n_tup_del, s.n_dead_tup, \
-    GREATEST(s.last_vacuum, s.last_autovacuum), \
-    (SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()), \
-    pg_notification_queue_usage(), \
-    (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), \
-    current_setting('max_connections')::INT8, clock_timestamp() \
-    FROM (SELECT 1) AS one LEFT JOIN pg_stat_user_tables s ON s.relid = to_regclass($1)";
+/// The tables that hold the rows: the table itself, or the leaf partitions
+/// of a partitioned one (which holds nothing itself).
+const LEAVES: &str = "\
+    WITH leaves AS (SELECT p.relid FROM pg_partition_tree(to_regclass($1::TEXT)) p WHERE p.isleaf \
+    UNION ALL SELECT to_regclass($1) WHERE to_regclass($1) IS NOT NULL \
+    AND NOT EXISTS (SELECT 1 FROM pg_partition_tree(to_regclass($1))))";
+
+/// Per-table figures, from the statistics views, in one round trip; summed
+/// over the partitions of a partitioned table.
+fn table_figures() -> String {
+    format!(
+        "{LEAVES}, s AS (SELECT sum(n_tup_ins + n_tup_upd + n_tup_del)::INT8 AS writes, \
+         sum(n_dead_tup)::INT8 AS dead, max(GREATEST(last_vacuum, last_autovacuum)) AS vacuumed, \
+         max(last_autovacuum) AS autovacuumed, sum(n_tup_upd)::INT8 AS updates, \
+         sum(n_tup_hot_upd)::INT8 AS hot FROM pg_stat_user_tables \
+         WHERE relid IN (SELECT relid FROM leaves)) \
+         SELECT to_regclass($1) IS NOT NULL, \
+         (SELECT sum(pg_total_relation_size(relid))::INT8 FROM leaves), \
+         s.writes, s.dead, s.vacuumed, \
+         (SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()), \
+         pg_notification_queue_usage(), \
+         (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), \
+         current_setting('max_connections')::INT8, clock_timestamp(), \
+         s.autovacuumed, s.updates, s.hot FROM s"
+    )
+}
 
 /// The write counter alone, for the start of a window.
-const WRITE_COUNTER: &str = "\
-    SELECT (SELECT n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables \
-    WHERE relid = to_regclass($1::TEXT)), clock_timestamp()";
+fn write_counter() -> String {
+    format!(
+        "{LEAVES} SELECT (SELECT sum(n_tup_ins + n_tup_upd + n_tup_del)::INT8 \
+         FROM pg_stat_user_tables WHERE relid IN (SELECT relid FROM leaves)), clock_timestamp()"
+    )
+}
 
 /// Every other client session, to find those listening on the channel.
 const SESSIONS: &str = "\
@@ -92,10 +112,22 @@ pub struct StoreStats {
     pub writes_per_second: Option<f64>,
     /// The window of [`writes_per_second`](Self::writes_per_second).
     pub window: Option<Duration>,
-    /// Dead row versions awaiting vacuum.
+    /// Dead row versions awaiting vacuum (over every partition of a
+    /// partitioned table).
     pub dead_rows: Option<u64>,
-    /// The last vacuum of the table, manual or automatic.
+    /// The last vacuum of the table, manual or automatic (the latest of any
+    /// partition).
     pub last_vacuum: Option<SystemTime>,
+    /// The last vacuum autovacuum ran on the table (the latest of any
+    /// partition); `None` when it never has. Long ago on a busy table means
+    /// autovacuum falls behind: see the README's "Maintenance".
+    pub last_autovacuum: Option<SystemTime>,
+    /// The share of updates that were HOT (heap-only tuples: no index
+    /// entry written), from 0 to 1, since the statistics began; `None`
+    /// before the first update.
+    pub hot_update_ratio: Option<f64>,
+    /// Hash partitions of the table, `None` for a plain table.
+    pub partitions: Option<u32>,
     /// Sessions listening on the channel, as far as `pg_stat_activity` tells:
     /// those whose last statement was `LISTEN` on it, which includes every
     /// [`ChangeListener`](crate::ChangeListener) and the seed's Swift adapter.
@@ -277,10 +309,10 @@ impl StateStore {
         let table = self.table();
         let channel = self.channel().to_owned();
         let bare_table = self.names().table.clone();
+        let names = self.names().clone();
+        let figures = table_figures();
         let mut stats = self.call(true, |inner, c| {
-            let row = c
-                .prepare(TABLE_FIGURES)?
-                .query_one(&mut c.client, &[&table])?;
+            let row = c.prepare(&figures)?.query_one(&mut c.client, &[&table])?;
             if !row.get::<_, bool>(0) {
                 return Err(Failure::Store(Error::SchemaMissing {
                     table: table.clone(),
@@ -307,6 +339,12 @@ impl StateStore {
                 }
             }
             let slow_statements = slow_statements(c, &bare_table)?;
+            let partitions = match schema::layout(&mut c.client, &names)? {
+                Layout::Hash(n) => Some(n),
+                _ => None,
+            };
+            let updates: Option<i64> = row.get(11);
+            let hot: Option<i64> = row.get(12);
             Ok(StoreStats {
                 table: table.clone(),
                 channel: channel.clone(),
@@ -320,6 +358,12 @@ impl StateStore {
                 window: None,
                 dead_rows: row.get::<_, Option<i64>>(3).map(to_u64),
                 last_vacuum: row.get(4),
+                last_autovacuum: row.get(10),
+                hot_update_ratio: match (updates, hot) {
+                    (Some(updates), Some(hot)) if updates > 0 => Some(hot as f64 / updates as f64),
+                    _ => None,
+                },
+                partitions,
                 listeners,
                 hidden_sessions,
                 notification_queue_usage: row.get(6),
@@ -346,10 +390,9 @@ impl StateStore {
             return self.stats();
         }
         let table = self.table();
+        let counter = write_counter();
         let (before, from): (Option<i64>, SystemTime) = self.call(true, |_, c| {
-            let row = c
-                .prepare(WRITE_COUNTER)?
-                .query_one(&mut c.client, &[&table])?;
+            let row = c.prepare(&counter)?.query_one(&mut c.client, &[&table])?;
             Ok((row.get(0), row.get(1)))
         })?;
         thread::sleep(window);
@@ -511,8 +554,8 @@ mod tests {
     #[test]
     fn every_query_casts_each_parameter() {
         for sql in [
-            TABLE_FIGURES,
-            WRITE_COUNTER,
+            table_figures().as_str(),
+            write_counter().as_str(),
             SESSIONS,
             STATEMENTS_EXTENSION,
             SESSION_INFO,

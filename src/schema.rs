@@ -12,7 +12,8 @@ pub use crate::config::{DEFAULT_CHANNEL, DEFAULT_TABLE};
 use crate::error::{Error, Result};
 use crate::pool::Connection;
 
-/// The embedded migrations: version, description, template.
+/// The embedded migrations: version, description, template. Versions need
+/// not be contiguous; each is applied once, in this order.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
         1,
@@ -24,18 +25,38 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "write tags for finding out whether a write landed",
         include_str!("../sql/migrations/0002_write_tags.sql"),
     ),
+    (
+        3,
+        "expiry: expires_at column and its index",
+        include_str!("../sql/migrations/0003_expiry.sql"),
+    ),
 ];
 
 /// How many write tags each row keeps (`recent_writes`); the SQL says
 /// `[1:32]`.
 pub(crate) const WRITE_TAGS: usize = 32;
 
-fn quote(ident: &str) -> String {
+/// The most hash partitions a table may be created with.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// Checks a partition count: 1 to [`MAX_PARTITIONS`].
+pub(crate) fn check_partitions(partitions: u32) -> std::result::Result<(), String> {
+    if (1..=MAX_PARTITIONS).contains(&partitions) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{partitions} partitions: a table has 1 to {MAX_PARTITIONS} hash partitions \
+             (a few per CPU core of the server is plenty)"
+        ))
+    }
+}
+
+pub(crate) fn quote(ident: &str) -> String {
     format!("\"{ident}\"")
 }
 
 /// Shortens a derived name to fit 63 bytes, keeping it unique with a hash.
-fn fit(name: String) -> String {
+pub(crate) fn fit(name: String) -> String {
     if name.len() <= MAX_IDENTIFIER_BYTES {
         return name;
     }
@@ -58,6 +79,9 @@ pub(crate) struct Names {
     pub trigger: String,
     idx_updated: String,
     idx_sequence: String,
+    idx_expires: String,
+    /// Hash partitions to create the table with; `None` for a plain table.
+    pub partitions: Option<u32>,
 }
 
 impl Names {
@@ -88,6 +112,8 @@ impl Names {
             tombstones: fit(format!("{table}_tombstones")),
             idx_updated: fit(format!("idx_{table}_updated")),
             idx_sequence: fit(format!("idx_{table}_sequence")),
+            idx_expires: fit(format!("idx_{table}_expires")),
+            partitions: None,
             table: table.to_owned(),
             channel: channel.to_owned(),
             function,
@@ -103,6 +129,14 @@ impl Names {
         }
     }
 
+    /// The same names in `schema` (where the table was found).
+    pub fn in_schema(&self, schema: String) -> Names {
+        Names {
+            schema: Some(schema),
+            ..self.clone()
+        }
+    }
+
     /// The quoted, qualified table name.
     pub fn table_sql(&self) -> String {
         self.qualify(&self.table)
@@ -112,14 +146,41 @@ impl Names {
         self.qualify("trebuchet_schema_migrations")
     }
 
+    /// The name of hash partition `index` (`{table}_p0`, `{table}_p1`, ...).
+    pub fn partition(&self, index: u32) -> String {
+        fit(format!("{}_p{index}", self.table))
+    }
+
+    /// The clauses that make a new table hash-partitioned, when asked for.
+    fn partitioning(&self) -> (String, String) {
+        let Some(n) = self.partitions else {
+            return (String::new(), String::new());
+        };
+        let mut partitions = String::from(
+            "\n\n-- Hash partitions by actor_id: every statement keyed by actor_id touches one.",
+        );
+        for i in 0..n {
+            partitions.push_str(&format!(
+                "\nCREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES WITH (MODULUS {n}, REMAINDER {i});",
+                self.qualify(&self.partition(i)),
+                self.table_sql()
+            ));
+        }
+        (" PARTITION BY HASH (actor_id)".to_owned(), partitions)
+    }
+
     fn render(&self, template: &str) -> String {
+        let (partition_by, partitions) = self.partitioning();
         template
+            .replace("{{partition_by}}", &partition_by)
+            .replace("{{partitions}}", &partitions)
             .replace("{{table}}", &self.table_sql())
             .replace("{{tombstones}}", &self.qualify(&self.tombstones))
             .replace("{{function}}", &self.qualify(&self.function))
             .replace("{{trigger}}", &quote(&self.trigger))
             .replace("{{idx_updated}}", &quote(&self.idx_updated))
             .replace("{{idx_sequence}}", &quote(&self.idx_sequence))
+            .replace("{{idx_expires}}", &quote(&self.idx_expires))
             .replace("{{channel}}", &self.channel)
     }
 
@@ -157,6 +218,7 @@ pub(crate) struct Statements {
     pub count_tombstones: String,
     pub scan_prefix: String,
     pub restore_many: String,
+    pub sweep: String,
     pub outcomes: String,
 }
 
@@ -165,82 +227,129 @@ impl Statements {
         let t = names.table_sql();
         let b = names.qualify(&names.tombstones);
         let now = "(now() AT TIME ZONE 'UTC')";
+        // Expiry: a row past its expires_at reads as absent. A write treats
+        // it as an actor deleted at the next number: it takes the number
+        // after that and starts a new created_at. `live`/`expired` take the
+        // row's alias with its dot ("" for none).
+        let live = |a: &str| format!("({a}expires_at IS NULL OR {a}expires_at > {now})");
+        let expired = |a: &str| format!("{a}expires_at <= {now}");
+        let bump = format!(
+            "t.sequence_number + CASE WHEN {} THEN 2 ELSE 1 END",
+            expired("t.")
+        );
+        let renew = format!(
+            "created_at = CASE WHEN {} THEN EXCLUDED.created_at ELSE t.created_at END",
+            expired("t.")
+        );
+        // The time to live as microseconds, NULL for none.
+        let ttl = |p: &str| format!("{now} + {p}::BIGINT * INTERVAL '1 microsecond'");
         // The sequence number a new actor starts at, above its tombstone if
         // it had one, and the write tags the tombstone carried.
         let next = format!(
             "(SELECT COALESCE(b.sequence_number, 0) + 1 AS seq, b.recent_writes AS tags \
              FROM (SELECT 1) one LEFT JOIN {b} b ON b.actor_id = $1::VARCHAR) n"
         );
+        // Write tags (see the `outcome` module): `write id XOR the sequence
+        // number written`, the newest first, 32 kept.
+        let tag = |write_id: &str, sequence: &str, tags: &str| {
+            format!("(ARRAY[{write_id} # ({sequence})] || {tags})[1:32]")
+        };
+        // The update branch of an upsert recovers each row's write id from
+        // the tag its insert branch computed (`EXCLUDED` is all it can see).
+        let tag_upsert = tag(
+            "EXCLUDED.recent_writes[1] # EXCLUDED.sequence_number",
+            &bump,
+            "t.recent_writes",
+        );
+        // Deletes hand their write id to the trigger, which tags the
+        // tombstone with it.
+        let set_write_id = "set_config('trebuchet.write_id', $2::BIGINT::TEXT, true) IS NOT NULL";
         // Both conditional writes answer in one round trip: the new row, or
         // the sequence number that blocked the write.
         let outcome = format!(
             "SELECT (SELECT sequence_number FROM written), (SELECT updated_at FROM written), \
              (SELECT created_at FROM written), \
-             (SELECT c.sequence_number FROM {t} c WHERE c.actor_id = $1::VARCHAR)"
+             (SELECT c.sequence_number FROM {t} c WHERE c.actor_id = $1::VARCHAR AND {})",
+            live("c.")
         );
-        let set_write_id = "set_config('trebuchet.write_id', $2::BIGINT::TEXT, true) IS NOT NULL";
         Statements {
             save: format!(
-                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, recent_writes) \
-                 SELECT $1::VARCHAR, $2::BYTEA, n.seq, {now}, {now}, {tag_new} FROM {next} \
+                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
+                 expires_at, recent_writes) \
+                 SELECT $1::VARCHAR, $2::BYTEA, n.seq, {now}, {now}, {}, {} FROM {next} \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at, \
-                 recent_writes = (ARRAY[$3::BIGINT # (t.sequence_number + 1)] || t.recent_writes)[1:32] \
+                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, \
+                 {renew}, expires_at = EXCLUDED.expires_at, recent_writes = {} \
                  RETURNING sequence_number",
-                tag_new = "(ARRAY[$3::BIGINT # n.seq] || n.tags)[1:32]"
+                ttl("$4"),
+                tag("$3::BIGINT", "n.seq", "n.tags"),
+                tag("$3::BIGINT", &bump, "t.recent_writes"),
             ),
+            // An expired row is absent: replacing it is a create.
             save_if_absent: format!(
-                "WITH written AS (INSERT INTO {t} (actor_id, state, sequence_number, updated_at, created_at, recent_writes) \
-                 SELECT $1::VARCHAR, $2::BYTEA, n.seq, {now}, {now}, \
-                 (ARRAY[$3::BIGINT # n.seq] || n.tags)[1:32] FROM {next} \
-                 ON CONFLICT (actor_id) DO NOTHING \
-                 RETURNING sequence_number, updated_at, created_at) {outcome}"
+                "WITH written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
+                 created_at, expires_at, recent_writes) \
+                 SELECT $1::VARCHAR, $2::BYTEA, n.seq, {now}, {now}, {}, {} FROM {next} \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, \
+                 {renew}, expires_at = EXCLUDED.expires_at, recent_writes = {} WHERE {} \
+                 RETURNING sequence_number, updated_at, created_at) {outcome}",
+                ttl("$4"),
+                tag("$3::BIGINT", "n.seq", "n.tags"),
+                tag("$3::BIGINT", &bump, "t.recent_writes"),
+                expired("t.")
             ),
             save_if_sequence: format!(
                 "WITH written AS (UPDATE {t} SET state = $2::BYTEA, sequence_number = sequence_number + 1, \
-                 updated_at = {now}, \
-                 recent_writes = (ARRAY[$4::BIGINT # ($3::BIGINT + 1)] || recent_writes)[1:32] \
-                 WHERE actor_id = $1::VARCHAR AND sequence_number = $3::BIGINT \
-                 RETURNING sequence_number, updated_at, created_at) {outcome}"
+                 updated_at = {now}, expires_at = {}, recent_writes = {} \
+                 WHERE actor_id = $1::VARCHAR AND sequence_number = $3::BIGINT AND {} \
+                 RETURNING sequence_number, updated_at, created_at) {outcome}",
+                ttl("$5"),
+                tag("$4::BIGINT", "$3::BIGINT + 1", "recent_writes"),
+                live("")
             ),
             save_with_sequence: format!(
-                "WITH written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, recent_writes) \
-                 SELECT $1::VARCHAR, $2::BYTEA, $3::BIGINT, {now}, {now}, \
-                 (ARRAY[$4::BIGINT # $3::BIGINT] || n.tags)[1:32] FROM {next} \
+                "WITH written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
+                 created_at, recent_writes) \
+                 SELECT $1::VARCHAR, $2::BYTEA, $3::BIGINT, {now}, {now}, {} FROM {next} \
                  WHERE n.seq - 1 < $3::BIGINT \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
                  sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at, \
-                 recent_writes = (ARRAY[$4::BIGINT # EXCLUDED.sequence_number] || t.recent_writes)[1:32] \
-                 WHERE t.sequence_number < EXCLUDED.sequence_number \
-                 RETURNING sequence_number, updated_at, created_at) {outcome}"
+                 {renew}, expires_at = NULL, recent_writes = {} \
+                 WHERE t.sequence_number + CASE WHEN {} THEN 1 ELSE 0 END < EXCLUDED.sequence_number \
+                 RETURNING sequence_number, updated_at, created_at) {outcome}",
+                tag("$4::BIGINT", "$3::BIGINT", "n.tags"),
+                tag("$4::BIGINT", "EXCLUDED.sequence_number", "t.recent_writes"),
+                expired("t.")
             ),
-            load: format!("SELECT state FROM {t} WHERE actor_id = $1::VARCHAR"),
+            load: format!("SELECT state FROM {t} WHERE actor_id = $1::VARCHAR AND {}", live("")),
             load_versioned: format!(
-                "SELECT state, sequence_number, updated_at, created_at FROM {t} WHERE actor_id = $1::VARCHAR"
+                "SELECT state, sequence_number, updated_at, created_at FROM {t} WHERE actor_id = $1::VARCHAR AND {}",
+                live("")
             ),
             load_many: format!(
                 "SELECT actor_id, state, sequence_number, updated_at, created_at FROM {t} \
-                 WHERE actor_id = ANY($1::VARCHAR[])"
+                 WHERE actor_id = ANY($1::VARCHAR[]) AND {}",
+                live("")
             ),
             load_many_ordered: format!(
                 "SELECT i.n, t.state FROM unnest($1::VARCHAR[]) WITH ORDINALITY AS i(id, n) \
-                 JOIN {t} t ON t.actor_id = i.id"
+                 JOIN {t} t ON t.actor_id = i.id AND {}",
+                live("t.")
             ),
             // Rows are written in actor id order so that concurrent batches
             // lock them in one order and cannot deadlock.
-            // The update branch recovers each row's write id from the tag
-            // the insert branch computed (`EXCLUDED` is all it can see).
             save_many: format!(
-                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, recent_writes) \
-                 SELECT i.id, i.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now}, \
-                 (ARRAY[i.w # (COALESCE(b.sequence_number, 0) + 1)] || b.recent_writes)[1:32] \
+                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
+                 recent_writes) \
+                 SELECT i.id, i.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now}, {} \
                  FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[]) AS i(id, st, w) \
                  LEFT JOIN {b} b ON b.actor_id = i.id ORDER BY i.id \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at, \
-                 recent_writes = (ARRAY[EXCLUDED.recent_writes[1] # EXCLUDED.sequence_number \
-                 # (t.sequence_number + 1)] || t.recent_writes)[1:32] \
-                 RETURNING actor_id::TEXT, sequence_number"
+                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, \
+                 {renew}, expires_at = NULL, recent_writes = {tag_upsert} \
+                 RETURNING actor_id::TEXT, sequence_number",
+                tag("i.w", "COALESCE(b.sequence_number, 0) + 1", "b.recent_writes")
             ),
             // Per item: the new sequence number, or NULL and the sequence
             // number that blocked it. `expected` NULL means "absent".
@@ -250,21 +359,32 @@ impl Statements {
                  locked AS (SELECT l.actor_id FROM {t} l JOIN input ON input.id = l.actor_id \
                  WHERE input.expected IS NOT NULL ORDER BY l.actor_id FOR UPDATE OF l), \
                  updated AS (UPDATE {t} AS t SET state = input.st, \
-                 sequence_number = t.sequence_number + 1, updated_at = {now}, \
-                 recent_writes = (ARRAY[input.w # (t.sequence_number + 1)] || t.recent_writes)[1:32] \
-                 FROM input \
+                 sequence_number = t.sequence_number + 1, updated_at = {now}, expires_at = NULL, \
+                 recent_writes = {} FROM input \
                  WHERE t.actor_id = input.id AND t.actor_id IN (SELECT actor_id FROM locked) \
-                 AND t.sequence_number = input.expected RETURNING t.actor_id, t.sequence_number), \
-                 inserted AS (INSERT INTO {t} (actor_id, state, sequence_number, updated_at, created_at, recent_writes) \
-                 SELECT input.id, input.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now}, \
-                 (ARRAY[input.w # (COALESCE(b.sequence_number, 0) + 1)] || b.recent_writes)[1:32] \
+                 AND t.sequence_number = input.expected AND {} RETURNING t.actor_id, t.sequence_number), \
+                 inserted AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
+                 created_at, recent_writes) \
+                 SELECT input.id, input.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now}, {} \
                  FROM input LEFT JOIN {b} b ON b.actor_id = input.id \
                  WHERE input.expected IS NULL ORDER BY input.id \
-                 ON CONFLICT (actor_id) DO NOTHING RETURNING actor_id, sequence_number) \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, \
+                 {renew}, expires_at = NULL, recent_writes = {tag_upsert} WHERE {} \
+                 RETURNING actor_id, sequence_number) \
                  SELECT input.id::TEXT, COALESCE(u.sequence_number, n.sequence_number), c.sequence_number \
                  FROM input LEFT JOIN updated u ON u.actor_id = input.id \
                  LEFT JOIN inserted n ON n.actor_id = input.id \
-                 LEFT JOIN {t} c ON c.actor_id = input.id"
+                 LEFT JOIN {t} c ON c.actor_id = input.id AND {}",
+                tag("input.w", "t.sequence_number + 1", "t.recent_writes"),
+                live("t."),
+                tag(
+                    "input.w",
+                    "COALESCE(b.sequence_number, 0) + 1",
+                    "b.recent_writes"
+                ),
+                expired("t."),
+                live("c.")
             ),
             // A batch locks its existing rows in actor id order first, so
             // that batches over the same actors cannot deadlock.
@@ -272,42 +392,60 @@ impl Statements {
                 "SELECT actor_id FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
                  ORDER BY actor_id FOR UPDATE"
             ),
-            // Deletes hand their write id to the trigger, which tags the
-            // tombstone with it.
+            // Each deleted id, and whether it was live: an expired row is
+            // removed (and announced) too, but it did not exist any more.
             delete_many: format!(
                 "DELETE FROM {t} WHERE actor_id IN (SELECT l.actor_id FROM {t} l \
                  WHERE l.actor_id = ANY($1::VARCHAR[]) ORDER BY l.actor_id FOR UPDATE) \
-                 AND {set_write_id} RETURNING actor_id::TEXT"
+                 AND {set_write_id} RETURNING actor_id::TEXT, {}",
+                live("")
             ),
             // The current version of each actor, or its tombstone when deleted:
             // what a listener announces after a gap instead of a resync.
+            // An expired row is reported as deleted at the next number, as
+            // the sweeper will announce it.
             catch_up: format!(
-                "SELECT actor_id::TEXT, sequence_number, false, \
-                 EXTRACT(EPOCH FROM updated_at)::FLOAT8 FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
+                "SELECT actor_id::TEXT, sequence_number + CASE WHEN {e} THEN 1 ELSE 0 END, \
+                 COALESCE({e}, false), \
+                 EXTRACT(EPOCH FROM CASE WHEN {e} THEN expires_at ELSE updated_at END)::FLOAT8 \
+                 FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
                  UNION ALL \
                  SELECT b.actor_id::TEXT, b.sequence_number, true, \
                  EXTRACT(EPOCH FROM b.deleted_at)::FLOAT8 FROM {b} b \
                  WHERE b.actor_id = ANY($1::VARCHAR[]) \
-                 AND NOT EXISTS (SELECT 1 FROM {t} c WHERE c.actor_id = b.actor_id)"
+                 AND NOT EXISTS (SELECT 1 FROM {t} c WHERE c.actor_id = b.actor_id)",
+                e = expired("")
             ),
-            delete: format!("DELETE FROM {t} WHERE actor_id = $1::VARCHAR AND {set_write_id}"),
-            exists: format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE actor_id = $1::VARCHAR)"),
-            sequence: format!("SELECT sequence_number FROM {t} WHERE actor_id = $1::VARCHAR"),
+            delete: format!(
+                "DELETE FROM {t} WHERE actor_id = $1::VARCHAR AND {set_write_id} RETURNING {}",
+                live("")
+            ),
+            exists: format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} WHERE actor_id = $1::VARCHAR AND {})",
+                live("")
+            ),
+            sequence: format!(
+                "SELECT sequence_number FROM {t} WHERE actor_id = $1::VARCHAR AND {}",
+                live("")
+            ),
             // Keyset pages in the primary key's order: each page is one index
             // range scan, whatever the page. The first page starts after ''
             // (actor ids are never empty).
             list_page: format!(
                 "SELECT actor_id::TEXT, sequence_number, updated_at, octet_length(state)::INT8 \
                  FROM {t} WHERE actor_id > $2::VARCHAR AND starts_with(actor_id, $1::TEXT) \
-                 ORDER BY actor_id LIMIT $3::INT8"
+                 AND {} ORDER BY actor_id LIMIT $3::INT8",
+                live("")
             ),
             count_prefix: format!(
-                "SELECT count(*) FROM {t} WHERE starts_with(actor_id, $1::TEXT)"
+                "SELECT count(*) FROM {t} WHERE starts_with(actor_id, $1::TEXT) AND {}",
+                live("")
             ),
             count_tombstones: format!("SELECT count(*) FROM {b}"),
             scan_prefix: format!(
                 "SELECT actor_id::TEXT, state, sequence_number, updated_at, created_at FROM {t} \
-                 WHERE starts_with(actor_id, $1::TEXT) ORDER BY actor_id"
+                 WHERE starts_with(actor_id, $1::TEXT) AND {} ORDER BY actor_id",
+                live("")
             ),
             // Per item: whether it was written, else the stored version (and
             // whether its bytes are the ones given) or the tombstone that
@@ -320,11 +458,23 @@ impl Statements {
                  FROM input i LEFT JOIN {b} b ON b.actor_id = i.id \
                  WHERE COALESCE(b.sequence_number, 0) < i.seq ORDER BY i.id \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at \
+                 sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at, \
+                 expires_at = NULL \
                  WHERE t.sequence_number < EXCLUDED.sequence_number RETURNING actor_id) \
                  SELECT i.id::TEXT, w.actor_id IS NOT NULL, c.sequence_number, c.state = i.st, \
                  b.sequence_number FROM input i LEFT JOIN written w ON w.actor_id = i.id \
                  LEFT JOIN {t} c ON c.actor_id = i.id LEFT JOIN {b} b ON b.actor_id = i.id"
+            ),
+            // Up to $1 expired rows, oldest first, skipping rows another
+            // transaction holds; deleted through the trigger, so each is
+            // announced and leaves a tombstone. The condition is checked
+            // again on the row deleted, which a save may have renewed.
+            sweep: format!(
+                "WITH gone AS (DELETE FROM {t} WHERE actor_id IN (SELECT e.actor_id FROM {t} e \
+                 WHERE {} ORDER BY e.expires_at LIMIT $1::BIGINT FOR UPDATE SKIP LOCKED) AND {} \
+                 RETURNING 1) SELECT count(*) FROM gone",
+                expired("e."),
+                expired("")
             ),
             // What a writer whose connection dropped reads back to learn
             // whether its write landed.
@@ -363,35 +513,15 @@ pub(crate) fn privilege_error(error: Error, names: &Names, migrating: bool) -> E
 }
 
 fn apply_migrations(client: &mut postgres::Client, names: &Names) -> Result<Vec<i32>> {
-    // "trebuchet" in ASCII: one lock for every table's migrations.
-    const LOCK_KEY: i64 = 0x7472_6562_7563_6874;
     let migrations = names.migrations_table_sql();
     let table_key = names.table_sql();
     let mut tx = client.transaction().map_err(Error::Database)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .map_err(Error::Database)?;
-    // The trigger function names the tombstone table; qualify it with the
-    // schema the table lands in, so that writers with another search_path
-    // still find it.
-    let rendered = match &names.schema {
-        Some(_) => names.clone(),
-        None => {
-            let schema: Option<String> = tx
-                .query_one("SELECT current_schema()::text", &[])
-                .map_err(Error::Database)?
-                .get(0);
-            let schema = schema.ok_or_else(|| {
-                Error::invalid_config(
-                    "the connection's search_path names no existing schema: \
-                     qualify the table as schema.table",
-                )
-            })?;
-            Names {
-                schema: Some(schema),
-                ..names.clone()
-            }
-        }
-    };
+    if let Some(wanted) = names.partitions {
+        check_layout(&mut tx, names, wanted)?;
+    }
+    let rendered = qualified(&mut tx, names)?;
     if let Some(schema) = &names.schema {
         // CREATE SCHEMA checks CREATE on the database even when the schema
         // exists, so a role that owns its schema but may not create schemas
@@ -453,6 +583,125 @@ fn apply_migrations(client: &mut postgres::Client, names: &Names) -> Result<Vec<
     }
     tx.commit().map_err(Error::Database)?;
     Ok(done)
+}
+
+/// The advisory lock that migrations (and layout conversions) take:
+/// "trebuchet" in ASCII, one lock for every table's.
+pub(crate) const MIGRATION_LOCK: i64 = 0x7472_6562_7563_6874;
+
+/// `names` with the schema the table lands in. The trigger function names
+/// the tombstone table; qualifying it means writers with another
+/// search_path still find it.
+fn qualified(tx: &mut postgres::Transaction<'_>, names: &Names) -> Result<Names> {
+    if names.schema.is_some() {
+        return Ok(names.clone());
+    }
+    let schema: Option<String> = tx
+        .query_one("SELECT current_schema()::text", &[])
+        .map_err(Error::Database)?
+        .get(0);
+    let schema = schema.ok_or_else(|| {
+        Error::invalid_config(
+            "the connection's search_path names no existing schema: \
+             qualify the table as schema.table",
+        )
+    })?;
+    Ok(Names {
+        schema: Some(schema),
+        ..names.clone()
+    })
+}
+
+/// The migration versions not yet applied to the table (all of them when
+/// the bookkeeping table does not exist).
+pub(crate) fn pending(tx: &mut postgres::Transaction<'_>, names: &Names) -> Result<Vec<i32>> {
+    let migrations = names.migrations_table_sql();
+    let exists: bool = tx
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&migrations])
+        .map_err(Error::Database)?
+        .get(0);
+    let applied: Vec<i32> = if exists {
+        tx.query(
+            &format!("SELECT version FROM {migrations} WHERE table_name = $1"),
+            &[&names.table_sql()],
+        )
+        .map_err(Error::Database)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(MIGRATIONS
+        .iter()
+        .map(|(version, _, _)| *version)
+        .filter(|v| !applied.contains(v))
+        .collect())
+}
+
+/// How a table is laid out: plain, or partitioned (and how).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    Missing,
+    Plain,
+    /// Hash-partitioned by `actor_id` with this many partitions.
+    Hash(u32),
+    /// Partitioned some other way (by range or list, or by another key).
+    Other,
+}
+
+/// How the table is laid out now.
+pub(crate) fn layout(client: &mut impl postgres::GenericClient, names: &Names) -> Result<Layout> {
+    let row = client
+        .query_opt(
+            "SELECT c.relkind::TEXT, p.partstrat::TEXT, \
+             (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid), \
+             p.partnatts = 1 AND (SELECT a.attname = 'actor_id' FROM pg_attribute a \
+             WHERE a.attrelid = c.oid AND a.attnum = p.partattrs[0]) \
+             FROM pg_class c LEFT JOIN pg_partitioned_table p ON p.partrelid = c.oid \
+             WHERE c.oid = to_regclass($1)",
+            &[&names.table_sql()],
+        )
+        .map_err(Error::Database)?;
+    let Some(row) = row else {
+        return Ok(Layout::Missing);
+    };
+    let kind: String = row.get(0);
+    if kind != "p" {
+        return Ok(Layout::Plain);
+    }
+    let strategy: Option<String> = row.get(1);
+    let by_actor: Option<bool> = row.get(3);
+    Ok(match (strategy.as_deref(), by_actor) {
+        (Some("h"), Some(true)) => {
+            Layout::Hash(u32::try_from(row.get::<_, i64>(2)).unwrap_or(u32::MAX))
+        }
+        _ => Layout::Other,
+    })
+}
+
+/// Refuses to migrate a table that exists with another layout than the
+/// store was built for: converting it is a separate, explicit step.
+fn check_layout(tx: &mut postgres::Transaction<'_>, names: &Names, wanted: u32) -> Result<()> {
+    let table = names.table_sql();
+    let convert = format!(
+        "convert it with StateStore::partition_table({wanted}) or \
+         `trebuchet-postgres partition --partitions {wanted}`, or build the store without \
+         partitions()"
+    );
+    match layout(tx, names)? {
+        Layout::Missing => Ok(()),
+        Layout::Hash(n) if n == wanted => Ok(()),
+        Layout::Hash(n) => Err(Error::invalid_config(format!(
+            "table {table} has {n} hash partitions, not the {wanted} asked for: {convert}"
+        ))),
+        Layout::Plain => Err(Error::invalid_config(format!(
+            "table {table} exists and is not partitioned: {convert}"
+        ))),
+        Layout::Other => Err(Error::invalid_config(format!(
+            "table {table} is partitioned, but not by a hash of actor_id: {convert}"
+        ))),
+    }
 }
 
 /// Whether the tombstone table exists and the trigger calls this store's
@@ -533,6 +782,14 @@ pub enum Problem {
         /// The events it lacks.
         missing: Vec<&'static str>,
     },
+    /// On a partitioned table, the trigger is disabled (or missing) on one
+    /// partition, so changes to the actors stored there are not announced.
+    PartitionTriggerDisabled {
+        /// The quoted, qualified partition.
+        partition: String,
+        /// The trigger's name.
+        trigger: String,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -578,6 +835,11 @@ impl fmt::Display for Problem {
                 "trigger {trigger} does not fire for each row on {}: {FIX}",
                 missing.join(", ")
             ),
+            Problem::PartitionTriggerDisabled { partition, trigger } => write!(
+                f,
+                "trigger {trigger} does not fire on partition {partition}, so changes to its \
+                 actors are not announced: ALTER TABLE {partition} ENABLE TRIGGER {trigger}"
+            ),
         }
     }
 }
@@ -612,7 +874,7 @@ impl fmt::Display for VerifyReport {
     }
 }
 
-const COLUMNS: [(&str, &[&str], &str); 5] = [
+const COLUMNS: [(&str, &[&str], &str); 6] = [
     (
         "actor_id",
         &["character varying(255)", "text"],
@@ -622,6 +884,7 @@ const COLUMNS: [(&str, &[&str], &str); 5] = [
     ("sequence_number", &["bigint"], "BIGINT"),
     ("updated_at", &["timestamp without time zone"], "TIMESTAMP"),
     ("created_at", &["timestamp without time zone"], "TIMESTAMP"),
+    ("expires_at", &["timestamp without time zone"], "TIMESTAMP"),
 ];
 
 /// Checks table, columns, tombstones, function and trigger.
@@ -729,6 +992,24 @@ pub(crate) fn verify(conn: &mut Connection, names: &Names) -> Result<VerifyRepor
                     missing,
                 });
             }
+            // A partitioned table's trigger fires through its clone on each
+            // partition, which can be disabled on its own.
+            let silent = conn
+                .prepare(
+                    "SELECT format('%I.%I', n.nspname, c.relname) \
+                     FROM pg_partition_tree($1::OID::regclass) p \
+                     JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE p.isleaf AND p.level > 0 AND NOT EXISTS (SELECT 1 FROM pg_trigger t \
+                     WHERE t.tgrelid = c.oid AND t.tgname = $2::NAME AND t.tgenabled <> 'D') ORDER BY 1",
+                )
+                .and_then(|st| st.query(&mut conn.client, &[&oid, &names.trigger]))
+                .map_err(Error::Database)?;
+            for row in silent {
+                problems.push(Problem::PartitionTriggerDisabled {
+                    partition: row.get(0),
+                    trigger: names.trigger.clone(),
+                });
+            }
         }
     }
     Ok(VerifyReport { problems })
@@ -767,6 +1048,7 @@ mod tests {
             scan_prefix,
             restore_many,
             outcomes,
+            sweep,
         } = Statements::new(&names);
         for (name, sql) in [
             ("save", save),
@@ -791,6 +1073,7 @@ mod tests {
             ("scan_prefix", scan_prefix),
             ("restore_many", restore_many),
             ("outcomes", outcomes),
+            ("sweep", sweep),
         ] {
             assert!(
                 crate::pool::param_types(&sql).is_some(),

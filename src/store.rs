@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::codec::Codec;
 use crate::config::ConnectOptions;
 use crate::error::{Error, Expected, InvalidActorId, Result};
+use crate::expiry::{ttl_micros, SweepOptions, Sweeper};
 use crate::group::{rounds, Combiner, Item};
 use crate::listener::{ChangeListener, ChangeListenerBuilder};
 use crate::outcome::{self, write_id, Landed, LostWriteCounters, LostWrites, Traces};
@@ -92,6 +93,8 @@ pub struct StateStoreBuilder {
     group_commit: bool,
     wait_for_server: Option<Duration>,
     outcome_timeout: Duration,
+    partitions: Option<u32>,
+    sweeper: Option<SweepOptions>,
 }
 
 /// How long a write whose connection broke tries to find out whether it
@@ -225,6 +228,37 @@ impl StateStoreBuilder {
         self
     }
 
+    /// Creates the table hash-partitioned by `actor_id` into `partitions`
+    /// tables (`{table}_p0`, `{table}_p1`, ...) when [`StateStore::migrate`]
+    /// creates it (default: one plain table). Everything else is the same:
+    /// the trigger, delete announcements, tombstones, every operation and
+    /// the listener.
+    ///
+    /// A table that already exists is not converted: `migrate` refuses one
+    /// laid out otherwise, with [`Error::InvalidConfig`] saying how to
+    /// convert it ([`StateStore::partition_table`]).
+    ///
+    /// ```
+    /// let sql = trebuchet_postgres::StateStore::builder().partitions(4).migration_sql()?;
+    /// assert!(sql.contains("PARTITION BY HASH (actor_id)"));
+    /// assert!(sql.contains("\"actor_states_p3\" PARTITION OF"));
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
+    /// Runs a sweeper thread that deletes expired actors in batches
+    /// ([`StateStore::sweep_expired`]) every [`SweepOptions::interval`]
+    /// (default: no sweeper). At most one sweeper works on a table at a
+    /// time across all processes, so every instance may run one. The thread
+    /// stops and is joined when the store's last handle is dropped.
+    pub fn expiry_sweeper(mut self, options: SweepOptions) -> Self {
+        self.sweeper = Some(options);
+        self
+    }
+
     /// Runs [`StateStore::migrate`] as part of `build` (default off).
     pub fn migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;
@@ -244,7 +278,16 @@ impl StateStoreBuilder {
     ///
     /// [`Error::InvalidIdentifier`] for a bad table or channel name.
     pub fn migration_sql(&self) -> Result<String> {
-        Ok(Names::new(&self.table, &self.channel)?.migration_sql())
+        Ok(self.names()?.migration_sql())
+    }
+
+    fn names(&self) -> Result<Names> {
+        let mut names = Names::new(&self.table, &self.channel)?;
+        if let Some(partitions) = self.partitions {
+            schema::check_partitions(partitions).map_err(Error::invalid_config)?;
+            names.partitions = Some(partitions);
+        }
+        Ok(names)
     }
 
     /// Validates the configuration, opens the pool (unless one was given) and
@@ -257,7 +300,10 @@ impl StateStoreBuilder {
     /// errors of [`Pool::new`] and, with [`migrate`](Self::migrate), of
     /// [`StateStore::migrate`].
     pub fn build(self) -> Result<StateStore> {
-        let names = Names::new(&self.table, &self.channel)?;
+        let names = self.names()?;
+        if let Some(sweeper) = &self.sweeper {
+            sweeper.validate()?;
+        }
         if self.retry.max_attempts == 0 {
             return Err(Error::invalid_config(
                 "RetryPolicy::max_attempts must be at least 1",
@@ -296,10 +342,19 @@ impl StateStoreBuilder {
                 outcome_timeout: self.outcome_timeout,
                 lost_writes: LostWriteCounters::default(),
                 combiner: self.group_commit.then(Combiner::default),
+                sweeper: std::sync::OnceLock::new(),
             }),
         };
         if self.migrate {
             store.migrate()?;
+        }
+        if let Some(options) = &self.sweeper {
+            let weak = Arc::downgrade(&store.inner);
+            let sweeper = Sweeper::start(options, move |batch| {
+                let inner = weak.upgrade()?;
+                Some(StateStore { inner }.sweep_batch(batch))
+            })?;
+            let _ = store.inner.sweeper.set(sweeper);
         }
         Ok(store)
     }
@@ -315,6 +370,9 @@ pub(crate) struct Inner {
     outcome_timeout: Duration,
     lost_writes: LostWriteCounters,
     combiner: Option<Combiner>,
+    /// Set once, after the store exists: the thread holds only a weak
+    /// reference to it.
+    sweeper: std::sync::OnceLock<Sweeper>,
 }
 
 /// Actor state in one PostgreSQL table.
@@ -503,6 +561,8 @@ impl StateStore {
             group_commit: true,
             wait_for_server: None,
             outcome_timeout: DEFAULT_OUTCOME_TIMEOUT,
+            partitions: None,
+            sweeper: None,
         }
     }
 
@@ -526,6 +586,11 @@ impl StateStore {
 
     pub(crate) fn names(&self) -> &Names {
         &self.inner.names
+    }
+
+    #[cfg(feature = "testing")]
+    pub(crate) fn statements(&self) -> &Statements {
+        &self.inner.sql
     }
 
     /// The pool this store uses, to share with other stores.
@@ -807,6 +872,65 @@ impl StateStore {
         self.save_bytes_with_sequence(id, &bytes, sequence)
     }
 
+    /// [`save`](Self::save) with a time to live: the state reads as absent
+    /// once `ttl` has passed (by the server's clock), and the sweeper
+    /// ([`sweep_expired`](Self::sweep_expired)) deletes it later, announcing
+    /// a delete. Every save sets the time to live anew: a later save without
+    /// one keeps the state for good.
+    ///
+    /// An expired actor is treated as deleted at the number after its last:
+    /// a save after expiry continues above that, and starts a new
+    /// `created_at`.
+    ///
+    /// Saves with a time to live take a statement and a commit of their own
+    /// (they are not combined by [group commit](StateStoreBuilder::group_commit)).
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// store.save_with_ttl("session-42", &"token", Duration::from_secs(30 * 60))?;
+    /// assert!(store.exists("session-42")?); // for 30 minutes
+    /// store.save("session-42", &"token")?;  // no time to live: kept for good
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a `ttl` under 1 ms or over 1,000
+    /// years (nothing is sent); otherwise as [`save`](Self::save).
+    pub fn save_with_ttl<T: Serialize + ?Sized>(
+        &self,
+        id: &str,
+        state: &T,
+        ttl: Duration,
+    ) -> Result<u64> {
+        check_actor_id(id)?;
+        ttl_micros(ttl)?;
+        let bytes = self.encode(state)?;
+        self.save_bytes_with_ttl(id, &bytes, ttl)
+    }
+
+    /// [`save_if`](Self::save_if) with a time to live, as
+    /// [`save_with_ttl`](Self::save_with_ttl). An expired actor counts as
+    /// absent: [`Expected::Absent`] replaces it, and a sequence number
+    /// expected of it fails with a conflict that finds it absent.
+    ///
+    /// # Errors
+    ///
+    /// As [`save_if`](Self::save_if) and [`save_with_ttl`](Self::save_with_ttl).
+    pub fn save_if_with_ttl<T: Serialize + ?Sized>(
+        &self,
+        id: &str,
+        state: &T,
+        expected: Expected,
+        ttl: Duration,
+    ) -> Result<u64> {
+        check_actor_id(id)?;
+        ttl_micros(ttl)?;
+        let bytes = self.encode(state)?;
+        self.save_bytes_if_with_ttl(id, &bytes, expected, ttl)
+    }
+
     /// Atomically replaces an actor's state with `f(current)`, where
     /// `current` is `None` for a new actor, and returns what was written.
     ///
@@ -855,11 +979,15 @@ impl StateStore {
     pub fn delete(&self, id: &str) -> Result<bool> {
         check_actor_id(id)?;
         let w = write_id();
+        // An expired row is deleted (and announced) too, but it no longer
+        // existed: the statement says whether the row was live.
         self.write(
             &[id],
             |inner, c| {
                 let st = c.prepare(&inner.sql.delete)?;
-                Ok(st.execute(&mut c.client, &[&id, &w])? > 0)
+                Ok(st
+                    .query_opt(&mut c.client, &[&id, &w])?
+                    .is_some_and(|row| row.get(0)))
             },
             |t| t.one(id, w, None).map(|_| true),
         )
@@ -1095,11 +1223,7 @@ impl StateStore {
             &ids,
             |inner, c| {
                 let st = c.prepare(&inner.sql.delete_many)?;
-                Ok(st
-                    .query(&mut c.client, &[&ids, &w])?
-                    .iter()
-                    .map(|row| row.get(0))
-                    .collect())
+                Ok(live_deletes(st.query(&mut c.client, &[&ids, &w])?))
             },
             |t| {
                 if !t.committed(ids.iter().map(|id| (*id, None)), w)? {
@@ -1181,26 +1305,75 @@ impl StateStore {
                 },
                 |items| self.write_group(items),
             ),
-            None => self.save_one(id, state, write_id()),
+            None => self.save_one(id, state, write_id(), None),
         }
     }
 
-    fn save_one(&self, id: &str, state: &[u8], w: i64) -> Result<u64> {
+    /// [`save_with_ttl`](Self::save_with_ttl) with raw bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`save_with_ttl`](Self::save_with_ttl).
+    pub fn save_bytes_with_ttl(&self, id: &str, state: &[u8], ttl: Duration) -> Result<u64> {
+        check_actor_id(id)?;
+        self.check_size(state)?;
+        let ttl = ttl_micros(ttl)?;
+        self.save_one(id, state, write_id(), Some(ttl))
+    }
+
+    /// [`save_if_with_ttl`](Self::save_if_with_ttl) with raw bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`save_if_with_ttl`](Self::save_if_with_ttl).
+    pub fn save_bytes_if_with_ttl(
+        &self,
+        id: &str,
+        state: &[u8],
+        expected: Expected,
+        ttl: Duration,
+    ) -> Result<u64> {
+        check_actor_id(id)?;
+        self.check_size(state)?;
+        if let Expected::Sequence(n) = expected {
+            to_i64(n)?;
+        }
+        let ttl = ttl_micros(ttl)?;
+        self.save_one_if(id, state, expected, write_id(), Some(ttl))
+    }
+
+    /// One unconditional save in its own statement; `ttl` in microseconds.
+    fn save_one(&self, id: &str, state: &[u8], w: i64, ttl: Option<i64>) -> Result<u64> {
         self.write(
             &[id],
             |inner, c| {
                 let st = c.prepare(&inner.sql.save)?;
-                let row = st.query_one(&mut c.client, &[&id, &state, &w])?;
+                let row = st.query_one(&mut c.client, &[&id, &state, &w, &ttl])?;
                 Ok(to_u64(row.get(0)))
             },
             |t| t.one(id, w, None),
         )
     }
 
-    fn save_one_if(&self, id: &str, state: &[u8], expected: Expected, w: i64) -> Result<u64> {
+    fn save_one_if(
+        &self,
+        id: &str,
+        state: &[u8],
+        expected: Expected,
+        w: i64,
+        ttl: Option<i64>,
+    ) -> Result<u64> {
         let written = self.write(
             &[id],
-            |inner, c| write_if_on(inner, c, id, state, expected, true, w),
+            |inner, c| {
+                let write = Conditional {
+                    state,
+                    expected,
+                    ttl,
+                    write_id: w,
+                };
+                write_if_on(inner, c, id, &write, true)
+            },
             |t| settle_if(t, id, expected, w),
         )?;
         match written {
@@ -1215,8 +1388,10 @@ impl StateStore {
 
     fn write_item(&self, item: &Item) -> Result<u64> {
         match item.expected {
-            None => self.save_one(&item.id, &item.state, item.write_id),
-            Some(expected) => self.save_one_if(&item.id, &item.state, expected, item.write_id),
+            None => self.save_one(&item.id, &item.state, item.write_id, None),
+            Some(expected) => {
+                self.save_one_if(&item.id, &item.state, expected, item.write_id, None)
+            }
         }
     }
 
@@ -1427,7 +1602,7 @@ impl StateStore {
                 },
                 |items| self.write_group(items),
             ),
-            None => self.save_one_if(id, state, expected, write_id()),
+            None => self.save_one_if(id, state, expected, write_id(), None),
         }
     }
 
@@ -1529,7 +1704,13 @@ impl StateStore {
                     expected.set(Some(wanted));
                     // A lost race is retried from a fresh read: no need for
                     // the exact version that won.
-                    write_if_on(inner, c, id, &bytes, wanted, false, w)
+                    let write = Conditional {
+                        state: &bytes,
+                        expected: wanted,
+                        ttl: None,
+                        write_id: w,
+                    };
+                    write_if_on(inner, c, id, &write, false)
                 },
                 |t| match expected.get() {
                     Some(wanted) => settle_if(t, id, wanted, w),
@@ -1891,11 +2072,7 @@ impl Batch<'_> {
                     }
                 }
                 if !delete_ids.is_empty() {
-                    let deleted: std::collections::HashSet<String> = delete_st
-                        .query(&mut tx, &[&delete_ids, &w])?
-                        .iter()
-                        .map(|row| row.get(0))
-                        .collect();
+                    let deleted = live_deletes(delete_st.query(&mut tx, &[&delete_ids, &w])?);
                     for (index, id) in &self.deletes {
                         results[*index] = Some(BatchResult::Deleted(deleted.contains(id)));
                     }
@@ -1958,6 +2135,14 @@ fn settle_many_if(
         .collect())
 }
 
+/// The ids a bulk delete removed while they were live (not expired).
+fn live_deletes(rows: Vec<postgres::Row>) -> std::collections::HashSet<String> {
+    rows.iter()
+        .filter(|row| row.get::<_, bool>(1))
+        .map(|row| row.get(0))
+        .collect()
+}
+
 fn load_versioned_on(
     inner: &Inner,
     c: &mut Connection,
@@ -1972,28 +2157,43 @@ fn load_versioned_on(
     }))
 }
 
-/// The conditional write, in one round trip in the common case. When the
-/// statement's snapshot could not see the row that blocked it (a writer
-/// committed in between) and `report_actual` is set, the current sequence
-/// number is read once more so that the conflict reports the truth.
+/// One conditional write: the state, the version it expects, its time to
+/// live in microseconds and its write id.
+#[derive(Clone, Copy)]
+struct Conditional<'a> {
+    state: &'a [u8],
+    expected: Expected,
+    ttl: Option<i64>,
+    write_id: i64,
+}
+
+/// The conditional write, in one round trip in the common case; `ttl` in
+/// microseconds. When the statement's snapshot could not see the row that
+/// blocked it (a writer committed in between) and `report_actual` is set,
+/// the current sequence number is read once more so that the conflict
+/// reports the truth.
 fn write_if_on(
     inner: &Inner,
     c: &mut Connection,
     id: &str,
-    state: &[u8],
-    expected: Expected,
+    write: &Conditional<'_>,
     report_actual: bool,
-    write_id: i64,
 ) -> Result<Written, Failure> {
+    let Conditional {
+        state,
+        expected,
+        ttl,
+        write_id,
+    } = *write;
     let row = match expected {
         Expected::Absent => {
             let st = c.prepare(&inner.sql.save_if_absent)?;
-            st.query_one(&mut c.client, &[&id, &state, &write_id])?
+            st.query_one(&mut c.client, &[&id, &state, &write_id, &ttl])?
         }
         Expected::Sequence(n) => {
             let n = to_i64(n)?;
             let st = c.prepare(&inner.sql.save_if_sequence)?;
-            st.query_one(&mut c.client, &[&id, &state, &n, &write_id])?
+            st.query_one(&mut c.client, &[&id, &state, &n, &write_id, &ttl])?
         }
     };
     if let Some(sequence) = row.get::<_, Option<i64>>(0) {

@@ -404,6 +404,26 @@ fn find_bindir() -> io::Result<PathBuf> {
     ))
 }
 
+/// The SQL of every statement a store runs for one actor, keyed by
+/// `actor_id = $1`, by name: `load`, `load_versioned`, `exists`,
+/// `sequence`, `save`, `save_if_absent`, `save_if_sequence`,
+/// `save_with_sequence` and `delete`. For tests of how the server runs them
+/// (such as partition pruning); `$1` is the actor id, `$2` the state.
+pub fn point_statements(store: &StateStore) -> Vec<(&'static str, String)> {
+    let sql = store.statements();
+    vec![
+        ("load", sql.load.clone()),
+        ("load_versioned", sql.load_versioned.clone()),
+        ("exists", sql.exists.clone()),
+        ("sequence", sql.sequence.clone()),
+        ("save", sql.save.clone()),
+        ("save_if_absent", sql.save_if_absent.clone()),
+        ("save_if_sequence", sql.save_if_sequence.clone()),
+        ("save_with_sequence", sql.save_with_sequence.clone()),
+        ("delete", sql.delete.clone()),
+    ]
+}
+
 /// The server the tests of one process share.
 #[derive(Debug)]
 pub struct TestDatabase {

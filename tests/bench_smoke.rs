@@ -38,3 +38,31 @@ fn benchmark_smoke_run() {
     assert!(stdout.contains("## Results"), "{stdout}");
     assert!(stdout.contains("| save_grouped"), "{stdout}");
 }
+
+/// The scale benchmark still runs: two small counts, a plain table and one
+/// with four partitions. Asserts nothing about speed.
+#[test]
+fn scale_benchmark_smoke_run() {
+    let bench = bench_binary().with_file_name("scale_bench");
+    assert!(bench.exists(), "{} is missing", bench.display());
+    let out = Command::new(&bench)
+        .arg("--smoke")
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run the scale benchmark");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "scale benchmark failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "## plain",
+        "## 4 partitions",
+        "| 5,000 | save_if |",
+        "## Summary",
+    ] {
+        assert!(stdout.contains(needle), "{needle}: {stdout}");
+    }
+}

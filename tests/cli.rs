@@ -564,12 +564,95 @@ fn migrate_print_needs_no_server() {
 }
 
 #[test]
+fn migrate_partitions_and_partition_converts_a_table() {
+    let schema = TestDatabase::shared().schema();
+    let fresh = Cli::with_table(&schema, &schema.table("fresh"));
+    let printed = fresh
+        .run(&["migrate", "--print", "--partitions", "2"])
+        .ok()
+        .stdout();
+    assert!(
+        printed.contains("PARTITION BY HASH (actor_id)"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("FOR VALUES WITH (MODULUS 2, REMAINDER 1)"),
+        "{printed}"
+    );
+    fresh.run(&["migrate", "--partitions", "4"]).ok();
+    fresh.run(&["verify"]).ok();
+    let refused = fresh.run(&["migrate", "--partitions", "8"]).fails(1);
+    assert!(
+        refused
+            .stderr
+            .contains("has 4 hash partitions, not the 8 asked for")
+            && refused
+                .stderr
+                .contains("trebuchet-postgres partition --partitions 8"),
+        "{refused:?}"
+    );
+
+    let store = schema.store();
+    let cli = Cli::new(&schema);
+    for n in 1..=3 {
+        cli.run(&["put", &format!("room-{n}"), "{\"round\":1}"])
+            .ok();
+    }
+    cli.run(&["put", "room-1", "{\"round\":2}"]).ok();
+    let converted = cli.run(&["partition", "--partitions", "4"]).ok().stdout();
+    assert_eq!(
+        converted.trim(),
+        format!(
+            "converted {} from a plain table into 4 hash partitions by actor_id: 3 rows copied",
+            store.table()
+        )
+    );
+    assert_eq!(store.partitions().unwrap(), Some(4));
+    assert_eq!(cli.run(&["seq", "room-1"]).ok().stdout().trim(), "2");
+    cli.run(&["verify"]).ok();
+    let again = cli.run(&["partition", "--partitions", "4"]).ok().stdout();
+    assert!(again.contains("already has 4 hash partitions"), "{again}");
+    for bad in ["0", "1025", "many"] {
+        cli.run(&["partition", "--partitions", bad]).fails(2);
+    }
+}
+
+#[test]
+fn sweep_removes_expired_actors_for_cron() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let cli = Cli::new(&schema);
+    cli.run(&["put", "brief-1", "1", "--ttl", "0.3"]).ok();
+    cli.run(&["put", "brief-2", "2", "--ttl", "0.3", "--if-absent"])
+        .ok();
+    cli.run(&["put", "kept", "3"]).ok();
+    thread::sleep(Duration::from_millis(500));
+    cli.run(&["get", "brief-1"]).fails(4);
+    let swept = cli.run(&["sweep", "--batch", "1"]).ok().stdout();
+    assert_eq!(
+        swept.trim(),
+        format!(
+            "removed 2 expired actors from {} in 3 batches",
+            store.table()
+        )
+    );
+    let none = cli.run(&["sweep"]).ok().stdout();
+    assert!(none.starts_with("removed 0 expired actors"), "{none}");
+    assert_eq!(store.count_actors("").unwrap(), 1);
+    assert_eq!(cli.run(&["seq", "kept"]).ok().stdout().trim(), "1");
+    let bad = cli.run(&["put", "x", "1", "--ttl", "0"]).fails(2);
+    assert!(bad.stderr.contains("invalid ttl"), "{bad:?}");
+    cli.run(&["sweep", "--batch", "0"]).fails(2);
+    assert!(!store.exists("x").unwrap());
+}
+
+#[test]
 fn verify_fails_on_a_table_whose_trigger_was_dropped() {
     let schema = TestDatabase::shared().schema();
     let cli = Cli::new(&schema);
     let migrated = cli.run(&["migrate"]).ok().stdout();
     assert!(
-        migrated.starts_with("applied migrations 1, 2 to"),
+        migrated.starts_with("applied migrations 1, 2, 3 to"),
         "{migrated}"
     );
     assert!(cli
@@ -1141,8 +1224,20 @@ fn every_subcommand_has_help_that_names_the_exit_codes() {
         assert!(top.contains(needle), "{needle}: {top}");
     }
     for sub in [
-        "migrate", "verify", "doctor", "get", "put", "delete", "ls", "seq", "watch", "stats",
-        "export", "import",
+        "migrate",
+        "partition",
+        "sweep",
+        "verify",
+        "doctor",
+        "get",
+        "put",
+        "delete",
+        "ls",
+        "seq",
+        "watch",
+        "stats",
+        "export",
+        "import",
     ] {
         let help = run(
             {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, SystemTime};
 
 /// Every embedded migration, in order: what a fresh table gets.
-const ALL_VERSIONS: &[i32] = &[1, 2];
+const ALL_VERSIONS: &[i32] = &[1, 2, 3];
 
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
 use trebuchet_postgres::{Error, Expected, Problem, StateStore, DEFAULT_CHANNEL};
@@ -128,7 +128,7 @@ fn migrate_is_idempotent_and_records_its_version() {
 
 /// Eight stores (eight pools, as eight processes would have) migrate a
 /// schema that does not exist yet at the same moment: all succeed, exactly
-/// one applies version 1.
+/// one applies the migrations.
 #[test]
 fn concurrent_migrations_on_a_fresh_schema_all_succeed() {
     const THREADS: usize = 8;
@@ -559,6 +559,9 @@ fn seed_table_is_upgraded_by_migrate_without_losing_rows() {
     assert_eq!(
         store.verify().unwrap().problems,
         vec![
+            Problem::ColumnMissing {
+                column: "expires_at"
+            },
             Problem::TombstonesMissing {
                 table: quoted_table(&schema, "actor_states_tombstones")
             },

@@ -5,7 +5,7 @@ CREATE TABLE IF NOT EXISTS {{table}} (
     sequence_number BIGINT NOT NULL DEFAULT 0,
     updated_at TIMESTAMP NOT NULL DEFAULT (NOW() AT TIME ZONE 'UTC'),
     created_at TIMESTAMP NOT NULL DEFAULT (NOW() AT TIME ZONE 'UTC')
-);
+){{partition_by}};{{partitions}}
 
 -- A table made by the seed's own script stored local time; store UTC from now on.
 ALTER TABLE {{table}} ALTER COLUMN updated_at SET DEFAULT (NOW() AT TIME ZONE 'UTC');

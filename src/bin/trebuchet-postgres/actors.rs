@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 use trebuchet_postgres::{validate_actor_id, Expected};
 
-use crate::args::{Delete, Get, Ls, Put, Seq};
+use crate::args::{Delete, Get, Ls, Put, Seq, Sweep};
 use crate::fail::Failure;
 use crate::output::{json_line, prompt_if_terminal, timestamp};
 use crate::settings::Settings;
@@ -110,9 +110,13 @@ pub fn put(settings: &Settings, args: &Put) -> Result<(), Failure> {
         (None, true) => Some(Expected::Absent),
         (None, false) => None,
     };
-    let sequence = match expected {
-        Some(expected) => store.save_bytes_if(&args.id, &bytes, expected),
-        None => store.save_bytes(&args.id, &bytes),
+    let sequence = match (expected, args.ttl) {
+        (Some(expected), Some(ttl)) => {
+            store.save_bytes_if_with_ttl(&args.id, &bytes, expected, ttl)
+        }
+        (Some(expected), None) => store.save_bytes_if(&args.id, &bytes, expected),
+        (None, Some(ttl)) => store.save_bytes_with_ttl(&args.id, &bytes, ttl),
+        (None, None) => store.save_bytes(&args.id, &bytes),
     }
     .map_err(|e| connected.fail(e))?;
     let mut out = io::stdout().lock();
@@ -132,6 +136,45 @@ pub fn delete(settings: &Settings, args: &Delete) -> Result<(), Failure> {
     }
     if existed {
         eprintln!("deleted actor {:?}", args.id);
+    }
+    Ok(())
+}
+
+pub fn sweep(settings: &Settings, args: &Sweep) -> Result<(), Failure> {
+    let connected = settings.store()?;
+    let store = &connected.store;
+    let sweep = store
+        .sweep_expired(args.batch)
+        .map_err(|e| connected.fail(e))?;
+    let table = store.table();
+    let mut out = io::stdout().lock();
+    if sweep.busy && sweep.batches == 0 {
+        writeln!(
+            out,
+            "another sweeper is working on {table}: nothing removed by this one"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "removed {} expired {} from {table} in {} {}{}",
+            sweep.removed,
+            if sweep.removed == 1 {
+                "actor"
+            } else {
+                "actors"
+            },
+            sweep.batches,
+            if sweep.batches == 1 {
+                "batch"
+            } else {
+                "batches"
+            },
+            if sweep.busy {
+                "; another sweeper took over"
+            } else {
+                ""
+            }
+        )?;
     }
     Ok(())
 }

@@ -87,6 +87,28 @@ pub enum Command {
     )]
     #[command(after_help = EXIT_CODES)]
     Migrate(Migrate),
+    /// Convert the table into N hash partitions by actor id, losing nothing
+    #[command(
+        long_about = "Convert the table into N hash partitions by actor id (from a plain table, \
+        or from another number of partitions) in one transaction: every row is copied with its \
+        sequence number and timestamps, the indexes, storage parameters and grants are carried \
+        over, and the trigger is created on the new table; on any error nothing changes. Writes \
+        wait for the copy (reads go on until the final swap): on a large table run it when writes \
+        can pause. A table that already has N partitions is left alone."
+    )]
+    #[command(after_help = EXIT_CODES)]
+    Partition(Partition),
+    /// Delete expired actors in batches, each announced as a delete (for cron)
+    #[command(
+        long_about = "Delete the actors whose time to live has passed, in batches of --batch \
+        rows, each batch its own transaction; every removal goes through the trigger, so it is \
+        announced as a delete and leaves a tombstone. Expired actors already read as absent: this \
+        reclaims their space and tells listeners. At most one sweeper works on a table at a time, \
+        across every process: when another holds the table's sweep lock this one says so and \
+        exits 0. Meant for cron, e.g. `*/5 * * * * trebuchet-postgres sweep`."
+    )]
+    #[command(after_help = EXIT_CODES)]
+    Sweep(Sweep),
     /// Check the schema and a notification round trip (exit 1 on a problem)
     #[command(
         long_about = "Check what the seed's \"Notifications Not Received\" checklist checks: \
@@ -175,6 +197,27 @@ pub struct Migrate {
     /// Print the SQL instead of running it (connects to nothing)
     #[arg(long)]
     pub print: bool,
+    /// Create the table hash-partitioned by actor id into N partitions (an
+    /// existing table is not converted: see `partition`)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub partitions: Option<u32>,
+}
+
+/// `partition`
+#[derive(Debug, Args)]
+pub struct Partition {
+    /// The number of hash partitions, 1 to 1024
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub partitions: u32,
+}
+
+/// `sweep`
+#[derive(Debug, Args)]
+pub struct Sweep {
+    /// Rows deleted per transaction, 1 to 100000
+    #[arg(long, default_value_t = 1000, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch: u32,
 }
 
 /// `verify`
@@ -225,6 +268,10 @@ pub struct Put {
     /// Write only if the actor does not exist
     #[arg(long)]
     pub if_absent: bool,
+    /// Let the state expire after this many seconds (at least 0.001); it
+    /// then reads as absent and `sweep` deletes it
+    #[arg(long, value_name = "SECONDS", value_parser = any_seconds)]
+    pub ttl: Option<Duration>,
 }
 
 /// `delete`
@@ -310,6 +357,15 @@ pub struct Import {
     #[arg(long, default_value_t = 500, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch: u32,
+}
+
+/// Any number of seconds, such as `3600` or `0.5`; the library checks the
+/// range.
+fn any_seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| "expected a number of seconds, such as 3600 or 0.5".to_owned())
 }
 
 /// A number of seconds, such as `5` or `0.5`.

@@ -46,6 +46,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let settings = Settings::resolve(&cli.global)?;
     match cli.command {
         Command::Migrate(args) => schema::migrate(&settings, &args),
+        Command::Partition(args) => schema::partition(&settings, &args),
+        Command::Sweep(args) => actors::sweep(&settings, &args),
         Command::Verify(args) => schema::verify(&settings, &args),
         Command::Doctor(args) => schema::doctor(&settings, &args),
         Command::Get(args) => actors::get(&settings, &args),

@@ -6,22 +6,28 @@ use std::time::Duration;
 use trebuchet_postgres::postgres::config::Host;
 use trebuchet_postgres::{ConnectFailure, Error, SslMode, StateStore, VerifyReport};
 
-use crate::args::{Doctor, Migrate, Verify};
+use crate::args::{Doctor, Migrate, Partition, Verify};
 use crate::fail::Failure;
 use crate::settings::{describe, ssl_mode_name, Settings};
 
 pub fn migrate(settings: &Settings, args: &Migrate) -> Result<(), Failure> {
     if args.print {
-        let sql = StateStore::builder()
+        let mut builder = StateStore::builder()
             .table(settings.table.clone())
-            .channel(settings.channel.clone())
-            .migration_sql()?;
+            .channel(settings.channel.clone());
+        if let Some(partitions) = args.partitions {
+            builder = builder.partitions(partitions);
+        }
+        let sql = builder.migration_sql()?;
         let mut out = io::stdout().lock();
         out.write_all(sql.as_bytes())?;
         out.flush()?;
         return Ok(());
     }
-    let connected = settings.store()?;
+    let connected = match args.partitions {
+        Some(partitions) => settings.store_with(|b| b.partitions(partitions))?,
+        None => settings.store()?,
+    };
     let store = &connected.store;
     let fail = |e| connected.fail(e);
     let before = store.verify().map_err(fail)?;
@@ -60,6 +66,34 @@ pub fn migrate(settings: &Settings, args: &Migrate) -> Result<(), Failure> {
             count(after.problems.len(), "problem")
         )));
     }
+    Ok(())
+}
+
+pub fn partition(settings: &Settings, args: &Partition) -> Result<(), Failure> {
+    let connected = settings.store()?;
+    let store = &connected.store;
+    let done = store
+        .partition_table(args.partitions)
+        .map_err(|e| connected.fail(e))?;
+    let table = store.table();
+    let mut out = io::stdout().lock();
+    if !done.changed {
+        writeln!(
+            out,
+            "{table} already has {} hash partitions: nothing to do",
+            done.partitions
+        )?;
+        return Ok(());
+    }
+    let from = match done.previous {
+        Some(n) => format!("{n} hash partitions"),
+        None => "a plain table".to_owned(),
+    };
+    writeln!(
+        out,
+        "converted {table} from {from} into {} hash partitions by actor_id: {} rows copied",
+        done.partitions, done.rows
+    )?;
     Ok(())
 }
 

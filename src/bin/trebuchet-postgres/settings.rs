@@ -106,8 +106,16 @@ impl Settings {
 
     /// Connects.
     pub fn store(&self) -> Result<Connected, Failure> {
+        self.store_with(|builder| builder)
+    }
+
+    /// Connects, with more settings on the builder.
+    pub fn store_with(
+        &self,
+        more: impl FnOnce(StateStoreBuilder) -> StateStoreBuilder,
+    ) -> Result<Connected, Failure> {
         let (builder, source) = self.builder()?;
-        let store = builder
+        let store = more(builder)
             .build()
             .map_err(|e| Failure::from_store(e, &source))?;
         Ok(Connected { store, source })

@@ -36,7 +36,11 @@ pub fn stats(settings: &Settings, args: &Stats) -> Result<(), Failure> {
 
 fn write_text(out: &mut impl Write, s: &StoreStats, target: &str) -> io::Result<()> {
     let row = |out: &mut dyn Write, name: &str, value: &str| writeln!(out, "{name:<17}{value}");
-    row(out, "table", &format!("{} on {target}", s.table))?;
+    let layout = match s.partitions {
+        Some(n) => format!(", {n} hash partitions"),
+        None => String::new(),
+    };
+    row(out, "table", &format!("{} on {target}{layout}", s.table))?;
     row(
         out,
         "size",
@@ -67,6 +71,14 @@ fn write_text(out: &mut impl Write, s: &StoreStats, target: &str) -> io::Result<
         Some(dead) => row(out, "dead rows", &format!("{dead} ({vacuum})"))?,
         None => row(out, "dead rows", "not counted")?,
     }
+    let autovacuum = s
+        .last_autovacuum
+        .map_or_else(|| "never".to_owned(), timestamp);
+    let hot = s.hot_update_ratio.map_or_else(
+        || "no updates yet".to_owned(),
+        |r| format!("{:.0}% of updates HOT", r * 100.0),
+    );
+    row(out, "autovacuum", &format!("last {autovacuum}; {hot}"))?;
     let hidden = if s.hidden_sessions > 0 {
         format!(
             "; {} sessions of other roles are hidden (grant pg_read_all_stats)",
@@ -154,6 +166,9 @@ struct StatsJson<'a> {
     window_seconds: Option<f64>,
     dead_rows: Option<u64>,
     last_vacuum: Option<String>,
+    last_autovacuum: Option<String>,
+    hot_update_ratio: Option<f64>,
+    partitions: Option<u32>,
     channel: &'a str,
     listeners: Vec<ListenerJson<'a>>,
     hidden_sessions: u64,
@@ -233,6 +248,9 @@ fn as_json<'a>(s: &'a StoreStats, target: &'a str) -> StatsJson<'a> {
         window_seconds: s.window.map(|w| w.as_secs_f64()),
         dead_rows: s.dead_rows,
         last_vacuum: s.last_vacuum.map(timestamp),
+        last_autovacuum: s.last_autovacuum.map(timestamp),
+        hot_update_ratio: s.hot_update_ratio,
+        partitions: s.partitions,
         channel: &s.channel,
         listeners: s
             .listeners

@@ -1,0 +1,325 @@
+//! Expiry: time-to-live checks, and the sweeper that deletes expired rows
+//! in bounded batches so that each removal is announced as a delete.
+//!
+//! A row whose `expires_at` has passed already reads as absent from every
+//! statement (see `schema.rs`); the sweeper only reclaims it and tells the
+//! change feed. At most one sweeper works on a table at a time, across every
+//! process: each batch runs in a transaction that first takes a
+//! transaction-level advisory lock for the table, and a sweeper that finds
+//! it taken skips its turn. A transaction-level lock is released by the
+//! server at commit, rollback or disconnect, so a sweeper that dies never
+//! leaves it held.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::store::StateStore;
+
+/// The sweepers' advisory lock: a fixed class and a hash of the quoted table
+/// name, so that each table has its own and none meets the migration lock
+/// (a single `bigint` key, another key space).
+const SWEEP_LOCK: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtext('trebuchet sweep'), hashtext($1::TEXT))";
+
+/// The longest time to live a save accepts (about 1,000 years).
+const MAX_TTL: Duration = Duration::from_secs(1000 * 366 * 24 * 3600);
+
+/// The largest sweep batch.
+pub const MAX_SWEEP_BATCH: u32 = 100_000;
+
+/// A time to live as microseconds, for the statements.
+pub(crate) fn ttl_micros(ttl: Duration) -> Result<i64> {
+    if ttl < Duration::from_millis(1) {
+        return Err(Error::invalid_argument(
+            "ttl",
+            format!("{ttl:?} is too short: a state must live at least 1 ms"),
+        ));
+    }
+    if ttl > MAX_TTL {
+        return Err(Error::invalid_argument(
+            "ttl",
+            format!(
+                "{} s is too long: at most 1,000 years; save without a ttl to keep the state",
+                ttl.as_secs()
+            ),
+        ));
+    }
+    Ok(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
+}
+
+fn check_batch_size(what: &'static str, batch_size: u32) -> Result<()> {
+    if (1..=MAX_SWEEP_BATCH).contains(&batch_size) {
+        return Ok(());
+    }
+    let reason = format!("{batch_size}: a sweep deletes 1 to {MAX_SWEEP_BATCH} rows per batch");
+    Err(if what == "config" {
+        Error::invalid_config(format!("SweepOptions::batch_size {reason}"))
+    } else {
+        Error::invalid_argument(what, reason)
+    })
+}
+
+/// How a store's background sweeper runs, for
+/// [`StateStoreBuilder::expiry_sweeper`](crate::StateStoreBuilder::expiry_sweeper).
+///
+/// ```
+/// use std::time::Duration;
+/// use trebuchet_postgres::SweepOptions;
+///
+/// let options = SweepOptions::default().interval(Duration::from_secs(10)).batch_size(500);
+/// assert_eq!(options.get_batch_size(), 500);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepOptions {
+    interval: Duration,
+    batch_size: u32,
+}
+
+impl Default for SweepOptions {
+    /// A sweep every 60 s, 1,000 rows per batch.
+    fn default() -> Self {
+        SweepOptions {
+            interval: Duration::from_secs(60),
+            batch_size: 1000,
+        }
+    }
+}
+
+impl SweepOptions {
+    /// The pause between the end of one sweep and the start of the next
+    /// (default 60 s). Expired states read as absent meanwhile: the interval
+    /// only decides how long they take space and when the delete is
+    /// announced.
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// Rows deleted per batch, each batch its own transaction (default
+    /// 1,000; 1 to 100,000).
+    pub fn batch_size(mut self, batch_size: u32) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// The configured interval.
+    pub fn get_interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The configured batch size.
+    pub fn get_batch_size(&self) -> u32 {
+        self.batch_size
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.interval.is_zero() {
+            return Err(Error::invalid_config(
+                "SweepOptions::interval must be positive",
+            ));
+        }
+        check_batch_size("config", self.batch_size)
+    }
+}
+
+/// What one sweep did, from [`StateStore::sweep_expired`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Sweep {
+    /// Expired actors deleted (each announced as a delete).
+    pub removed: u64,
+    /// Batches run, each its own transaction.
+    pub batches: u64,
+    /// Another sweeper held the table's sweep lock, so this one stopped
+    /// (before its first batch when `batches` is 0). Not an error: that
+    /// sweeper is doing the work.
+    pub busy: bool,
+}
+
+impl StateStore {
+    /// Deletes every expired actor, `batch_size` rows per transaction,
+    /// oldest first, and returns how many it removed. Each removal goes
+    /// through the table's trigger: it is announced as a delete and leaves a
+    /// tombstone, so the actor's sequence numbers never repeat.
+    ///
+    /// Expired states already read as absent; sweeping reclaims their space
+    /// and tells listeners. At most one sweeper works on a table at a time
+    /// across all processes: when another holds the table's sweep lock, this
+    /// call stops and says so in [`Sweep::busy`]. Rows a writer holds locked
+    /// are skipped until the next sweep.
+    ///
+    /// For a sweep in the background, see
+    /// [`StateStoreBuilder::expiry_sweeper`](crate::StateStoreBuilder::expiry_sweeper);
+    /// from cron, `trebuchet-postgres sweep`.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let sweep = store.sweep_expired(1000)?;
+    /// println!("removed {} expired actors in {} batches", sweep.removed, sweep.batches);
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a `batch_size` outside 1 to 100,000
+    /// (nothing is sent); connection and database errors (batches committed
+    /// before the error stay committed).
+    pub fn sweep_expired(&self, batch_size: u32) -> Result<Sweep> {
+        check_batch_size("batch size", batch_size)?;
+        let mut sweep = Sweep::default();
+        loop {
+            match self.sweep_batch(batch_size)? {
+                None => {
+                    sweep.busy = true;
+                    return Ok(sweep);
+                }
+                Some(removed) => {
+                    sweep.batches += 1;
+                    sweep.removed += removed;
+                    if removed < u64::from(batch_size) {
+                        return Ok(sweep);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One batch in one transaction: the rows removed, or `None` when
+    /// another sweeper holds the lock.
+    pub(crate) fn sweep_batch(&self, batch_size: u32) -> Result<Option<u64>> {
+        let limit = i64::from(batch_size);
+        self.call(false, |inner, c| {
+            let table = inner.names.table_sql();
+            let lock = c.prepare(SWEEP_LOCK)?;
+            let sweep = c.prepare(&inner.sql.sweep)?;
+            let mut tx = c.client.transaction()?;
+            if !lock.query_one(&mut tx, &[&table])?.get::<_, bool>(0) {
+                return Ok(None);
+            }
+            let removed: i64 = sweep.query_one(&mut tx, &[&limit])?.get(0);
+            tx.commit()?;
+            Ok(Some(u64::try_from(removed).unwrap_or(0)))
+        })
+    }
+}
+
+/// The stop flag of a background sweeper, and the condition its thread
+/// waits on between sweeps.
+type Stop = Arc<(Mutex<bool>, Condvar)>;
+
+/// A store's background sweeper: one thread, stopped and joined when the
+/// store's last handle is dropped.
+pub(crate) struct Sweeper {
+    stop: Stop,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sweeper {
+    /// Starts the thread. `batch` runs one batch on the store, or returns
+    /// `None` once the store is gone; the thread holds nothing else of the
+    /// store, so it never keeps the store alive.
+    pub(crate) fn start(
+        options: &SweepOptions,
+        batch: impl Fn(u32) -> Option<Result<Option<u64>>> + Send + 'static,
+    ) -> Result<Sweeper> {
+        let stop: Stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let flag = Arc::clone(&stop);
+        let (interval, batch_size) = (options.interval, options.batch_size);
+        let thread = thread::Builder::new()
+            .name("trebuchet-sweep".into())
+            .spawn(move || {
+                let stopped = || *flag.0.lock().unwrap_or_else(|p| p.into_inner());
+                'sweeps: loop {
+                    {
+                        let guard = flag.0.lock().unwrap_or_else(|p| p.into_inner());
+                        let (guard, _) = flag
+                            .1
+                            .wait_timeout_while(guard, interval, |stop| !*stop)
+                            .unwrap_or_else(|p| p.into_inner());
+                        if *guard {
+                            break;
+                        }
+                    }
+                    let mut removed = 0;
+                    loop {
+                        if stopped() {
+                            break 'sweeps;
+                        }
+                        match batch(batch_size) {
+                            None => break 'sweeps,
+                            Some(Ok(Some(n))) if n == u64::from(batch_size) => removed += n,
+                            Some(Ok(Some(n))) => {
+                                removed += n;
+                                break;
+                            }
+                            Some(Ok(None)) => {
+                                log::debug!("another sweeper holds the lock; skipping this sweep");
+                                break;
+                            }
+                            Some(Err(e)) => {
+                                log::warn!("sweeping expired actors failed: {e}");
+                                break;
+                            }
+                        }
+                    }
+                    if removed > 0 {
+                        log::debug!("swept {removed} expired actors");
+                    }
+                }
+            })
+            .map_err(|e| Error::invalid_config(format!("cannot start the sweeper thread: {e}")))?;
+        Ok(Sweeper {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        *self.stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.stop.1.notify_all();
+        if let Some(thread) = self.thread.take() {
+            // The store's last handle may be the one the thread held for a
+            // batch: then the thread ends by itself after this returns.
+            if thread.thread().id() != thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_must_be_meaningful() {
+        assert!(matches!(
+            ttl_micros(Duration::ZERO),
+            Err(Error::InvalidArgument { what: "ttl", .. })
+        ));
+        assert!(ttl_micros(Duration::from_micros(999)).is_err());
+        assert_eq!(ttl_micros(Duration::from_millis(1)).unwrap(), 1000);
+        assert_eq!(ttl_micros(Duration::from_secs(60)).unwrap(), 60_000_000);
+        assert!(ttl_micros(MAX_TTL).is_ok());
+        assert!(ttl_micros(MAX_TTL + Duration::from_secs(1)).is_err());
+        assert!(ttl_micros(Duration::MAX).is_err());
+    }
+
+    #[test]
+    fn sweep_options_are_checked() {
+        assert!(SweepOptions::default().validate().is_ok());
+        assert!(SweepOptions::default()
+            .interval(Duration::ZERO)
+            .validate()
+            .is_err());
+        assert!(SweepOptions::default().batch_size(0).validate().is_err());
+        assert!(SweepOptions::default()
+            .batch_size(MAX_SWEEP_BATCH + 1)
+            .validate()
+            .is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! `list_ids`: pages of ids with a prefix and an opaque, resumable page
+//! token, consistent under concurrent inserts and deletes.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use trebuchet_postgres::testing::TestDatabase;
+use trebuchet_postgres::{Error, StateStore};
+
+/// Every id with `prefix`, page by page, checking each page's size.
+fn walk(store: &StateStore, prefix: &str, limit: u32) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = store.list_ids(prefix, token.as_deref(), limit).unwrap();
+        assert!(page.ids.len() <= limit as usize);
+        if page.next_page.is_some() {
+            assert_eq!(
+                page.ids.len(),
+                limit as usize,
+                "only the last page is short"
+            );
+        }
+        ids.extend(page.ids);
+        match page.next_page {
+            Some(next) => token = Some(next),
+            None => return ids,
+        }
+    }
+}
+
+#[test]
+fn pages_cover_every_id_with_the_prefix_once_in_key_order() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let rooms: Vec<(String, u32)> = (0..23).map(|i| (format!("room-{i:03}"), i)).collect();
+    let players: Vec<(String, u32)> = (0..7).map(|i| (format!("player-{i}"), i)).collect();
+    store.save_many(&rooms).unwrap();
+    store.save_many(&players).unwrap();
+
+    let expected: Vec<String> = rooms.iter().map(|(id, _)| id.clone()).collect();
+    for limit in [1, 5, 23, 24, 1000] {
+        assert_eq!(walk(&store, "room-", limit), expected, "limit {limit}");
+    }
+    assert_eq!(walk(&store, "", 4).len(), 30);
+    assert!(walk(&store, "nobody-", 10).is_empty());
+    // A page that ends exactly at the last id still says whether more follow.
+    let page = store.list_ids("player-", None, 7).unwrap();
+    assert_eq!((page.ids.len(), page.next_page), (7, None));
+}
+
+#[test]
+fn a_token_resumes_later_from_another_store() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let items: Vec<(String, u32)> = (0..10).map(|i| (format!("a{i}"), i)).collect();
+    store.save_many(&items).unwrap();
+    let first = store.list_ids("a", None, 4).unwrap();
+    let token = first.next_page.clone().unwrap();
+    drop(store);
+
+    // Later, elsewhere: the token holds the place, not a server cursor.
+    let other = schema.store();
+    other.delete("a5").unwrap();
+    other.save("a45", &1u32).unwrap();
+    let second = other.list_ids("a", Some(&token), 4).unwrap();
+    assert_eq!(second.ids, vec!["a4", "a45", "a6", "a7"]);
+    // The same token gives the same page again.
+    assert_eq!(other.list_ids("a", Some(&token), 4).unwrap(), second);
+}
+
+#[test]
+fn bad_tokens_and_limits_are_rejected_before_anything_is_sent() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    store
+        .save_many(&[("r1", 1u32), ("r2", 2), ("r3", 3)])
+        .unwrap();
+    let token = store.list_ids("r", None, 1).unwrap().next_page.unwrap();
+
+    let err = store.list_ids("q", Some(&token), 1).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument { what: "page token", reason } if reason.contains("another prefix")),
+        "{err}"
+    );
+    let mut damaged = token.clone();
+    damaged.replace_range(2..4, if &token[2..4] == "00" { "01" } else { "00" });
+    for bad in [
+        "",
+        "not a token",
+        "abc",
+        &token[..token.len() - 1],
+        &damaged,
+    ] {
+        let err = store.list_ids("r", Some(bad), 1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    what: "page token",
+                    ..
+                }
+            ),
+            "{bad:?}: {err}"
+        );
+        assert!(err.is_invalid_input());
+    }
+    assert!(matches!(
+        store.list_ids("r", None, 0).unwrap_err(),
+        Error::InvalidConfig { .. }
+    ));
+}
+
+/// While pages are read, other threads keep inserting and deleting ids in
+/// between and around the ones that stay: every id that exists throughout
+/// is listed exactly once, in order.
+#[test]
+fn paging_is_consistent_under_concurrent_inserts_and_deletes() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    // Stable ids "k0000", "k0010", ...; churn ids fall between them.
+    let stable: Vec<(String, u32)> = (0..400).map(|i| (format!("k{:04}", i * 10), i)).collect();
+    store.save_many(&stable).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let churners: Vec<_> = (0..2)
+        .map(|t| {
+            let store = store.clone();
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut rounds = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let batch: Vec<(String, u32)> = (0..20)
+                        .map(|_| {
+                            let n = fastrand::u32(0..4000);
+                            // Never a multiple of 10: never a stable id.
+                            let n = if n % 10 == 0 { n + 1 + t } else { n };
+                            (format!("k{n:04}"), n)
+                        })
+                        .collect::<std::collections::BTreeMap<_, _>>()
+                        .into_iter()
+                        .collect();
+                    store.save_many(&batch).unwrap();
+                    let gone: Vec<&str> =
+                        batch.iter().step_by(2).map(|(id, _)| id.as_str()).collect();
+                    store.delete_many(&gone).unwrap();
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+
+    let started = Instant::now();
+    let mut walks = 0;
+    while walks < 3 || started.elapsed() < Duration::from_secs(2) {
+        let listed = walk(&store, "k", 7);
+        assert!(
+            listed.windows(2).all(|w| w[0] < w[1]),
+            "ids must come in key order, each once"
+        );
+        let listed: BTreeSet<&str> = listed.iter().map(String::as_str).collect();
+        for (id, _) in &stable {
+            assert!(listed.contains(id.as_str()), "{id} was skipped");
+        }
+        walks += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rounds: u32 = churners.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(rounds > 10, "the churn ran ({rounds} rounds)");
+}

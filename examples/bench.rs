@@ -1154,8 +1154,14 @@ impl Bench {
         let same =
             |seen: &str, copy: &str| seen == copy || (seen.len() >= 1000 && copy.starts_with(seen));
         let known = self.sql.all();
+        // A connection's set-up query (its server process and settings) is
+        // the last one of a connection that ran nothing else.
+        let setup = |text: &str| text.starts_with("SELECT pg_backend_pid()");
         for text in &ran {
-            if !known.iter().any(|k| same(text, k)) && !self.sql_mismatch.contains(text) {
+            if !known.iter().any(|k| same(text, k))
+                && !setup(text)
+                && !self.sql_mismatch.contains(text)
+            {
                 self.sql_mismatch.push(text.clone());
             }
         }

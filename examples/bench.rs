@@ -259,7 +259,7 @@ impl LibrarySql {
              FROM (SELECT 1) one LEFT JOIN {b} b ON b.actor_id = $1::VARCHAR) n"
         );
         let tag = |write_id: &str, sequence: &str, tags: &str| {
-            format!("(ARRAY[{write_id} # ({sequence})] || {tags})[1:32]")
+            format!("(ARRAY[{write_id} # ({sequence})] || {tags})[1:64]")
         };
         let set_write_id = "set_config('trebuchet.write_id', $2::BIGINT::TEXT, true) IS NOT NULL";
         let outcome = format!(

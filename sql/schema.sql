@@ -72,7 +72,7 @@ FOR EACH ROW
 EXECUTE FUNCTION "notify_actor_state_change"();
 
 -- Write tags: each write made through the library records a tag (its write
--- id XOR the sequence number it produced) in the row, keeping the 32 most
+-- id XOR the sequence number it produced) in the row, keeping the 64 most
 -- recent. When a connection drops after a write was sent, the writer reads
 -- the tags back and learns whether its write landed. A delete carries the
 -- row's tags (and its own, when the deleting session set
@@ -92,7 +92,7 @@ BEGIN
         INSERT INTO "actor_states_tombstones" AS t (actor_id, sequence_number, recent_writes)
         VALUES (OLD.actor_id, OLD.sequence_number + 1,
             CASE WHEN tag IS NULL THEN OLD.recent_writes
-                 ELSE (ARRAY[tag] || OLD.recent_writes)[1:32] END)
+                 ELSE (ARRAY[tag] || OLD.recent_writes)[1:64] END)
         ON CONFLICT (actor_id) DO UPDATE
             SET sequence_number = GREATEST(t.sequence_number, EXCLUDED.sequence_number),
                 deleted_at = EXCLUDED.deleted_at,

@@ -263,7 +263,7 @@ pub enum Error {
     /// The connection broke while a write was in flight, and the store could
     /// not find out whether the write was applied: the server did not come
     /// back within the store's `outcome_timeout`, or the actor was written
-    /// more than 32 times by others before the store could look (see
+    /// more than 64 times by others before the store could look (see
     /// [`StateStore`](crate::StateStore)'s section on lost connections).
     OutcomeUnknown {
         /// The first actor the write was for.

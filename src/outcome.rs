@@ -3,7 +3,7 @@
 //!
 //! Every write carries a random 64-bit write id. Each row it writes records
 //! the tag `write id XOR new sequence number` in `recent_writes`, which keeps
-//! the actor's 32 most recent tags (a delete records its tag in the
+//! the actor's 64 most recent tags (a delete records its tag in the
 //! tombstone, and a re-created actor carries the tombstone's tags on). The
 //! statement is the same round trip as without tags: the normal path pays a
 //! few bytes per row and nothing else.
@@ -14,9 +14,9 @@
 //!
 //! - a tag that decodes, with its write id, to one of the actor's sequence
 //!   numbers means the write landed at that number;
-//! - no such tag among fewer than 32 means it did not;
+//! - no such tag among fewer than 64 means it did not;
 //! - no such tag among a full set means it did not if the write's own
-//!   sequence number is known (conditional writes) and fewer than 32 writes
+//!   sequence number is known (conditional writes) and fewer than 64 writes
 //!   can have followed it; otherwise the outcome is unknown.
 
 use std::collections::HashMap;
@@ -358,16 +358,18 @@ mod tests {
 
     #[test]
     fn a_full_set_decides_only_for_a_known_target() {
+        let newest = 1000_i64;
         let tags: Vec<i64> = (0..WRITE_TAGS as i64)
-            .map(|i| (1000 + i) ^ (100 - i))
+            .map(|i| (5000 + i) ^ (newest - i))
             .collect();
-        let t = trace(Some(100), tags);
+        let t = trace(Some(newest), tags);
         // Unknown target: the write might have been pushed out.
         assert_eq!(t.landed(42, None), Landed::Unknown);
-        // Target 90: at most 10 writes followed it, it would still be there.
-        assert_eq!(t.landed(42, Some(90)), Landed::No);
-        // Target 60: 40 writes may have followed and pushed it out.
-        assert_eq!(t.landed(42, Some(60)), Landed::Unknown);
+        // Ten writes at most followed it: it would still be there.
+        assert_eq!(t.landed(42, Some(newest as u64 - 10)), Landed::No);
+        // More writes than tags may have followed and pushed it out.
+        let old = newest as u64 - WRITE_TAGS as u64 - 5;
+        assert_eq!(t.landed(42, Some(old)), Landed::Unknown);
     }
 
     #[test]

@@ -33,8 +33,8 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 ];
 
 /// How many write tags each row keeps (`recent_writes`); the SQL says
-/// `[1:32]`.
-pub(crate) const WRITE_TAGS: usize = 32;
+/// `[1:64]`.
+pub(crate) const WRITE_TAGS: usize = 64;
 
 /// The most hash partitions a table may be created with.
 pub const MAX_PARTITIONS: u32 = 1024;
@@ -250,9 +250,9 @@ impl Statements {
              FROM (SELECT 1) one LEFT JOIN {b} b ON b.actor_id = $1::VARCHAR) n"
         );
         // Write tags (see the `outcome` module): `write id XOR the sequence
-        // number written`, the newest first, 32 kept.
+        // number written`, the newest first, 64 kept.
         let tag = |write_id: &str, sequence: &str, tags: &str| {
-            format!("(ARRAY[{write_id} # ({sequence})] || {tags})[1:32]")
+            format!("(ARRAY[{write_id} # ({sequence})] || {tags})[1:64]")
         };
         // The update branch of an upsert recovers each row's write id from
         // the tag its insert branch computed (`EXCLUDED` is all it can see).

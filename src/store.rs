@@ -422,7 +422,7 @@ pub(crate) struct Inner {
 /// server process of the broken one has exited so the write cannot land
 /// later, and reads the actors' *write tags* back. Every write carries a
 /// random id, and each row it writes keeps `id XOR sequence number` among
-/// the actor's 32 most recent tags (the `recent_writes` column; deletes tag
+/// the actor's 64 most recent tags (the `recent_writes` column; deletes tag
 /// the tombstone). That costs no round trip and a few bytes per row.
 ///
 /// The caller then gets what it would have got, or:
@@ -435,11 +435,11 @@ pub(crate) struct Inner {
 ///   conditional write ([`save_if`](Self::save_if) with a sequence number,
 ///   [`transform`](Self::transform) on an existing actor,
 ///   [`save_with_sequence`](Self::save_with_sequence)) knows the sequence
-///   number it would have produced, so it is always answered unless 32 other
+///   number it would have produced, so it is always answered unless 64 other
 ///   writes to the same actor followed it before the store could look. A
 ///   plain [`save`](Self::save), a [`delete`](Self::delete) or
 ///   `save_if(.., Expected::Absent)` is answered when the actor has fewer
-///   than 32 tagged writes in all, or when its write is among the last 32;
+///   than 64 tagged writes in all, or when its write is among the last 64;
 ///   otherwise it is unknown.
 ///
 /// Bulk writes and batches are all or nothing, so one tag found means all of

@@ -79,6 +79,8 @@ impl Codec {
     /// [`decode`](Self::decode): 256, ciborium's default, fixed here so that
     /// the stack a decode of untrusted bytes needs cannot change with a
     /// dependency. A state nested deeper encodes but does not decode.
+    ///
+    /// cbindgen:ignore
     pub const CBOR_NESTING_LIMIT: usize = 256;
 }
 

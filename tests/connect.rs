@@ -3,6 +3,10 @@
 //! modes with libpq's meanings, shared pools, the environment and
 //! connection-string forms. Each test uses its own schema or cluster.
 
+mod common;
+
+use common::{admin, trust_cluster};
+
 use std::fmt::Debug;
 use std::fs;
 use std::net::TcpListener;
@@ -10,31 +14,15 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use trebuchet_postgres::postgres::{self, Client, NoTls};
+use trebuchet_postgres::postgres::Client;
 use trebuchet_postgres::testing::{TestCluster, TestDatabase};
 use trebuchet_postgres::{
     ConnectFailure, ConnectOptions, Error, Pool, PoolOptions, SslMode, StateStore,
 };
-
-/// A trust-authentication server shared by the tests of this file: the
-/// shared test cluster when there is one, otherwise a cluster of our own.
-fn trust_cluster() -> &'static TestCluster {
-    static OWN: OnceLock<TestCluster> = OnceLock::new();
-    if let Some(cluster) = TestDatabase::shared().cluster() {
-        return cluster;
-    }
-    OWN.get_or_init(|| TestCluster::start().expect("start a test cluster"))
-}
-
-/// A plain superuser connection to a cluster, for checks on the server side.
-fn admin(cluster: &TestCluster) -> Client {
-    let config: postgres::Config = cluster.url().parse().expect("cluster URL");
-    config.connect(NoTls).expect("connect as postgres")
-}
 
 /// A name unique to this process and call, for application names and tables.
 fn unique(prefix: &str) -> String {

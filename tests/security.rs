@@ -8,6 +8,10 @@
 //! in tests/connect.rs; hostile table, schema and channel names in tests/bad_input.rs;
 //! undecodable stored bytes in tests/decode_fuzz.rs.
 
+mod common;
+
+use common::{admin, trust_cluster};
+
 use std::fmt::Debug;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -16,7 +20,7 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use trebuchet_postgres::postgres::{self, Client, NoTls};
+use trebuchet_postgres::postgres::Client;
 use trebuchet_postgres::testing::{TestCluster, TestDatabase};
 use trebuchet_postgres::{
     ChangeKind, ChangeListener, ConnectFailure, ConnectOptions, Error, Event, Expected, Pool,
@@ -102,22 +106,6 @@ fn unique(prefix: &str) -> String {
         NEXT.fetch_add(1, Ordering::Relaxed),
         fastrand::u32(..)
     )
-}
-
-/// A trust-authentication cluster for roles without passwords: the shared
-/// test cluster when there is one, otherwise one of this file's own.
-fn trust_cluster() -> &'static TestCluster {
-    static OWN: OnceLock<TestCluster> = OnceLock::new();
-    if let Some(cluster) = TestDatabase::shared().cluster() {
-        return cluster;
-    }
-    OWN.get_or_init(|| TestCluster::start().expect("start a test cluster"))
-}
-
-/// A superuser connection to a cluster.
-fn admin(cluster: &TestCluster) -> Client {
-    let config: postgres::Config = cluster.url().parse().expect("cluster URL");
-    config.connect(NoTls).expect("connect as postgres")
 }
 
 /// Every message of an error and its sources, joined.

@@ -5,8 +5,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::OnceLock;
+
 use fallible_iterator::FallibleIterator;
-use trebuchet_postgres::testing::TestDatabase;
+use postgres::{Client, NoTls};
+use trebuchet_postgres::testing::{TestCluster, TestDatabase};
 
 /// The time zone the "wrong time zone" tests put their sessions in: far
 /// enough from UTC (4 or 5 hours) that a local-time bug cannot hide in the
@@ -83,4 +86,21 @@ pub fn assert_no_notification(client: &mut postgres::Client) {
             n.payload()
         );
     }
+}
+
+/// A trust-authentication cluster for roles without passwords, shared by the
+/// tests of a binary: the shared test cluster when there is one, otherwise a
+/// cluster of the binary's own.
+pub fn trust_cluster() -> &'static TestCluster {
+    static OWN: OnceLock<TestCluster> = OnceLock::new();
+    if let Some(cluster) = TestDatabase::shared().cluster() {
+        return cluster;
+    }
+    OWN.get_or_init(|| TestCluster::start().expect("start a test cluster"))
+}
+
+/// A superuser connection to a cluster, for checks on the server side.
+pub fn admin(cluster: &TestCluster) -> Client {
+    let config: postgres::Config = cluster.url().parse().expect("cluster URL");
+    config.connect(NoTls).expect("connect as postgres")
 }

@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::{admin, trust_cluster};
+use common::{admin, rewrite_hba, trust_cluster};
 
 use std::fmt::Debug;
 use std::fs;
 use std::net::TcpListener;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -157,22 +157,6 @@ fn unknown_role_on_a_trust_server_is_authentication_failed() {
     assert_eq!(user, "no_such_role_here");
     assert!(err.to_string().contains("no_such_role_here"), "{err}");
     assert_eq!(err.sql_state().map(|c| c.code()), Some("28000"));
-}
-
-/// Rewrites a cluster's `pg_hba.conf`, keeping the file the server's own,
-/// and reloads it through `admin`.
-fn rewrite_hba(cluster: &TestCluster, admin: &mut Client, contents: &str) {
-    let data = cluster.data_dir();
-    let owner = fs::metadata(&data).unwrap();
-    let path = data.join("pg_hba.conf");
-    fs::write(&path, contents).unwrap();
-    std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-    let reloaded: bool = admin
-        .query_one("SELECT pg_reload_conf()", &[])
-        .unwrap()
-        .get(0);
-    assert!(reloaded);
 }
 
 #[test]

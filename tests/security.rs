@@ -10,11 +10,9 @@
 
 mod common;
 
-use common::{admin, trust_cluster};
+use common::{admin, rewrite_hba, trust_cluster};
 
 use std::fmt::Debug;
-use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
@@ -153,22 +151,6 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting: {what}");
         thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Rewrites a cluster's `pg_hba.conf` (keeping the file the server's own)
-/// and reloads it.
-fn rewrite_hba(cluster: &TestCluster, admin: &mut Client, contents: &str) {
-    let data = cluster.data_dir();
-    let owner = fs::metadata(&data).unwrap();
-    let path = data.join("pg_hba.conf");
-    fs::write(&path, contents).unwrap();
-    std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-    let reloaded: bool = admin
-        .query_one("SELECT pg_reload_conf()", &[])
-        .unwrap()
-        .get(0);
-    assert!(reloaded);
 }
 
 /// Ends every session of `role` from the server side.

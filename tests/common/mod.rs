@@ -104,3 +104,21 @@ pub fn admin(cluster: &TestCluster) -> Client {
     let config: postgres::Config = cluster.url().parse().expect("cluster URL");
     config.connect(NoTls).expect("connect as postgres")
 }
+
+/// Replaces a cluster's `pg_hba.conf` (owned by the server's user, mode 0600)
+/// and reloads the configuration.
+pub fn rewrite_hba(cluster: &TestCluster, admin: &mut Client, contents: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let data = cluster.data_dir();
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&data).unwrap());
+    let group = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&data).unwrap());
+    let path = data.join("pg_hba.conf");
+    std::fs::write(&path, contents).unwrap();
+    std::os::unix::fs::chown(&path, Some(owner), Some(group)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let reloaded: bool = admin
+        .query_one("SELECT pg_reload_conf()", &[])
+        .unwrap()
+        .get(0);
+    assert!(reloaded);
+}

@@ -9,8 +9,11 @@
 //! - `--duration SECS` / `BENCH_DURATION`: seconds per run (default 3;
 //!   pgbench takes whole seconds, so its runs last `ceil(SECS)`, at least 1)
 //! - `--threads 1,8,16` / `BENCH_THREADS`: library threads = pgbench clients
-//! - `--ops LIST` / `BENCH_OPS`: any of `load,save,save_if,transform,
-//!   transform_contended,delete` (default all)
+//! - `--ops LIST` / `BENCH_OPS`: any of `load,load_driver,save,
+//!   save_grouped,save_if,transform,transform_contended,delete` (default
+//!   all). `load_driver` runs `load`'s statement through a bare `postgres`
+//!   connection per thread, no pool and no library, to tell the library's
+//!   own cost from the driver's.
 //! - `--rounds N` / `BENCH_ROUNDS`: runs of each side per case (default 2)
 //! - `--smoke` / `BENCH_SMOKE=1`: 0.2 s per library run, 1 thread
 //! - `BENCH_DELETE_RATE`: deletes/s to provision ids for (default 15,000;
@@ -74,11 +77,16 @@ enum Op {
     /// runs the plain one-row save, so the ratio is against its
     /// notifying-save rate. The other cases run with group commit off.
     SaveGrouped,
+    /// `load`'s statement through a bare `postgres::Client` per thread (no
+    /// pool, no library): the driver's own cost, beside the library's and
+    /// libpq's.
+    LoadDriver,
 }
 
 impl Op {
-    const ALL: [Op; 7] = [
+    const ALL: [Op; 8] = [
         Op::Load,
+        Op::LoadDriver,
         Op::Save,
         Op::SaveGrouped,
         Op::SaveIf,
@@ -96,7 +104,14 @@ impl Op {
             Op::TransformContended => "transform_contended",
             Op::Delete => "delete",
             Op::SaveGrouped => "save_grouped",
+            Op::LoadDriver => "load_driver",
         }
+    }
+
+    /// Whether the library runs the statement pgbench runs, as checked in
+    /// pg_stat_activity.
+    fn library_statement(self) -> bool {
+        !matches!(self, Op::SaveGrouped | Op::LoadDriver)
     }
 
     fn parse(s: &str) -> Option<Op> {
@@ -149,7 +164,7 @@ impl Options {
                 "-h" | "--help" => {
                     println!(
                         "cargo run --release --example bench -- [--smoke] [--duration SECS] \
-                         [--threads 1,8,16] [--ops load,save,save_if,transform,\
+                         [--threads 1,8,16] [--ops load,load_driver,save,save_grouped,save_if,transform,\
                          transform_contended,delete] [--rounds 2]"
                     );
                     std::process::exit(0);
@@ -329,7 +344,7 @@ impl LibrarySql {
     /// The statement a run of `op` must have executed.
     fn main_statement(&self, op: Op) -> &str {
         match op {
-            Op::Load => &self.load,
+            Op::Load | Op::LoadDriver => &self.load,
             Op::Save | Op::SaveGrouped => &self.save,
             Op::SaveIf | Op::Transform | Op::TransformContended => &self.save_if_sequence,
             Op::Delete => &self.delete,
@@ -468,7 +483,9 @@ fn pgbench_script(op: Op, sql: &LibrarySql, bytea: &str, threads: usize) -> Stri
         ACTORS / threads as u64
     );
     match op {
-        Op::Load => format!("\\set id random(1, {ACTORS})\n{};\n", bind(&sql.load)),
+        Op::Load | Op::LoadDriver => {
+            format!("\\set id random(1, {ACTORS})\n{};\n", bind(&sql.load))
+        }
         Op::Save | Op::SaveGrouped => {
             format!(
                 "\\set id random(1, {ACTORS})\n{write_id}{};\n",
@@ -628,8 +645,83 @@ fn run_library(
             .map(|h| h.join().expect("benchmark thread panicked"))
             .collect()
     });
+    let cpu_secs = cpu_times().0 - *cpu_at_start.lock().expect("not poisoned");
+    summarize(runs, cpu_secs)
+}
+
+/// `load`'s statement, prepared once per thread on a bare `postgres`
+/// connection per thread, run like the library's `load` case.
+fn run_driver(
+    url: &str,
+    sql: &str,
+    threads: usize,
+    duration: Duration,
+) -> Result<LibRun, BoxError> {
+    let barrier = Barrier::new(threads);
+    let cpu_at_start = Mutex::new(0.0);
+    let runs: Vec<Result<ThreadRun, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (barrier, cpu_at_start) = (&barrier, &cpu_at_start);
+                scope.spawn(move || {
+                    let opened = admin_client(url).and_then(|mut client| {
+                        let statement = client.prepare(sql)?;
+                        Ok((client, statement))
+                    });
+                    // Every thread reaches the barrier, connected or not.
+                    let leader = barrier.wait().is_leader();
+                    if leader {
+                        *cpu_at_start.lock().expect("not poisoned") = cpu_times().0;
+                    }
+                    let (mut client, statement) = opened.map_err(|e| e.to_string())?;
+                    let mut rng = fastrand::Rng::with_seed(0x5eed_0000 + t as u64);
+                    let ids: Vec<String> = (1..=ACTORS).map(|i| i.to_string()).collect();
+                    let mut r = ThreadRun {
+                        latencies: Vec::with_capacity(1 << 16),
+                        ..ThreadRun::default()
+                    };
+                    let start = Instant::now();
+                    let end = start + duration;
+                    let mut last = start;
+                    loop {
+                        let t0 = Instant::now();
+                        if t0 >= end {
+                            break;
+                        }
+                        let id = &ids[rng.usize(..ids.len())];
+                        let result = client.query_opt(&statement, &[id]);
+                        let t1 = Instant::now();
+                        last = t1;
+                        match result {
+                            Ok(_) => {
+                                r.ops += 1;
+                                r.latencies.push((t1 - t0).as_nanos() as u64);
+                            }
+                            Err(e) => {
+                                r.errors += 1;
+                                r.first_error.get_or_insert_with(|| e.to_string());
+                            }
+                        }
+                    }
+                    r.elapsed = last - start;
+                    Ok(r)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("benchmark thread panicked"))
+            .collect()
+    });
+    let cpu_secs = cpu_times().0 - *cpu_at_start.lock().expect("not poisoned");
+    let runs = runs.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok(summarize(runs, cpu_secs))
+}
+
+/// One round's figures from its threads' runs.
+fn summarize(runs: Vec<ThreadRun>, cpu_secs: f64) -> LibRun {
     let mut run = LibRun {
-        cpu_secs: cpu_times().0 - *cpu_at_start.lock().expect("not poisoned"),
+        cpu_secs,
         ..LibRun::default()
     };
     let mut latencies: Vec<u64> = Vec::new();
@@ -694,7 +786,7 @@ fn thread_run(
             break;
         }
         let result: Result<(), String> = match op {
-            Op::Load => store
+            Op::Load | Op::LoadDriver => store
                 .load_bytes(&random_ids[rng.usize(..random_ids.len())])
                 .map(drop)
                 .map_err(|e| e.to_string()),
@@ -1039,6 +1131,8 @@ fn measure_memory(connect: &ConnectOptions) -> Result<Memory, BoxError> {
 
 struct Bench {
     opts: Options,
+    /// The server, for the bare driver's connections.
+    url: String,
     admin: postgres::Client,
     store: StateStore,
     /// The same table and pool, with group commit on.
@@ -1185,9 +1279,14 @@ impl Bench {
         } else {
             &self.store
         };
-        let lib = run_library(store, op, threads, self.opts.duration, &self.state, block);
-        // Grouped saves run the bulk statement, which has no pgbench twin.
-        if op != Op::SaveGrouped {
+        let lib = if op == Op::LoadDriver {
+            run_driver(&self.url, &self.sql.load, threads, self.opts.duration)?
+        } else {
+            run_library(store, op, threads, self.opts.duration, &self.state, block)
+        };
+        // Grouped saves run the bulk statement, which has no pgbench twin;
+        // the bare driver is not the library.
+        if op.library_statement() {
             self.check_statement_text(op)?;
         }
         if let Some((base, per)) = block {
@@ -1532,6 +1631,7 @@ fn main() -> Result<(), BoxError> {
         .group_commit(true)
         .build()?;
     let mut bench = Bench {
+        url: url.clone(),
         sql: LibrarySql::new(&table_sql, &format!("\"{TABLE}_tombstones\"")),
         table_sql,
         opts,
@@ -1578,6 +1678,9 @@ fn main() -> Result<(), BoxError> {
     println!("- lib ops/s: calls completed per second, all threads; p50/p99/avg: per call, all threads merged, of the best round.");
     println!("- pgbench tps: `tps = ...` without initial connection time; lat avg: pgbench's `latency average`, best round. Ratio: best library round / best pgbench round.");
     println!("- client CPU µs/op: user + system CPU of the benchmark process during the library's best round, per call / of pgbench during its best round, per transaction (/proc, 10 ms ticks). Both share 2 cores with the server.");
+    if opts.ops.contains(&Op::LoadDriver) {
+        println!("- load_driver: not the library: `load`'s statement on a bare `postgres::Client` per thread, each thread always on its own connection (the library's threads share its pool's connections). The gap between `load` and `load_driver` is the library and the pool; between `load_driver` and pgbench, the driver and libpq.");
+    }
     if opts.ops.contains(&Op::SaveIf) {
         println!("- save_if: pgbench runs the library's CTE with the expected sequence replaced by `(SELECT sequence_number FROM \"{TABLE}\" WHERE actor_id = :id::VARCHAR)`: one more index lookup on pgbench's side. Ids are disjoint per thread/client.");
     }
@@ -1614,7 +1717,7 @@ fn main() -> Result<(), BoxError> {
         }
     }
     for op in &opts.ops {
-        if !bench.verified.contains(op) && *op != Op::SaveGrouped {
+        if !bench.verified.contains(op) && op.library_statement() {
             println!(
                 "- {}: its statement was not seen in pg_stat_activity after the library's runs",
                 op.name()

@@ -1248,12 +1248,16 @@ impl Bench {
         let same =
             |seen: &str, copy: &str| seen == copy || (seen.len() >= 1000 && copy.starts_with(seen));
         let known = self.sql.all();
-        // A connection's set-up query (its server process and settings) is
-        // the last one of a connection that ran nothing else.
-        let setup = |text: &str| text.starts_with("SELECT pg_backend_pid()");
+        // Not statements of `Statements`: a connection's set-up query (its
+        // server process and settings), the last text of a connection that
+        // ran nothing else, and transaction control, the last text of one
+        // whose last write ran in a transaction.
+        let bookkeeping = |text: &str| {
+            text.starts_with("SELECT pg_backend_pid()") || matches!(text, "BEGIN" | "COMMIT")
+        };
         for text in &ran {
             if !known.iter().any(|k| same(text, k))
-                && !setup(text)
+                && !bookkeeping(text)
                 && !self.sql_mismatch.contains(text)
             {
                 self.sql_mismatch.push(text.clone());

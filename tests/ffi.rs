@@ -96,6 +96,38 @@ fn invalid_utf8_in_an_actor_id_is_rejected() {
 }
 
 #[test]
+fn an_expected_sequence_out_of_range_is_an_invalid_argument_and_writes_nothing() {
+    let schema = TestDatabase::shared().schema();
+    let mut store = open_store(&schema);
+    // SAFETY: valid strings, data and out-pointers.
+    unsafe {
+        let mut sequence = 7u64;
+        let status = trebuchet_store_save_if(
+            store,
+            c"room".as_ptr(),
+            b"x".as_ptr(),
+            1,
+            u64::MAX,
+            &mut sequence,
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_INVALID_ARGUMENT);
+        assert_eq!(sequence, 7);
+        assert!(
+            last_error().contains(&u64::MAX.to_string()),
+            "{}",
+            last_error()
+        );
+        let name = CStr::from_ptr(trebuchet_status_name(status));
+        assert_eq!(name.to_str().unwrap(), "TREBUCHET_INVALID_ARGUMENT");
+        let mut exists = true;
+        let status = trebuchet_store_exists(store, c"room".as_ptr(), &mut exists);
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK);
+        assert!(!exists, "nothing was written");
+        trebuchet_store_free(&mut store);
+    }
+}
+
+#[test]
 fn a_buffer_cannot_be_freed_twice_through_its_variable() {
     let schema = TestDatabase::shared().schema();
     let mut store = open_store(&schema);

@@ -76,6 +76,11 @@ typedef enum trebuchet_status {
    */
   TREBUCHET_STATE_TOO_LARGE = 105,
   /**
+   * An argument is out of range, such as an expected sequence number
+   * above 2^63 - 1.
+   */
+  TREBUCHET_INVALID_ARGUMENT = 106,
+  /**
    * A conditional write found another version than the expected one.
    */
   TREBUCHET_CONFLICT = 200,

@@ -36,6 +36,9 @@ pub enum trebuchet_status {
     TREBUCHET_WRONG_HANDLE = 104,
     /// The state is larger than the store's maximum.
     TREBUCHET_STATE_TOO_LARGE = 105,
+    /// An argument is out of range, such as an expected sequence number
+    /// above 2^63 - 1.
+    TREBUCHET_INVALID_ARGUMENT = 106,
     /// A conditional write found another version than the expected one.
     TREBUCHET_CONFLICT = 200,
     /// A transform kept losing races and gave up.
@@ -97,6 +100,9 @@ pub(crate) fn error_status(error: &Error) -> trebuchet_status {
         | Error::InvalidConfig { .. }
         | Error::InvalidIdentifier { .. } => TREBUCHET_INVALID_CONFIG,
         Error::StateTooLarge { .. } => TREBUCHET_STATE_TOO_LARGE,
+        Error::InvalidArgument { .. }
+        | Error::SequenceOutOfRange(_)
+        | Error::DuplicateActorId { .. } => TREBUCHET_INVALID_ARGUMENT,
         Error::Conflict { .. } | Error::StaleSequence { .. } => TREBUCHET_CONFLICT,
         Error::TooManyConflicts { .. } => TREBUCHET_TOO_MANY_CONFLICTS,
         Error::Connect { .. } => TREBUCHET_CONNECT_FAILED,
@@ -162,6 +168,7 @@ pub extern "C" fn trebuchet_status_name(status: trebuchet_status) -> *const c_ch
         TREBUCHET_INVALID_CONFIG => c"TREBUCHET_INVALID_CONFIG",
         TREBUCHET_WRONG_HANDLE => c"TREBUCHET_WRONG_HANDLE",
         TREBUCHET_STATE_TOO_LARGE => c"TREBUCHET_STATE_TOO_LARGE",
+        TREBUCHET_INVALID_ARGUMENT => c"TREBUCHET_INVALID_ARGUMENT",
         TREBUCHET_CONFLICT => c"TREBUCHET_CONFLICT",
         TREBUCHET_TOO_MANY_CONFLICTS => c"TREBUCHET_TOO_MANY_CONFLICTS",
         TREBUCHET_CALLBACK_FAILED => c"TREBUCHET_CALLBACK_FAILED",

@@ -650,17 +650,20 @@ pub(crate) enum Layout {
     Other,
 }
 
-/// How the table is laid out now.
+/// How the table is laid out now. One round trip with the parameter's type
+/// given (parse, bind and execute together): a statement prepared in one
+/// round trip and run in the next may reach two server connections through
+/// a transaction-mode pooler.
 pub(crate) fn layout(client: &mut impl postgres::GenericClient, names: &Names) -> Result<Layout> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT c.relkind::TEXT, p.partstrat::TEXT, \
              (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid), \
              p.partnatts = 1 AND (SELECT a.attname = 'actor_id' FROM pg_attribute a \
              WHERE a.attrelid = c.oid AND a.attnum = p.partattrs[0]) \
              FROM pg_class c LEFT JOIN pg_partitioned_table p ON p.partrelid = c.oid \
-             WHERE c.oid = to_regclass($1)",
-            &[&names.table_sql()],
+             WHERE c.oid = to_regclass($1::TEXT)",
+            &[(&names.table_sql(), postgres::types::Type::TEXT)],
         )
         .map_err(Error::Database)?;
     let Some(row) = row else {

@@ -274,6 +274,7 @@ fn exercise(store: &StateStore, threads: usize, rounds: u32) -> Vec<String> {
                         store.delete_many(&[format!("{id}-a")]).map(drop),
                     );
                     check("list", store.list_actors(&id, None, 10).map(drop));
+                    check("partitions", store.partitions().map(drop));
                     check(
                         "save_if",
                         store

@@ -587,6 +587,22 @@ struct ThreadRun {
     exhausted: bool,
 }
 
+impl ThreadRun {
+    /// Counts one call that took `took`.
+    fn record(&mut self, took: Duration, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.ops += 1;
+                self.latencies.push(took.as_nanos() as u64);
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
+}
+
 /// The ids of thread `t` of `threads`: 1 + t, 1 + t + threads, ...
 fn own_ids(t: usize, threads: usize) -> Vec<String> {
     let per = ACTORS / threads as u64;
@@ -690,18 +706,8 @@ fn run_driver(
                         }
                         let id = &ids[rng.usize(..ids.len())];
                         let result = client.query_opt(&statement, &[id]);
-                        let t1 = Instant::now();
-                        last = t1;
-                        match result {
-                            Ok(_) => {
-                                r.ops += 1;
-                                r.latencies.push((t1 - t0).as_nanos() as u64);
-                            }
-                            Err(e) => {
-                                r.errors += 1;
-                                r.first_error.get_or_insert_with(|| e.to_string());
-                            }
-                        }
+                        last = Instant::now();
+                        r.record(last - t0, result.map(drop).map_err(|e| e.to_string()));
                     }
                     r.elapsed = last - start;
                     Ok(r)
@@ -837,20 +843,8 @@ fn thread_run(
                 }
             }
         };
-        let t1 = Instant::now();
-        last = t1;
-        match result {
-            Ok(()) => {
-                r.ops += 1;
-                r.latencies.push((t1 - t0).as_nanos() as u64);
-            }
-            Err(e) => {
-                r.errors += 1;
-                if r.first_error.is_none() {
-                    r.first_error = Some(e);
-                }
-            }
-        }
+        last = Instant::now();
+        r.record(last - t0, result);
     }
     r.elapsed = last - start;
     r

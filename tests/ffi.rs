@@ -128,6 +128,66 @@ fn an_expected_sequence_out_of_range_is_an_invalid_argument_and_writes_nothing()
 }
 
 #[test]
+fn a_state_saved_with_a_ttl_reads_as_absent_once_it_expires() {
+    let schema = TestDatabase::shared().schema();
+    let mut store = open_store(&schema);
+    // SAFETY: valid strings, data and out-pointers.
+    unsafe {
+        let mut sequence = 0u64;
+        let status = trebuchet_store_save_with_ttl(
+            store,
+            c"session".as_ptr(),
+            b"s".as_ptr(),
+            1,
+            0,
+            &mut sequence,
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_INVALID_ARGUMENT);
+        assert!(last_error().contains("ttl"), "{}", last_error());
+        assert_eq!(sequence, 0);
+
+        let status = trebuchet_store_save_with_ttl(
+            store,
+            c"session".as_ptr(),
+            b"s".as_ptr(),
+            1,
+            300,
+            &mut sequence,
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK, "{}", last_error());
+        assert_eq!(sequence, 1, "the refused call wrote nothing");
+        let mut exists = false;
+        trebuchet_store_exists(store, c"session".as_ptr(), &mut exists);
+        assert!(exists);
+        // A second actor's ttl is cleared by a later plain save.
+        trebuchet_store_save_with_ttl(
+            store,
+            c"kept".as_ptr(),
+            b"k".as_ptr(),
+            1,
+            300,
+            std::ptr::null_mut(),
+        );
+        trebuchet_store_save(
+            store,
+            c"kept".as_ptr(),
+            b"k".as_ptr(),
+            1,
+            std::ptr::null_mut(),
+        );
+
+        std::thread::sleep(Duration::from_millis(400));
+        let mut buffer = std::ptr::null_mut();
+        let status = trebuchet_store_load(store, c"session".as_ptr(), &mut buffer);
+        assert_eq!(status, trebuchet_status::TREBUCHET_NOT_FOUND);
+        assert!(buffer.is_null());
+        trebuchet_store_exists(store, c"kept".as_ptr(), &mut exists);
+        assert!(exists, "a plain save keeps the actor for good");
+        trebuchet_store_free(&mut store);
+    }
+}
+
+#[test]
 fn a_buffer_cannot_be_freed_twice_through_its_variable() {
     let schema = TestDatabase::shared().schema();
     let mut store = open_store(&schema);
@@ -398,6 +458,7 @@ fn c_tests_pass_against_a_real_server() {
         "invalid_input",
         "save_load_and_double_free",
         "conditional_saves",
+        "time_to_live",
         "transforms",
         "wrong_handles",
         "timeouts_and_changes",

@@ -337,6 +337,25 @@ enum trebuchet_status trebuchet_store_save(const struct trebuchet_store *store,
                                            uint64_t *sequence_out);
 
 /**
+ * Stores the state as `trebuchet_store_save` does, expiring `ttl_ms`
+ * milliseconds from now: from then on it reads as absent, and the store's
+ * sweeper (or the CLI's `sweep`) removes it, announcing a delete. A later
+ * save without a time to live keeps the actor for good. `ttl_ms` runs from
+ * 1 ms to 1,000 years (`TREBUCHET_INVALID_ARGUMENT` otherwise, and nothing
+ * is written).
+ *
+ * # Safety
+ *
+ * As `trebuchet_store_save`.
+ */
+enum trebuchet_status trebuchet_store_save_with_ttl(const struct trebuchet_store *store,
+                                                    const char *actor_id,
+                                                    const uint8_t *data,
+                                                    size_t len,
+                                                    uint64_t ttl_ms,
+                                                    uint64_t *sequence_out);
+
+/**
  * Stores the state only when the actor is at `expected_sequence`, or does
  * not exist when it is `TREBUCHET_EXPECT_ABSENT` (0). Otherwise
  * `TREBUCHET_CONFLICT`, and the last error names both versions.

@@ -336,6 +336,38 @@ pub unsafe extern "C" fn trebuchet_store_save(
     })
 }
 
+/// Stores the state as `trebuchet_store_save` does, expiring `ttl_ms`
+/// milliseconds from now: from then on it reads as absent, and the store's
+/// sweeper (or the CLI's `sweep`) removes it, announcing a delete. A later
+/// save without a time to live keeps the actor for good. `ttl_ms` runs from
+/// 1 ms to 1,000 years (`TREBUCHET_INVALID_ARGUMENT` otherwise, and nothing
+/// is written).
+///
+/// # Safety
+///
+/// As `trebuchet_store_save`.
+#[no_mangle]
+pub unsafe extern "C" fn trebuchet_store_save_with_ttl(
+    store: *const trebuchet_store,
+    actor_id: *const c_char,
+    data: *const u8,
+    len: usize,
+    ttl_ms: u64,
+    sequence_out: *mut u64,
+) -> trebuchet_status {
+    run(|| {
+        // SAFETY: forwarded from the caller's guarantees.
+        let store = unsafe { store_arg(store) }?;
+        let id = unsafe { str_arg(actor_id, "actor_id") }?;
+        let bytes = unsafe { bytes_arg(data, len) }?;
+        let ttl = std::time::Duration::from_millis(ttl_ms);
+        let sequence = check(store.save_bytes_with_ttl(id, bytes, ttl))?;
+        // SAFETY: NULL or writable.
+        unsafe { write_opt(sequence_out, sequence) };
+        Ok(TREBUCHET_OK)
+    })
+}
+
 /// Stores the state only when the actor is at `expected_sequence`, or does
 /// not exist when it is `TREBUCHET_EXPECT_ABSENT` (0). Otherwise
 /// `TREBUCHET_CONFLICT`, and the last error names both versions.

@@ -135,7 +135,25 @@ static void conditional_saves(trebuchet_store *store) {
   EXPECT(trebuchet_store_save_if(store, "c-cond", (const uint8_t *)"c", 1, 1, NULL), TREBUCHET_CONFLICT);
   EXPECT(trebuchet_store_sequence(store, "c-cond", &sequence), TREBUCHET_OK);
   CHECK(sequence == 2);
+  EXPECT(trebuchet_store_save_if(store, "c-cond", (const uint8_t *)"d", 1, UINT64_MAX, &sequence),
+         TREBUCHET_INVALID_ARGUMENT);
+  CHECK(sequence == 2);
   printf("ok conditional_saves\n");
+}
+
+static void time_to_live(trebuchet_store *store) {
+  uint64_t sequence = 0;
+  bool exists = true;
+  EXPECT(trebuchet_store_save_with_ttl(store, "c-ttl", (const uint8_t *)"t", 1, 0, &sequence),
+         TREBUCHET_INVALID_ARGUMENT);
+  EXPECT(trebuchet_store_exists(store, "c-ttl", &exists), TREBUCHET_OK);
+  CHECK(!exists);
+  EXPECT(trebuchet_store_save_with_ttl(store, "c-ttl", (const uint8_t *)"t", 1, 60000, &sequence),
+         TREBUCHET_OK);
+  CHECK(sequence == 1);
+  EXPECT(trebuchet_store_exists(store, "c-ttl", &exists), TREBUCHET_OK);
+  CHECK(exists);
+  printf("ok time_to_live\n");
 }
 
 struct counter {
@@ -272,6 +290,7 @@ int main(int argc, char **argv) {
   invalid_input(store);
   save_load_and_double_free(store);
   conditional_saves(store);
+  time_to_live(store);
   transforms(store);
   wrong_handles(store, listener);
   timeouts_and_changes(store, listener);

@@ -76,8 +76,8 @@ typedef enum trebuchet_status {
    */
   TREBUCHET_STATE_TOO_LARGE = 105,
   /**
-   * An argument is out of range, such as an expected sequence number
-   * above 2^63 - 1.
+   * An argument is out of range: an expected sequence number above
+   * 2^63 - 1, or a time to live under 1 ms or over 1,000 years.
    */
   TREBUCHET_INVALID_ARGUMENT = 106,
   /**

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,11 +20,14 @@ use postgres::{Client, GenericClient, Row, Statement, Transaction};
 use postgres_native_tls::MakeTlsConnector;
 use r2d2::ManageConnection;
 use r2d2_postgres::PostgresConnectionManager;
+use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use crate::config::{classify_connect, ConnectOptions, PoolerMode};
 use crate::error::{ConnectFailure, Error, Result};
 
+mod affinity;
 mod watchdog;
+use affinity::{Parking, PARK_LIMIT};
 use watchdog::{Watch, Watchdog};
 
 /// Pool settings. Every field has a documented default ([`PoolOptions::default`]).
@@ -97,7 +101,9 @@ impl PoolOptions {
         self
     }
 
-    /// How long an idle connection is kept (default 10 min).
+    /// How long an idle connection is kept (default 10 min). A returned
+    /// connection stays with the thread that used it for one to two
+    /// seconds first (see [`Pool`]); the timeout counts from then.
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.idle_timeout = timeout;
         self
@@ -201,7 +207,7 @@ pub(crate) struct Connection {
     /// The server process serving it, when the server said (never through
     /// a pooler, whose server connections serve other clients too).
     pub backend: Option<Backend>,
-    statements: HashMap<Box<str>, Statement>,
+    statements: StatementCache,
     /// Through a transaction-mode pooler: statements are sent unnamed, with
     /// the parameter types their casts name, read once per text.
     unnamed: Option<HashMap<Box<str>, Arc<[Type]>>>,
@@ -238,8 +244,68 @@ impl Connection {
             return Ok(Prepared::Named(statement.clone()));
         }
         let statement = self.client.prepare(sql)?;
-        self.statements.insert(sql.into(), statement.clone());
+        self.statements.insert(sql, statement.clone());
         Ok(Prepared::Named(statement))
+    }
+}
+
+/// A connection's prepared statements, found by the address and length of
+/// their text and then compared with it. The store's statement texts live
+/// as long as the store, so the address finds them without hashing the
+/// text on every call; the comparison keeps a text that reuses the
+/// address of a dropped one from getting another's statement.
+#[derive(Default)]
+struct StatementCache {
+    by_address: HashMap<(usize, usize), Cached, BuildHasherDefault<AddressHasher>>,
+}
+
+/// A cached statement and its text.
+type Cached = (Box<str>, Statement);
+
+impl StatementCache {
+    fn key(sql: &str) -> (usize, usize) {
+        (sql.as_ptr() as usize, sql.len())
+    }
+
+    fn get(&self, sql: &str) -> Option<&Statement> {
+        match self.by_address.get(&Self::key(sql)) {
+            Some((text, statement)) if **text == *sql => Some(statement),
+            _ => None,
+        }
+    }
+
+    fn insert(&mut self, sql: &str, statement: Statement) {
+        self.by_address
+            .insert(Self::key(sql), (sql.into(), statement));
+    }
+
+    fn clear(&mut self) {
+        self.by_address.clear();
+    }
+}
+
+/// Hashes the integers of a [`StatementCache`] key: one multiply each, as
+/// in rustc's `FxHasher` (the key is an address, not attacker input).
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.write_u64(u64::from(*byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
     }
 }
 
@@ -564,7 +630,7 @@ impl Opener {
         Connection {
             client: opened.client,
             backend: opened.backend,
-            statements: HashMap::new(),
+            statements: StatementCache::default(),
             unnamed: (self.pooler == PoolerMode::Transaction).then(HashMap::new),
             verified_epoch: self.shared.epoch.load(Ordering::Acquire),
             broken: false,
@@ -629,10 +695,12 @@ fn connect_error(e: postgres::Error, shared: &Shared) -> Error {
 }
 
 impl ManageConnection for Manager {
-    type Connection = Connection;
+    /// Boxed: r2d2 and the parking lot move connections on every
+    /// check-out and return, and a pointer moves for less.
+    type Connection = Box<Connection>;
     type Error = Error;
 
-    fn connect(&self) -> Result<Connection> {
+    fn connect(&self) -> Result<Box<Connection>> {
         let spare = self
             .opener
             .shared
@@ -660,17 +728,17 @@ impl ManageConnection for Manager {
                 }
             },
         };
-        Ok(self.opener.wrap(opened))
+        Ok(Box::new(self.opener.wrap(opened)))
     }
 
-    fn is_valid(&self, conn: &mut Connection) -> Result<()> {
+    fn is_valid(&self, conn: &mut Box<Connection>) -> Result<()> {
         conn.client
             .simple_query("")
             .map(|_| ())
             .map_err(Error::Database)
     }
 
-    fn has_broken(&self, conn: &mut Connection) -> bool {
+    fn has_broken(&self, conn: &mut Box<Connection>) -> bool {
         conn.broken || conn.client.is_closed()
     }
 }
@@ -678,6 +746,14 @@ impl ManageConnection for Manager {
 /// A pool of connections to one server, cheap to clone and safe to share
 /// between threads and between several [`StateStore`](crate::StateStore)s
 /// (the seed's shared `EventLoopGroup`).
+///
+/// A thread gets back the connection it used last when no other caller
+/// took it: a returned connection stays with its thread until another
+/// caller needs it (one that would otherwise wait or open a connection) or
+/// for one to two seconds, and then goes back to the pool's idle list.
+/// Handing a socket from thread to thread on every call costs the client
+/// and the server CPU (and, where they share cores, throughput). Such
+/// connections count as idle in [`Pool::state`].
 ///
 /// ```no_run
 /// use trebuchet_postgres::{Pool, PoolOptions, StateStore};
@@ -690,6 +766,8 @@ impl ManageConnection for Manager {
 #[derive(Clone)]
 pub struct Pool {
     r2d2: r2d2::Pool<Manager>,
+    /// Connections returned by calls, kept for the thread that used them.
+    parking: Arc<Parking<r2d2::PooledConnection<Manager>>>,
     opener: Arc<Opener>,
     shared: Arc<Shared>,
     options: Arc<PoolOptions>,
@@ -704,6 +782,7 @@ impl fmt::Debug for Pool {
             .field("user", &self.shared.user)
             .field("connections", &state.connections)
             .field("idle", &state.idle_connections)
+            .field("parked", &self.parking.len())
             .field("options", &self.options)
             .finish()
     }
@@ -794,7 +873,26 @@ impl Pool {
             opener: Arc::clone(&opener),
         };
         *shared.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(first);
+        // r2d2's worker threads (three, as r2d2 would start), shared with
+        // the job that hands long-parked connections back to r2d2. Its
+        // periodic jobs (that one and r2d2's reaper) end with the pool.
+        let workers = Arc::new(
+            ScheduledThreadPool::builder()
+                .num_threads(3)
+                .thread_name_pattern("r2d2-worker-{}")
+                .on_drop_behavior(OnPoolDropBehavior::DiscardPendingScheduled)
+                .build(),
+        );
+        let parking = Arc::new(Parking::new(options.max_size as usize));
+        let weak = Arc::downgrade(&parking);
+        workers.execute_at_fixed_rate(PARK_LIMIT, PARK_LIMIT, move || {
+            if let Some(parking) = weak.upgrade() {
+                // Dropped outside the parking lot's lock: back to r2d2.
+                drop(parking.release_stale());
+            }
+        });
         let r2d2 = r2d2::Pool::builder()
+            .thread_pool(workers)
             .max_size(options.max_size)
             .min_idle(options.min_idle)
             .test_on_check_out(false)
@@ -804,6 +902,7 @@ impl Pool {
             .build_unchecked(manager);
         Ok(Pool {
             r2d2,
+            parking,
             opener,
             shared,
             options: Arc::new(options),
@@ -824,9 +923,11 @@ impl Pool {
     /// waited for one. Reads counters only: no round trip.
     pub fn state(&self) -> PoolState {
         let state = self.r2d2.state();
+        // Parked connections are checked out from r2d2's point of view.
+        let parked = u32::try_from(self.parking.len()).unwrap_or(u32::MAX);
         PoolState {
             connections: state.connections,
-            idle: state.idle_connections,
+            idle: state.idle_connections.saturating_add(parked),
             max_size: self.options.max_size,
             waits: self.shared.waits.load(Ordering::Relaxed),
             wait_time: Duration::from_micros(self.shared.wait_micros.load(Ordering::Relaxed)),
@@ -848,7 +949,7 @@ impl Pool {
     /// Checks out a connection. A connection that was idle while another
     /// one broke is checked with a round trip first and replaced if dead, so
     /// a server restart costs each caller at most one error.
-    pub(crate) fn get(&self) -> Result<Checkout> {
+    pub(crate) fn get(&self) -> Result<Checkout<'_>> {
         let start = Instant::now();
         // A check of a connection waits at most this long for its answer.
         let check = self
@@ -857,9 +958,21 @@ impl Pool {
             .map_or(CHECK_TIMEOUT, |t| t.min(CHECK_TIMEOUT));
         // Bounded: each pass either returns or discards one dead connection.
         for _ in 0..=self.options.max_size {
-            let mut conn = match self.r2d2.try_get() {
+            // This thread's own connection, else an idle one, else one
+            // parked by another thread, else a wait.
+            let found = self
+                .parking
+                .take_own()
+                .or_else(|| self.r2d2.try_get())
+                .or_else(|| self.parking.take_any())
+                .or_else(|| self.parking.begin_wait());
+            let mut conn = match found {
                 Some(conn) => conn,
-                None => self.wait_for_connection(start)?,
+                None => {
+                    let conn = self.wait_for_connection(start);
+                    self.parking.done_waiting();
+                    conn?
+                }
             };
             let epoch = self.shared.epoch.load(Ordering::Acquire);
             if conn.verified_epoch >= epoch {
@@ -879,11 +992,14 @@ impl Pool {
     }
 
     /// Hands `conn` to a call, under the call timeout when there is one.
-    fn checkout(&self, conn: r2d2::PooledConnection<Manager>) -> Checkout {
+    fn checkout(&self, conn: r2d2::PooledConnection<Manager>) -> Checkout<'_> {
         if let (Some(watch), Some(watchdog)) = (&conn.watch, &self.shared.watchdog) {
             watch.arm(Instant::now() + watchdog.timeout());
         }
-        Checkout { conn }
+        Checkout {
+            conn: Some(conn),
+            parking: &self.parking,
+        }
     }
 
     /// `r2d2::Pool::get` when no connection is idle: a wait when every
@@ -1019,28 +1135,38 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection checked out for one call. Dereferences to the
 /// [`Connection`]; returns it to the pool when dropped, and discards it
 /// when the call timeout cut it.
-pub(crate) struct Checkout {
-    conn: r2d2::PooledConnection<Manager>,
+pub(crate) struct Checkout<'p> {
+    /// Always `Some` until dropped.
+    conn: Option<r2d2::PooledConnection<Manager>>,
+    parking: &'p Parking<r2d2::PooledConnection<Manager>>,
 }
 
-impl Deref for Checkout {
+impl Deref for Checkout<'_> {
     type Target = Connection;
 
     fn deref(&self) -> &Connection {
-        &self.conn
+        self.conn.as_ref().expect("a checkout holds its connection")
     }
 }
 
-impl DerefMut for Checkout {
+impl DerefMut for Checkout<'_> {
     fn deref_mut(&mut self) -> &mut Connection {
-        &mut self.conn
+        self.conn.as_mut().expect("a checkout holds its connection")
     }
 }
 
-impl Drop for Checkout {
+impl Drop for Checkout<'_> {
     fn drop(&mut self) {
-        if self.conn.watch.as_ref().is_some_and(Watch::release) {
-            self.conn.broken = true;
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if conn.watch.as_ref().is_some_and(Watch::release) {
+            conn.broken = true;
+        }
+        if !conn.broken && !conn.client.is_closed() {
+            // Dropped here, outside the parking lot's lock, when a caller
+            // waits for it in r2d2.
+            drop(self.parking.park(conn));
         }
     }
 }
@@ -1083,5 +1209,136 @@ mod tests {
         assert_eq!(param_types("SELECT $2::TEXT"), None);
         assert_eq!(param_types("SELECT $1::POINT"), None);
         assert_eq!(param_types("SELECT $0::TEXT"), None);
+    }
+}
+
+/// The pool against a real server: which connection a caller gets.
+#[cfg(all(test, feature = "testing"))]
+mod affinity_tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::testing::TestDatabase;
+
+    fn pool(max_size: u32) -> Pool {
+        let options = PoolOptions::default()
+            .max_size(max_size)
+            .min_idle(None)
+            .connection_timeout(Duration::from_secs(10));
+        Pool::new(TestDatabase::shared().connect_options(), options).unwrap()
+    }
+
+    fn pid(pool: &Pool) -> i32 {
+        let mut conn = pool.get().unwrap();
+        let row = conn
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .unwrap();
+        row.get(0)
+    }
+
+    #[test]
+    fn each_thread_gets_back_the_connection_it_used_last() {
+        let pool = pool(4);
+        // Until r2d2 has opened its connections, a caller that finds none
+        // idle takes one parked by another thread rather than wait.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.state().idle < 4 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        // Two threads taking turns: without affinity the second would get
+        // the connection the first just returned.
+        let (to_other, from_main) = mpsc::channel::<()>();
+        let (to_main, from_other) = mpsc::channel::<i32>();
+        let other = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                let mut seen = Vec::new();
+                while from_main.recv().is_ok() {
+                    let pid = pid(&pool);
+                    seen.push(pid);
+                    to_main.send(pid).unwrap();
+                }
+                seen
+            })
+        };
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            seen.push(pid(&pool));
+            to_other.send(()).unwrap();
+            from_other.recv().unwrap();
+        }
+        drop(to_other);
+        let theirs = other.join().unwrap();
+        assert!(
+            seen.iter().all(|p| *p == seen[0]),
+            "this thread hopped: {seen:?}"
+        );
+        assert!(
+            theirs.iter().all(|p| *p == theirs[0]),
+            "the other hopped: {theirs:?}"
+        );
+        assert_ne!(seen[0], theirs[0]);
+        let state = pool.state();
+        assert_eq!(
+            state.idle, state.connections,
+            "parked connections count as idle"
+        );
+    }
+
+    #[test]
+    fn a_statement_text_at_a_reused_address_gets_its_own_statement() {
+        let pool = pool(1);
+        let mut conn = pool.get().unwrap();
+        let run = |conn: &mut Checkout<'_>, sql: &str| -> i32 {
+            let statement = conn.prepare(sql).unwrap();
+            statement.query_one(&mut conn.client, &[]).unwrap().get(0)
+        };
+        let mut sql = String::from("SELECT 1::INT4");
+        assert_eq!(run(&mut conn, &sql), 1);
+        assert_eq!(run(&mut conn, &sql), 1);
+        // The same address and length with another text, as when a store's
+        // statement text is dropped and another one takes its place.
+        sql.replace_range(7..8, "2");
+        assert_eq!(run(&mut conn, &sql), 2);
+        // The same text at another address.
+        assert_eq!(run(&mut conn, &sql.clone()), 2);
+    }
+
+    #[test]
+    fn a_connection_parked_by_another_thread_is_taken_rather_than_waited_for() {
+        let pool = pool(1);
+        let parked_by = {
+            let pool = pool.clone();
+            thread::spawn(move || pid(&pool)).join().unwrap()
+        };
+        let start = Instant::now();
+        assert_eq!(pid(&pool), parked_by);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "waited for a parked connection"
+        );
+        assert_eq!(pool.state().waits, 0);
+    }
+
+    #[test]
+    fn a_caller_waiting_for_a_connection_gets_the_one_returned() {
+        let pool = pool(1);
+        let held = pool.get().unwrap();
+        let holder = held.backend.map(|b| b.pid);
+        let waiter = {
+            let pool = pool.clone();
+            thread::spawn(move || pid(&pool))
+        };
+        // The waiter is waiting inside r2d2 once the pool counts its wait
+        // (bounded: the pool's connection timeout would fail it).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.parking.waiting() == 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        drop(held);
+        let got = waiter.join().unwrap();
+        assert_eq!(Some(got), holder);
+        assert_eq!(pool.state().waits, 1);
     }
 }

@@ -249,6 +249,11 @@ struct LibrarySql {
     load: String,
     load_versioned: String,
     load_many: String,
+    /// `save_many` and `load_many_bytes`, which grouped saves and the bulk
+    /// rates run: no pgbench twin, but texts the library's connections are
+    /// left with.
+    save_many: String,
+    load_many_ordered: String,
     delete: String,
     sequence: String,
 }
@@ -318,6 +323,28 @@ impl LibrarySql {
                  WHERE actor_id = ANY($1::VARCHAR[]) AND {}",
                 live("")
             ),
+            save_many: format!(
+                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
+                 recent_writes) \
+                 SELECT i.id, i.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now}, {} \
+                 FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[]) AS i(id, st, w) \
+                 LEFT JOIN {b} b ON b.actor_id = i.id ORDER BY i.id \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, \
+                 {renew}, expires_at = NULL, recent_writes = {} \
+                 RETURNING actor_id::TEXT, sequence_number",
+                tag("i.w", "COALESCE(b.sequence_number, 0) + 1", "b.recent_writes"),
+                tag(
+                    "EXCLUDED.recent_writes[1] # EXCLUDED.sequence_number",
+                    &bump,
+                    "t.recent_writes"
+                ),
+            ),
+            load_many_ordered: format!(
+                "SELECT i.n, t.state FROM unnest($1::VARCHAR[]) WITH ORDINALITY AS i(id, n) \
+                 JOIN {t} t ON t.actor_id = i.id AND {}",
+                live("t.")
+            ),
             delete: format!(
                 "DELETE FROM {t} WHERE actor_id = $1::VARCHAR AND {set_write_id} RETURNING {}",
                 live("")
@@ -329,13 +356,15 @@ impl LibrarySql {
         }
     }
 
-    fn all(&self) -> [&str; 7] {
+    fn all(&self) -> [&str; 9] {
         [
             &self.save,
             &self.save_if_sequence,
             &self.load,
             &self.load_versioned,
             &self.load_many,
+            &self.save_many,
+            &self.load_many_ordered,
             &self.delete,
             &self.sequence,
         ]

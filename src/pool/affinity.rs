@@ -86,9 +86,15 @@ struct Parked<C> {
 thread_local! {
     /// This thread's mark on the connections it parks.
     static MARK: Cell<u64> = const { Cell::new(0) };
-    /// The slot this thread parks in, per lot: (lot, slot).
+    /// The slot this thread parks in, per lot: (lot, slot), the most
+    /// recently placed last, at most [`HOMES_KEPT`].
     static HOMES: RefCell<Vec<(u64, usize)>> = const { RefCell::new(Vec::new()) };
 }
+
+/// How many lots a thread remembers its slot in: a thread that uses more
+/// pools than this (or pools that come and go) forgets the oldest, whose
+/// next return then looks for a free slot again.
+const HOMES_KEPT: usize = 8;
 
 /// A number never reused within the process: lots and thread marks.
 fn next_number() -> u64 {
@@ -135,10 +141,12 @@ impl<C> Parking<C> {
     fn set_home(&self, slot: usize) {
         HOMES.with(|homes| {
             let mut homes = homes.borrow_mut();
-            match homes.iter_mut().find(|(lot, _)| *lot == self.lot) {
-                Some(home) => home.1 = slot,
-                None => homes.push((self.lot, slot)),
+            if let Some(at) = homes.iter().position(|(lot, _)| *lot == self.lot) {
+                homes.remove(at);
+            } else if homes.len() >= HOMES_KEPT {
+                homes.remove(0);
             }
+            homes.push((self.lot, slot));
         });
     }
 
@@ -319,6 +327,26 @@ mod tests {
         taken.sort();
         assert_eq!(taken, [Some("first"), Some("second")]);
         assert_eq!(parking.take_any(), None);
+    }
+
+    #[test]
+    fn a_thread_remembers_its_slot_in_the_lots_it_used_last() {
+        let lots: Vec<Parking<usize>> = (0..HOMES_KEPT + 2).map(|_| Parking::new(4)).collect();
+        for (i, lot) in lots.iter().enumerate() {
+            assert!(lot.park(i).is_none());
+            assert_eq!(lot.take_own(), Some(i));
+            assert!(lot.park(i).is_none());
+        }
+        let remembered = HOMES.with(|homes| homes.borrow().len());
+        assert_eq!(remembered, HOMES_KEPT);
+        // The oldest lots are forgotten: their connections are taken as
+        // anyone's, and the lot is remembered again at the next return.
+        assert_eq!(lots[0].take_own(), None);
+        assert_eq!(lots[0].take_any(), Some(0));
+        assert!(lots[0].park(0).is_none());
+        assert_eq!(lots[0].take_own(), Some(0));
+        let last = HOMES_KEPT + 1;
+        assert_eq!(lots[last].take_own(), Some(last));
     }
 
     #[test]

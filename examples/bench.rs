@@ -9,11 +9,13 @@
 //! - `--duration SECS` / `BENCH_DURATION`: seconds per run (default 3;
 //!   pgbench takes whole seconds, so its runs last `ceil(SECS)`, at least 1)
 //! - `--threads 1,8,16` / `BENCH_THREADS`: library threads = pgbench clients
-//! - `--ops LIST` / `BENCH_OPS`: any of `load,load_driver,save,
+//! - `--ops LIST` / `BENCH_OPS`: any of `load,load_driver,load_wire,save,
 //!   save_grouped,save_if,transform,transform_contended,delete` (default
 //!   all). `load_driver` runs `load`'s statement through a bare `postgres`
 //!   connection per thread, no pool and no library, to tell the library's
-//!   own cost from the driver's.
+//!   own cost from the driver's; `load_wire` through a minimal client of
+//!   the wire protocol (TCP, no TLS, a server that trusts it), to tell the
+//!   driver's cost from the least any client needs.
 //! - `--rounds N` / `BENCH_ROUNDS`: runs of each side per case (default 2)
 //! - `--smoke` / `BENCH_SMOKE=1`: 0.2 s per library run, 1 thread
 //! - `BENCH_DELETE_RATE`: deletes/s to provision ids for (default 15,000;
@@ -81,12 +83,17 @@ enum Op {
     /// pool, no library): the driver's own cost, beside the library's and
     /// libpq's.
     LoadDriver,
+    /// `load`'s statement through a minimal client of the wire protocol
+    /// per thread ([`wire`]): what a client with libpq's call pattern and
+    /// nothing else costs.
+    LoadWire,
 }
 
 impl Op {
-    const ALL: [Op; 8] = [
+    const ALL: [Op; 9] = [
         Op::Load,
         Op::LoadDriver,
+        Op::LoadWire,
         Op::Save,
         Op::SaveGrouped,
         Op::SaveIf,
@@ -105,13 +112,14 @@ impl Op {
             Op::Delete => "delete",
             Op::SaveGrouped => "save_grouped",
             Op::LoadDriver => "load_driver",
+            Op::LoadWire => "load_wire",
         }
     }
 
     /// Whether the library runs the statement pgbench runs, as checked in
     /// pg_stat_activity.
     fn library_statement(self) -> bool {
-        !matches!(self, Op::SaveGrouped | Op::LoadDriver)
+        !matches!(self, Op::SaveGrouped | Op::LoadDriver | Op::LoadWire)
     }
 
     fn parse(s: &str) -> Option<Op> {
@@ -164,7 +172,7 @@ impl Options {
                 "-h" | "--help" => {
                     println!(
                         "cargo run --release --example bench -- [--smoke] [--duration SECS] \
-                         [--threads 1,8,16] [--ops load,load_driver,save,save_grouped,save_if,transform,\
+                         [--threads 1,8,16] [--ops load,load_driver,load_wire,save,save_grouped,save_if,transform,\
                          transform_contended,delete] [--rounds 2]"
                     );
                     std::process::exit(0);
@@ -373,7 +381,7 @@ impl LibrarySql {
     /// The statement a run of `op` must have executed.
     fn main_statement(&self, op: Op) -> &str {
         match op {
-            Op::Load | Op::LoadDriver => &self.load,
+            Op::Load | Op::LoadDriver | Op::LoadWire => &self.load,
             Op::Save | Op::SaveGrouped => &self.save,
             Op::SaveIf | Op::Transform | Op::TransformContended => &self.save_if_sequence,
             Op::Delete => &self.delete,
@@ -512,7 +520,7 @@ fn pgbench_script(op: Op, sql: &LibrarySql, bytea: &str, threads: usize) -> Stri
         ACTORS / threads as u64
     );
     match op {
-        Op::Load | Op::LoadDriver => {
+        Op::Load | Op::LoadDriver | Op::LoadWire => {
             format!("\\set id random(1, {ACTORS})\n{};\n", bind(&sql.load))
         }
         Op::Save | Op::SaveGrouped => {
@@ -694,31 +702,58 @@ fn run_library(
     summarize(runs, cpu_secs)
 }
 
-/// `load`'s statement, prepared once per thread on a bare `postgres`
-/// connection per thread, run like the library's `load` case.
-fn run_driver(
-    url: &str,
-    sql: &str,
-    threads: usize,
-    duration: Duration,
-) -> Result<LibRun, BoxError> {
+/// One connection of a bare client, ready to run `load`'s statement with
+/// an actor id.
+type BareLoad = Box<dyn FnMut(&str) -> Result<(), String>>;
+
+/// A connection of `op`'s bare client (`load_driver`, `load_wire`) with
+/// `load`'s statement prepared.
+fn open_bare(op: Op, url: &str, sql: &str) -> Result<BareLoad, BoxError> {
+    if op == Op::LoadWire {
+        let mut conn = wire::Connection::open(url, sql)?;
+        return Ok(Box::new(move |id| {
+            conn.load(id).map(drop).map_err(|e| e.to_string())
+        }));
+    }
+    let mut client = admin_client(url)?;
+    let statement = client.prepare(sql)?;
+    Ok(Box::new(move |id| {
+        client
+            .query_opt(&statement, &[&id])
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }))
+}
+
+/// `load`'s statement, prepared once per thread on a bare connection per
+/// thread (`op`: the `postgres` driver or the minimal wire client), run like
+/// the library's `load` case.
+fn run_bare(op: Op, url: &str, sql: &str, threads: usize, duration: Duration) -> LibRun {
     let barrier = Barrier::new(threads);
     let cpu_at_start = Mutex::new(0.0);
-    let runs: Vec<Result<ThreadRun, String>> = std::thread::scope(|scope| {
+    let runs: Vec<ThreadRun> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (barrier, cpu_at_start) = (&barrier, &cpu_at_start);
                 scope.spawn(move || {
-                    let opened = admin_client(url).and_then(|mut client| {
-                        let statement = client.prepare(sql)?;
-                        Ok((client, statement))
-                    });
+                    let opened = open_bare(op, url, sql);
                     // Every thread reaches the barrier, connected or not.
                     let leader = barrier.wait().is_leader();
                     if leader {
                         *cpu_at_start.lock().expect("not poisoned") = cpu_times().0;
                     }
-                    let (mut client, statement) = opened.map_err(|e| e.to_string())?;
+                    // A server this client cannot talk to is a note in the
+                    // row, not the end of the benchmark.
+                    let mut load = match opened {
+                        Ok(load) => load,
+                        Err(e) => {
+                            return ThreadRun {
+                                errors: 1,
+                                first_error: Some(format!("cannot connect: {e}")),
+                                ..ThreadRun::default()
+                            }
+                        }
+                    };
                     let mut rng = fastrand::Rng::with_seed(0x5eed_0000 + t as u64);
                     let ids: Vec<String> = (1..=ACTORS).map(|i| i.to_string()).collect();
                     let mut r = ThreadRun {
@@ -733,13 +768,12 @@ fn run_driver(
                         if t0 >= end {
                             break;
                         }
-                        let id = &ids[rng.usize(..ids.len())];
-                        let result = client.query_opt(&statement, &[id]);
+                        let result = load(&ids[rng.usize(..ids.len())]);
                         last = Instant::now();
-                        r.record(last - t0, result.map(drop).map_err(|e| e.to_string()));
+                        r.record(last - t0, result);
                     }
                     r.elapsed = last - start;
-                    Ok(r)
+                    r
                 })
             })
             .collect();
@@ -749,8 +783,7 @@ fn run_driver(
             .collect()
     });
     let cpu_secs = cpu_times().0 - *cpu_at_start.lock().expect("not poisoned");
-    let runs = runs.into_iter().collect::<Result<Vec<_>, _>>()?;
-    Ok(summarize(runs, cpu_secs))
+    summarize(runs, cpu_secs)
 }
 
 /// One round's figures from its threads' runs.
@@ -821,7 +854,7 @@ fn thread_run(
             break;
         }
         let result: Result<(), String> = match op {
-            Op::Load | Op::LoadDriver => store
+            Op::Load | Op::LoadDriver | Op::LoadWire => store
                 .load_bytes(&random_ids[rng.usize(..random_ids.len())])
                 .map(drop)
                 .map_err(|e| e.to_string()),
@@ -1306,8 +1339,8 @@ impl Bench {
         } else {
             &self.store
         };
-        let lib = if op == Op::LoadDriver {
-            run_driver(&self.url, &self.sql.load, threads, self.opts.duration)?
+        let lib = if matches!(op, Op::LoadDriver | Op::LoadWire) {
+            run_bare(op, &self.url, &self.sql.load, threads, self.opts.duration)
         } else {
             run_library(store, op, threads, self.opts.duration, &self.state, block)
         };
@@ -1705,6 +1738,9 @@ fn main() -> Result<(), BoxError> {
     println!("- lib ops/s: calls completed per second, all threads; p50/p99/avg: per call, all threads merged, of the best round.");
     println!("- pgbench tps: `tps = ...` without initial connection time; lat avg: pgbench's `latency average`, best round. Ratio: best library round / best pgbench round.");
     println!("- client CPU µs/op: user + system CPU of the benchmark process during the library's best round, per call / of pgbench during its best round, per transaction (/proc, 10 ms ticks). Both share 2 cores with the server.");
+    if opts.ops.contains(&Op::LoadWire) {
+        println!("- load_wire: not the library: `load`'s statement through a minimal client of the wire protocol in this benchmark (one `send` of Bind/Execute/Sync and blocking `recv`s per call; no runtime, no poll; TCP, no TLS, trust only), a connection per thread: the client CPU any client needs.");
+    }
     if opts.ops.contains(&Op::LoadDriver) {
         println!("- load_driver: not the library: `load`'s statement on a bare `postgres::Client` per thread, each thread always on its own connection (the library's threads share its pool's connections). The gap between `load` and `load_driver` is the library and the pool; between `load_driver` and pgbench, the driver and libpq.");
     }
@@ -1783,4 +1819,151 @@ fn main() -> Result<(), BoxError> {
     );
     let _ = std::fs::remove_dir_all(&work_dir);
     Ok(())
+}
+
+// ----- a minimal wire-protocol client ------------------------------------------
+
+/// The least a client can do for `load`: the statement parsed once, then per
+/// call one `send` of Bind, Execute and Sync and blocking `recv`s until
+/// ReadyForQuery; no runtime, no poll, no statement cache. Protocol 3 over
+/// TCP only, without TLS, with servers that let it in without a password
+/// (trust), as the throwaway cluster does. Not the library: it shows how
+/// much of a load's client CPU any client needs, beside libpq (pgbench), the
+/// `postgres` driver (`load_driver`) and the library (`load`).
+mod wire {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    use super::BoxError;
+
+    /// A message of protocol 3: tag, length, body.
+    fn message(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+        out.push(tag);
+        let len = i32::try_from(body.len() + 4).expect("a short message");
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(body);
+    }
+
+    fn be_i32(bytes: &[u8]) -> i32 {
+        i32::from_be_bytes(bytes[..4].try_into().expect("four bytes"))
+    }
+
+    pub struct Connection {
+        socket: TcpStream,
+        input: Vec<u8>,
+        output: Vec<u8>,
+    }
+
+    impl Connection {
+        /// Connects to `url`'s first TCP host and prepares `sql`, whose one
+        /// parameter is a VARCHAR, as statement `load`.
+        pub fn open(url: &str, sql: &str) -> Result<Connection, BoxError> {
+            let config: postgres::Config = url.parse()?;
+            if config.get_ssl_mode() == postgres::config::SslMode::Require {
+                return Err("load_wire speaks without TLS; sslmode=require asks for it".into());
+            }
+            let host = match config.get_hosts().first() {
+                Some(postgres::config::Host::Tcp(host)) => host.clone(),
+                _ => return Err("load_wire connects over TCP only".into()),
+            };
+            let port = config.get_ports().first().copied().unwrap_or(5432);
+            let socket = TcpStream::connect((host.as_str(), port))?;
+            socket.set_nodelay(true)?;
+            let mut conn = Connection {
+                socket,
+                input: Vec::with_capacity(8192),
+                output: Vec::with_capacity(256),
+            };
+            let user = config.get_user().unwrap_or("postgres");
+            let mut startup = 196_608_i32.to_be_bytes().to_vec();
+            for (key, value) in [
+                ("user", user),
+                ("database", config.get_dbname().unwrap_or(user)),
+            ] {
+                startup.extend_from_slice(key.as_bytes());
+                startup.push(0);
+                startup.extend_from_slice(value.as_bytes());
+                startup.push(0);
+            }
+            startup.push(0);
+            let len = i32::try_from(startup.len() + 4)?;
+            let mut first = len.to_be_bytes().to_vec();
+            first.extend_from_slice(&startup);
+            conn.socket.write_all(&first)?;
+            conn.until_ready()?;
+            let mut parse = b"load\0".to_vec();
+            parse.extend_from_slice(sql.as_bytes());
+            parse.push(0);
+            parse.extend_from_slice(&1_i16.to_be_bytes());
+            parse.extend_from_slice(&1043_i32.to_be_bytes()); // varchar
+            let mut out = Vec::new();
+            message(&mut out, b'P', &parse);
+            message(&mut out, b'S', &[]);
+            conn.socket.write_all(&out)?;
+            conn.until_ready()?;
+            Ok(conn)
+        }
+
+        /// Reads messages up to ReadyForQuery: the first column of the
+        /// first row, if a row came.
+        fn until_ready(&mut self) -> Result<Option<Vec<u8>>, BoxError> {
+            let mut row = None;
+            let mut at = 0;
+            self.input.clear();
+            loop {
+                while self.input.len() - at >= 5 {
+                    let tag = self.input[at];
+                    let len = usize::try_from(be_i32(&self.input[at + 1..]))?;
+                    if self.input.len() - at < 1 + len {
+                        break;
+                    }
+                    let body = &self.input[at + 5..at + 1 + len];
+                    match tag {
+                        b'D' => {
+                            if let Ok(n) = usize::try_from(be_i32(&body[2..])) {
+                                row = Some(body[6..6 + n].to_vec());
+                            }
+                        }
+                        b'E' => {
+                            let text = String::from_utf8_lossy(body).replace('\0', " ");
+                            return Err(format!("server error: {}", text.trim()).into());
+                        }
+                        b'R' if be_i32(body) != 0 => {
+                            return Err("load_wire cannot authenticate: it needs a server that \
+                                        trusts the connection (no password)"
+                                .into());
+                        }
+                        b'Z' => return Ok(row),
+                        _ => {}
+                    }
+                    at += 1 + len;
+                }
+                let filled = self.input.len();
+                self.input.resize(filled + 8192, 0);
+                let n = self.socket.read(&mut self.input[filled..])?;
+                self.input.truncate(filled + n);
+                if n == 0 {
+                    return Err("the server closed the connection".into());
+                }
+            }
+        }
+
+        /// Runs the statement for `id` (text parameter, binary result).
+        pub fn load(&mut self, id: &str) -> Result<Option<Vec<u8>>, BoxError> {
+            let mut bind = Vec::with_capacity(32 + id.len());
+            bind.extend_from_slice(b"\0load\0");
+            bind.extend_from_slice(&0_i16.to_be_bytes()); // parameters as text
+            bind.extend_from_slice(&1_i16.to_be_bytes());
+            bind.extend_from_slice(&i32::try_from(id.len())?.to_be_bytes());
+            bind.extend_from_slice(id.as_bytes());
+            bind.extend_from_slice(&1_i16.to_be_bytes());
+            bind.extend_from_slice(&1_i16.to_be_bytes()); // binary result
+            self.output.clear();
+            message(&mut self.output, b'B', &bind);
+            message(&mut self.output, b'E', b"\0\0\0\0\0");
+            message(&mut self.output, b'S', &[]);
+            self.socket.write_all(&self.output)?;
+            self.until_ready()
+        }
+    }
 }

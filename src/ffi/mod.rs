@@ -324,12 +324,39 @@ pub unsafe extern "C" fn trebuchet_store_save(
     len: usize,
     sequence_out: *mut u64,
 ) -> trebuchet_status {
+    // SAFETY: forwarded from the caller's guarantees.
+    unsafe {
+        save_with(
+            store,
+            actor_id,
+            data,
+            len,
+            sequence_out,
+            |store, id, bytes| store.save_bytes(id, bytes),
+        )
+    }
+}
+
+/// The body of the saves: reads the arguments, runs `save` and writes the
+/// new sequence number to `sequence_out` when it is not NULL.
+///
+/// # Safety
+///
+/// As `trebuchet_store_save`.
+unsafe fn save_with(
+    store: *const trebuchet_store,
+    actor_id: *const c_char,
+    data: *const u8,
+    len: usize,
+    sequence_out: *mut u64,
+    save: impl FnOnce(&StateStore, &str, &[u8]) -> crate::Result<u64>,
+) -> trebuchet_status {
     run(|| {
         // SAFETY: forwarded from the caller's guarantees.
         let store = unsafe { store_arg(store) }?;
         let id = unsafe { str_arg(actor_id, "actor_id") }?;
         let bytes = unsafe { bytes_arg(data, len) }?;
-        let sequence = check(store.save_bytes(id, bytes))?;
+        let sequence = check(save(store, id, bytes))?;
         // SAFETY: NULL or writable.
         unsafe { write_opt(sequence_out, sequence) };
         Ok(TREBUCHET_OK)
@@ -355,17 +382,17 @@ pub unsafe extern "C" fn trebuchet_store_save_with_ttl(
     ttl_ms: u64,
     sequence_out: *mut u64,
 ) -> trebuchet_status {
-    run(|| {
-        // SAFETY: forwarded from the caller's guarantees.
-        let store = unsafe { store_arg(store) }?;
-        let id = unsafe { str_arg(actor_id, "actor_id") }?;
-        let bytes = unsafe { bytes_arg(data, len) }?;
-        let ttl = std::time::Duration::from_millis(ttl_ms);
-        let sequence = check(store.save_bytes_with_ttl(id, bytes, ttl))?;
-        // SAFETY: NULL or writable.
-        unsafe { write_opt(sequence_out, sequence) };
-        Ok(TREBUCHET_OK)
-    })
+    // SAFETY: forwarded from the caller's guarantees.
+    unsafe {
+        save_with(
+            store,
+            actor_id,
+            data,
+            len,
+            sequence_out,
+            |store, id, bytes| store.save_bytes_with_ttl(id, bytes, Duration::from_millis(ttl_ms)),
+        )
+    }
 }
 
 /// Stores the state only when the actor is at `expected_sequence`, or does

@@ -90,6 +90,34 @@ fn cuts_land_before_or_after_the_request() {
 }
 
 #[test]
+fn a_cut_after_waits_for_the_answer_to_its_own_request() {
+    let cluster = TestCluster::start().expect("cluster");
+    let proxy = TcpProxy::start(cluster.port()).expect("proxy");
+    let mut direct = client(cluster.port());
+    direct
+        .batch_execute("CREATE TABLE answered (n INT)")
+        .expect("create");
+    for n in 0..40 {
+        let mut through = client(proxy.port());
+        let insert = through
+            .prepare("INSERT INTO answered VALUES ($1)")
+            .expect("prepare");
+        // Dropping a statement sends `Close` and `Sync` without waiting: their
+        // answer is still on its way while the cut request passes, and must
+        // not be taken for the cut request's own.
+        drop(through.prepare("SELECT 1").expect("prepare"));
+        proxy.cut_after(ProxyRequest::Statement);
+        assert!(through.execute(&insert, &[&n]).is_err());
+        let count: i64 = direct
+            .query_one("SELECT count(*) FROM answered WHERE n = $1", &[&n])
+            .unwrap()
+            .get(0);
+        assert_eq!(count, 1, "round {n}: the statement ran to completion");
+    }
+    assert_eq!(proxy.cuts(), 40);
+}
+
+#[test]
 fn stall_holds_bytes_and_resume_delivers_them() {
     let cluster = TestCluster::start().expect("cluster");
     let proxy = TcpProxy::start(cluster.port()).expect("proxy");

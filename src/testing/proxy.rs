@@ -56,8 +56,11 @@ struct Link {
     /// Set once the client has sent an `SSLRequest`, until the server's
     /// one-byte answer has passed.
     ssl_answer_pending: AtomicBool,
-    /// Set when the server's reply is to be swallowed and the link severed.
-    swallowing: AtomicBool,
+    /// When a cut after a request is armed on this link: which reply ends
+    /// the cut request's answer, counting the server's `ReadyForQuery`
+    /// messages after the one that ends the start-up (1 is the first). The
+    /// answer is swallowed and the link severed once it has come; 0 is none.
+    cut_reply: AtomicUsize,
     /// TLS was negotiated: the bytes cannot be read and cuts never match.
     opaque: AtomicBool,
     closed: AtomicBool,
@@ -263,7 +266,7 @@ fn spawn_link(client: TcpStream, server: TcpStream, shared: &Arc<Shared>) -> io:
         client,
         server,
         ssl_answer_pending: AtomicBool::new(false),
-        swallowing: AtomicBool::new(false),
+        cut_reply: AtomicUsize::new(0),
         opaque: AtomicBool::new(false),
         closed: AtomicBool::new(false),
     });
@@ -333,6 +336,8 @@ struct Framer {
 /// A message seen whole (or at least its type and the start of its body).
 struct Seen {
     kind: u8,
+    /// Where the message ends in the bytes it ended in.
+    end: usize,
     body_start: Vec<u8>,
     untyped_code: Option<u32>,
 }
@@ -369,7 +374,7 @@ impl Framer {
                 self.header.clear();
                 self.body.clear();
                 if self.remaining == 0 {
-                    seen.push(self.finish());
+                    seen.push(self.finish(i));
                 }
                 continue;
             }
@@ -379,13 +384,13 @@ impl Framer {
             self.remaining -= take;
             i += take;
             if self.remaining == 0 {
-                seen.push(self.finish());
+                seen.push(self.finish(i));
             }
         }
         seen
     }
 
-    fn finish(&mut self) -> Seen {
+    fn finish(&mut self, end: usize) -> Seen {
         let untyped_code = if self.untyped && self.body.len() >= 4 {
             Some(u32::from_be_bytes(
                 self.body[..4].try_into().expect("four bytes"),
@@ -395,6 +400,7 @@ impl Framer {
         };
         Seen {
             kind: self.kind,
+            end,
             body_start: std::mem::take(&mut self.body),
             untyped_code,
         }
@@ -418,11 +424,19 @@ fn matches(request: Request, message: &Seen) -> bool {
     }
 }
 
+/// Whether a client message asks the server for a `ReadyForQuery`: each
+/// `Sync`, simple `Query` and `FunctionCall` is answered by exactly one.
+fn ends_request(kind: u8) -> bool {
+    matches!(kind, b'S' | b'Q' | b'F')
+}
+
 /// Client to server.
 fn pump_up(link: &Link, shared: &Shared) {
     let mut framer = Framer::untyped();
     let mut buf = vec![0u8; 64 * 1024];
     let mut server = &link.server;
+    // Requests sent that the server answers with a `ReadyForQuery`.
+    let mut requests = 0usize;
     while let Some(n) = read_chunk(link, shared, &link.client, &mut buf) {
         let chunk = &buf[..n];
         let mut cut_here = None;
@@ -443,26 +457,25 @@ fn pump_up(link: &Link, shared: &Shared) {
                     Some(Cut::Before(request) | Cut::After(request)) => matches(request, &message),
                     None => false,
                 };
-                if hit {
-                    if shared.skip.load(Ordering::SeqCst) > 0 {
-                        shared.skip.fetch_sub(1, Ordering::SeqCst);
-                        continue;
-                    }
+                if hit && shared.skip.load(Ordering::SeqCst) > 0 {
+                    shared.skip.fetch_sub(1, Ordering::SeqCst);
+                } else if hit {
                     cut_here = armed.take();
+                    // The cut request is answered by the next
+                    // `ReadyForQuery`: its own (a query) or that of the
+                    // `Sync` after it (an `Execute`).
+                    link.cut_reply.store(requests + 1, Ordering::SeqCst);
                     break;
+                }
+                if ends_request(message.kind) {
+                    requests += 1;
                 }
             }
         }
-        match cut_here {
-            Some(Cut::Before(_)) => {
-                shared.cuts_done.fetch_add(1, Ordering::SeqCst);
-                link.sever();
-                return;
-            }
-            Some(Cut::After(_)) => {
-                link.swallowing.store(true, Ordering::SeqCst);
-            }
-            None => {}
+        if let Some(Cut::Before(_)) = cut_here {
+            shared.cuts_done.fetch_add(1, Ordering::SeqCst);
+            link.sever();
+            return;
         }
         if server.write_all(chunk).is_err() {
             break;
@@ -476,6 +489,8 @@ fn pump_down(link: &Link, shared: &Shared) {
     let mut framer = Framer::default();
     let mut buf = vec![0u8; 64 * 1024];
     let mut client = &link.client;
+    // `ReadyForQuery` messages seen, the start-up's included.
+    let mut ready = 0usize;
     while let Some(n) = read_chunk(link, shared, &link.server, &mut buf) {
         let mut chunk = &buf[..n];
         if link.ssl_answer_pending.swap(false, Ordering::SeqCst) {
@@ -493,20 +508,35 @@ fn pump_down(link: &Link, shared: &Shared) {
             }
             continue;
         }
-        let ready = framer
-            .feed(chunk)
-            .iter()
-            .any(|message| message.kind == b'Z');
-        if link.swallowing.load(Ordering::SeqCst) {
-            if ready {
-                shared.cuts_done.fetch_add(1, Ordering::SeqCst);
-                link.sever();
-                return;
+        // Set before the cut request is sent, so before its answer is read.
+        let cut_reply = link.cut_reply.load(Ordering::SeqCst);
+        // Answers to earlier requests pass; the cut request's is swallowed.
+        let mut pass = if cut_reply == 0 || ready < cut_reply {
+            chunk.len()
+        } else {
+            0
+        };
+        let mut answered = false;
+        for message in framer.feed(chunk) {
+            if message.kind != b'Z' {
+                continue;
             }
-            continue;
+            ready += 1;
+            if cut_reply != 0 && ready == cut_reply {
+                pass = message.end;
+            }
+            if cut_reply != 0 && ready > cut_reply {
+                answered = true;
+                break;
+            }
         }
-        if client.write_all(chunk).is_err() {
+        if client.write_all(&chunk[..pass]).is_err() {
             break;
+        }
+        if answered {
+            shared.cuts_done.fetch_add(1, Ordering::SeqCst);
+            link.sever();
+            return;
         }
     }
     link.sever();

@@ -127,6 +127,147 @@ fn an_expected_sequence_out_of_range_is_an_invalid_argument_and_writes_nothing()
     }
 }
 
+/// Every id of the listing of `prefix`, walking pages of `limit`, and how
+/// many pages it took.
+///
+/// # Safety
+///
+/// `store` is a live store handle.
+unsafe fn list_all(
+    store: *const trebuchet_store,
+    prefix: &std::ffi::CStr,
+    limit: u32,
+) -> (Vec<String>, usize) {
+    let mut ids = Vec::new();
+    let mut pages = 0;
+    let mut token: Option<std::ffi::CString> = None;
+    loop {
+        let mut page = std::ptr::null_mut();
+        // SAFETY: valid strings and out-pointers; the page is freed below.
+        unsafe {
+            let status = trebuchet_store_list_ids(
+                store,
+                prefix.as_ptr(),
+                token.as_ref().map_or(std::ptr::null(), |t| t.as_ptr()),
+                limit,
+                &mut page,
+            );
+            assert_eq!(status, trebuchet_status::TREBUCHET_OK, "{}", last_error());
+            pages += 1;
+            let mut count = usize::MAX;
+            assert_eq!(
+                trebuchet_id_page_count(page, &mut count),
+                trebuchet_status::TREBUCHET_OK
+            );
+            assert!(count <= limit as usize);
+            for index in 0..count {
+                let (mut id, mut len) = (std::ptr::null(), 0usize);
+                assert_eq!(
+                    trebuchet_id_page_get(page, index, &mut id, &mut len),
+                    trebuchet_status::TREBUCHET_OK
+                );
+                let id = CStr::from_ptr(id).to_str().unwrap().to_owned();
+                assert_eq!(id.len(), len);
+                ids.push(id);
+            }
+            let mut next = std::ptr::null();
+            assert_eq!(
+                trebuchet_id_page_next(page, &mut next),
+                trebuchet_status::TREBUCHET_OK
+            );
+            token = (!next.is_null()).then(|| CStr::from_ptr(next).to_owned());
+            trebuchet_id_page_free(&mut page);
+            assert!(page.is_null());
+        }
+        if token.is_none() {
+            return (ids, pages);
+        }
+    }
+}
+
+#[test]
+fn ids_are_listed_page_by_page_and_counted() {
+    let schema = TestDatabase::shared().schema();
+    let mut store = open_store(&schema);
+    // SAFETY: valid strings, data and out-pointers.
+    unsafe {
+        for id in [c"room-3", c"room-1", c"room-2", c"user-1", c"room-10"] {
+            let status =
+                trebuchet_store_save(store, id.as_ptr(), b"x".as_ptr(), 1, std::ptr::null_mut());
+            assert_eq!(status, trebuchet_status::TREBUCHET_OK, "{}", last_error());
+        }
+        let (rooms, pages) = list_all(store, c"room-", 2);
+        let mut expected = vec!["room-1", "room-10", "room-2", "room-3"];
+        let mut sorted = rooms.clone();
+        sorted.sort();
+        expected.sort();
+        assert_eq!(sorted, expected, "every room once, in key order: {rooms:?}");
+        assert_eq!(pages, 2, "4 ids in pages of 2, the last page says so");
+        let (all, _) = list_all(store, c"", 100);
+        assert_eq!(all.len(), 5);
+
+        let mut count = 0u64;
+        let status = trebuchet_store_count_actors(store, c"room-".as_ptr(), &mut count);
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK, "{}", last_error());
+        assert_eq!(count, 4);
+        let status = trebuchet_store_count_actors(store, std::ptr::null(), &mut count);
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK);
+        assert_eq!(count, 5, "NULL is every actor");
+
+        // Bad arguments: typed statuses, outputs untouched.
+        let mut page = std::ptr::null_mut();
+        let status =
+            trebuchet_store_list_ids(store, c"room-".as_ptr(), std::ptr::null(), 0, &mut page);
+        assert_eq!(status, trebuchet_status::TREBUCHET_INVALID_ARGUMENT);
+        assert!(last_error().contains("limit"), "{}", last_error());
+        assert!(page.is_null());
+        let status = trebuchet_store_list_ids(
+            store,
+            c"room-".as_ptr(),
+            c"not-a-token".as_ptr(),
+            2,
+            &mut page,
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_INVALID_ARGUMENT);
+        assert!(page.is_null());
+        let status =
+            trebuchet_store_list_ids(store, c"room-".as_ptr(), std::ptr::null(), 2, &mut page);
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK);
+        let mut next = std::ptr::null();
+        assert_eq!(
+            trebuchet_id_page_next(page, &mut next),
+            trebuchet_status::TREBUCHET_OK
+        );
+        let token = CStr::from_ptr(next).to_owned();
+        let mut other = std::ptr::null_mut();
+        let status =
+            trebuchet_store_list_ids(store, c"user-".as_ptr(), token.as_ptr(), 2, &mut other);
+        assert_eq!(
+            status,
+            trebuchet_status::TREBUCHET_INVALID_ARGUMENT,
+            "a token of another prefix"
+        );
+        assert!(other.is_null());
+        let (mut id, mut len) = (std::ptr::null(), 99usize);
+        let status = trebuchet_id_page_get(page, 2, &mut id, &mut len);
+        assert_eq!(status, trebuchet_status::TREBUCHET_INVALID_ARGUMENT);
+        assert!(last_error().contains("index 2"), "{}", last_error());
+        assert!(id.is_null() && len == 99);
+        let status = trebuchet_id_page_get(page, 0, &mut id, std::ptr::null_mut());
+        assert_eq!(
+            status,
+            trebuchet_status::TREBUCHET_OK,
+            "len_out may be NULL"
+        );
+        assert_eq!(CStr::from_ptr(id).to_str().unwrap().len(), 6);
+        let status = trebuchet_id_page_count(store.cast(), &mut len);
+        assert_eq!(status, trebuchet_status::TREBUCHET_WRONG_HANDLE);
+        trebuchet_id_page_free(&mut page);
+        trebuchet_id_page_free(&mut page);
+        trebuchet_store_free(&mut store);
+    }
+}
+
 #[test]
 fn a_state_saved_with_a_ttl_reads_as_absent_once_it_expires() {
     let schema = TestDatabase::shared().schema();
@@ -459,6 +600,7 @@ fn c_tests_pass_against_a_real_server() {
         "save_load_and_double_free",
         "conditional_saves",
         "time_to_live",
+        "listing",
         "transforms",
         "wrong_handles",
         "timeouts_and_changes",

@@ -77,7 +77,9 @@ typedef enum trebuchet_status {
   TREBUCHET_STATE_TOO_LARGE = 105,
   /**
    * An argument is out of range: an expected sequence number above
-   * 2^63 - 1, or a time to live under 1 ms or over 1,000 years.
+   * 2^63 - 1, a time to live under 1 ms or over 1,000 years, a page
+   * limit of 0 or an index past a page's end; or a page token that is
+   * damaged or was made for another prefix.
    */
   TREBUCHET_INVALID_ARGUMENT = 106,
   /**
@@ -186,6 +188,14 @@ typedef enum trebuchet_resync_reason {
  * so it may be read from several threads.
  */
 typedef struct trebuchet_buffer trebuchet_buffer;
+
+/**
+ * One page of actor ids from `trebuchet_store_list_ids`: read it with
+ * `trebuchet_id_page_count`, `trebuchet_id_page_get` and
+ * `trebuchet_id_page_next`; release it with `trebuchet_id_page_free`.
+ * Immutable, so it may be read from several threads.
+ */
+typedef struct trebuchet_id_page trebuchet_id_page;
 
 /**
  * A change listener: one connection that `LISTEN`s, fanning changes out to
@@ -478,6 +488,90 @@ enum trebuchet_status trebuchet_store_transform(const struct trebuchet_store *st
 enum trebuchet_status trebuchet_output_set(struct trebuchet_output *next,
                                            const uint8_t *data,
                                            size_t len);
+
+/**
+ * One page of the ids that start with `prefix` (NULL or `""` for all), in
+ * the table's key order, at most `limit` of them. `page_token` is NULL for
+ * the first page, then the token `trebuchet_id_page_next` gave for the
+ * page before, with the same prefix. An id that exists from the first
+ * page to the last is listed exactly once, however the table changes in
+ * between; expired actors are not listed.
+ *
+ * `TREBUCHET_INVALID_ARGUMENT` when `limit` is 0 or the token is damaged
+ * or was made for another prefix (nothing is sent to the server). On
+ * success `*page_out` is a new page; release it with
+ * `trebuchet_id_page_free`.
+ *
+ * # Safety
+ *
+ * `prefix` and `page_token` NULL or NUL-terminated; `page_out` writable.
+ */
+enum trebuchet_status trebuchet_store_list_ids(const struct trebuchet_store *store,
+                                               const char *prefix,
+                                               const char *page_token,
+                                               uint32_t limit,
+                                               struct trebuchet_id_page **page_out);
+
+/**
+ * How many ids the page holds (0 only when nothing matched).
+ *
+ * # Safety
+ *
+ * `page` NULL or live; `count_out` writable.
+ */
+enum trebuchet_status trebuchet_id_page_count(const struct trebuchet_id_page *page,
+                                              size_t *count_out);
+
+/**
+ * Points `*id_out` at the page's id number `index` (from 0), NUL-terminated
+ * UTF-8 valid until the page is freed; `len_out`, when not NULL, receives
+ * its length in bytes without the NUL. `TREBUCHET_INVALID_ARGUMENT` when
+ * `index` is not below the count.
+ *
+ * # Safety
+ *
+ * `page` NULL or live; `id_out` writable.
+ */
+enum trebuchet_status trebuchet_id_page_get(const struct trebuchet_id_page *page,
+                                            size_t index,
+                                            const char **id_out,
+                                            size_t *len_out);
+
+/**
+ * Points `*token_out` at the token of the next page, NUL-terminated and
+ * valid until the page is freed, or sets it to NULL on the last page. The
+ * token holds the place, not a cursor on the server: copy it to keep it
+ * past the page, hand it to another process, or use it much later.
+ *
+ * # Safety
+ *
+ * `page` NULL or live; `token_out` writable.
+ */
+enum trebuchet_status trebuchet_id_page_next(const struct trebuchet_id_page *page,
+                                             const char **token_out);
+
+/**
+ * Frees a page and sets `*page` to NULL, so a second call on the same
+ * variable does nothing. NULL and a pointer to NULL are fine.
+ *
+ * # Safety
+ *
+ * `page` NULL or the address of a page pointer.
+ */
+void trebuchet_id_page_free(struct trebuchet_id_page **page);
+
+/**
+ * How many actors have an id starting with `prefix` (NULL or `""` for
+ * all); expired actors are not counted. Counts every row: on a large table
+ * this takes a while.
+ *
+ * # Safety
+ *
+ * `prefix` NULL or NUL-terminated; `count_out` writable.
+ */
+enum trebuchet_status trebuchet_store_count_actors(const struct trebuchet_store *store,
+                                                   const char *prefix,
+                                                   uint64_t *count_out);
 
 /**
  * Starts a listener on the store's server and channel (one connection and

@@ -37,7 +37,9 @@ pub enum trebuchet_status {
     /// The state is larger than the store's maximum.
     TREBUCHET_STATE_TOO_LARGE = 105,
     /// An argument is out of range: an expected sequence number above
-    /// 2^63 - 1, or a time to live under 1 ms or over 1,000 years.
+    /// 2^63 - 1, a time to live under 1 ms or over 1,000 years, a page
+    /// limit of 0 or an index past a page's end; or a page token that is
+    /// damaged or was made for another prefix.
     TREBUCHET_INVALID_ARGUMENT = 106,
     /// A conditional write found another version than the expected one.
     TREBUCHET_CONFLICT = 200,

@@ -14,6 +14,7 @@ pub(crate) enum Kind {
     Subscription = 0x7472_6562_5355_4253,
     Buffer = 0x7472_6562_4255_4646,
     Output = 0x7472_6562_4f55_5450,
+    IdPage = 0x7472_6562_5041_4745,
 }
 
 /// A handle's layout: the tag, then the value. `repr(C)` puts the tag at
@@ -108,6 +109,7 @@ impl Kind {
             Kind::Subscription => "trebuchet_subscription",
             Kind::Buffer => "trebuchet_buffer",
             Kind::Output => "trebuchet_output",
+            Kind::IdPage => "trebuchet_id_page",
         }
     }
 }

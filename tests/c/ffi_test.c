@@ -1,7 +1,7 @@
 /*
  * The C ABI from C: NULL arguments, invalid UTF-8, double frees, wrong
  * handle kinds, timeouts, shutdown with a waiting subscriber, conditional
- * saves and transforms. Built and run by tests/ffi.rs:
+ * saves, transforms and listing. Built and run by tests/ffi.rs:
  *
  *   ffi_test URL TABLE CHANNEL
  *
@@ -156,6 +156,53 @@ static void time_to_live(trebuchet_store *store) {
   printf("ok time_to_live\n");
 }
 
+/* Walks the ids of "c-list-" in pages of 2, keeping each page's token past
+ * the page it came from. */
+static void listing(trebuchet_store *store) {
+  const char *ids[] = {"c-list-1", "c-list-2", "c-list-3", "c-list-4", "c-list-5"};
+  for (size_t i = 0; i < 5; i++) {
+    EXPECT(trebuchet_store_save(store, ids[i], (const uint8_t *)"l", 1, NULL), TREBUCHET_OK);
+  }
+  char *token = NULL;
+  size_t seen = 0, pages = 0;
+  do {
+    trebuchet_id_page *page = NULL;
+    EXPECT(trebuchet_store_list_ids(store, "c-list-", token, 2, &page), TREBUCHET_OK);
+    free(token);
+    token = NULL;
+    pages++;
+    size_t count = 0;
+    EXPECT(trebuchet_id_page_count(page, &count), TREBUCHET_OK);
+    CHECK(count <= 2);
+    for (size_t i = 0; i < count; i++) {
+      const char *id = NULL;
+      size_t len = 0;
+      EXPECT(trebuchet_id_page_get(page, i, &id, &len), TREBUCHET_OK);
+      CHECK(len == strlen(id) && strncmp(id, "c-list-", 7) == 0);
+      seen++;
+    }
+    const char *id = NULL;
+    EXPECT(trebuchet_id_page_get(page, count, &id, NULL), TREBUCHET_INVALID_ARGUMENT);
+    CHECK(id == NULL);
+    const char *next = NULL;
+    EXPECT(trebuchet_id_page_next(page, &next), TREBUCHET_OK);
+    if (next != NULL) {
+      token = strdup(next);
+      CHECK(token != NULL);
+    }
+    trebuchet_id_page_free(&page);
+    CHECK(page == NULL);
+  } while (token != NULL && pages < 10);
+  CHECK(seen == 5 && pages == 3);
+  uint64_t actors = 0;
+  EXPECT(trebuchet_store_count_actors(store, "c-list-", &actors), TREBUCHET_OK);
+  CHECK(actors == 5);
+  trebuchet_id_page *page = NULL;
+  EXPECT(trebuchet_store_list_ids(store, "c-list-", NULL, 0, &page), TREBUCHET_INVALID_ARGUMENT);
+  CHECK(page == NULL);
+  printf("ok listing\n");
+}
+
 struct counter {
   int calls;
   int fail;
@@ -291,6 +338,7 @@ int main(int argc, char **argv) {
   save_load_and_double_free(store);
   conditional_saves(store);
   time_to_live(store);
+  listing(store);
   transforms(store);
   wrong_handles(store, listener);
   timeouts_and_changes(store, listener);

@@ -1,8 +1,9 @@
 //! Point operations on a large table: fills a table with the bulk path
 //! (`save_many`) to each actor count asked for, and at 10,000 actors and at
 //! each count measures `load`, `save` and `save_if` (p50, p99, ops/s), the
-//! table's and its indexes' sizes, and the share of HOT updates; for a
-//! plain table and for hash partitions.
+//! table's and its indexes' sizes, the share of HOT updates, and how long
+//! listing and counting the ids of a narrow prefix take; for a plain table
+//! and for hash partitions.
 //!
 //! Run: `cargo run --release --example scale_bench -- --actors 1000000,10000000`
 //!
@@ -310,6 +311,31 @@ fn measure(
     })
 }
 
+/// The median time of `list_ids` (one page of up to 100) and of
+/// `count_actors` for a prefix that about one id in 65,536 has: with fewer
+/// ids than a page, the listing reads to where the prefix's ids end.
+fn listing(store: &StateStore) -> Result<String, BoxError> {
+    const ROUNDS: usize = 21;
+    let prefix = "actor-0000";
+    let median = |f: &dyn Fn() -> Result<usize, trebuchet_postgres::Error>| {
+        let mut took = Vec::with_capacity(ROUNDS);
+        let mut found = 0;
+        for _ in 0..ROUNDS {
+            let t0 = Instant::now();
+            found = f()?;
+            took.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        took.sort_by(f64::total_cmp);
+        Ok::<_, trebuchet_postgres::Error>((took[ROUNDS / 2], found))
+    };
+    let (list_ms, listed) = median(&|| Ok(store.list_ids(prefix, None, 100)?.ids.len()))?;
+    let (count_ms, counted) = median(&|| Ok(store.count_actors(prefix)? as usize))?;
+    Ok(format!(
+        "prefix `{prefix}`: list_ids (page of 100, {listed} found) {list_ms:.3} ms, \
+         count_actors ({counted}) {count_ms:.3} ms (medians of {ROUNDS})"
+    ))
+}
+
 /// Sizes in bytes over the table's leaves: heap (with TOAST and maps), all
 /// indexes, and each index (partition indexes counted under their parent).
 struct Sizes {
@@ -555,6 +581,7 @@ fn main() -> Result<(), BoxError> {
                 }
                 row.push(m);
             }
+            let listed = listing(&measuring)?;
             drop(measuring);
             std::thread::sleep(Duration::from_millis(300));
             let (upd_after, hot_after) = updates(&mut admin, &table)?;
@@ -586,6 +613,7 @@ fn main() -> Result<(), BoxError> {
                 mb(s.indexes),
                 each.join(", ")
             ));
+            notes.push(format!("{} actors: {listed}", thousands(count)));
             if base.is_empty() {
                 base = row.clone();
             }

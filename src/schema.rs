@@ -194,6 +194,27 @@ impl Names {
     }
 }
 
+/// Whether the table's actor ids sort in code point order, so that the ids
+/// starting with a prefix are exactly those from the prefix up to (not
+/// including) its successor: the column's collation (or the database's,
+/// for the default) is `C`, `POSIX` or a `C.UTF-8`, and the encoding is
+/// UTF-8. Other collations order by language rules, where no bounds are
+/// certain to hold every match, so prefixes are found by a filtered scan.
+/// Collation 100 is the database's default; catalog columns that not every
+/// server version has are read through `to_jsonb`, so the query runs on
+/// all of them.
+const KEY_ORDER: &str = "SELECT current_setting('server_encoding') = 'UTF8' AND COALESCE(( \
+     SELECT CASE WHEN a.attcollation = 100 \
+     THEN (SELECT CASE COALESCE(to_jsonb(d) ->> 'datlocprovider', 'c') \
+         WHEN 'c' THEN d.datcollate::TEXT IN ('C', 'POSIX', 'C.UTF-8', 'C.utf8') \
+         WHEN 'b' THEN to_jsonb(d) ->> 'datlocale' IN ('C', 'C.UTF-8') ELSE false END \
+         FROM pg_database d WHERE d.datname = current_database()) \
+     ELSE (SELECT CASE c.collprovider::TEXT \
+         WHEN 'c' THEN to_jsonb(c) ->> 'collcollate' IN ('C', 'POSIX', 'C.UTF-8', 'C.utf8') \
+         WHEN 'b' THEN to_jsonb(c) ->> 'colllocale' IN ('C', 'C.UTF-8') ELSE false END \
+         FROM pg_collation c WHERE c.oid = a.attcollation) END \
+     FROM pg_attribute a WHERE a.attrelid = $1::TEXT::regclass AND a.attname = 'actor_id'), false)";
+
 /// The SQL text of every operation for one table, built once per store.
 #[derive(Debug)]
 pub(crate) struct Statements {
@@ -214,9 +235,13 @@ pub(crate) struct Statements {
     pub exists: String,
     pub sequence: String,
     pub list_page: String,
+    pub list_page_range: String,
     pub count_prefix: String,
+    pub count_prefix_range: String,
     pub count_tombstones: String,
     pub scan_prefix: String,
+    pub scan_prefix_range: String,
+    pub key_order: String,
     pub restore_many: String,
     pub sweep: String,
     pub outcomes: String,
@@ -233,6 +258,36 @@ impl Statements {
         // row's alias with its dot ("" for none).
         let live = |a: &str| format!("({a}expires_at IS NULL OR {a}expires_at > {now})");
         let expired = |a: &str| format!("{a}expires_at <= {now}");
+        // The ids that start with a prefix, as the bounds of an index range
+        // ($n and $n+1) for where the key order allows them (`KEY_ORDER`);
+        // `starts_with` stays the test, the bounds only narrow the scan.
+        let range = |n: usize| {
+            format!(
+                "actor_id >= ${n}::VARCHAR AND actor_id < ${}::VARCHAR AND ",
+                n + 1
+            )
+        };
+        let list_page = |range: &str| {
+            format!(
+                "SELECT actor_id::TEXT, sequence_number, updated_at, octet_length(state)::INT8 \
+                 FROM {t} WHERE actor_id > $2::VARCHAR AND {range}starts_with(actor_id, $1::TEXT) \
+                 AND {} ORDER BY actor_id LIMIT $3::INT8",
+                live("")
+            )
+        };
+        let count_prefix = |range: &str| {
+            format!(
+                "SELECT count(*) FROM {t} WHERE {range}starts_with(actor_id, $1::TEXT) AND {}",
+                live("")
+            )
+        };
+        let scan_prefix = |range: &str| {
+            format!(
+                "SELECT actor_id::TEXT, state, sequence_number, updated_at, created_at FROM {t} \
+                 WHERE {range}starts_with(actor_id, $1::TEXT) AND {} ORDER BY actor_id",
+                live("")
+            )
+        };
         let bump = format!(
             "t.sequence_number + CASE WHEN {} THEN 2 ELSE 1 END",
             expired("t.")
@@ -431,22 +486,14 @@ impl Statements {
             // Keyset pages in the primary key's order: each page is one index
             // range scan, whatever the page. The first page starts after ''
             // (actor ids are never empty).
-            list_page: format!(
-                "SELECT actor_id::TEXT, sequence_number, updated_at, octet_length(state)::INT8 \
-                 FROM {t} WHERE actor_id > $2::VARCHAR AND starts_with(actor_id, $1::TEXT) \
-                 AND {} ORDER BY actor_id LIMIT $3::INT8",
-                live("")
-            ),
-            count_prefix: format!(
-                "SELECT count(*) FROM {t} WHERE starts_with(actor_id, $1::TEXT) AND {}",
-                live("")
-            ),
+            list_page: list_page(""),
+            list_page_range: list_page(&range(4)),
+            count_prefix: count_prefix(""),
+            count_prefix_range: count_prefix(&range(2)),
             count_tombstones: format!("SELECT count(*) FROM {b}"),
-            scan_prefix: format!(
-                "SELECT actor_id::TEXT, state, sequence_number, updated_at, created_at FROM {t} \
-                 WHERE starts_with(actor_id, $1::TEXT) AND {} ORDER BY actor_id",
-                live("")
-            ),
+            scan_prefix: scan_prefix(""),
+            scan_prefix_range: scan_prefix(&range(2)),
+            key_order: KEY_ORDER.to_owned(),
             // Per item: whether it was written, else the stored version (and
             // whether its bytes are the ones given) or the tombstone that
             // blocked it. Timestamps given as NULL become now.
@@ -1046,9 +1093,13 @@ mod tests {
             exists,
             sequence,
             list_page,
+            list_page_range,
             count_prefix,
+            count_prefix_range,
             count_tombstones,
             scan_prefix,
+            scan_prefix_range,
+            key_order,
             restore_many,
             outcomes,
             sweep,
@@ -1071,9 +1122,13 @@ mod tests {
             ("exists", exists),
             ("sequence", sequence),
             ("list_page", list_page),
+            ("list_page_range", list_page_range),
             ("count_prefix", count_prefix),
+            ("count_prefix_range", count_prefix_range),
             ("count_tombstones", count_tombstones),
             ("scan_prefix", scan_prefix),
+            ("scan_prefix_range", scan_prefix_range),
+            ("key_order", key_order),
             ("restore_many", restore_many),
             ("outcomes", outcomes),
             ("sweep", sweep),

@@ -343,6 +343,7 @@ impl StateStoreBuilder {
                 lost_writes: LostWriteCounters::default(),
                 combiner: self.group_commit.then(Combiner::default),
                 sweeper: std::sync::OnceLock::new(),
+                key_order: std::sync::OnceLock::new(),
             }),
         };
         if self.migrate {
@@ -373,6 +374,9 @@ pub(crate) struct Inner {
     /// Set once, after the store exists: the thread holds only a weak
     /// reference to it.
     sweeper: std::sync::OnceLock<Sweeper>,
+    /// Whether the table's ids sort in code point order, read from the
+    /// catalog on the first listing by prefix.
+    pub(crate) key_order: std::sync::OnceLock<bool>,
 }
 
 /// Actor state in one PostgreSQL table.

@@ -9,7 +9,8 @@ use std::time::SystemTime;
 use postgres::IsolationLevel;
 
 use crate::error::{Error, Result};
-use crate::store::{check_actor_id, to_i64, to_u64, StateStore, Versioned};
+use crate::pool::Connection;
+use crate::store::{check_actor_id, to_i64, to_u64, Failure, Inner, StateStore, Versioned};
 
 /// Rows fetched per round trip by [`StateStore::for_each_bytes`].
 const SCAN_BATCH: i32 = 500;
@@ -50,6 +51,47 @@ pub struct IdPage {
     /// the last page. Opaque, and good for as long as you keep it: it holds
     /// the place, not a cursor on the server.
     pub next_page: Option<String>,
+}
+
+/// Where the ids that start with `prefix` end, for statements that read
+/// them as one index range (`prefix` up to this bound): `None` for the empty
+/// prefix, for a table whose key order is not code point order (see
+/// `KEY_ORDER` in the schema), and for the rare prefix without a successor.
+/// The key order is read from the catalog once per store.
+fn prefix_end(inner: &Inner, c: &mut Connection, prefix: &str) -> Result<Option<String>, Failure> {
+    if prefix.is_empty() {
+        return Ok(None);
+    }
+    let ordered = match inner.key_order.get() {
+        Some(&ordered) => ordered,
+        None => {
+            let row = c
+                .prepare(&inner.sql.key_order)?
+                .query_one(&mut c.client, &[&inner.names.table_sql()])?;
+            *inner.key_order.get_or_init(|| row.get(0))
+        }
+    };
+    Ok(if ordered { successor(prefix) } else { None })
+}
+
+/// The least string, in code point order, above every string that starts
+/// with `prefix`: its last character that has a next one, moved on by one
+/// and with what follows it dropped. `None` when every character is
+/// U+10FFFF.
+fn successor(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match u32::from(last) + 1 {
+            // The surrogates are not characters.
+            0xD800 => Some('\u{E000}'),
+            n => char::from_u32(n),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 /// Page tokens: a version byte, the prefix (length and bytes), the last id
@@ -175,8 +217,14 @@ impl StateStore {
         // One more than asked tells whether another page follows.
         let fetch = i64::from(limit) + 1;
         let rows = self.call(true, |inner, c| {
-            let st = c.prepare(&inner.sql.list_page)?;
-            Ok(st.query(&mut c.client, &[&prefix, &after, &fetch])?)
+            Ok(match prefix_end(inner, c, prefix)? {
+                Some(end) => c
+                    .prepare(&inner.sql.list_page_range)?
+                    .query(&mut c.client, &[&prefix, &after, &fetch, &prefix, &end])?,
+                None => c
+                    .prepare(&inner.sql.list_page)?
+                    .query(&mut c.client, &[&prefix, &after, &fetch])?,
+            })
         })?;
         let mut actors: Vec<ActorSummary> = rows
             .iter()
@@ -205,8 +253,14 @@ impl StateStore {
     /// exists from the first page to the last is listed exactly once, never
     /// skipped or repeated, however many ids are inserted or deleted
     /// meanwhile; ids created or deleted during the walk may or may not
-    /// appear. Expired actors are not listed. Each page is one index range
-    /// scan, on a partitioned table too.
+    /// appear. Expired actors are not listed.
+    ///
+    /// Each page is one index range scan, on a partitioned table too. When
+    /// the ids sort in code point order (the column's collation, or the
+    /// database's, is `C`, `POSIX` or `C.UTF-8` in a UTF-8 database), the
+    /// range holds just the prefix's ids; under a language collation a
+    /// prefix's ids need not be contiguous, and the scan runs from the
+    /// page's start until the page is full or the table ends.
     ///
     /// ```no_run
     /// # let store = trebuchet_postgres::StateStore::from_env()?;
@@ -242,7 +296,10 @@ impl StateStore {
     }
 
     /// How many actors have an id starting with `prefix` (`""` for all).
-    /// Counts every row: on a large table this takes a while.
+    /// Counts every row with the prefix, reading only those when the ids
+    /// sort in code point order (see [`list_ids`](Self::list_ids)) and the
+    /// whole table otherwise: then, or for `""`, a large table takes a
+    /// while.
     ///
     /// # Errors
     ///
@@ -250,8 +307,15 @@ impl StateStore {
     /// migration.
     pub fn count_actors(&self, prefix: &str) -> Result<u64> {
         self.call(true, |inner, c| {
-            let st = c.prepare(&inner.sql.count_prefix)?;
-            Ok(to_u64(st.query_one(&mut c.client, &[&prefix])?.get(0)))
+            let row = match prefix_end(inner, c, prefix)? {
+                Some(end) => c
+                    .prepare(&inner.sql.count_prefix_range)?
+                    .query_one(&mut c.client, &[&prefix, &prefix, &end])?,
+                None => c
+                    .prepare(&inner.sql.count_prefix)?
+                    .query_one(&mut c.client, &[&prefix])?,
+            };
+            Ok(to_u64(row.get(0)))
         })
     }
 
@@ -287,14 +351,21 @@ impl StateStore {
     {
         // Not retried on a lost connection: `f` has seen some actors already.
         self.call(false, |inner, c| {
-            let st = c.prepare(&inner.sql.scan_prefix)?;
+            let end = prefix_end(inner, c, prefix)?;
+            let st = c.prepare(match end {
+                Some(_) => &inner.sql.scan_prefix_range,
+                None => &inner.sql.scan_prefix,
+            })?;
             let mut tx = c
                 .client
                 .build_transaction()
                 .isolation_level(IsolationLevel::RepeatableRead)
                 .read_only(true)
                 .start()?;
-            let portal = st.bind(&mut tx, &[&prefix])?;
+            let portal = match &end {
+                Some(end) => st.bind(&mut tx, &[&prefix, &prefix, end])?,
+                None => st.bind(&mut tx, &[&prefix])?,
+            };
             let mut visited = 0;
             'walk: loop {
                 let rows = tx.query_portal(&portal, SCAN_BATCH)?;
@@ -419,6 +490,34 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_successor_is_the_least_string_above_its_ids() {
+        assert_eq!(successor("room-").as_deref(), Some("room."));
+        assert_eq!(successor("user-z").as_deref(), Some("user-{"));
+        assert_eq!(successor("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(
+            successor("a\u{10FFFF}\u{10FFFF}").as_deref(),
+            Some("b"),
+            "every trailing last character is dropped"
+        );
+        assert_eq!(successor("\u{D7FF}").as_deref(), Some("\u{E000}"));
+        assert_eq!(successor("é").as_deref(), Some("ê"));
+        assert_eq!(successor("\u{10FFFF}"), None);
+        for prefix in ["room-", "a\u{10FFFF}", "\u{D7FF}", "é"] {
+            let end = successor(prefix).unwrap();
+            for id in [
+                prefix.to_owned(),
+                format!("{prefix}\u{10FFFF}"),
+                format!("{prefix}~"),
+            ] {
+                assert!(
+                    prefix <= id.as_str() && id < end,
+                    "{id:?} in {prefix:?}..{end:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn page_tokens_round_trip_and_reject_damage() {

@@ -1,5 +1,6 @@
 //! Expiry: time-to-live checks, and the sweeper that deletes expired rows
-//! in bounded batches so that each removal is announced as a delete.
+//! in bounded batches so that each removal is announced as a delete; and
+//! purging old tombstones, which deletes and sweeps leave behind.
 //!
 //! A row whose `expires_at` has passed already reads as absent from every
 //! statement (see `schema.rs`); the sweeper only reclaims it and tells the
@@ -22,6 +23,9 @@ use crate::store::StateStore;
 /// (a single `bigint` key, another key space).
 const SWEEP_LOCK: &str =
     "SELECT pg_try_advisory_xact_lock(hashtext('trebuchet sweep'), hashtext($1::TEXT))";
+
+/// Tombstones deleted per transaction by [`StateStore::purge_tombstones`].
+const PURGE_BATCH: i64 = 10_000;
 
 /// The longest time to live a save accepts (about 1,000 years).
 const MAX_TTL: Duration = Duration::from_secs(1000 * 366 * 24 * 3600);
@@ -182,6 +186,62 @@ impl StateStore {
                         return Ok(sweep);
                     }
                 }
+            }
+        }
+    }
+
+    /// Deletes the tombstones of actors deleted more than `older_than` ago
+    /// (by the server's clock), 10,000 per transaction, and returns how
+    /// many it deleted.
+    ///
+    /// A tombstone keeps a deleted actor's last sequence number, so that an
+    /// actor created again under the same id continues above it. The table
+    /// of tombstones grows by one row per id ever deleted, which adds up
+    /// when ids are not reused: sessions, expiring actors (every sweep
+    /// leaves tombstones), generated ids. Purging forgets those numbers: an
+    /// actor created again under a purged id starts again at 1, so a
+    /// process that still remembers the id's old numbers (a
+    /// [`StateCache`](crate::StateCache), a subscriber keeping the last
+    /// number it saw) takes the new actor's first changes for old ones, and
+    /// [`restore_many_bytes`](Self::restore_many_bytes) no longer refuses versions at or
+    /// below the forgotten number. So purge only ids that are not used
+    /// again, or tombstones older than anything a running process
+    /// remembers. A tombstone of an id that exists again is no longer
+    /// needed and goes too.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let purged = store.purge_tombstones(Duration::from_secs(30 * 24 * 3600))?;
+    /// println!("forgot {purged} actors deleted over 30 days ago");
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for an `older_than` over 292,000 years
+    /// (nothing is sent); connection and database errors (batches
+    /// committed before the error stay committed).
+    pub fn purge_tombstones(&self, older_than: Duration) -> Result<u64> {
+        let micros = i64::try_from(older_than.as_micros()).map_err(|_| {
+            Error::invalid_argument(
+                "older_than",
+                format!("{older_than:?} is over 292,000 years"),
+            )
+        })?;
+        let mut after = String::new();
+        let mut purged = 0;
+        loop {
+            let (count, last) = self.call(true, |inner, c| {
+                let row = c
+                    .prepare(&inner.sql.purge_tombstones)?
+                    .query_one(&mut c.client, &[&after, &micros, &PURGE_BATCH])?;
+                Ok((row.get::<_, i64>(0), row.get::<_, Option<String>>(1)))
+            })?;
+            purged += u64::try_from(count).unwrap_or(0);
+            match last {
+                Some(last) if count == PURGE_BATCH => after = last,
+                _ => return Ok(purged),
             }
         }
     }

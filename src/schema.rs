@@ -244,6 +244,7 @@ pub(crate) struct Statements {
     pub key_order: String,
     pub restore_many: String,
     pub sweep: String,
+    pub purge_tombstones: String,
     pub outcomes: String,
 }
 
@@ -516,6 +517,17 @@ impl Statements {
             // transaction holds; deleted through the trigger, so each is
             // announced and leaves a tombstone. The condition is checked
             // again on the row deleted, which a save may have renewed.
+            // One batch of old tombstones in key order, after the last id
+            // of the batch before ($1); a batch shorter than the limit has
+            // reached the end.
+            purge_tombstones: format!(
+                "WITH doomed AS (SELECT actor_id FROM {b} WHERE actor_id > $1::VARCHAR \
+                 AND deleted_at < {now} - $2::INT8 * INTERVAL '1 microsecond' \
+                 ORDER BY actor_id LIMIT $3::INT8 FOR UPDATE SKIP LOCKED), \
+                 gone AS (DELETE FROM {b} g USING doomed d WHERE g.actor_id = d.actor_id \
+                 RETURNING g.actor_id) \
+                 SELECT count(*), max(actor_id)::TEXT FROM gone"
+            ),
             sweep: format!(
                 "WITH gone AS (DELETE FROM {t} WHERE actor_id IN (SELECT e.actor_id FROM {t} e \
                  WHERE {} ORDER BY e.expires_at LIMIT $1::BIGINT FOR UPDATE SKIP LOCKED) AND {} \
@@ -1103,6 +1115,7 @@ mod tests {
             restore_many,
             outcomes,
             sweep,
+            purge_tombstones,
         } = Statements::new(&names);
         for (name, sql) in [
             ("save", save),
@@ -1132,6 +1145,7 @@ mod tests {
             ("restore_many", restore_many),
             ("outcomes", outcomes),
             ("sweep", sweep),
+            ("purge_tombstones", purge_tombstones),
         ] {
             assert!(
                 crate::pool::param_types(&sql).is_some(),

@@ -647,6 +647,46 @@ fn sweep_removes_expired_actors_for_cron() {
 }
 
 #[test]
+fn purge_tombstones_forgets_actors_deleted_long_enough_ago() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let cli = Cli::new(&schema);
+    for id in ["old", "young"] {
+        store.save(id, &1u32).unwrap();
+        store.delete(id).unwrap();
+    }
+    schema
+        .client()
+        .unwrap()
+        .batch_execute(&format!(
+            "UPDATE {} SET deleted_at = deleted_at - INTERVAL '2 days' WHERE actor_id = 'old'",
+            schema.table("actor_states_tombstones")
+        ))
+        .unwrap();
+    let purged = cli
+        .run(&["purge-tombstones", "--older-than", "1d"])
+        .ok()
+        .stdout();
+    assert_eq!(
+        purged.trim(),
+        format!("purged 1 tombstone from {}", store.table())
+    );
+    assert_eq!(store.stats().unwrap().tombstones, 1);
+    let again = cli
+        .run(&["purge-tombstones", "--older-than", "86400"])
+        .ok()
+        .stdout();
+    assert!(again.starts_with("purged 0 tombstones"), "{again}");
+    for bad in ["soon", "-1d", "1w", "", "NaNs", "inf"] {
+        let arg = format!("--older-than={bad}");
+        let failed = cli.run(&["purge-tombstones", &arg]).fails(2);
+        assert!(failed.stderr.contains("30d"), "{bad}: {failed:?}");
+    }
+    cli.run(&["purge-tombstones"]).fails(2);
+    assert_eq!(store.stats().unwrap().tombstones, 1);
+}
+
+#[test]
 fn verify_fails_on_a_table_whose_trigger_was_dropped() {
     let schema = TestDatabase::shared().schema();
     let cli = Cli::new(&schema);

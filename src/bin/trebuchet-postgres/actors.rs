@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 use trebuchet_postgres::{validate_actor_id, Expected};
 
-use crate::args::{Delete, Get, Ls, Put, Seq, Sweep};
+use crate::args::{Delete, Get, Ls, PurgeTombstones, Put, Seq, Sweep};
 use crate::fail::Failure;
 use crate::output::{json_line, prompt_if_terminal, timestamp};
 use crate::settings::Settings;
@@ -137,6 +137,25 @@ pub fn delete(settings: &Settings, args: &Delete) -> Result<(), Failure> {
     if existed {
         eprintln!("deleted actor {:?}", args.id);
     }
+    Ok(())
+}
+
+pub fn purge_tombstones(settings: &Settings, args: &PurgeTombstones) -> Result<(), Failure> {
+    let connected = settings.store()?;
+    let store = &connected.store;
+    let purged = store
+        .purge_tombstones(args.older_than)
+        .map_err(|e| connected.fail(e))?;
+    writeln!(
+        io::stdout().lock(),
+        "purged {purged} {} from {}",
+        if purged == 1 {
+            "tombstone"
+        } else {
+            "tombstones"
+        },
+        store.table()
+    )?;
     Ok(())
 }
 

@@ -109,6 +109,19 @@ pub enum Command {
     )]
     #[command(after_help = EXIT_CODES)]
     Sweep(Sweep),
+    /// Forget the tombstones of actors deleted long ago
+    #[command(
+        long_about = "Delete the tombstones of actors deleted more than --older-than ago, 10,000 \
+        per transaction. A tombstone keeps a deleted actor's last sequence number so that an \
+        actor created again under the same id continues above it; the tombstone table grows by \
+        one row per id ever deleted (sessions, expiring actors, generated ids). After a purge an \
+        actor created again under a purged id starts again at 1, and a process that still \
+        remembers the id's old numbers (a cache, a subscriber) takes its first changes for old \
+        ones: purge only ids that are not used again, or tombstones older than anything a \
+        running process remembers."
+    )]
+    #[command(after_help = EXIT_CODES)]
+    PurgeTombstones(PurgeTombstones),
     /// Check the schema and a notification round trip (exit 1 on a problem)
     #[command(
         long_about = "Check what the seed's \"Notifications Not Received\" checklist checks: \
@@ -218,6 +231,15 @@ pub struct Sweep {
     #[arg(long, default_value_t = 1000, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch: u32,
+}
+
+/// `purge-tombstones`
+#[derive(Debug, Args)]
+pub struct PurgeTombstones {
+    /// Purge tombstones older than this: a number with a unit, such as
+    /// 30d, 12h or 90m, or a number of seconds
+    #[arg(long, value_name = "AGE", value_parser = age)]
+    pub older_than: Duration,
 }
 
 /// `verify`
@@ -366,6 +388,26 @@ fn any_seconds(text: &str) -> Result<Duration, String> {
         .ok()
         .and_then(|s| Duration::try_from_secs_f64(s).ok())
         .ok_or_else(|| "expected a number of seconds, such as 3600 or 0.5".to_owned())
+}
+
+/// An age: a number with a unit (`30d`, `12h`, `90m`, `45s`) or a number of
+/// seconds.
+fn age(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.char_indices().last() {
+        Some((i, unit @ ('d' | 'h' | 'm' | 's'))) => (&text[..i], unit),
+        _ => (text, 's'),
+    };
+    let scale = match unit {
+        'd' => 86_400.0,
+        'h' => 3_600.0,
+        'm' => 60.0,
+        _ => 1.0,
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .and_then(|n| Duration::try_from_secs_f64(n * scale).ok())
+        .ok_or_else(|| "expected an age such as 30d, 12h, 90m or 3600 (seconds)".to_owned())
 }
 
 /// A number of seconds, such as `5` or `0.5`.

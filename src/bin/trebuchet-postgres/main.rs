@@ -48,6 +48,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Migrate(args) => schema::migrate(&settings, &args),
         Command::Partition(args) => schema::partition(&settings, &args),
         Command::Sweep(args) => actors::sweep(&settings, &args),
+        Command::PurgeTombstones(args) => actors::purge_tombstones(&settings, &args),
         Command::Verify(args) => schema::verify(&settings, &args),
         Command::Doctor(args) => schema::doctor(&settings, &args),
         Command::Get(args) => actors::get(&settings, &args),

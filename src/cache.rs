@@ -5,28 +5,75 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
 
 use crate::change::Event;
 use crate::error::Result;
 use crate::listener::{CallbackHandle, ChangeListener};
-use crate::store::StateStore;
+use crate::store::{to_u64, StateStore};
 
 /// How often one `get` chases an actor that keeps changing while it loads
 /// before it settles for the newest version it read.
 const MAX_CHASES: usize = 8;
 
 enum Slot<T> {
-    /// Loaded: the state (`None` when the actor does not exist) and the
-    /// sequence number it was read at.
+    /// Loaded: the state (`None` when the actor does not exist), the
+    /// sequence number it was read at, and when it expires (by the
+    /// server's clock, read against this machine's).
     Ready {
         value: Option<Arc<T>>,
         sequence: u64,
+        expires: Option<SystemTime>,
     },
     /// A `get` is loading it; `announced` is the highest sequence number
     /// announced meanwhile.
     Loading { announced: u64 },
+}
+
+/// One actor as the cache reads it: the state, its sequence number and
+/// when it expires; `None` when it does not exist.
+type Loaded<T> = Option<(Arc<T>, u64, Option<SystemTime>)>;
+
+/// One actor as read, before decoding: its bytes, sequence number and
+/// expiry.
+type Raw = (Vec<u8>, u64, Option<SystemTime>);
+
+impl<T> Slot<T> {
+    /// A slot of what was read.
+    fn ready(loaded: Loaded<T>) -> Self {
+        match loaded {
+            Some((value, sequence, expires)) => Slot::Ready {
+                value: Some(value),
+                sequence,
+                expires,
+            },
+            None => Slot::absent(0),
+        }
+    }
+
+    /// A slot for an actor known not to exist (at `sequence`).
+    fn absent(sequence: u64) -> Self {
+        Slot::Ready {
+            value: None,
+            sequence,
+            expires: None,
+        }
+    }
+
+    /// The held value while it has not expired; `None` when it is not
+    /// held, is being loaded, or has expired (then the store decides).
+    fn fresh(&self) -> Option<&Option<Arc<T>>> {
+        match self {
+            Slot::Ready { value, expires, .. }
+                if expires.is_none_or(|at| SystemTime::now() < at) =>
+            {
+                Some(value)
+            }
+            _ => None,
+        }
+    }
 }
 
 struct Core<T> {
@@ -47,6 +94,34 @@ impl<T: DeserializeOwned> Core<T> {
 
     fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, Slot<T>>> {
         self.slots.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads `ids` in one query, with their expiry, undecoded. Actors that
+    /// do not exist are absent from the map.
+    fn read_actors(&self, ids: &[&str]) -> Result<HashMap<String, Raw>> {
+        let rows = self.store.call(true, |inner, c| {
+            Ok(c.prepare(&inner.sql.load_cached)?
+                .query(&mut c.client, &[&ids])?)
+        })?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get(0), (row.get(1), to_u64(row.get(2)), row.get(3))))
+            .collect())
+    }
+
+    /// Decodes what [`read_actors`](Self::read_actors) read of actor `id`.
+    fn decode(&self, id: &str, raw: Option<Raw>) -> Result<Loaded<T>> {
+        raw.map(|(bytes, sequence, expires)| {
+            let value = self.store.decode::<T>(id, &bytes)?;
+            Ok((Arc::new(value), sequence, expires))
+        })
+        .transpose()
+    }
+
+    /// Reads and decodes one actor.
+    fn read_one(&self, id: &str) -> Result<Loaded<T>> {
+        let raw = self.read_actors(&[id])?.remove(id);
+        self.decode(id, raw)
     }
 
     fn apply(&self, event: Event) {
@@ -78,17 +153,14 @@ impl<T: DeserializeOwned> Core<T> {
 
     /// Reads one actor again after it was announced.
     fn reload(&self, id: &str) {
-        match self.store.load_versioned::<T>(id) {
+        match self.read_one(id) {
             Ok(loaded) => {
-                let (value, sequence) = match loaded {
-                    Some(v) => (Some(Arc::new(v.value)), v.sequence),
-                    None => (None, 0),
-                };
+                let sequence = loaded.as_ref().map_or(0, |(_, s, _)| *s);
                 let mut slots = self.write();
                 if let Some(slot @ Slot::Ready { .. }) = slots.get_mut(id) {
-                    if matches!(slot, Slot::Ready { sequence: s, .. } if *s < sequence || value.is_none())
+                    if matches!(slot, Slot::Ready { sequence: s, .. } if *s < sequence || loaded.is_none())
                     {
-                        *slot = Slot::Ready { value, sequence };
+                        *slot = Slot::ready(loaded);
                     }
                 }
             }
@@ -112,7 +184,8 @@ impl<T: DeserializeOwned> Core<T> {
         if ids.is_empty() {
             return;
         }
-        let loaded = match self.store.load_many_versioned_bytes(&ids) {
+        let wanted: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut loaded = match self.read_actors(&wanted) {
             Ok(loaded) => loaded,
             Err(e) => {
                 log::warn!("cache could not reload after a gap, emptying it: {e}");
@@ -121,7 +194,6 @@ impl<T: DeserializeOwned> Core<T> {
                 return;
             }
         };
-        let codec = self.store.codec();
         let mut slots = self.write();
         for id in ids {
             let Some(slot @ Slot::Ready { .. }) = slots.get_mut(&id) else {
@@ -130,20 +202,10 @@ impl<T: DeserializeOwned> Core<T> {
             let Slot::Ready { sequence, .. } = slot else {
                 continue;
             };
-            match loaded.get(&id) {
-                None => {
-                    *slot = Slot::Ready {
-                        value: None,
-                        sequence: *sequence,
-                    }
-                }
-                Some(v) if v.sequence >= *sequence => match codec.decode::<T>(&v.value) {
-                    Ok(value) => {
-                        *slot = Slot::Ready {
-                            value: Some(Arc::new(value)),
-                            sequence: v.sequence,
-                        }
-                    }
+            match loaded.remove(&id) {
+                None => *slot = Slot::absent(*sequence),
+                Some(raw) if raw.1 >= *sequence => match self.decode(&id, Some(raw)) {
+                    Ok(read) => *slot = Slot::ready(read),
                     Err(e) => {
                         log::warn!("cache could not decode actor {id:?}: {e}");
                         slots.remove(&id);
@@ -158,7 +220,10 @@ impl<T: DeserializeOwned> Core<T> {
 /// Decoded states of the actors you ask for, kept fresh by a
 /// [`ChangeListener`]: an actor is read again when a newer sequence number
 /// is announced, marked absent when it is deleted, and everything held is
-/// read again in one query after any `Resync`.
+/// read again in one query after any `Resync`. A state saved with a time to
+/// live is served until it expires, by this machine's clock against the
+/// expiry the server stored; after that `get` asks the store again (an
+/// expiry is not announced until a sweep deletes the actor).
 ///
 /// [`get`](Self::get) reads the network only for an actor the cache does not
 /// hold yet; after that, reads are a map lookup under a read lock. Updates
@@ -261,7 +326,7 @@ where
     /// The store's errors on a first load ([`Error::Decode`](crate::Error::Decode)
     /// when the stored state is not a `T`).
     pub fn get(&self, id: &str) -> Result<Option<Arc<T>>> {
-        if let Some(Slot::Ready { value, .. }) = self.core.read().get(id) {
+        if let Some(value) = self.core.read().get(id).and_then(Slot::fresh) {
             return Ok(value.clone());
         }
         if !self.core.live.load(Ordering::Acquire) {
@@ -273,14 +338,21 @@ where
             {
                 let mut slots = self.core.write();
                 match slots.get(id) {
-                    Some(Slot::Ready { value, .. }) => return Ok(value.clone()),
+                    Some(slot @ Slot::Ready { .. }) => {
+                        if let Some(value) = slot.fresh() {
+                            return Ok(value.clone());
+                        }
+                        // Expired by this machine's clock: the store says
+                        // whether it still exists.
+                        slots.insert(id.to_owned(), Slot::Loading { announced: 0 });
+                    }
                     Some(Slot::Loading { .. }) => {}
                     None => {
                         slots.insert(id.to_owned(), Slot::Loading { announced: 0 });
                     }
                 }
             }
-            let loaded = match self.core.store.load_versioned::<T>(id) {
+            let loaded = match self.core.read_one(id) {
                 Ok(loaded) => loaded,
                 Err(e) => {
                     let mut slots = self.core.write();
@@ -290,21 +362,20 @@ where
                     return Err(e);
                 }
             };
-            let (value, sequence) = match loaded {
-                Some(v) => (Some(Arc::new(v.value)), v.sequence),
-                None => (None, 0),
-            };
+            let sequence = loaded.as_ref().map_or(0, |(_, s, _)| *s);
+            let value = loaded.as_ref().map(|(v, _, _)| Arc::clone(v));
             let mut slots = self.core.write();
             match slots.get(id) {
-                Some(Slot::Ready {
-                    value: held,
-                    sequence: s,
-                }) if *s >= sequence => return Ok(held.clone()),
+                Some(held @ Slot::Ready { sequence: s, .. })
+                    if *s >= sequence && held.fresh().is_some() =>
+                {
+                    return Ok(held.fresh().cloned().flatten());
+                }
                 Some(Slot::Loading { announced })
                     if *announced > sequence
                         || self.core.generation.load(Ordering::Acquire) != generation =>
                 {
-                    newest = Some((value, sequence));
+                    newest = Some(loaded);
                     continue;
                 }
                 _ if !self.core.live.load(Ordering::Acquire) => {
@@ -312,38 +383,31 @@ where
                     return Ok(value);
                 }
                 _ => {
-                    slots.insert(
-                        id.to_owned(),
-                        Slot::Ready {
-                            value: value.clone(),
-                            sequence,
-                        },
-                    );
+                    slots.insert(id.to_owned(), Slot::ready(loaded));
                     return Ok(value);
                 }
             }
         }
         // The actor kept changing while it loaded: hold the newest version
         // read; the next announcement refreshes it.
-        let (value, sequence) = newest.unwrap_or((None, 0));
-        self.core.write().insert(
-            id.to_owned(),
-            Slot::Ready {
-                value: value.clone(),
-                sequence,
-            },
-        );
+        let loaded = newest.flatten();
+        let value = loaded.as_ref().map(|(v, _, _)| Arc::clone(v));
+        self.core.write().insert(id.to_owned(), Slot::ready(loaded));
         Ok(value)
     }
 
     /// The sequence number of the held version, without a round trip
-    /// (`None` when the actor is not held or does not exist).
+    /// (`None` when the actor is not held, does not exist, or has expired
+    /// by this machine's clock).
     pub fn sequence(&self, id: &str) -> Option<u64> {
         match self.core.read().get(id) {
-            Some(Slot::Ready {
-                value: Some(_),
-                sequence,
-            }) => Some(*sequence),
+            Some(
+                slot @ Slot::Ready {
+                    value: Some(_),
+                    sequence,
+                    ..
+                },
+            ) if slot.fresh().is_some() => Some(*sequence),
             _ => None,
         }
     }

@@ -225,6 +225,7 @@ pub(crate) struct Statements {
     pub load: String,
     pub load_versioned: String,
     pub load_many: String,
+    pub load_cached: String,
     pub load_many_ordered: String,
     pub save_many: String,
     pub save_many_if: String,
@@ -381,6 +382,13 @@ impl Statements {
             load: format!("SELECT state FROM {t} WHERE actor_id = $1::VARCHAR AND {}", live("")),
             load_versioned: format!(
                 "SELECT state, sequence_number, updated_at, created_at FROM {t} WHERE actor_id = $1::VARCHAR AND {}",
+                live("")
+            ),
+            // What a `StateCache` holds of each actor: it also keeps when
+            // the state expires.
+            load_cached: format!(
+                "SELECT actor_id::TEXT, state, sequence_number, expires_at FROM {t} \
+                 WHERE actor_id = ANY($1::VARCHAR[]) AND {}",
                 live("")
             ),
             load_many: format!(
@@ -1095,6 +1103,7 @@ mod tests {
             load,
             load_versioned,
             load_many,
+            load_cached,
             load_many_ordered,
             save_many,
             save_many_if,
@@ -1125,6 +1134,7 @@ mod tests {
             ("load", load),
             ("load_versioned", load_versioned),
             ("load_many", load_many),
+            ("load_cached", load_cached),
             ("load_many_ordered", load_many_ordered),
             ("save_many", save_many),
             ("save_many_if", save_many_if),

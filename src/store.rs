@@ -758,7 +758,7 @@ impl StateStore {
         Ok(bytes)
     }
 
-    fn decode<T: DeserializeOwned>(&self, id: &str, bytes: &[u8]) -> Result<T> {
+    pub(crate) fn decode<T: DeserializeOwned>(&self, id: &str, bytes: &[u8]) -> Result<T> {
         self.inner
             .codec
             .decode(bytes)

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
-use trebuchet_postgres::{Error, Expected, StateStore, SweepOptions};
+use trebuchet_postgres::{Error, Expected, StateCache, StateStore, SweepOptions};
 
 /// A time to live short enough for a test, long enough that a save and the
 /// read that follows it finish well within it.
@@ -196,6 +196,50 @@ fn a_later_save_without_a_ttl_clears_it_and_a_ttl_can_be_renewed() {
         );
     }
     assert!(!store.exists("shortened").unwrap());
+}
+
+#[test]
+fn a_cache_stops_serving_a_state_once_it_expires() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let listener = store.listener().unwrap();
+    let cache: StateCache<u64> = StateCache::new(&store, &listener).unwrap();
+    let saved = Instant::now();
+    store.save_with_ttl("brief", &1u64, TTL).unwrap();
+    store.save_with_ttl("renewed", &1u64, TTL).unwrap();
+    assert_eq!(cache.get("brief").unwrap().as_deref(), Some(&1));
+    assert_eq!(cache.get("renewed").unwrap().as_deref(), Some(&1));
+    assert_eq!(cache.sequence("brief"), Some(1));
+    // Saved again without a time to live: kept for good, and the cache
+    // hears of it.
+    store.save("renewed", &2u64).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.get("renewed").unwrap().as_deref() != Some(&2) {
+        assert!(Instant::now() < deadline, "the cache never saw the renewal");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        saved.elapsed() < TTL,
+        "the test ran too slowly to check anything"
+    );
+
+    // No sweeper runs: nothing is announced when "brief" expires, and the
+    // cache alone has to know.
+    outlive(saved);
+    assert_eq!(store.load::<u64>("brief").unwrap(), None);
+    assert_eq!(cache.sequence("brief"), None);
+    assert_eq!(cache.get("brief").unwrap(), None);
+    assert_eq!(cache.get("renewed").unwrap().as_deref(), Some(&2));
+    // Saved again, it is served again.
+    store.save("brief", &3u64).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache.get("brief").unwrap().as_deref() != Some(&3) {
+        assert!(
+            Instant::now() < deadline,
+            "the cache never saw the new save"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

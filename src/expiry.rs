@@ -200,11 +200,13 @@ impl StateStore {
     /// when ids are not reused: sessions, expiring actors (every sweep
     /// leaves tombstones), generated ids. Purging forgets those numbers: an
     /// actor created again under a purged id starts again at 1, so a
-    /// process that still remembers the id's old numbers (a
-    /// [`StateCache`](crate::StateCache), a subscriber keeping the last
-    /// number it saw) takes the new actor's first changes for old ones, and
-    /// [`restore_many_bytes`](Self::restore_many_bytes) no longer refuses versions at or
-    /// below the forgotten number. So purge only ids that are not used
+    /// process that still remembers the id's old numbers takes the new
+    /// actor's first changes for old ones and passes over them: a
+    /// [`StateCache`](crate::StateCache) holding the id, a
+    /// [`Subscription`](crate::Subscription) filtered to it (both keep the
+    /// last number they saw), or a subscriber of your own that does the
+    /// same. And [`restore_many_bytes`](Self::restore_many_bytes) no longer
+    /// refuses versions at or below the forgotten number. So purge only ids that are not used
     /// again, or tombstones older than anything a running process
     /// remembers. A tombstone of an id that exists again is no longer
     /// needed and goes too.

@@ -269,6 +269,122 @@ fn ids_are_listed_page_by_page_and_counted() {
 }
 
 #[test]
+fn many_actors_are_saved_loaded_and_deleted_in_one_call_each() {
+    let schema = TestDatabase::shared().schema();
+    let mut store = open_store(&schema);
+    let ids = [c"bulk-1".as_ptr(), c"bulk-2".as_ptr(), c"bulk-3".as_ptr()];
+    let data = [b"one".as_ptr(), std::ptr::null(), b"three".as_ptr()];
+    let lens = [3usize, 0, 5];
+    // SAFETY: arrays of `ids.len()` elements, valid strings and bytes.
+    unsafe {
+        let mut sequences = [0u64; 3];
+        let status = trebuchet_store_save_many(
+            store,
+            3,
+            ids.as_ptr(),
+            data.as_ptr(),
+            lens.as_ptr(),
+            sequences.as_mut_ptr(),
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK, "{}", last_error());
+        assert_eq!(sequences, [1, 1, 1]);
+        let status = trebuchet_store_save_many(
+            store,
+            3,
+            ids.as_ptr(),
+            data.as_ptr(),
+            lens.as_ptr(),
+            sequences.as_mut_ptr(),
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK);
+        assert_eq!(sequences, [2, 2, 2]);
+
+        let asked = [c"bulk-3".as_ptr(), c"nobody".as_ptr(), c"bulk-2".as_ptr()];
+        let mut buffers = [std::ptr::null_mut(); 3];
+        let status = trebuchet_store_load_many(store, 3, asked.as_ptr(), buffers.as_mut_ptr());
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK, "{}", last_error());
+        assert!(buffers[1].is_null(), "an actor that does not exist");
+        for (buffer, expected) in [(buffers[0], &b"three"[..]), (buffers[2], &b""[..])] {
+            let (mut ptr, mut len) = (std::ptr::null(), usize::MAX);
+            assert_eq!(
+                trebuchet_buffer_get(buffer, &mut ptr, &mut len),
+                trebuchet_status::TREBUCHET_OK
+            );
+            assert_eq!(std::slice::from_raw_parts(ptr, len), expected);
+        }
+        for buffer in &mut buffers {
+            trebuchet_buffer_free(buffer);
+        }
+
+        let gone = [c"bulk-1".as_ptr(), c"nobody".as_ptr()];
+        let mut deleted = [false, true];
+        let status = trebuchet_store_delete_many(store, 2, gone.as_ptr(), deleted.as_mut_ptr());
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK, "{}", last_error());
+        assert_eq!(deleted, [true, false]);
+
+        // Bad input: a typed status, nothing written, outputs untouched.
+        let twice = [c"bulk-2".as_ptr(), c"bulk-2".as_ptr()];
+        let mut sequences = [7u64; 2];
+        let status = trebuchet_store_save_many(
+            store,
+            2,
+            twice.as_ptr(),
+            data.as_ptr(),
+            lens.as_ptr(),
+            sequences.as_mut_ptr(),
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_INVALID_ARGUMENT);
+        assert_eq!(sequences, [7, 7]);
+        let with_null = [c"bulk-9".as_ptr(), std::ptr::null()];
+        let status = trebuchet_store_save_many(
+            store,
+            2,
+            with_null.as_ptr(),
+            data.as_ptr(),
+            lens.as_ptr(),
+            std::ptr::null_mut(),
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_NULL_ARGUMENT);
+        assert!(last_error().contains("actor_ids[1]"), "{}", last_error());
+        let no_bytes = [b"x".as_ptr(), std::ptr::null()];
+        let status = trebuchet_store_save_many(
+            store,
+            2,
+            [c"bulk-8".as_ptr(), c"bulk-9".as_ptr()].as_ptr(),
+            no_bytes.as_ptr(),
+            [1usize, 4].as_ptr(),
+            std::ptr::null_mut(),
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_NULL_ARGUMENT);
+        let status = trebuchet_store_load_many(store, 1, asked.as_ptr(), std::ptr::null_mut());
+        assert_eq!(status, trebuchet_status::TREBUCHET_NULL_ARGUMENT);
+        let mut exists = true;
+        for id in [c"bulk-8", c"bulk-9"] {
+            trebuchet_store_exists(store, id.as_ptr(), &mut exists);
+            assert!(!exists, "nothing was written");
+        }
+        assert_eq!(
+            trebuchet_store_sequence(store, c"bulk-2".as_ptr(), &mut sequences[0]),
+            trebuchet_status::TREBUCHET_OK
+        );
+        assert_eq!(sequences[0], 2);
+        // An empty batch does nothing, with NULL arrays.
+        let status = trebuchet_store_save_many(
+            store,
+            0,
+            std::ptr::null(),
+            std::ptr::null(),
+            std::ptr::null(),
+            std::ptr::null_mut(),
+        );
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK);
+        let status = trebuchet_store_load_many(store, 0, std::ptr::null(), std::ptr::null_mut());
+        assert_eq!(status, trebuchet_status::TREBUCHET_OK);
+        trebuchet_store_free(&mut store);
+    }
+}
+
+#[test]
 fn a_state_saved_with_a_ttl_reads_as_absent_once_it_expires() {
     let schema = TestDatabase::shared().schema();
     let mut store = open_store(&schema);
@@ -600,6 +716,7 @@ fn c_tests_pass_against_a_real_server() {
         "save_load_and_double_free",
         "conditional_saves",
         "time_to_live",
+        "bulk",
         "listing",
         "transforms",
         "wrong_handles",

@@ -440,6 +440,58 @@ enum trebuchet_status trebuchet_store_delete(const struct trebuchet_store *store
                                              bool *deleted_out);
 
 /**
+ * Saves `count` actors in one statement and one round trip: `actor_ids[i]`
+ * gets the `lens[i]` bytes at `data[i]` (`data[i]` may be NULL when
+ * `lens[i]` is 0). All or nothing: on any error nothing is written. When
+ * `sequences_out` is not NULL it receives the `count` new sequence
+ * numbers, in order. An id given twice is `TREBUCHET_INVALID_ARGUMENT`;
+ * `count` 0 does nothing.
+ *
+ * # Safety
+ *
+ * `actor_ids`, `data` and `lens` hold `count` elements (NULL when `count`
+ * is 0); each id NUL-terminated; `data[i]` readable for `lens[i]` bytes;
+ * `sequences_out` NULL or writable for `count` elements.
+ */
+enum trebuchet_status trebuchet_store_save_many(const struct trebuchet_store *store,
+                                                size_t count,
+                                                const char *const *actor_ids,
+                                                const uint8_t *const *data,
+                                                const size_t *lens,
+                                                uint64_t *sequences_out);
+
+/**
+ * Loads `count` actors in one query: `buffers_out[i]` receives a new
+ * buffer with `actor_ids[i]`'s state, or NULL when it does not exist.
+ * Release each buffer with `trebuchet_buffer_free` (it accepts the NULL
+ * ones). On an error no buffer is made.
+ *
+ * # Safety
+ *
+ * `actor_ids` holds `count` NUL-terminated ids (NULL when `count` is 0);
+ * `buffers_out` is writable for `count` elements.
+ */
+enum trebuchet_status trebuchet_store_load_many(const struct trebuchet_store *store,
+                                                size_t count,
+                                                const char *const *actor_ids,
+                                                struct trebuchet_buffer **buffers_out);
+
+/**
+ * Deletes `count` actors in one statement. When `deleted_out` is not NULL,
+ * `deleted_out[i]` receives whether `actor_ids[i]` existed. Each delete
+ * is announced and leaves a tombstone, as `trebuchet_store_delete` does.
+ *
+ * # Safety
+ *
+ * `actor_ids` holds `count` NUL-terminated ids (NULL when `count` is 0);
+ * `deleted_out` NULL or writable for `count` elements.
+ */
+enum trebuchet_status trebuchet_store_delete_many(const struct trebuchet_store *store,
+                                                  size_t count,
+                                                  const char *const *actor_ids,
+                                                  bool *deleted_out);
+
+/**
  * Whether the actor exists.
  *
  * # Safety

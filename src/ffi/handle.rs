@@ -188,3 +188,47 @@ pub(crate) fn out_arg<T>(out: *mut T, what: &str) -> Result<(), trebuchet_status
         Ok(())
     }
 }
+
+/// An array argument of `count` elements: `items` may be NULL only when
+/// `count` is 0.
+///
+/// # Safety
+///
+/// `items` must point to `count` readable elements.
+pub(crate) unsafe fn array_arg<'a, T>(
+    items: *const T,
+    count: usize,
+    what: &str,
+) -> Result<&'a [T], trebuchet_status> {
+    if count == 0 {
+        return Ok(&[]);
+    }
+    if items.is_null() {
+        return Err(fail(
+            trebuchet_status::TREBUCHET_NULL_ARGUMENT,
+            format!("{what} is NULL but count is {count}"),
+        ));
+    }
+    // SAFETY: the caller passes `count` readable elements.
+    Ok(unsafe { std::slice::from_raw_parts(items, count) })
+}
+
+/// `count` actor ids from a C array of strings, each checked as
+/// [`str_arg`] does.
+///
+/// # Safety
+///
+/// `ids` must point to `count` pointers, each NULL or NUL-terminated.
+pub(crate) unsafe fn ids_arg<'a>(
+    ids: *const *const c_char,
+    count: usize,
+) -> Result<Vec<&'a str>, trebuchet_status> {
+    // SAFETY: forwarded.
+    let pointers = unsafe { array_arg(ids, count, "actor_ids") }?;
+    pointers
+        .iter()
+        .enumerate()
+        // SAFETY: forwarded.
+        .map(|(i, &id)| unsafe { str_arg(id, &format!("actor_ids[{i}]")) })
+        .collect()
+}

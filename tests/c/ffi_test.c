@@ -1,7 +1,7 @@
 /*
  * The C ABI from C: NULL arguments, invalid UTF-8, double frees, wrong
  * handle kinds, timeouts, shutdown with a waiting subscriber, conditional
- * saves, transforms and listing. Built and run by tests/ffi.rs:
+ * saves, transforms, bulk calls and listing. Built and run by tests/ffi.rs:
  *
  *   ffi_test URL TABLE CHANNEL
  *
@@ -154,6 +154,35 @@ static void time_to_live(trebuchet_store *store) {
   EXPECT(trebuchet_store_exists(store, "c-ttl", &exists), TREBUCHET_OK);
   CHECK(exists);
   printf("ok time_to_live\n");
+}
+
+/* Saves, loads and deletes three actors, one call each. */
+static void bulk(trebuchet_store *store) {
+  const char *ids[] = {"c-bulk-1", "c-bulk-2", "c-bulk-3"};
+  const uint8_t *data[] = {(const uint8_t *)"a", NULL, (const uint8_t *)"ccc"};
+  size_t lens[] = {1, 0, 3};
+  uint64_t sequences[3] = {0, 0, 0};
+  EXPECT(trebuchet_store_save_many(store, 3, ids, data, lens, sequences), TREBUCHET_OK);
+  CHECK(sequences[0] == 1 && sequences[1] == 1 && sequences[2] == 1);
+  const char *asked[] = {"c-bulk-3", "c-nobody"};
+  trebuchet_buffer *buffers[2] = {NULL, NULL};
+  EXPECT(trebuchet_store_load_many(store, 2, asked, buffers), TREBUCHET_OK);
+  CHECK(buffers[0] != NULL && buffers[1] == NULL);
+  const uint8_t *bytes = NULL;
+  size_t len = 0;
+  EXPECT(trebuchet_buffer_get(buffers[0], &bytes, &len), TREBUCHET_OK);
+  CHECK(len == 3 && memcmp(bytes, "ccc", 3) == 0);
+  trebuchet_buffer_free(&buffers[0]);
+  trebuchet_buffer_free(&buffers[1]);
+  bool deleted[3] = {false, false, false};
+  EXPECT(trebuchet_store_delete_many(store, 3, ids, deleted), TREBUCHET_OK);
+  CHECK(deleted[0] && deleted[1] && deleted[2]);
+  const char *twice[] = {"c-bulk-1", "c-bulk-1"};
+  EXPECT(trebuchet_store_save_many(store, 2, twice, data, lens, NULL), TREBUCHET_INVALID_ARGUMENT);
+  bool exists = true;
+  EXPECT(trebuchet_store_exists(store, "c-bulk-1", &exists), TREBUCHET_OK);
+  CHECK(!exists);
+  printf("ok bulk\n");
 }
 
 /* Walks the ids of "c-list-" in pages of 2, keeping each page's token past
@@ -338,6 +367,7 @@ int main(int argc, char **argv) {
   save_load_and_double_free(store);
   conditional_saves(store);
   time_to_live(store);
+  bulk(store);
   listing(store);
   transforms(store);
   wrong_handles(store, listener);

@@ -285,7 +285,8 @@ impl Statements {
         };
         let scan_prefix = |range: &str| {
             format!(
-                "SELECT actor_id::TEXT, state, sequence_number, updated_at, created_at FROM {t} \
+                "SELECT actor_id::TEXT, state, sequence_number, updated_at, created_at, \
+                 expires_at FROM {t} \
                  WHERE {range}starts_with(actor_id, $1::TEXT) AND {} ORDER BY actor_id",
                 live("")
             )
@@ -508,14 +509,15 @@ impl Statements {
             // blocked it. Timestamps given as NULL become now.
             restore_many: format!(
                 "WITH input AS (SELECT * FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[], \
-                 $4::TIMESTAMP[], $5::TIMESTAMP[]) AS i(id, st, seq, upd, crt)), \
-                 written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at) \
-                 SELECT i.id, i.st, i.seq, COALESCE(i.upd, {now}), COALESCE(i.crt, i.upd, {now}) \
+                 $4::TIMESTAMP[], $5::TIMESTAMP[], $6::TIMESTAMP[]) AS i(id, st, seq, upd, crt, exp)), \
+                 written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
+                 expires_at) \
+                 SELECT i.id, i.st, i.seq, COALESCE(i.upd, {now}), COALESCE(i.crt, i.upd, {now}), i.exp \
                  FROM input i LEFT JOIN {b} b ON b.actor_id = i.id \
                  WHERE COALESCE(b.sequence_number, 0) < i.seq ORDER BY i.id \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
                  sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at, \
-                 expires_at = NULL \
+                 expires_at = EXCLUDED.expires_at \
                  WHERE t.sequence_number < EXCLUDED.sequence_number RETURNING actor_id) \
                  SELECT i.id::TEXT, w.actor_id IS NOT NULL, c.sequence_number, c.state = i.st, \
                  b.sequence_number FROM input i LEFT JOIN written w ON w.actor_id = i.id \

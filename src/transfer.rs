@@ -349,6 +349,22 @@ impl StateStore {
     where
         F: FnMut(String, Versioned<Vec<u8>>) -> ControlFlow<()>,
     {
+        self.for_each_with_expiry(prefix, |id, v, _| f(id, v))
+    }
+
+    /// As [`for_each_bytes`](Self::for_each_bytes), also giving when each
+    /// actor saved with a time to live expires (UTC, from the server's
+    /// clock; `None` for an actor kept for good): what an export needs to
+    /// restore the time to live with
+    /// [`restore_many_with_expiry`](Self::restore_many_with_expiry).
+    ///
+    /// # Errors
+    ///
+    /// As [`for_each_bytes`](Self::for_each_bytes).
+    pub fn for_each_with_expiry<F>(&self, prefix: &str, mut f: F) -> Result<u64>
+    where
+        F: FnMut(String, Versioned<Vec<u8>>, Option<SystemTime>) -> ControlFlow<()>,
+    {
         // Not retried on a lost connection: `f` has seen some actors already.
         self.call(false, |inner, c| {
             let end = prefix_end(inner, c, prefix)?;
@@ -380,7 +396,7 @@ impl StateStore {
                         updated_at: row.get(3),
                         created_at: row.get(4),
                     };
-                    if f(row.get(0), versioned).is_break() {
+                    if f(row.get(0), versioned, row.get(5)).is_break() {
                         break 'walk;
                     }
                 }
@@ -400,7 +416,9 @@ impl StateStore {
     /// again writes nothing ([`RestoreOutcome::Unchanged`]), and a restore
     /// never replaces a newer version. Every written row is announced on
     /// the channel, with its restored `updated_at` as the timestamp. A
-    /// sequence number of 0 is never written (numbers start at 1).
+    /// sequence number of 0 is never written (numbers start at 1). Restored
+    /// actors are kept for good; to restore times to live, see
+    /// [`restore_many_with_expiry`](Self::restore_many_with_expiry).
     ///
     /// ```no_run
     /// # use std::time::SystemTime;
@@ -423,16 +441,46 @@ impl StateStore {
         &self,
         items: &[(S, Versioned<B>)],
     ) -> Result<Vec<RestoreOutcome>> {
+        self.restore(items.iter().map(|(id, v)| (id.as_ref(), v, None)))
+    }
+
+    /// As [`restore_many_bytes`](Self::restore_many_bytes), with when each
+    /// actor expires (`None` for an actor kept for good), as
+    /// [`for_each_with_expiry`](Self::for_each_with_expiry) gives it: a
+    /// state restored with an expiry reads as absent once it has passed, and
+    /// the sweeper removes it. An expiry already past is restored as it is:
+    /// the actor is written and reads as absent at once.
+    ///
+    /// # Errors
+    ///
+    /// As [`restore_many_bytes`](Self::restore_many_bytes).
+    pub fn restore_many_with_expiry<S: AsRef<str>, B: AsRef<[u8]>>(
+        &self,
+        items: &[(S, Versioned<B>, Option<SystemTime>)],
+    ) -> Result<Vec<RestoreOutcome>> {
+        self.restore(
+            items
+                .iter()
+                .map(|(id, v, expires)| (id.as_ref(), v, *expires)),
+        )
+    }
+
+    /// The body of the restores: each item's id, version and expiry.
+    fn restore<'a, B: AsRef<[u8]> + 'a>(
+        &self,
+        items: impl Iterator<Item = (&'a str, &'a Versioned<B>, Option<SystemTime>)> + Clone,
+    ) -> Result<Vec<RestoreOutcome>> {
         let (ids, states) =
-            self.check_batch(items.iter().map(|(id, v)| (id.as_ref(), v.value.as_ref())))?;
+            self.check_batch(items.clone().map(|(id, v, _)| (id, v.value.as_ref())))?;
         let sequences = items
-            .iter()
-            .map(|(_, v)| to_i64(v.sequence))
+            .clone()
+            .map(|(_, v, _)| to_i64(v.sequence))
             .collect::<Result<Vec<i64>>>()?;
         let updated: Vec<Option<SystemTime>> =
-            items.iter().map(|(_, v)| Some(v.updated_at)).collect();
+            items.clone().map(|(_, v, _)| Some(v.updated_at)).collect();
         let created: Vec<Option<SystemTime>> =
-            items.iter().map(|(_, v)| Some(v.created_at)).collect();
+            items.clone().map(|(_, v, _)| Some(v.created_at)).collect();
+        let expires: Vec<Option<SystemTime>> = items.map(|(_, _, e)| e).collect();
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -440,7 +488,7 @@ impl StateStore {
             let st = c.prepare(&inner.sql.restore_many)?;
             let rows = st.query(
                 &mut c.client,
-                &[&ids, &states, &sequences, &updated, &created],
+                &[&ids, &states, &sequences, &updated, &created, &expires],
             )?;
             let by_id: HashMap<String, RestoreRow> = rows
                 .iter()

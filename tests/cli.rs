@@ -819,6 +819,32 @@ fn stats_reports_the_seeds_monitoring_figures() {
 // ----- export and import -----------------------------------------------------
 
 #[test]
+fn an_export_carries_times_to_live_and_an_import_restores_them() {
+    let source_schema = TestDatabase::shared().schema();
+    let cli = Cli::new(&source_schema);
+    cli.run(&["migrate"]).ok();
+    cli.run(&["put", "session", "1", "--ttl", "3600"]).ok();
+    cli.run(&["put", "kept", "2"]).ok();
+    let exported = cli.run(&["export"]).ok();
+    let lines = exported.json_lines();
+    let line = |id: &str| lines.iter().find(|l| l["actor_id"] == id).unwrap().clone();
+    let expires = line("session")["expires_at"].as_str().unwrap().to_owned();
+    assert!(
+        line("kept").get("expires_at").is_none(),
+        "an actor kept for good has no expires_at: {lines:?}"
+    );
+
+    let target_schema = TestDatabase::shared().schema();
+    let target = Cli::new(&target_schema);
+    target.run(&["migrate"]).ok();
+    target.run_with_stdin(&["import"], &exported.stdout).ok();
+    let again = target.run(&["export"]).ok().json_lines();
+    let copied = again.iter().find(|l| l["actor_id"] == "session").unwrap();
+    assert_eq!(copied["expires_at"], expires.as_str());
+    assert_eq!(again, lines, "the copy exports as the original did");
+}
+
+#[test]
 fn export_then_import_into_a_fresh_table_reproduces_every_row() {
     let source_schema = TestDatabase::shared().schema();
     let source = source_schema.store();

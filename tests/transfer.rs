@@ -1,5 +1,6 @@
 //! Listing, walking and restoring whole tables against a real PostgreSQL:
-//! `list_actors`, `count_actors`, `for_each_bytes` and `restore_many_bytes`.
+//! `list_actors`, `count_actors`, `for_each_bytes` and `restore_many_bytes`,
+//! and their forms with expiries.
 
 use std::ops::ControlFlow;
 
@@ -181,4 +182,78 @@ fn restores_reproduce_versions_and_never_go_backwards() {
         [RestoreOutcome::Superseded { current: 0 }]
     );
     assert!(!target.exists("zero").unwrap());
+}
+
+#[test]
+fn times_to_live_go_out_with_a_walk_and_come_back_with_a_restore() {
+    use std::collections::HashMap;
+    use std::time::{Duration, SystemTime};
+
+    let source_schema = TestDatabase::shared().schema();
+    let source = source_schema.store();
+    source
+        .save_with_ttl("session", &1u32, Duration::from_secs(3600))
+        .unwrap();
+    source.save("kept", &2u32).unwrap();
+    let mut walked = Vec::new();
+    source
+        .for_each_with_expiry("", |id, v, expires| {
+            walked.push((id, v, expires));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    let expiries: HashMap<&str, Option<SystemTime>> = walked
+        .iter()
+        .map(|(id, _, expires)| (id.as_str(), *expires))
+        .collect();
+    assert_eq!(expiries["kept"], None);
+    let session_expires = expiries["session"].expect("the session has an expiry");
+    let left = session_expires
+        .duration_since(SystemTime::now())
+        .expect("in the future");
+    assert!(left > Duration::from_secs(3000) && left <= Duration::from_secs(3600));
+
+    let target_schema = TestDatabase::shared().schema();
+    let target = target_schema.store();
+    let outcomes = target.restore_many_with_expiry(&walked).unwrap();
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, RestoreOutcome::Written)));
+    let mut restored = Vec::new();
+    target
+        .for_each_with_expiry("", |id, v, expires| {
+            restored.push((id, v, expires));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(restored, walked, "the same versions and expiries");
+
+    // An expiry already past is restored as it is: the actor reads as absent.
+    let past = SystemTime::now() - Duration::from_secs(60);
+    let now = SystemTime::now();
+    let stale = Versioned {
+        value: &b"\x01"[..],
+        sequence: 4,
+        updated_at: now,
+        created_at: now,
+    };
+    let outcomes = target
+        .restore_many_with_expiry(&[("stale", stale, Some(past))])
+        .unwrap();
+    assert!(matches!(outcomes[0], RestoreOutcome::Written));
+    assert!(!target.exists("stale").unwrap());
+    // A newer version without an expiry keeps the actor for good.
+    let renewed = Versioned {
+        value: &b"\x02"[..],
+        sequence: 5,
+        updated_at: now,
+        created_at: now,
+    };
+    target
+        .restore_many_with_expiry(&[("stale", renewed, None)])
+        .unwrap();
+    assert_eq!(
+        target.load_bytes("stale").unwrap().as_deref(),
+        Some(&b"\x02"[..])
+    );
 }

@@ -32,6 +32,10 @@ struct Line {
     updated_at: Option<String>,
     #[serde(default)]
     created_at: Option<String>,
+    /// When a state saved with a time to live expires; absent for one kept
+    /// for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
     /// The stored bytes, base64 (standard alphabet, padded).
     state: String,
 }
@@ -60,12 +64,13 @@ pub fn export(settings: &Settings, args: &Export) -> Result<(), Failure> {
         None => (Box::new(BufWriter::new(io::stdout().lock())), None),
     };
     let mut failed: Option<Failure> = None;
-    let visited = store.for_each_bytes(&args.prefix, |actor_id, v| {
+    let visited = store.for_each_with_expiry(&args.prefix, |actor_id, v, expires| {
         let line = Line {
             actor_id,
             sequence: v.sequence,
             updated_at: Some(timestamp(v.updated_at)),
             created_at: Some(timestamp(v.created_at)),
+            expires_at: expires.map(timestamp),
             state: BASE64.encode(&v.value),
         };
         let written = serde_json::to_writer(&mut out, &line)
@@ -131,6 +136,7 @@ pub fn import(settings: &Settings, args: &Import) -> Result<(), Failure> {
         connected: &connected,
         bar: &bar,
         batch: Vec::new(),
+        lines: Vec::new(),
         ids: HashSet::new(),
         batch_size: args.batch as usize,
         written: 0,
@@ -167,8 +173,10 @@ pub fn import(settings: &Settings, args: &Import) -> Result<(), Failure> {
 struct Importer<'a> {
     connected: &'a Connected,
     bar: &'a ProgressBar,
-    /// (line number, id, version)
-    batch: Vec<(usize, String, Versioned<Vec<u8>>)>,
+    /// The actors read and not yet written.
+    batch: Vec<Item>,
+    /// The line number of each actor of `batch`.
+    lines: Vec<usize>,
     ids: HashSet<String>,
     batch_size: usize,
     written: u64,
@@ -188,7 +196,7 @@ impl Importer<'_> {
             if line.trim().is_empty() {
                 continue;
             }
-            let (id, version) = match parse(&line) {
+            let (id, version, expires) = match parse(&line) {
                 Ok(parsed) => parsed,
                 Err(reason) => {
                     // Everything before the bad line goes in, so that a rerun
@@ -204,7 +212,8 @@ impl Importer<'_> {
                 self.flush()?;
             }
             self.ids.insert(id.clone());
-            self.batch.push((number, id, version));
+            self.batch.push((id, version, expires));
+            self.lines.push(number);
             if !by_bytes {
                 self.bar.inc(1);
             }
@@ -216,24 +225,9 @@ impl Importer<'_> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let items: Vec<(&str, Versioned<&[u8]>)> = self
-            .batch
-            .iter()
-            .map(|(_, id, v)| {
-                (
-                    id.as_str(),
-                    Versioned {
-                        value: v.value.as_slice(),
-                        sequence: v.sequence,
-                        updated_at: v.updated_at,
-                        created_at: v.created_at,
-                    },
-                )
-            })
-            .collect();
         let store: &StateStore = &self.connected.store;
-        let outcomes = store.restore_many_bytes(&items).map_err(|e| {
-            let first = self.batch.first().map_or(0, |b| b.0);
+        let outcomes = store.restore_many_with_expiry(&self.batch).map_err(|e| {
+            let first = self.lines.first().copied().unwrap_or(0);
             let mut failure = self.connected.fail(e);
             failure.append(&format!(
                 "(in the lines from {first}; {} actors were imported before them)",
@@ -241,7 +235,7 @@ impl Importer<'_> {
             ));
             failure
         })?;
-        for ((number, id, v), outcome) in self.batch.iter().zip(outcomes) {
+        for (((id, v, _), number), outcome) in self.batch.iter().zip(&self.lines).zip(outcomes) {
             let skipped = match outcome {
                 RestoreOutcome::Written => {
                     self.written += 1;
@@ -267,13 +261,17 @@ impl Importer<'_> {
             }
         }
         self.batch.clear();
+        self.lines.clear();
         self.ids.clear();
         Ok(())
     }
 }
 
+/// An actor as an export line holds it: its id, version and expiry.
+type Item = (String, Versioned<Vec<u8>>, Option<SystemTime>);
+
 /// One line of an export.
-fn parse(line: &str) -> Result<(String, Versioned<Vec<u8>>), String> {
+fn parse(line: &str) -> Result<Item, String> {
     let line: Line = serde_json::from_str(line).map_err(|e| format!("not an export line: {e}"))?;
     if line.sequence == 0 {
         return Err(format!(
@@ -298,6 +296,10 @@ fn parse(line: &str) -> Result<(String, Versioned<Vec<u8>>), String> {
     };
     let updated_at = time("updated_at", &line.updated_at)?;
     let created_at = time("created_at", &line.created_at)?;
+    let expires_at = match &line.expires_at {
+        None => None,
+        Some(_) => Some(time("expires_at", &line.expires_at)?),
+    };
     Ok((
         line.actor_id,
         Versioned {
@@ -306,6 +308,7 @@ fn parse(line: &str) -> Result<(String, Versioned<Vec<u8>>), String> {
             updated_at,
             created_at,
         },
+        expires_at,
     ))
 }
 
@@ -315,7 +318,7 @@ mod tests {
 
     #[test]
     fn lines_parse_and_say_what_is_wrong() {
-        let (id, v) = parse(
+        let (id, v, expires) = parse(
             r#"{"actor_id":"a","sequence":3,"updated_at":"2025-11-24T16:00:00.123456Z","created_at":"2025-11-24T15:00:00Z","state":"AP8="}"#,
         )
         .unwrap();
@@ -323,8 +326,17 @@ mod tests {
         assert_eq!(v.sequence, 3);
         assert_eq!(v.value, [0, 255]);
         assert_eq!(timestamp(v.updated_at), "2025-11-24T16:00:00.123456Z");
-        let (_, v) = parse(r#"{"actor_id":"b","sequence":1,"state":""}"#).unwrap();
+        assert_eq!(expires, None, "no expires_at: kept for good");
+        let (_, v, _) = parse(r#"{"actor_id":"b","sequence":1,"state":""}"#).unwrap();
         assert!(v.value.is_empty());
+        let (_, _, expires) = parse(
+            r#"{"actor_id":"c","sequence":1,"state":"","expires_at":"2030-01-02T03:04:05.5Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            expires.map(timestamp).as_deref(),
+            Some("2030-01-02T03:04:05.500000Z")
+        );
         for (line, needle) in [
             ("{", "not an export line"),
             (r#"{"actor_id":"a","sequence":1}"#, "missing field `state`"),
@@ -340,6 +352,10 @@ mod tests {
             (
                 r#"{"actor_id":"a","sequence":1,"state":"","updated_at":"yesterday"}"#,
                 "not an RFC 3339 time",
+            ),
+            (
+                r#"{"actor_id":"a","sequence":1,"state":"","expires_at":"soon"}"#,
+                "expires_at \"soon\" is not an RFC 3339 time",
             ),
         ] {
             let err = parse(line).unwrap_err();

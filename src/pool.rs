@@ -976,11 +976,11 @@ impl Pool {
             };
             let epoch = self.shared.epoch.load(Ordering::Acquire);
             if conn.verified_epoch >= epoch {
-                return Ok(self.checkout(conn));
+                return Ok(self.checkout(conn, false));
             }
             if conn.client.is_valid(check).is_ok() {
                 conn.verified_epoch = epoch;
-                return Ok(self.checkout(conn));
+                return Ok(self.checkout(conn, true));
             }
             log::debug!(
                 "discarding a dead pooled connection to {}",
@@ -992,13 +992,14 @@ impl Pool {
     }
 
     /// Hands `conn` to a call, under the call timeout when there is one.
-    fn checkout(&self, conn: r2d2::PooledConnection<Manager>) -> Checkout<'_> {
+    fn checkout(&self, conn: r2d2::PooledConnection<Manager>, checked: bool) -> Checkout<'_> {
         if let (Some(watch), Some(watchdog)) = (&conn.watch, &self.shared.watchdog) {
             watch.arm(Instant::now() + watchdog.timeout());
         }
         Checkout {
             conn: Some(conn),
             parking: &self.parking,
+            checked,
         }
     }
 
@@ -1139,6 +1140,10 @@ pub(crate) struct Checkout<'p> {
     /// Always `Some` until dropped.
     conn: Option<r2d2::PooledConnection<Manager>>,
     parking: &'p Parking<r2d2::PooledConnection<Manager>>,
+    /// The connection was checked with a round trip for this checkout,
+    /// because another one broke since it was last used: the server may be
+    /// going through a restart or a mass disconnect.
+    pub(crate) checked: bool,
 }
 
 impl Deref for Checkout<'_> {

@@ -434,6 +434,11 @@ pub(crate) struct Inner {
 /// - [`Error::NotApplied`]: the write was not applied; the database is as if
 ///   the call had never been made, and making it again is safe.
 ///   [`transform`](Self::transform) does so itself, as after a lost race.
+///   So does every write whose connection had just been checked with a
+///   round trip because another one broke (the check can pass just before
+///   a restart or a mass disconnect reaches that connection): it is made
+///   once more on another connection, so that one fault fails a caller at
+///   most once.
 /// - [`Error::OutcomeUnknown`]: the server did not come back within
 ///   `outcome_timeout`, or the answer was pushed out of the tags. A
 ///   conditional write ([`save_if`](Self::save_if) with a sequence number,
@@ -702,39 +707,51 @@ impl StateStore {
     /// `settle` gives the result from what the rows of `ids` say, read on a
     /// new connection once the old one's server process is gone (see the
     /// section on lost connections).
+    ///
+    /// A write found not applied on a connection that had just been checked
+    /// because another one broke is made once more: the check can pass just
+    /// before a restart or a mass disconnect reaches that connection's
+    /// server process, and the caller has not failed for this fault yet.
     pub(crate) fn write<R>(
         &self,
         ids: &[&str],
         mut f: impl FnMut(&Inner, &mut Connection) -> Result<R, Failure>,
-        settle: impl FnOnce(&Traces) -> Result<R>,
+        settle: impl Fn(&Traces) -> Result<R>,
     ) -> Result<R> {
-        let mut conn = self.inner.pool.get()?;
-        let e = match f(&self.inner, &mut conn) {
-            Ok(r) => return Ok(r),
-            Err(Failure::Store(e)) => return Err(e),
-            Err(Failure::Pg(e)) => e,
-        };
-        let backend = conn.backend;
-        let (error, _) = self.inner.pool.call_error(&mut conn, e);
-        drop(conn);
-        let Error::ConnectionLost(source) = error else {
-            return Err(self.schema_hint(error));
-        };
-        log::info!(
-            "connection lost during a write to {:?}; finding out whether it was applied",
-            ids.first().copied().unwrap_or_default()
-        );
-        let result = outcome::find_out(
-            &self.inner.pool,
-            &self.inner.sql,
-            ids,
-            backend,
-            source,
-            self.inner.outcome_timeout,
-        )
-        .and_then(|traces| settle(&traces));
-        self.inner.lost_writes.count(&result);
-        result
+        let mut again = true;
+        loop {
+            let mut conn = self.inner.pool.get()?;
+            let e = match f(&self.inner, &mut conn) {
+                Ok(r) => return Ok(r),
+                Err(Failure::Store(e)) => return Err(e),
+                Err(Failure::Pg(e)) => e,
+            };
+            let (backend, checked) = (conn.backend, conn.checked);
+            let (error, _) = self.inner.pool.call_error(&mut conn, e);
+            drop(conn);
+            let Error::ConnectionLost(source) = error else {
+                return Err(self.schema_hint(error));
+            };
+            log::info!(
+                "connection lost during a write to {:?}; finding out whether it was applied",
+                ids.first().copied().unwrap_or_default()
+            );
+            let result = outcome::find_out(
+                &self.inner.pool,
+                &self.inner.sql,
+                ids,
+                backend,
+                source,
+                self.inner.outcome_timeout,
+            )
+            .and_then(|traces| settle(&traces));
+            self.inner.lost_writes.count(&result);
+            if checked && again && matches!(result, Err(Error::NotApplied { .. })) {
+                again = false;
+                continue;
+            }
+            return result;
+        }
     }
 
     /// How the writes whose connection broke mid-write turned out, since

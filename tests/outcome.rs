@@ -520,3 +520,46 @@ fn child_process_counts() {
     );
     println!("child done: {ok} {not_applied} {unknown} {other}");
 }
+
+/// A connection checked because another one broke can pass the check just
+/// before the fault reaches it. A write found not applied on such a
+/// connection is made again: the caller does not fail twice for one fault.
+#[test]
+fn a_write_not_applied_on_a_connection_just_checked_is_made_again() {
+    let rig = Rig::with("cut_checked", |b| {
+        b.group_commit(false)
+            .pool_options(PoolOptions::default().max_size(4).min_idle(Some(0)))
+    });
+    // This thread's connection, with the save statement prepared.
+    rig.store.save("a", &1u32).unwrap();
+    // While it is in use (a walk holds its connection), another thread's
+    // write is cut before it reaches the server: a connection seen broken,
+    // so connections in use at the time are checked before their next use.
+    let walked = rig
+        .store
+        .for_each_bytes("a", |_, _| {
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        rig.store.save("b", &1u32).unwrap();
+                        rig.proxy.cut_before(Statement);
+                        assert_not_applied(rig.store.save("b", &2u32));
+                    })
+                    .join()
+                    .unwrap();
+            });
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(walked, 1);
+    assert_eq!(rig.store.lost_writes().not_applied, 1);
+
+    // This thread's connection is checked (the check, a simple query, goes
+    // through) and its write is then cut before it reaches the server.
+    let cuts = rig.proxy.cuts();
+    rig.proxy.cut_before_nth(Statement, 2);
+    assert_eq!(rig.store.save("a", &2u32).unwrap(), 2);
+    assert_eq!(rig.proxy.cuts(), cuts + 1, "the cut happened");
+    assert_eq!(rig.store.lost_writes().not_applied, 2);
+    assert_eq!(rig.version("a"), Some((2, 2)));
+}

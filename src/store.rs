@@ -434,11 +434,12 @@ pub(crate) struct Inner {
 /// - [`Error::NotApplied`]: the write was not applied; the database is as if
 ///   the call had never been made, and making it again is safe.
 ///   [`transform`](Self::transform) does so itself, as after a lost race.
-///   So does every write whose connection had just been checked with a
-///   round trip because another one broke (the check can pass just before
-///   a restart or a mass disconnect reaches that connection): it is made
-///   once more on another connection, so that one fault fails a caller at
-///   most once.
+///   So does a write whose connection had just been checked with a round
+///   trip because another one broke (the check can pass just before a
+///   restart or a mass disconnect reaches that connection): it is made once
+///   more on another connection, so that one fault fails a caller at most
+///   once. (Saves combined by group commit report `NotApplied` to each of
+///   their callers instead.)
 /// - [`Error::OutcomeUnknown`]: the server did not come back within
 ///   `outcome_timeout`, or the answer was pushed out of the tags. A
 ///   conditional write ([`save_if`](Self::save_if) with a sequence number,

@@ -317,7 +317,8 @@ fn batch() {
 
 /// Group commit: threads save through one connection while the proxy cuts
 /// it twice, once after a grouped statement was answered and once before
-/// one reached the server. Every caller's result matches its row.
+/// one reached the server. Every caller's result matches its row, and the
+/// second cut is found not applied.
 #[test]
 fn grouped_saves() {
     const THREADS: usize = 8;
@@ -390,7 +391,14 @@ fn grouped_saves() {
             "{id}: the row holds the last applied save"
         );
     }
-    assert!(not_applied > 0, "the cut before a statement failed someone");
+    // The cut before a statement was found not applied: its callers got
+    // `NotApplied`, or, for a lone write on a connection just checked after
+    // the first cut, the store made the write again (counted as not applied)
+    // and its caller got the result.
+    assert!(
+        not_applied > 0 || rig.store.lost_writes().not_applied > 0,
+        "the cut before a statement was found not applied"
+    );
 }
 
 // ----- processes across a restart --------------------------------------------

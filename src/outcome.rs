@@ -51,14 +51,33 @@ pub(crate) struct LostWriteCounters {
     unknown: AtomicU64,
 }
 
+/// A write's settled result, as the counters see it: a result that holds
+/// one outcome per caller (a group commit) says through its first item
+/// whether the statement landed.
+pub(crate) trait Settled {
+    /// The error that says the write did not land or is unknown, if any.
+    fn lost(&self) -> Option<&Error> {
+        None
+    }
+}
+
+impl Settled for Vec<Result<u64>> {
+    fn lost(&self) -> Option<&Error> {
+        self.first().and_then(|r| r.as_ref().err())
+    }
+}
+
 impl LostWriteCounters {
     /// Counts how one lost write turned out.
-    pub fn count<R>(&self, result: &Result<R>) {
-        let counter = match result {
-            Ok(_) => &self.applied,
-            Err(Error::NotApplied { .. }) => &self.not_applied,
-            Err(Error::OutcomeUnknown { .. }) => &self.unknown,
-            Err(_) => &self.applied,
+    pub fn count<R: Settled>(&self, result: &Result<R>) {
+        let error = match result {
+            Ok(r) => r.lost(),
+            Err(e) => Some(e),
+        };
+        let counter = match error {
+            Some(Error::NotApplied { .. }) => &self.not_applied,
+            Some(Error::OutcomeUnknown { .. }) => &self.unknown,
+            _ => &self.applied,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }

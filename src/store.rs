@@ -14,7 +14,7 @@ use crate::error::{Error, Expected, InvalidActorId, Result};
 use crate::expiry::{ttl_micros, SweepOptions, Sweeper};
 use crate::group::{rounds, Combiner, Item};
 use crate::listener::{ChangeListener, ChangeListenerBuilder};
-use crate::outcome::{self, write_id, Landed, LostWriteCounters, LostWrites, Traces};
+use crate::outcome::{self, write_id, Landed, LostWriteCounters, LostWrites, Settled, Traces};
 use crate::pool::{Connection, Pool, PoolOptions};
 use crate::schema::{self, Names, Statements, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
 
@@ -502,6 +502,17 @@ impl From<Error> for Failure {
     }
 }
 
+// Writes whose result is one outcome for the whole statement: the counters
+// read it from the `Result` around them.
+impl Settled for u64 {}
+impl Settled for bool {}
+impl Settled for Option<Option<u64>> {}
+impl Settled for HashMap<String, u64> {}
+impl Settled for std::collections::HashSet<String> {}
+impl Settled for Written {}
+impl Settled for Vec<Written> {}
+impl Settled for Result<Vec<BatchResult>> {}
+
 /// The outcome of a conditional write.
 enum Written {
     Yes {
@@ -713,7 +724,7 @@ impl StateStore {
     /// because another one broke is made once more: the check can pass just
     /// before a restart or a mass disconnect reaches that connection's
     /// server process, and the caller has not failed for this fault yet.
-    pub(crate) fn write<R>(
+    pub(crate) fn write<R: Settled>(
         &self,
         ids: &[&str],
         mut f: impl FnMut(&Inner, &mut Connection) -> Result<R, Failure>,

@@ -11,6 +11,7 @@
 //! server at commit, rollback or disconnect, so a sweeper that dies never
 //! leaves it held.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -275,30 +276,35 @@ type Stop = Arc<(Mutex<bool>, Condvar)>;
 /// store's last handle is dropped.
 pub(crate) struct Sweeper {
     stop: Stop,
-    thread: Option<JoinHandle<()>>,
+    /// Set while the thread holds the store for a batch.
+    holding: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Sweeper {
-    /// Starts the thread. `batch` runs one batch on the store, or returns
-    /// `None` once the store is gone; the thread holds nothing else of the
-    /// store, so it never keeps the store alive.
-    pub(crate) fn start(
+    /// Starts the thread. `open` gives the store for a batch, or `None` once
+    /// it is gone; `batch` runs one batch on it. The thread holds the store
+    /// only during a batch, so it never keeps the store alive, and takes it
+    /// only under the stop lock, so that [`stop_if_last`](Self::stop_if_last)
+    /// sees every hold.
+    pub(crate) fn start<S: Send + 'static>(
         options: &SweepOptions,
-        batch: impl Fn(u32) -> Option<Result<Option<u64>>> + Send + 'static,
+        open: impl Fn() -> Option<S> + Send + 'static,
+        batch: impl Fn(&S, u32) -> Result<Option<u64>> + Send + 'static,
     ) -> Result<Sweeper> {
         let stop: Stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let flag = Arc::clone(&stop);
+        let holding = Arc::new(AtomicBool::new(false));
+        let (flag, held) = (Arc::clone(&stop), Arc::clone(&holding));
         let (interval, batch_size) = (options.interval, options.batch_size);
         let thread = thread::Builder::new()
             .name("trebuchet-sweep".into())
             .spawn(move || {
-                let stopped = || *flag.0.lock().unwrap_or_else(|p| p.into_inner());
+                let lock = || flag.0.lock().unwrap_or_else(|p| p.into_inner());
                 'sweeps: loop {
                     {
-                        let guard = flag.0.lock().unwrap_or_else(|p| p.into_inner());
                         let (guard, _) = flag
                             .1
-                            .wait_timeout_while(guard, interval, |stop| !*stop)
+                            .wait_timeout_while(lock(), interval, |stop| !*stop)
                             .unwrap_or_else(|p| p.into_inner());
                         if *guard {
                             break;
@@ -306,21 +312,34 @@ impl Sweeper {
                     }
                     let mut removed = 0;
                     loop {
-                        if stopped() {
-                            break 'sweeps;
-                        }
-                        match batch(batch_size) {
-                            None => break 'sweeps,
-                            Some(Ok(Some(n))) if n == u64::from(batch_size) => removed += n,
-                            Some(Ok(Some(n))) => {
+                        let store = {
+                            let guard = lock();
+                            if *guard {
+                                break 'sweeps;
+                            }
+                            let Some(store) = open() else {
+                                break 'sweeps;
+                            };
+                            held.store(true, Ordering::SeqCst);
+                            store
+                        };
+                        let result = batch(&store, batch_size);
+                        // Released before the flag is cleared: a last handle
+                        // dropped in between counts this hold and leaves the
+                        // join to the store's own drop.
+                        drop(store);
+                        held.store(false, Ordering::SeqCst);
+                        match result {
+                            Ok(Some(n)) if n == u64::from(batch_size) => removed += n,
+                            Ok(Some(n)) => {
                                 removed += n;
                                 break;
                             }
-                            Some(Ok(None)) => {
+                            Ok(None) => {
                                 log::debug!("another sweeper holds the lock; skipping this sweep");
                                 break;
                             }
-                            Some(Err(e)) => {
+                            Err(e) => {
                                 log::warn!("sweeping expired actors failed: {e}");
                                 break;
                             }
@@ -334,8 +353,46 @@ impl Sweeper {
             .map_err(|e| Error::invalid_config(format!("cannot start the sweeper thread: {e}")))?;
         Ok(Sweeper {
             stop,
-            thread: Some(thread),
+            holding,
+            thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// Called as a handle of the store (`store`) is dropped: when it is the
+    /// last one but for the thread's own hold during a batch, stops the
+    /// thread and joins it here, so that the thread never ends up dropping
+    /// the store itself after its last handle is gone.
+    pub(crate) fn stop_if_last<T>(&self, store: &Arc<T>) {
+        if self.is_own_thread() {
+            return;
+        }
+        let mut stop = self.stop.0.lock().unwrap_or_else(|p| p.into_inner());
+        let held = usize::from(self.holding.load(Ordering::SeqCst));
+        if Arc::strong_count(store).saturating_sub(held) != 1 {
+            return;
+        }
+        *stop = true;
+        self.stop.1.notify_all();
+        drop(stop);
+        self.join();
+    }
+
+    fn is_own_thread(&self) -> bool {
+        self.thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|t| t.thread().id() == thread::current().id())
+    }
+
+    /// Joins the thread, unless this is it (then it ends by itself).
+    fn join(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            if thread.thread().id() != thread::current().id() {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
@@ -343,13 +400,7 @@ impl Drop for Sweeper {
     fn drop(&mut self) {
         *self.stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.stop.1.notify_all();
-        if let Some(thread) = self.thread.take() {
-            // The store's last handle may be the one the thread held for a
-            // batch: then the thread ends by itself after this returns.
-            if thread.thread().id() != thread::current().id() {
-                let _ = thread.join();
-            }
-        }
+        self.join();
     }
 }
 

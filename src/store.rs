@@ -351,10 +351,11 @@ impl StateStoreBuilder {
         }
         if let Some(options) = &self.sweeper {
             let weak = Arc::downgrade(&store.inner);
-            let sweeper = Sweeper::start(options, move |batch| {
-                let inner = weak.upgrade()?;
-                Some(StateStore { inner }.sweep_batch(batch))
-            })?;
+            let sweeper = Sweeper::start(
+                options,
+                move || weak.upgrade().map(|inner| StateStore { inner }),
+                |store, batch| store.sweep_batch(batch),
+            )?;
             let _ = store.inner.sweeper.set(sweeper);
         }
         Ok(store)
@@ -470,6 +471,14 @@ pub(crate) struct Inner {
 #[derive(Clone)]
 pub struct StateStore {
     inner: Arc<Inner>,
+}
+
+impl Drop for StateStore {
+    fn drop(&mut self) {
+        if let Some(sweeper) = self.inner.sweeper.get() {
+            sweeper.stop_if_last(&self.inner);
+        }
+    }
 }
 
 impl fmt::Debug for StateStore {

@@ -474,8 +474,65 @@ fn the_background_sweeper_sweeps_and_stops_with_the_store() {
         1,
         "a clone keeps the store and its sweeper"
     );
+
+    // The last handle is dropped while the thread is inside a batch (held
+    // there by a lock on the tombstone table, which its deletes write to):
+    // the drop waits for the batch and joins the thread, which never ends
+    // up holding the store alone.
+    let saved = Instant::now();
+    clone.save_with_ttl("late", &1u32, TTL).unwrap();
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release_tx, release) = std::sync::mpsc::channel::<()>();
+    let mut blocker = schema.client().unwrap();
+    let table = format!("\"{}\".actor_states_tombstones", schema.name());
+    let released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let releasing = std::sync::Arc::clone(&released);
+    let holder = std::thread::spawn(move || {
+        let mut tx = blocker.transaction().unwrap();
+        tx.batch_execute(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        release.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        releasing.store(true, std::sync::atomic::Ordering::SeqCst);
+        tx.rollback().unwrap();
+    });
+    locked.recv().unwrap();
+    outlive(saved);
+    let mut watcher = schema.client().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pattern = format!("WITH gone AS (DELETE FROM \"{}\".%", schema.name());
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE $1",
+                &[&pattern],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sweeper never reached the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    release_tx.send(()).unwrap();
     let started = Instant::now();
     drop(clone);
     assert_eq!(sweeper_threads(), 0, "the sweeper thread is joined on drop");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        released.load(std::sync::atomic::Ordering::SeqCst),
+        "the drop waited for the batch, which waited for the lock"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    holder.join().unwrap();
+    assert_eq!(
+        rows(&schema),
+        1,
+        "the batch finished: only \"kept\" is left"
+    );
 }

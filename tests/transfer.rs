@@ -184,6 +184,21 @@ fn restores_reproduce_versions_and_never_go_backwards() {
     assert!(!target.exists("zero").unwrap());
 }
 
+/// An actor as a walk with expiries gives it.
+type Walked = (String, Versioned<Vec<u8>>, Option<std::time::SystemTime>);
+
+/// Every actor of `store` with its expiry, in id order.
+fn walk_with_expiry(store: &trebuchet_postgres::StateStore) -> Vec<Walked> {
+    let mut walked = Vec::new();
+    store
+        .for_each_with_expiry("", |id, v, expires| {
+            walked.push((id, v, expires));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    walked
+}
+
 #[test]
 fn times_to_live_go_out_with_a_walk_and_come_back_with_a_restore() {
     use std::collections::HashMap;
@@ -195,13 +210,7 @@ fn times_to_live_go_out_with_a_walk_and_come_back_with_a_restore() {
         .save_with_ttl("session", &1u32, Duration::from_secs(3600))
         .unwrap();
     source.save("kept", &2u32).unwrap();
-    let mut walked = Vec::new();
-    source
-        .for_each_with_expiry("", |id, v, expires| {
-            walked.push((id, v, expires));
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+    let walked = walk_with_expiry(&source);
     let expiries: HashMap<&str, Option<SystemTime>> = walked
         .iter()
         .map(|(id, _, expires)| (id.as_str(), *expires))
@@ -219,13 +228,7 @@ fn times_to_live_go_out_with_a_walk_and_come_back_with_a_restore() {
     assert!(outcomes
         .iter()
         .all(|o| matches!(o, RestoreOutcome::Written)));
-    let mut restored = Vec::new();
-    target
-        .for_each_with_expiry("", |id, v, expires| {
-            restored.push((id, v, expires));
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+    let restored = walk_with_expiry(&target);
     assert_eq!(restored, walked, "the same versions and expiries");
 
     // An expiry already past is restored as it is: the actor reads as absent.

@@ -196,6 +196,18 @@ unsafe fn write_opt<T>(out: *mut T, value: T) {
     }
 }
 
+/// Writes `values` to the array at `out` when `out` is not NULL.
+///
+/// # Safety
+///
+/// `out` must be NULL or valid for writing `values.len()` elements.
+unsafe fn write_all_opt<T: Copy>(out: *mut T, values: &[T]) {
+    if !out.is_null() {
+        // SAFETY: non-NULL and valid for `values.len()` writes per the caller.
+        unsafe { out.copy_from_nonoverlapping(values.as_ptr(), values.len()) };
+    }
+}
+
 fn open(
     url: Option<&str>,
     table: Option<&str>,
@@ -593,10 +605,8 @@ pub unsafe extern "C" fn trebuchet_store_save_many(
             .map(|(id, (&bytes, &len))| Ok((id, unsafe { bytes_arg(bytes, len) }?)))
             .collect::<Result<Vec<_>, trebuchet_status>>()?;
         let sequences = check(store.save_many_bytes(&items))?;
-        if !sequences_out.is_null() {
-            // SAFETY: writable for `count` elements; one per item.
-            unsafe { sequences_out.copy_from_nonoverlapping(sequences.as_ptr(), sequences.len()) };
-        }
+        // SAFETY: NULL or writable for `count` elements; one per item.
+        unsafe { write_all_opt(sequences_out, &sequences) };
         Ok(TREBUCHET_OK)
     })
 }
@@ -656,10 +666,8 @@ pub unsafe extern "C" fn trebuchet_store_delete_many(
         let store = unsafe { store_arg(store) }?;
         let ids = unsafe { ids_arg(actor_ids, count) }?;
         let deleted = check(store.delete_many(&ids))?;
-        if !deleted_out.is_null() {
-            // SAFETY: writable for `count` elements; one per id.
-            unsafe { deleted_out.copy_from_nonoverlapping(deleted.as_ptr(), deleted.len()) };
-        }
+        // SAFETY: NULL or writable for `count` elements; one per id.
+        unsafe { write_all_opt(deleted_out, &deleted) };
         Ok(TREBUCHET_OK)
     })
 }

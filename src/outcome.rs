@@ -67,14 +67,18 @@ impl Settled for Vec<Result<u64>> {
     }
 }
 
+/// The error that says a settled write did not land or is unknown, if any.
+pub(crate) fn lost<R: Settled>(result: &Result<R>) -> Option<&Error> {
+    match result {
+        Ok(settled) => settled.lost(),
+        Err(e) => Some(e),
+    }
+}
+
 impl LostWriteCounters {
     /// Counts how one lost write turned out.
     pub fn count<R: Settled>(&self, result: &Result<R>) {
-        let error = match result {
-            Ok(r) => r.lost(),
-            Err(e) => Some(e),
-        };
-        let counter = match error {
+        let counter = match lost(result) {
             Some(Error::NotApplied { .. }) => &self.not_applied,
             Some(Error::OutcomeUnknown { .. }) => &self.unknown,
             _ => &self.applied,

@@ -439,8 +439,7 @@ pub(crate) struct Inner {
 ///   trip because another one broke (the check can pass just before a
 ///   restart or a mass disconnect reaches that connection): it is made once
 ///   more on another connection, so that one fault fails a caller at most
-///   once. (Saves combined by group commit report `NotApplied` to each of
-///   their callers instead.)
+///   once. Saves combined by group commit are made again together.
 /// - [`Error::OutcomeUnknown`]: the server did not come back within
 ///   `outcome_timeout`, or the answer was pushed out of the tags. A
 ///   conditional write ([`save_if`](Self::save_if) with a sequence number,
@@ -767,7 +766,8 @@ impl StateStore {
             )
             .and_then(|traces| settle(&traces));
             self.inner.lost_writes.count(&result);
-            if checked && again && matches!(result, Err(Error::NotApplied { .. })) {
+            let not_applied = matches!(outcome::lost(&result), Some(Error::NotApplied { .. }));
+            if checked && again && not_applied {
                 again = false;
                 continue;
             }

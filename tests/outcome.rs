@@ -392,9 +392,8 @@ fn grouped_saves() {
         );
     }
     // The cut before a statement was found not applied, and counted: its
-    // callers got `NotApplied`, or, for a lone write on a connection just
-    // checked after the first cut, the store made the write again and its
-    // caller got the result.
+    // callers got `NotApplied`, or, on a connection just checked after the
+    // first cut, the store made the write again and they got its result.
     assert!(
         rig.store.lost_writes().not_applied > 0,
         "the cut before a statement was found not applied ({not_applied} callers told)"

@@ -26,6 +26,73 @@ pub struct Change {
     pub timestamp: SystemTime,
     /// Saved or deleted.
     pub kind: ChangeKind,
+    /// The table the change was made in, as `schema.table`, from the
+    /// payload's `table` key. `None` for a payload without one, as the
+    /// seed's own trigger or a hand-written `NOTIFY` sends.
+    pub table: Option<String>,
+}
+
+/// Which table's changes a listener delivers, when it was told
+/// ([`ChangeListenerBuilder::table`](crate::ChangeListenerBuilder::table)):
+/// payloads naming another table are passed over, payloads naming none are
+/// delivered. A name given without its schema is looked up on each new
+/// connection, through that connection's search path, as the store finds
+/// its table.
+#[derive(Debug, Default)]
+pub(crate) struct TableFilter {
+    /// `(schema, name)` as configured; `None` delivers every table.
+    configured: Option<(Option<String>, String)>,
+    /// `schema.name`, as payloads name it.
+    resolved: std::sync::Mutex<Option<String>>,
+}
+
+impl TableFilter {
+    /// A filter for `table` (`name` or `schema.name`, both validated).
+    pub fn new(table: Option<(Option<String>, String)>) -> TableFilter {
+        let resolved = match &table {
+            Some((Some(schema), name)) => Some(format!("{schema}.{name}")),
+            _ => None,
+        };
+        TableFilter {
+            configured: table,
+            resolved: std::sync::Mutex::new(resolved),
+        }
+    }
+
+    /// Finds the schema of a table named without one, on `client`: where
+    /// the table is, or the first schema of the search path (where it will
+    /// be created) when it does not exist yet.
+    pub fn resolve(&self, client: &mut postgres::Client) -> Result<(), postgres::Error> {
+        let Some((None, name)) = &self.configured else {
+            return Ok(());
+        };
+        let row = client.query_one(
+            "SELECT COALESCE((SELECT n.nspname::TEXT FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = pg_catalog.to_regclass($1)), pg_catalog.current_schema()::TEXT)",
+            &[&format!("\"{name}\"")],
+        )?;
+        let schema: Option<String> = row.get(0);
+        *self.lock() = schema.map(|schema| format!("{schema}.{name}"));
+        Ok(())
+    }
+
+    /// The table as payloads name it, once known.
+    pub fn table(&self) -> Option<String> {
+        self.lock().clone()
+    }
+
+    /// Whether a change belongs to the listener's table.
+    pub fn admits(&self, change: &Change) -> bool {
+        match (&self.configured, &change.table) {
+            (None, _) | (_, None) => true,
+            (Some(_), Some(table)) => self.lock().as_deref() == Some(table.as_str()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.resolved.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Why a subscriber must assume it missed changes.
@@ -83,6 +150,8 @@ struct Payload {
     timestamp: Option<f64>,
     #[serde(default)]
     op: Option<String>,
+    #[serde(default)]
+    table: Option<String>,
 }
 
 /// Why a payload was not understood.
@@ -167,6 +236,7 @@ impl Change {
             sequence,
             timestamp,
             kind,
+            table: p.table,
         })
     }
 }

@@ -17,7 +17,9 @@ use fallible_iterator::FallibleIterator;
 use postgres::{Client, SimpleQueryMessage};
 use postgres_native_tls::MakeTlsConnector;
 
-use crate::change::{is_probe, Change, ChangeKind, Event, MalformedPayload, ResyncReason};
+use crate::change::{
+    is_probe, Change, ChangeKind, Event, MalformedPayload, ResyncReason, TableFilter,
+};
 use crate::config::{
     classify_connect, listen_through_transaction_pooler, validate_identifier, ConnectOptions,
     PoolerMode, DEFAULT_CHANNEL,
@@ -50,6 +52,7 @@ const MAX_CATCH_UP_IDS: usize = 10_000;
 pub struct ChangeListenerBuilder {
     connect: Option<Result<ConnectOptions>>,
     channel: String,
+    table: Option<String>,
     catch_up_sql: Option<String>,
     capacity: usize,
     initial_backoff: Duration,
@@ -63,6 +66,7 @@ impl fmt::Debug for ChangeListenerBuilder {
         f.debug_struct("ChangeListenerBuilder")
             .field("connect", &self.connect)
             .field("channel", &self.channel)
+            .field("table", &self.table)
             .field("capacity", &self.capacity)
             .finish_non_exhaustive()
     }
@@ -89,6 +93,24 @@ impl ChangeListenerBuilder {
     /// The channel to listen on (default `actor_state_changes`).
     pub fn channel(mut self, channel: impl Into<String>) -> Self {
         self.channel = channel.into();
+        self
+    }
+
+    /// Delivers only the changes of this table (`name` or `schema.name`),
+    /// for a channel that several tables share. By default a listener
+    /// delivers every change announced on its channel, whichever table made
+    /// it; [`Change::table`] tells them apart. A store's listener
+    /// ([`StateStore::listener`](crate::StateStore::listener)) is set to the
+    /// store's table.
+    ///
+    /// Payloads name their table from the library's schema version 4 on
+    /// (`StateStore::migrate`). A payload without a `table` key (the
+    /// seed's trigger, a table not migrated yet, a hand-written `NOTIFY`)
+    /// cannot be told apart and is delivered. A name without its schema is
+    /// looked up on every new connection, through its search path, where
+    /// the table is (or the first schema of the path, before it exists).
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = Some(table.into());
         self
     }
 
@@ -145,6 +167,20 @@ impl ChangeListenerBuilder {
     /// processes), where notifications would be lost.
     pub fn build(self) -> Result<ChangeListener> {
         validate_identifier("channel", &self.channel)?;
+        let table = match self.table.as_deref() {
+            None => None,
+            Some(table) => Some(match table.split_once('.') {
+                Some((schema, name)) => {
+                    validate_identifier("schema", schema)?;
+                    validate_identifier("table", name)?;
+                    (Some(schema.to_owned()), name.to_owned())
+                }
+                None => {
+                    validate_identifier("table", table)?;
+                    (None, table.to_owned())
+                }
+            }),
+        };
         if self.capacity == 0 {
             return Err(Error::invalid_config("queue_capacity must be at least 1"));
         }
@@ -174,6 +210,7 @@ impl ChangeListenerBuilder {
             tls,
             target: target.clone(),
             listen: format!("LISTEN \"{}\"", self.channel),
+            table: Arc::new(TableFilter::new(table)),
         };
         let client = conn.connect_within_timeout()?;
         let shared = Arc::new(Shared {
@@ -356,6 +393,7 @@ struct Connector {
     tls: MakeTlsConnector,
     target: String,
     listen: String,
+    table: Arc<TableFilter>,
 }
 
 impl Connector {
@@ -377,6 +415,7 @@ impl Connector {
         };
         let mut client = config.connect(self.tls.clone()).map_err(connect_error)?;
         check(&mut client)?;
+        self.table.resolve(&mut client).map_err(connect_error)?;
         client.batch_execute(&self.listen).map_err(connect_error)?;
         Ok(client)
     }
@@ -670,6 +709,8 @@ impl Worker {
             return None;
         }
         match Change::from_payload(n.payload()) {
+            // Another table's change on a shared channel.
+            Ok(change) if !self.conn.table.admits(&change) => None,
             Ok(change) => Some(self.fan_out(change)),
             Err(e) => {
                 self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -758,7 +799,12 @@ impl Worker {
                         .map(|mut client| {
                             // After LISTEN, so that nothing falls between the two.
                             let ids = catch_up_ids(&shared);
-                            let current = catch_up_query(&mut client, sql.as_deref(), &ids);
+                            let current = catch_up_query(
+                                &mut client,
+                                sql.as_deref(),
+                                &ids,
+                                conn.table.table(),
+                            );
                             if sql.is_some() && !ids.is_empty() {
                                 // Leaves LISTEN as the session's last
                                 // statement, which is how monitoring
@@ -855,7 +901,12 @@ struct CatchUp {
 
 /// Reads the current versions of `ids`, or `None` when catch-up is not
 /// possible and subscribers must get a `Resync` instead.
-fn catch_up_query(client: &mut Client, sql: Option<&str>, ids: &[String]) -> Option<CatchUp> {
+fn catch_up_query(
+    client: &mut Client,
+    sql: Option<&str>,
+    ids: &[String],
+    table: Option<String>,
+) -> Option<CatchUp> {
     let sql = sql.filter(|_| (1..=MAX_CATCH_UP_IDS).contains(&ids.len()))?;
     match client.query(sql, &[&ids]) {
         Ok(rows) => Some(CatchUp {
@@ -878,6 +929,7 @@ fn catch_up_query(client: &mut Client, sql: Option<&str>, ids: &[String]) -> Opt
                         } else {
                             ChangeKind::Saved
                         },
+                        table: table.clone(),
                     };
                     (id, change)
                 })
@@ -974,6 +1026,7 @@ impl ChangeListener {
         ChangeListenerBuilder {
             connect: None,
             channel: DEFAULT_CHANNEL.to_owned(),
+            table: None,
             catch_up_sql: None,
             capacity: 1024,
             initial_backoff: Duration::from_millis(100),

@@ -30,6 +30,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "expiry: expires_at column and its index",
         include_str!("../sql/migrations/0003_expiry.sql"),
     ),
+    (
+        4,
+        "numbers above a concurrent delete; the table in every payload",
+        include_str!("../sql/migrations/0004_interleavings.sql"),
+    ),
 ];
 
 /// How many write tags each row keeps (`recent_writes`); the SQL says
@@ -175,6 +180,7 @@ impl Names {
             .replace("{{partition_by}}", &partition_by)
             .replace("{{partitions}}", &partitions)
             .replace("{{table}}", &self.table_sql())
+            .replace("{{table_name}}", &self.table)
             .replace("{{tombstones}}", &self.qualify(&self.tombstones))
             .replace("{{function}}", &self.qualify(&self.function))
             .replace("{{trigger}}", &quote(&self.trigger))
@@ -506,13 +512,17 @@ impl Statements {
             key_order: KEY_ORDER.to_owned(),
             // Per item: whether it was written, else the stored version (and
             // whether its bytes are the ones given) or the tombstone that
-            // blocked it. Timestamps given as NULL become now.
+            // blocked it. Timestamps given as NULL become now. A created row
+            // carries an empty tag list, which marks it as the library's:
+            // the trigger then refuses it if a delete committed meanwhile
+            // left a tombstone at or above its number.
             restore_many: format!(
                 "WITH input AS (SELECT * FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[], \
                  $4::TIMESTAMP[], $5::TIMESTAMP[], $6::TIMESTAMP[]) AS i(id, st, seq, upd, crt, exp)), \
                  written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
-                 expires_at) \
-                 SELECT i.id, i.st, i.seq, COALESCE(i.upd, {now}), COALESCE(i.crt, i.upd, {now}), i.exp \
+                 expires_at, recent_writes) \
+                 SELECT i.id, i.st, i.seq, COALESCE(i.upd, {now}), COALESCE(i.crt, i.upd, {now}), i.exp, \
+                 '{{}}'::BIGINT[] \
                  FROM input i LEFT JOIN {b} b ON b.actor_id = i.id \
                  WHERE COALESCE(b.sequence_number, 0) < i.seq ORDER BY i.id \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \

@@ -651,6 +651,10 @@ impl StateStore {
         ChangeListener::builder()
             .connect_options(self.inner.pool.connect_options().clone())
             .channel(self.inner.names.channel.clone())
+            .table(match &self.inner.names.schema {
+                Some(schema) => format!("{schema}.{}", self.inner.names.table),
+                None => self.inner.names.table.clone(),
+            })
             .catch_up_sql(self.inner.sql.catch_up.clone())
     }
 
@@ -698,7 +702,8 @@ impl StateStore {
     /// Runs `f` on a pooled connection and classifies its errors. Reads
     /// (`retry_lost`) run once more on another connection when the first
     /// one turns out to be dead; writes never do, since the first attempt
-    /// may have been applied.
+    /// may have been applied. Work the server rolled back for a reason that
+    /// running it again cures (see [`is_transient`]) runs again.
     pub(crate) fn call<R>(
         &self,
         retry_lost: bool,
@@ -706,6 +711,7 @@ impl StateStore {
     ) -> Result<R> {
         let attempts = if retry_lost { 2 } else { 1 };
         let mut attempt = 0;
+        let mut rolled_back = 0;
         loop {
             attempt += 1;
             let mut conn = self.inner.pool.get()?;
@@ -718,8 +724,33 @@ impl StateStore {
             if lost && attempt < attempts {
                 continue;
             }
+            if self.again_after_rollback(&error, &mut rolled_back) {
+                attempt -= 1;
+                continue;
+            }
             return Err(self.schema_hint(error));
         }
+    }
+
+    /// Whether to run work again that the server rolled back as a whole
+    /// for a reason that running it again cures: a deadlock, a
+    /// serialization failure, or a create that a concurrent delete
+    /// overtook (the trigger refuses a row that would start at or below
+    /// the tombstone that delete left, so that numbers never repeat). Pauses
+    /// as the retry policy says before saying yes; `count` is the caller's
+    /// tally of such rollbacks.
+    fn again_after_rollback(&self, error: &Error, count: &mut u32) -> bool {
+        if !is_transient(error) {
+            return false;
+        }
+        *count += 1;
+        let policy = self.inner.retry;
+        if *count >= policy.max_attempts {
+            return false;
+        }
+        log::debug!("the server rolled a write back ({error}); running it again");
+        std::thread::sleep(policy.backoff(*count - 1));
+        true
     }
 
     /// Runs a write on a pooled connection. When the connection breaks
@@ -739,6 +770,7 @@ impl StateStore {
         settle: impl Fn(&Traces) -> Result<R>,
     ) -> Result<R> {
         let mut again = true;
+        let mut rolled_back = 0;
         loop {
             let mut conn = self.inner.pool.get()?;
             let e = match f(&self.inner, &mut conn) {
@@ -749,6 +781,9 @@ impl StateStore {
             let (backend, checked) = (conn.backend, conn.checked);
             let (error, _) = self.inner.pool.call_error(&mut conn, e);
             drop(conn);
+            if self.again_after_rollback(&error, &mut rolled_back) {
+                continue;
+            }
             let Error::ConnectionLost(source) = error else {
                 return Err(self.schema_hint(error));
             };

@@ -8,7 +8,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, SystemTime};
 
 /// Every embedded migration, in order: what a fresh table gets.
-const ALL_VERSIONS: &[i32] = &[1, 2, 3];
+const ALL_VERSIONS: &[i32] = &[1, 2, 3, 4];
 
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
 use trebuchet_postgres::{Error, Expected, Problem, StateStore, DEFAULT_CHANNEL};
@@ -631,7 +631,8 @@ fn notifications_carry_the_seed_keys_and_op() {
         .batch_execute(&format!("LISTEN \"{}\"", schema.channel()))
         .unwrap();
 
-    let keys: BTreeSet<&str> = ["actorID", "sequenceNumber", "timestamp", "op"].into();
+    let keys: BTreeSet<&str> = ["actorID", "sequenceNumber", "timestamp", "op", "table"].into();
+    let table = schema.table("actor_states");
     let mut expect = |op: &str, sequence: u64| {
         let (channel, payload) = common::next_payload(&mut listener);
         assert_eq!(channel, schema.channel());
@@ -642,6 +643,7 @@ fn notifications_carry_the_seed_keys_and_op() {
         );
         assert_eq!(payload["actorID"], "room-1", "{payload}");
         assert_eq!(payload["op"], op, "{payload}");
+        assert_eq!(payload["table"], table.as_str(), "{payload}");
         assert_eq!(
             payload["sequenceNumber"].as_u64(),
             Some(sequence),

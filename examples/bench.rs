@@ -47,7 +47,8 @@ use std::time::{Duration, Instant};
 
 use trebuchet_postgres::testing::TestCluster;
 use trebuchet_postgres::{
-    ChangeListener, ConnectOptions, Expected, PoolOptions, PoolerMode, StateStore, Subscription,
+    quote_identifier, ChangeListener, ConnectOptions, Expected, PoolOptions, PoolerMode,
+    StateStore, Subscription,
 };
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -541,7 +542,8 @@ fn pgbench_script(op: Op, sql: &LibrarySql, bytea: &str, threads: usize) -> Stri
                 .replace(
                     "$3",
                     &format!(
-                        "(SELECT sequence_number FROM \"{TABLE}\" WHERE actor_id = :id::VARCHAR)"
+                        "(SELECT sequence_number FROM {} WHERE actor_id = :id::VARCHAR)",
+                        quote_identifier(TABLE)
                     )
                 )
         ),
@@ -1209,7 +1211,7 @@ struct Bench {
 impl Bench {
     /// Fills `"1".."10000"` with the library (eight threads).
     fn prefill(&mut self) -> Result<(), BoxError> {
-        let tombstones = format!("\"{TABLE}_tombstones\"");
+        let tombstones = quote_identifier(&format!("{TABLE}_tombstones"));
         self.admin
             .batch_execute(&format!("TRUNCATE {}, {tombstones}", self.table_sql))?;
         let (store, state) = (&self.store, &self.state);
@@ -1692,7 +1694,10 @@ fn main() -> Result<(), BoxError> {
         .build()?;
     let mut bench = Bench {
         url: url.clone(),
-        sql: LibrarySql::new(&table_sql, &format!("\"{TABLE}_tombstones\"")),
+        sql: LibrarySql::new(
+            &table_sql,
+            &quote_identifier(&format!("{TABLE}_tombstones")),
+        ),
         table_sql,
         opts,
         admin,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use fallible_iterator::FallibleIterator;
 use trebuchet_postgres::testing::TestDatabase;
-use trebuchet_postgres::{ChangeListener, Event, StateStore};
+use trebuchet_postgres::{quote_identifier, ChangeListener, Event, StateStore};
 
 const NOTIFICATIONS: usize = 100_000;
 const LATENCY_SAMPLES: usize = 2_000;
@@ -38,7 +38,7 @@ fn burst(client: &mut postgres::Client, channel: &str, n: usize) {
 fn bare_rate(url: &str, channel: &str) -> f64 {
     let mut listener = postgres::Client::connect(url, postgres::NoTls).expect("connect");
     listener
-        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .batch_execute(&format!("LISTEN {}", quote_identifier(channel)))
         .expect("listen");
     let mut writer = postgres::Client::connect(url, postgres::NoTls).expect("connect");
     burst(&mut writer, channel, NOTIFICATIONS);

@@ -156,7 +156,9 @@
 //!
 //! One error type, [`Error`]. Bad input (actor ids, table and channel names,
 //! oversized states, malformed connection strings) is rejected before anything is
-//! sent. Messages say what to do, and never contain a password.
+//! sent. Messages say what to do, and never contain a password. Every name in
+//! SQL text, checked or read back from the catalog (an index, the schema
+//! a table was found in), is quoted by [`quote_identifier`].
 //!
 //! # Threads
 //!
@@ -198,6 +200,7 @@ mod expiry;
 #[allow(unsafe_code)]
 pub mod ffi;
 mod group;
+mod ident;
 mod listener;
 mod monitor;
 mod outcome;
@@ -217,6 +220,7 @@ pub use crate::config::{ConnectOptions, PoolerMode, SslMode};
 pub use crate::config_file::{ConnectionSource, StateConfig};
 pub use crate::error::{ConnectFailure, Error, Expected, InvalidActorId, Result};
 pub use crate::expiry::{Sweep, SweepOptions, MAX_SWEEP_BATCH};
+pub use crate::ident::quote_identifier;
 pub use crate::listener::{
     CallbackHandle, ChangeListener, ChangeListenerBuilder, ListenerHealth, Subscription,
 };

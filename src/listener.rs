@@ -25,6 +25,7 @@ use crate::config::{
     PoolerMode, DEFAULT_CHANNEL,
 };
 use crate::error::{ConnectFailure, Error, Result};
+use crate::ident::quote_identifier;
 
 /// How long the listener thread waits for a notification before it looks at
 /// its other duties (shutdown, owed resyncs). Bounds shutdown latency.
@@ -209,7 +210,7 @@ impl ChangeListenerBuilder {
             config: options.driver_config(),
             tls,
             target: target.clone(),
-            listen: format!("LISTEN \"{}\"", self.channel),
+            listen: format!("LISTEN {}", quote_identifier(&self.channel)),
             table: Arc::new(TableFilter::new(table)),
         };
         let client = conn.connect_within_timeout()?;

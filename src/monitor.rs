@@ -14,6 +14,7 @@ use fallible_iterator::FallibleIterator;
 use crate::change::PROBE_KEY;
 use crate::config::{classify_connect, listen_through_transaction_pooler, PoolerMode};
 use crate::error::{Error, Result};
+use crate::ident::quote_identifier;
 use crate::pool::{Connection, PoolState};
 use crate::schema::{self, Layout};
 use crate::store::{to_u64, Failure, StateStore};
@@ -475,7 +476,7 @@ impl StateStore {
             .connect(options.tls_connector()?)
             .map_err(connect_error)?;
         listener
-            .batch_execute(&format!("LISTEN \"{}\"", self.channel()))
+            .batch_execute(&format!("LISTEN {}", quote_identifier(self.channel())))
             .map_err(Error::Database)?;
         let payload = format!("{{\"{PROBE_KEY}\":\"{:016x}\"}}", fastrand::u64(..));
         let channel = self.channel().to_owned();
@@ -515,12 +516,12 @@ fn slow_statements(c: &mut Connection, table: &str) -> Result<SlowStatements, po
     };
     // The schema name comes from the catalog, quoted; nothing from a caller.
     let sql = format!(
-        "SELECT query, calls, {mean}, {max} FROM \"{}\".pg_stat_statements \
+        "SELECT query, calls, {mean}, {max} FROM {}.pg_stat_statements \
          WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
          AND position($1::TEXT IN query) > 0 \
          AND query ~* '^\\s*(with|select|insert|update|delete)\\M' \
          ORDER BY {mean} DESC LIMIT $2::INT8",
-        schema.replace('"', "\"\"")
+        quote_identifier(&schema)
     );
     let found = c
         .prepare(&sql)

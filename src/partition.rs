@@ -3,7 +3,8 @@
 //! either copies every row or changes nothing.
 
 use crate::error::{Error, Result};
-use crate::schema::{self, fit, quote, Layout, Names};
+use crate::ident::quote_identifier;
+use crate::schema::{self, fit, Layout, Names};
 use crate::store::{to_u64, Failure, StateStore};
 
 /// What [`StateStore::partition_table`] did.
@@ -28,24 +29,30 @@ const INDEX_SHAPES: &str = "\
     WHERE i.indrelid = to_regclass($1) ORDER BY c.relname";
 
 /// The old table's schema, row security, foreign keys, whether the
-/// store's trigger is there; its triggers and grants as the statements that
-/// make them again on the same name; and its storage parameters (of the
-/// table, or of its first partition).
+/// store's trigger is there, and its storage parameters (of the table, or
+/// of its first partition).
 const TABLE_FACTS: &str = "\
     SELECT n.nspname::TEXT, c.relrowsecurity, \
     ARRAY(SELECT k.conname::TEXT FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'f' \
           ORDER BY 1), \
     EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = $2), \
-    ARRAY(SELECT pg_get_triggerdef(t.oid) || CASE WHEN t.tgenabled = 'D' \
-          THEN format('; ALTER TABLE %s DISABLE TRIGGER %I', $1::TEXT, t.tgname) ELSE '' END \
-          FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal ORDER BY t.tgname), \
-    ARRAY(SELECT format('GRANT %s ON %s TO %s%s', a.privilege_type, $1::TEXT, \
-          CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, \
-          CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) \
-          FROM aclexplode(c.relacl) a), \
     COALESCE((SELECT p.reloptions FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhrelid \
               WHERE i.inhparent = c.oid ORDER BY p.relname LIMIT 1), c.reloptions, '{}') \
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)";
+
+/// The old table's triggers, as the statements that make them (the
+/// server's, on the table's name), with their names and whether each is
+/// disabled.
+const TRIGGERS: &str = "\
+    SELECT pg_get_triggerdef(t.oid), t.tgname::TEXT, t.tgenabled = 'D' FROM pg_trigger t \
+    WHERE t.tgrelid = to_regclass($1) AND NOT t.tgisinternal ORDER BY t.tgname";
+
+/// The old table's grants: privilege, grantee (`NULL` for `PUBLIC`), and
+/// whether it may be granted on.
+const GRANTS: &str = "\
+    SELECT a.privilege_type::TEXT, \
+    CASE WHEN a.grantee <> 0 THEN pg_get_userbyid(a.grantee)::TEXT END, a.is_grantable \
+    FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = to_regclass($1)";
 
 impl StateStore {
     /// The table's layout now: `Some(n)` for `n` hash partitions by
@@ -191,10 +198,31 @@ fn convert(
         ))
         .into());
     }
-    let triggers: Vec<String> = facts.get(4);
-    let grants: Vec<String> = facts.get(5);
-    let options: Vec<String> = facts.get(6);
+    let options: Vec<String> = facts.get(4);
     let with = storage_parameters(&options);
+    let mut restore = Vec::new();
+    for row in tx.query(TRIGGERS, &[&table])? {
+        restore.push(row.get::<_, String>(0));
+        if row.get::<_, bool>(2) {
+            restore.push(format!(
+                "ALTER TABLE {table} DISABLE TRIGGER {}",
+                quote_identifier(row.get(1))
+            ));
+        }
+    }
+    for row in tx.query(GRANTS, &[&table])? {
+        let grantee: Option<&str> = row.get(1);
+        restore.push(format!(
+            "GRANT {} ON {table} TO {}{}",
+            row.get::<_, &str>(0),
+            grantee.map_or_else(|| "PUBLIC".to_owned(), quote_identifier),
+            if row.get::<_, bool>(2) {
+                " WITH GRANT OPTION"
+            } else {
+                ""
+            }
+        ));
+    }
 
     // The copy, while writers wait and readers go on.
     tx.batch_execute(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))?;
@@ -236,7 +264,7 @@ fn convert(
     let mut new_indexes = shapes(&mut tx, &staging_sql)?;
     let mut swap = format!(
         "DROP TABLE {table};\nALTER TABLE {staging_sql} RENAME TO {};",
-        quote(&names.table)
+        quote_identifier(&names.table)
     );
     for (old, unique, shape) in &old_indexes {
         if let Some(at) = new_indexes
@@ -247,7 +275,7 @@ fn convert(
             swap.push_str(&format!(
                 "\nALTER INDEX {} RENAME TO {};",
                 names.qualify(&new),
-                quote(old)
+                quote_identifier(old)
             ));
         }
     }
@@ -258,7 +286,7 @@ fn convert(
         let mut renames = format!(
             "ALTER TABLE {} RENAME TO {};",
             names.qualify(&from),
-            quote(&to)
+            quote_identifier(&to)
         );
         // The partition's own indexes were named after the staging name.
         for (index, _, _) in shapes(&mut tx, &names.qualify(&from))? {
@@ -266,7 +294,7 @@ fn convert(
                 renames.push_str(&format!(
                     "\nALTER INDEX {} RENAME TO {};",
                     names.qualify(&index),
-                    quote(&fit(format!("{to}{rest}")))
+                    quote_identifier(&fit(format!("{to}{rest}")))
                 ));
             }
         }
@@ -274,7 +302,7 @@ fn convert(
     }
     // The triggers (the store's and any others, enabled or not) and the
     // grants, as they were, on the table that now has the name.
-    for statement in triggers.iter().chain(&grants) {
+    for statement in &restore {
         tx.batch_execute(statement)?;
     }
     tx.commit()?;

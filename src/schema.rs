@@ -10,6 +10,7 @@ use postgres::error::SqlState;
 use crate::config::{validate_identifier, MAX_IDENTIFIER_BYTES};
 pub use crate::config::{DEFAULT_CHANNEL, DEFAULT_TABLE};
 use crate::error::{Error, Result};
+use crate::ident::{fill_template, quote_identifier};
 use crate::pool::Connection;
 
 /// The embedded migrations: version, description, template. Versions need
@@ -56,11 +57,9 @@ pub(crate) fn check_partitions(partitions: u32) -> std::result::Result<(), Strin
     }
 }
 
-pub(crate) fn quote(ident: &str) -> String {
-    format!("\"{ident}\"")
-}
-
 /// Shortens a derived name to fit 63 bytes, keeping it unique with a hash.
+/// Names built from the catalog's may hold characters of several bytes:
+/// the cut falls between characters.
 pub(crate) fn fit(name: String) -> String {
     if name.len() <= MAX_IDENTIFIER_BYTES {
         return name;
@@ -69,7 +68,11 @@ pub(crate) fn fit(name: String) -> String {
     let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    format!("{}_{:08x}", &name[..MAX_IDENTIFIER_BYTES - 9], hash as u32)
+    let mut end = MAX_IDENTIFIER_BYTES - 9;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}_{:08x}", &name[..end], hash as u32)
 }
 
 /// A validated table name, optionally schema-qualified, and the names of the
@@ -126,11 +129,12 @@ impl Names {
         })
     }
 
-    /// `"schema"."name"` or `"name"`.
+    /// `"schema"."name"` or `"name"`, each part through
+    /// [`quote_identifier`].
     pub fn qualify(&self, name: &str) -> String {
         match &self.schema {
-            Some(schema) => format!("{}.{}", quote(schema), quote(name)),
-            None => quote(name),
+            Some(schema) => format!("{}.{}", quote_identifier(schema), quote_identifier(name)),
+            None => quote_identifier(name),
         }
     }
 
@@ -174,20 +178,32 @@ impl Names {
         (" PARTITION BY HASH (actor_id)".to_owned(), partitions)
     }
 
+    /// A migration template for these names. The schema may come from
+    /// the catalog (see `qualified`), so it may hold anything: names are
+    /// quoted and put in as `fill_template` does.
     fn render(&self, template: &str) -> String {
         let (partition_by, partitions) = self.partitioning();
-        template
-            .replace("{{partition_by}}", &partition_by)
-            .replace("{{partitions}}", &partitions)
-            .replace("{{table}}", &self.table_sql())
-            .replace("{{table_name}}", &self.table)
-            .replace("{{tombstones}}", &self.qualify(&self.tombstones))
-            .replace("{{function}}", &self.qualify(&self.function))
-            .replace("{{trigger}}", &quote(&self.trigger))
-            .replace("{{idx_updated}}", &quote(&self.idx_updated))
-            .replace("{{idx_sequence}}", &quote(&self.idx_sequence))
-            .replace("{{idx_expires}}", &quote(&self.idx_expires))
-            .replace("{{channel}}", &self.channel)
+        let table = self.table_sql();
+        let tombstones = self.qualify(&self.tombstones);
+        let function = self.qualify(&self.function);
+        let trigger = quote_identifier(&self.trigger);
+        let idx_updated = quote_identifier(&self.idx_updated);
+        let idx_sequence = quote_identifier(&self.idx_sequence);
+        let idx_expires = quote_identifier(&self.idx_expires);
+        let values = [
+            ("{{partition_by}}", partition_by.as_str()),
+            ("{{partitions}}", &partitions),
+            ("{{table}}", &table),
+            ("{{table_name}}", &self.table),
+            ("{{tombstones}}", &tombstones),
+            ("{{function}}", &function),
+            ("{{trigger}}", &trigger),
+            ("{{idx_updated}}", &idx_updated),
+            ("{{idx_sequence}}", &idx_sequence),
+            ("{{idx_expires}}", &idx_expires),
+            ("{{channel}}", &self.channel),
+        ];
+        fill_template(template, &values)
     }
 
     /// Every migration rendered for these names, in order.
@@ -613,8 +629,11 @@ fn apply_migrations(client: &mut postgres::Client, names: &Names) -> Result<Vec<
             .map_err(Error::Database)?
             .get(0);
         if !exists {
-            tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
-                .map_err(Error::Database)?;
+            tx.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote_identifier(schema)
+            ))
+            .map_err(Error::Database)?;
         }
     }
     tx.batch_execute(&format!(
@@ -1011,7 +1030,8 @@ pub(crate) fn verify(conn: &mut Connection, names: &Names) -> Result<VerifyRepor
         }
     }
 
-    let tombstones = format!("{}.{}", quote(&schema), quote(&names.tombstones));
+    // The schema is the catalog's: it may hold anything.
+    let tombstones = names.in_schema(schema.clone()).qualify(&names.tombstones);
     let exists: bool = conn
         .prepare("SELECT to_regclass($1::TEXT) IS NOT NULL")
         .and_then(|st| st.query_one(&mut conn.client, &[&tombstones]))
@@ -1239,6 +1259,43 @@ mod tests {
         }
         assert_ne!(a.function, b.function);
         assert_ne!(a.tombstones, b.tombstones);
+    }
+
+    #[test]
+    fn names_from_the_catalog_are_cut_between_characters() {
+        // Index names read back from the catalog may hold any characters.
+        // An odd first byte puts byte 54, where the cut goes, inside a `ü`.
+        let a = fit(format!("x{}", "ü".repeat(40)));
+        let b = fit(format!("x{}y", "ü".repeat(40)));
+        for fitted in [&a, &b] {
+            assert!(fitted.len() <= MAX_IDENTIFIER_BYTES, "{fitted}");
+            assert!(
+                fitted.starts_with(&format!("x{}_", "ü".repeat(26))),
+                "{fitted}"
+            );
+        }
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn migrations_quote_a_schema_read_from_the_catalog() {
+        let names = Names::new("rooms", "room_changes").unwrap();
+        let evil = names.in_schema("evil\"; CREATE TABLE pwned(x int); --".to_owned());
+        let sql = evil.migration_sql();
+        assert!(sql.contains(
+            "CREATE TABLE IF NOT EXISTS \"evil\"\"; CREATE TABLE pwned(x int); --\".\"rooms\" ("
+        ));
+        assert!(!sql.contains("\"evil\";"), "{sql}");
+        // A schema holding `$$` would end the function body early.
+        let dollars = names.in_schema("a$$b".to_owned());
+        let sql = dollars.migration_sql();
+        assert!(sql.contains("AS $fn1$\n"), "{sql}");
+        assert_eq!(sql.matches("$$").count(), sql.matches("\"a$$b\"").count());
+        let sql = names.in_schema("it's".to_owned()).migration_sql();
+        assert!(
+            sql.contains("INSERT INTO \"it's\".\"rooms_tombstones\" AS t"),
+            "{sql}"
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use crate::config::{ConnectOptions, SslMode};
+use crate::ident::quote_identifier;
 use crate::store::{StateStore, StateStoreBuilder};
 use crate::PoolOptions;
 
@@ -513,7 +514,7 @@ impl TestDatabase {
             options: self.options.clone(),
         };
         schema
-            .execute(&format!("CREATE SCHEMA \"{}\"", schema.name))
+            .execute(&format!("CREATE SCHEMA {}", quote_identifier(&schema.name)))
             .unwrap_or_else(|e| panic!("cannot create test schema: {e}"));
         schema
     }
@@ -592,6 +593,9 @@ impl TestSchema {
 
 impl Drop for TestSchema {
     fn drop(&mut self) {
-        let _ = self.execute(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name));
+        let _ = self.execute(&format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            quote_identifier(&self.name)
+        ));
     }
 }

@@ -4,7 +4,9 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use trebuchet_postgres::postgres::config::Host;
-use trebuchet_postgres::{ConnectFailure, Error, SslMode, StateStore, VerifyReport};
+use trebuchet_postgres::{
+    quote_identifier, ConnectFailure, Error, SslMode, StateStore, VerifyReport,
+};
 
 use crate::args::{Doctor, Migrate, Partition, Verify};
 use crate::fail::Failure;
@@ -202,9 +204,9 @@ pub fn doctor(settings: &Settings, args: &Doctor) -> Result<(), Failure> {
             .iter()
             .map(|(missing, table)| {
                 format!(
-                    "GRANT {} ON {table} TO \"{}\"",
+                    "GRANT {} ON {table} TO {}",
                     missing.join(", "),
-                    info.user
+                    quote_identifier(&info.user)
                 )
             })
             .collect();

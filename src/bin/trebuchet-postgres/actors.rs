@@ -8,7 +8,7 @@ use trebuchet_postgres::{validate_actor_id, Expected};
 
 use crate::args::{Delete, Get, Ls, PurgeTombstones, Put, Seq, Sweep};
 use crate::fail::Failure;
-use crate::output::{json_line, prompt_if_terminal, timestamp};
+use crate::output::{escape, json_line, prompt_if_terminal, timestamp};
 use crate::settings::Settings;
 use crate::state_json;
 
@@ -251,10 +251,10 @@ pub fn ls(settings: &Settings, args: &Ls) -> Result<(), Failure> {
                     actor.sequence,
                     actor.size,
                     timestamp(actor.updated_at),
-                    actor.actor_id
+                    escape(&actor.actor_id)
                 )?;
             } else {
-                writeln!(out, "{}", actor.actor_id)?;
+                writeln!(out, "{}", escape(&actor.actor_id))?;
             }
         }
         printed += page.actors.len() as u64;

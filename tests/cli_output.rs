@@ -1,8 +1,9 @@
 //! What the `trebuchet-postgres` program prints for a person when ids and
 //! other text hold control characters: each id on one line, escaped, and no
-//! terminal sequence reaching the terminal.
+//! terminal sequence reaching the terminal; and `put` refusing endless
+//! standard input without reading it all.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
+use trebuchet_postgres::DEFAULT_MAX_STATE_SIZE;
 
 const BIN: &str = env!("CARGO_BIN_EXE_trebuchet-postgres");
 
@@ -333,4 +335,53 @@ fn an_error_quoting_the_servers_text_is_one_escaped_line() {
         stderr.contains("no\\u{1b}[31mnumber\\u{7}\\u{9b}"),
         "{stderr:?}"
     );
+}
+
+/// `put` reads standard input up to the store's maximum and one byte more,
+/// then refuses: input that never ends is cut off, not read to its end.
+#[test]
+fn put_refuses_endless_input_without_reading_it_all() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["put", "endless", "--raw"][..], &["put", "endless"][..]] {
+        let mut put = command(&dir, &schema, TestDatabase::shared().url(), args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start put");
+        // Writes until the program stops reading (the pipe breaks), or four
+        // times the maximum: an unbounded read would take all of that.
+        let cap = 4 * DEFAULT_MAX_STATE_SIZE;
+        let mut stdin = put.stdin.take().unwrap();
+        let writer = thread::spawn(move || {
+            let chunk = vec![b' '; 64 * 1024];
+            let mut written = 0;
+            while written < cap {
+                if stdin.write_all(&chunk).is_err() {
+                    break;
+                }
+                written += chunk.len();
+            }
+            written
+        });
+        let status = wait_for_exit(&mut put, Duration::from_secs(120));
+        let written = writer.join().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut put.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(
+            written < cap,
+            "{args:?} read all {written} bytes; it ended with {status}: {stderr}"
+        );
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+        assert!(
+            stderr.contains(&format!(
+                "over the store's maximum of {DEFAULT_MAX_STATE_SIZE} bytes"
+            )),
+            "{stderr:?}"
+        );
+        assert!(!store.exists("endless").unwrap());
+    }
 }

@@ -117,7 +117,7 @@ fn an_expected_sequence_out_of_range_is_an_invalid_argument_and_writes_nothing()
             "{}",
             last_error()
         );
-        let name = CStr::from_ptr(trebuchet_status_name(status));
+        let name = CStr::from_ptr(trebuchet_status_name(status as std::ffi::c_int));
         assert_eq!(name.to_str().unwrap(), "TREBUCHET_INVALID_ARGUMENT");
         let mut exists = true;
         let status = trebuchet_store_exists(store, c"room".as_ptr(), &mut exists);
@@ -711,10 +711,12 @@ fn c_tests_pass_against_a_real_server() {
         String::from_utf8_lossy(&output.stderr)
     );
     for name in [
+        "status_names",
         "null_arguments",
         "invalid_input",
         "save_load_and_double_free",
         "conditional_saves",
+        "conflict_data",
         "time_to_live",
         "bulk",
         "listing",

@@ -239,7 +239,8 @@ typedef int32_t (*trebuchet_transform_fn)(void *user_data,
 
 /**
  * One event from `trebuchet_subscription_next`. The caller owns the struct;
- * nothing in it needs freeing.
+ * nothing in it needs freeing. The library only writes it, never reads it,
+ * so what it held before does not matter.
  */
 typedef struct trebuchet_event {
   /**
@@ -368,7 +369,9 @@ enum trebuchet_status trebuchet_store_save_with_ttl(const struct trebuchet_store
 /**
  * Stores the state only when the actor is at `expected_sequence`, or does
  * not exist when it is `TREBUCHET_EXPECT_ABSENT` (0). Otherwise
- * `TREBUCHET_CONFLICT`, and the last error names both versions.
+ * `TREBUCHET_CONFLICT`, nothing is written, the last error names both
+ * versions, and `trebuchet_last_conflict_actual` gives the sequence
+ * number found (0 when the actor does not exist) as a number.
  *
  * # Safety
  *
@@ -705,10 +708,32 @@ void trebuchet_subscription_free(struct trebuchet_subscription **subscription);
 const char *trebuchet_last_error(void);
 
 /**
- * A constant name for a status (`"TREBUCHET_NOT_FOUND"`), for logs.
- * Never NULL; the string is static.
+ * Whether the calling thread's last call failed with `TREBUCHET_CONFLICT`.
+ * If it did, `*actual_out` (when `actual_out` is not NULL) receives the
+ * sequence number the write found: the actor's current version, or 0
+ * (`TREBUCHET_EXPECT_ABSENT`) when the actor did not exist. Either way it
+ * is what a retry of `trebuchet_store_save_if` passes as
+ * `expected_sequence` after reading the state again. Otherwise returns
+ * false and leaves `*actual_out` untouched.
+ *
+ * Like `trebuchet_last_error`, it reads what the last other `trebuchet_`
+ * call on this thread left (this one, `trebuchet_last_error` and
+ * `trebuchet_status_name` change nothing), so read it right after the
+ * call that failed.
+ *
+ * # Safety
+ *
+ * `actual_out` must be NULL or writable.
  */
-const char *trebuchet_status_name(enum trebuchet_status status);
+bool trebuchet_last_conflict_actual(uint64_t *actual_out);
+
+/**
+ * A constant name for a status (`"TREBUCHET_NOT_FOUND"`), for logs. Takes
+ * any `int`: a number this library does not know (from a newer header, or
+ * a caller in another language) gets `"TREBUCHET_UNKNOWN_STATUS"`. Never
+ * NULL; the string is static.
+ */
+const char *trebuchet_status_name(int status);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -2,7 +2,7 @@
 //! boundary every exported function runs inside.
 
 use std::cell::RefCell;
-use std::ffi::{c_char, CString};
+use std::ffi::{c_char, c_int, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::Error;
@@ -75,16 +75,104 @@ pub enum trebuchet_status {
 
 use trebuchet_status::*;
 
-thread_local! {
-    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+impl trebuchet_status {
+    /// Every status, for [`trebuchet_status::from_code`].
+    const ALL: [trebuchet_status; 25] = [
+        TREBUCHET_OK,
+        TREBUCHET_NOT_FOUND,
+        TREBUCHET_TIMEOUT,
+        TREBUCHET_CLOSED,
+        TREBUCHET_NULL_ARGUMENT,
+        TREBUCHET_INVALID_UTF8,
+        TREBUCHET_INVALID_ACTOR_ID,
+        TREBUCHET_INVALID_CONFIG,
+        TREBUCHET_WRONG_HANDLE,
+        TREBUCHET_STATE_TOO_LARGE,
+        TREBUCHET_INVALID_ARGUMENT,
+        TREBUCHET_CONFLICT,
+        TREBUCHET_TOO_MANY_CONFLICTS,
+        TREBUCHET_CALLBACK_FAILED,
+        TREBUCHET_CONNECT_FAILED,
+        TREBUCHET_CONNECTION_LOST,
+        TREBUCHET_POOL_EXHAUSTED,
+        TREBUCHET_TLS,
+        TREBUCHET_NOT_APPLIED,
+        TREBUCHET_OUTCOME_UNKNOWN,
+        TREBUCHET_SCHEMA_MISSING,
+        TREBUCHET_STATEMENT_TIMEOUT,
+        TREBUCHET_DATABASE,
+        TREBUCHET_PANIC,
+        TREBUCHET_OTHER,
+    ];
+
+    /// The status numbered `code`, or `None` for a number this library
+    /// does not know. C may pass any `int` where the header says
+    /// `trebuchet_status`, so a number from C is read as an integer and
+    /// only then turned into the enum: an enum holding a number it has no
+    /// variant for is undefined behaviour in Rust.
+    fn from_code(code: c_int) -> Option<trebuchet_status> {
+        Self::ALL
+            .into_iter()
+            .find(|status| *status as c_int == code)
+    }
+
+    /// The status's constant name.
+    fn name(self) -> &'static CStr {
+        match self {
+            TREBUCHET_OK => c"TREBUCHET_OK",
+            TREBUCHET_NOT_FOUND => c"TREBUCHET_NOT_FOUND",
+            TREBUCHET_TIMEOUT => c"TREBUCHET_TIMEOUT",
+            TREBUCHET_CLOSED => c"TREBUCHET_CLOSED",
+            TREBUCHET_NULL_ARGUMENT => c"TREBUCHET_NULL_ARGUMENT",
+            TREBUCHET_INVALID_UTF8 => c"TREBUCHET_INVALID_UTF8",
+            TREBUCHET_INVALID_ACTOR_ID => c"TREBUCHET_INVALID_ACTOR_ID",
+            TREBUCHET_INVALID_CONFIG => c"TREBUCHET_INVALID_CONFIG",
+            TREBUCHET_WRONG_HANDLE => c"TREBUCHET_WRONG_HANDLE",
+            TREBUCHET_STATE_TOO_LARGE => c"TREBUCHET_STATE_TOO_LARGE",
+            TREBUCHET_INVALID_ARGUMENT => c"TREBUCHET_INVALID_ARGUMENT",
+            TREBUCHET_CONFLICT => c"TREBUCHET_CONFLICT",
+            TREBUCHET_TOO_MANY_CONFLICTS => c"TREBUCHET_TOO_MANY_CONFLICTS",
+            TREBUCHET_CALLBACK_FAILED => c"TREBUCHET_CALLBACK_FAILED",
+            TREBUCHET_CONNECT_FAILED => c"TREBUCHET_CONNECT_FAILED",
+            TREBUCHET_CONNECTION_LOST => c"TREBUCHET_CONNECTION_LOST",
+            TREBUCHET_POOL_EXHAUSTED => c"TREBUCHET_POOL_EXHAUSTED",
+            TREBUCHET_TLS => c"TREBUCHET_TLS",
+            TREBUCHET_NOT_APPLIED => c"TREBUCHET_NOT_APPLIED",
+            TREBUCHET_OUTCOME_UNKNOWN => c"TREBUCHET_OUTCOME_UNKNOWN",
+            TREBUCHET_SCHEMA_MISSING => c"TREBUCHET_SCHEMA_MISSING",
+            TREBUCHET_STATEMENT_TIMEOUT => c"TREBUCHET_STATEMENT_TIMEOUT",
+            TREBUCHET_DATABASE => c"TREBUCHET_DATABASE",
+            TREBUCHET_PANIC => c"TREBUCHET_PANIC",
+            TREBUCHET_OTHER => c"TREBUCHET_OTHER",
+        }
+    }
 }
 
-/// Records `message` as this thread's last error.
+/// What the calling thread's last call left to read: its message, and for
+/// a conflict the sequence number it found.
+#[derive(Default)]
+struct LastError {
+    message: CString,
+    /// `Some` when the last call failed with `TREBUCHET_CONFLICT`: the
+    /// sequence number found, 0 when the actor did not exist.
+    conflict_actual: Option<u64>,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<LastError> = RefCell::new(LastError::default());
+}
+
+/// Records `message` as this thread's last error, with no conflict.
 pub(crate) fn set_last_error(message: impl Into<String>) {
     let mut message = message.into();
     message.retain(|c| c != '\0');
     let message = CString::new(message).unwrap_or_default();
-    LAST_ERROR.with(|last| *last.borrow_mut() = message);
+    LAST_ERROR.with(|last| {
+        *last.borrow_mut() = LastError {
+            message,
+            conflict_actual: None,
+        }
+    });
 }
 
 /// Records `message` and returns `status`.
@@ -120,7 +208,14 @@ pub(crate) fn error_status(error: &Error) -> trebuchet_status {
         | Error::NotificationQueueFull(_) => TREBUCHET_DATABASE,
         _ => TREBUCHET_OTHER,
     };
-    fail(status, error.to_string())
+    let conflict_actual = match error {
+        Error::Conflict { actual, .. } => Some(actual.unwrap_or(0)),
+        Error::StaleSequence { current, .. } => Some(current.unwrap_or(0)),
+        _ => None,
+    };
+    fail(status, error.to_string());
+    LAST_ERROR.with(|last| last.borrow_mut().conflict_actual = conflict_actual);
+    status
 }
 
 /// Runs `body`, turning a panic into [`TREBUCHET_PANIC`] so that no unwind
@@ -151,48 +246,54 @@ pub(crate) fn boundary(body: impl FnOnce() -> trebuchet_status) -> trebuchet_sta
 #[no_mangle]
 pub extern "C" fn trebuchet_last_error() -> *const c_char {
     // No panic can happen here, but keep the rule: nothing unwinds into C.
-    catch_unwind(|| LAST_ERROR.with(|last| last.borrow().as_ptr()))
+    catch_unwind(|| LAST_ERROR.with(|last| last.borrow().message.as_ptr()))
         .unwrap_or(c"panic while reading the last error".as_ptr())
 }
 
-/// A constant name for a status (`"TREBUCHET_NOT_FOUND"`), for logs.
-/// Never NULL; the string is static.
+/// Whether the calling thread's last call failed with `TREBUCHET_CONFLICT`.
+/// If it did, `*actual_out` (when `actual_out` is not NULL) receives the
+/// sequence number the write found: the actor's current version, or 0
+/// (`TREBUCHET_EXPECT_ABSENT`) when the actor did not exist. Either way it
+/// is what a retry of `trebuchet_store_save_if` passes as
+/// `expected_sequence` after reading the state again. Otherwise returns
+/// false and leaves `*actual_out` untouched.
+///
+/// Like `trebuchet_last_error`, it reads what the last other `trebuchet_`
+/// call on this thread left (this one, `trebuchet_last_error` and
+/// `trebuchet_status_name` change nothing), so read it right after the
+/// call that failed.
+///
+/// # Safety
+///
+/// `actual_out` must be NULL or writable.
 #[no_mangle]
-pub extern "C" fn trebuchet_status_name(status: trebuchet_status) -> *const c_char {
-    let name: &'static std::ffi::CStr = match status {
-        TREBUCHET_OK => c"TREBUCHET_OK",
-        TREBUCHET_NOT_FOUND => c"TREBUCHET_NOT_FOUND",
-        TREBUCHET_TIMEOUT => c"TREBUCHET_TIMEOUT",
-        TREBUCHET_CLOSED => c"TREBUCHET_CLOSED",
-        TREBUCHET_NULL_ARGUMENT => c"TREBUCHET_NULL_ARGUMENT",
-        TREBUCHET_INVALID_UTF8 => c"TREBUCHET_INVALID_UTF8",
-        TREBUCHET_INVALID_ACTOR_ID => c"TREBUCHET_INVALID_ACTOR_ID",
-        TREBUCHET_INVALID_CONFIG => c"TREBUCHET_INVALID_CONFIG",
-        TREBUCHET_WRONG_HANDLE => c"TREBUCHET_WRONG_HANDLE",
-        TREBUCHET_STATE_TOO_LARGE => c"TREBUCHET_STATE_TOO_LARGE",
-        TREBUCHET_INVALID_ARGUMENT => c"TREBUCHET_INVALID_ARGUMENT",
-        TREBUCHET_CONFLICT => c"TREBUCHET_CONFLICT",
-        TREBUCHET_TOO_MANY_CONFLICTS => c"TREBUCHET_TOO_MANY_CONFLICTS",
-        TREBUCHET_CALLBACK_FAILED => c"TREBUCHET_CALLBACK_FAILED",
-        TREBUCHET_CONNECT_FAILED => c"TREBUCHET_CONNECT_FAILED",
-        TREBUCHET_CONNECTION_LOST => c"TREBUCHET_CONNECTION_LOST",
-        TREBUCHET_POOL_EXHAUSTED => c"TREBUCHET_POOL_EXHAUSTED",
-        TREBUCHET_TLS => c"TREBUCHET_TLS",
-        TREBUCHET_NOT_APPLIED => c"TREBUCHET_NOT_APPLIED",
-        TREBUCHET_OUTCOME_UNKNOWN => c"TREBUCHET_OUTCOME_UNKNOWN",
-        TREBUCHET_SCHEMA_MISSING => c"TREBUCHET_SCHEMA_MISSING",
-        TREBUCHET_STATEMENT_TIMEOUT => c"TREBUCHET_STATEMENT_TIMEOUT",
-        TREBUCHET_DATABASE => c"TREBUCHET_DATABASE",
-        TREBUCHET_PANIC => c"TREBUCHET_PANIC",
-        TREBUCHET_OTHER => c"TREBUCHET_OTHER",
-    };
-    name.as_ptr()
+pub unsafe extern "C" fn trebuchet_last_conflict_actual(actual_out: *mut u64) -> bool {
+    let actual = catch_unwind(|| LAST_ERROR.with(|last| last.borrow().conflict_actual));
+    match actual {
+        Ok(Some(actual)) => {
+            if !actual_out.is_null() {
+                // SAFETY: non-NULL and writable per the caller.
+                unsafe { actual_out.write(actual) };
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A constant name for a status (`"TREBUCHET_NOT_FOUND"`), for logs. Takes
+/// any `int`: a number this library does not know (from a newer header, or
+/// a caller in another language) gets `"TREBUCHET_UNKNOWN_STATUS"`. Never
+/// NULL; the string is static.
+#[no_mangle]
+pub extern "C" fn trebuchet_status_name(status: c_int) -> *const c_char {
+    trebuchet_status::from_code(status)
+        .map_or(c"TREBUCHET_UNKNOWN_STATUS", trebuchet_status::name)
+        .as_ptr()
 }
 
 #[cfg(test)]
 mod tests {
-    use std::ffi::CStr;
-
     use super::*;
 
     fn last() -> String {
@@ -211,13 +312,62 @@ mod tests {
         assert_eq!(last(), "");
     }
 
+    fn name_of(code: c_int) -> &'static str {
+        // SAFETY: static strings.
+        unsafe { CStr::from_ptr(trebuchet_status_name(code)) }
+            .to_str()
+            .unwrap()
+    }
+
     #[test]
     fn every_status_has_its_name() {
-        // SAFETY: static strings.
-        let name = unsafe { CStr::from_ptr(trebuchet_status_name(TREBUCHET_WRONG_HANDLE)) };
-        assert_eq!(name.to_str().unwrap(), "TREBUCHET_WRONG_HANDLE");
+        assert_eq!(
+            name_of(TREBUCHET_WRONG_HANDLE as c_int),
+            "TREBUCHET_WRONG_HANDLE"
+        );
         assert_eq!(TREBUCHET_CONFLICT as u32, 200);
         assert_eq!(TREBUCHET_PANIC as u32, 900);
+        for status in trebuchet_status::ALL {
+            assert_eq!(name_of(status as c_int), format!("{status:?}"));
+        }
+        // ALL lists every status the header declares.
+        let header = include_str!("../../ffi/include/trebuchet_postgres.h");
+        let statuses = header
+            .split("typedef enum trebuchet_status {")
+            .nth(1)
+            .and_then(|rest| rest.split("} trebuchet_status;").next())
+            .expect("the header declares trebuchet_status");
+        let declared = statuses
+            .lines()
+            .filter(|line| line.trim_start().starts_with("TREBUCHET_"))
+            .count();
+        assert_eq!(declared, trebuchet_status::ALL.len());
+    }
+
+    #[test]
+    fn an_unknown_number_has_a_name_too() {
+        for code in [4, 99, 107, 1000, -1, c_int::MAX, c_int::MIN] {
+            assert_eq!(name_of(code), "TREBUCHET_UNKNOWN_STATUS", "{code}");
+        }
+    }
+
+    #[test]
+    fn a_conflict_is_recorded_until_the_next_call() {
+        let status = boundary(|| {
+            error_status(&Error::Conflict {
+                actor_id: "a".into(),
+                expected: crate::Expected::Absent,
+                actual: Some(7),
+            })
+        });
+        assert_eq!(status, TREBUCHET_CONFLICT);
+        let mut actual = 0;
+        // SAFETY: a writable u64.
+        assert!(unsafe { trebuchet_last_conflict_actual(&mut actual) });
+        assert_eq!(actual, 7);
+        assert_eq!(boundary(|| fail(TREBUCHET_OTHER, "later")), TREBUCHET_OTHER);
+        // SAFETY: NULL is allowed.
+        assert!(!unsafe { trebuchet_last_conflict_actual(std::ptr::null_mut()) });
     }
 
     #[test]

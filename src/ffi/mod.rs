@@ -10,10 +10,17 @@
 //!   kind where another is expected fails with `TREBUCHET_WRONG_HANDLE`
 //!   instead of corrupting memory.
 //! - Every function returns a [`trebuchet_status`] (except `_free`,
-//!   `trebuchet_last_error` and `trebuchet_status_name`). Status numbers
-//!   never change. Out-parameters are written only on `TREBUCHET_OK`.
+//!   `trebuchet_last_error`, `trebuchet_last_conflict_actual` and
+//!   `trebuchet_status_name`). Status numbers never change. Out-parameters
+//!   are written only on `TREBUCHET_OK`.
 //! - `trebuchet_last_error()` is the message of the calling thread's last
-//!   failed call; it never contains a password.
+//!   failed call; it never contains a password. After `TREBUCHET_CONFLICT`,
+//!   `trebuchet_last_conflict_actual()` gives the sequence number found as
+//!   data.
+//! - No function takes an enum by value, and none reads an enum from memory
+//!   C wrote: C may put any `int` in an enum, which in Rust is undefined
+//!   behaviour. A status from C is an `int` (`trebuchet_status_name`);
+//!   enums only go out (return values, `trebuchet_event`).
 //! - `_free` functions take the *address* of the handle pointer, free it and
 //!   set the caller's pointer to NULL, so calling them twice on the same
 //!   variable is a no-op: a double free needs a second copy of the pointer,
@@ -38,7 +45,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use crossbeam_channel::RecvTimeoutError;
 
 use self::error::{boundary, error_status, fail};
-pub use self::error::{trebuchet_last_error, trebuchet_status, trebuchet_status_name};
+pub use self::error::{
+    trebuchet_last_conflict_actual, trebuchet_last_error, trebuchet_status, trebuchet_status_name,
+};
 use self::handle::{
     array_arg, borrow, bytes_arg, ids_arg, into_handle, opt_str_arg, out_arg, str_arg, take, Kind,
     Tagged,
@@ -133,7 +142,8 @@ pub enum trebuchet_resync_reason {
 }
 
 /// One event from `trebuchet_subscription_next`. The caller owns the struct;
-/// nothing in it needs freeing.
+/// nothing in it needs freeing. The library only writes it, never reads it,
+/// so what it held before does not matter.
 #[repr(C)]
 pub struct trebuchet_event {
     /// Saved, deleted, or resync.
@@ -418,7 +428,9 @@ pub unsafe extern "C" fn trebuchet_store_save_with_ttl(
 
 /// Stores the state only when the actor is at `expected_sequence`, or does
 /// not exist when it is `TREBUCHET_EXPECT_ABSENT` (0). Otherwise
-/// `TREBUCHET_CONFLICT`, and the last error names both versions.
+/// `TREBUCHET_CONFLICT`, nothing is written, the last error names both
+/// versions, and `trebuchet_last_conflict_actual` gives the sequence
+/// number found (0 when the actor does not exist) as a number.
 ///
 /// # Safety
 ///

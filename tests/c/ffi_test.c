@@ -1,12 +1,14 @@
 /*
  * The C ABI from C: NULL arguments, invalid UTF-8, double frees, wrong
- * handle kinds, timeouts, shutdown with a waiting subscriber, conditional
- * saves, transforms, bulk calls and listing. Built and run by tests/ffi.rs:
+ * handle kinds, status names, timeouts, shutdown with a waiting subscriber,
+ * conditional saves and the conflict's actual sequence number, transforms,
+ * bulk calls and listing. Built and run by tests/ffi.rs:
  *
  *   ffi_test URL TABLE CHANNEL
  *
  * Prints "ok NAME" per check and exits non-zero at the first failure.
  */
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -62,6 +64,20 @@ static void null_arguments(trebuchet_store *store) {
   CHECK(!exists);
   CHECK(strcmp(trebuchet_last_error(), "") == 0);
   printf("ok null_arguments\n");
+}
+
+/* Any int has a name: a number this library does not know (from a newer
+ * header, or a caller in another language) gets a fixed one. */
+static void status_names(void) {
+  CHECK(strcmp(trebuchet_status_name(TREBUCHET_OK), "TREBUCHET_OK") == 0);
+  CHECK(strcmp(trebuchet_status_name(TREBUCHET_CONFLICT), "TREBUCHET_CONFLICT") == 0);
+  CHECK(strcmp(trebuchet_status_name(TREBUCHET_OTHER), "TREBUCHET_OTHER") == 0);
+  const int unknown[] = {4, 99, 107, 1000, -1, INT_MAX, INT_MIN};
+  for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
+    const char *name = trebuchet_status_name(unknown[i]);
+    CHECK(name != NULL && strcmp(name, "TREBUCHET_UNKNOWN_STATUS") == 0);
+  }
+  printf("ok status_names\n");
 }
 
 static void invalid_input(trebuchet_store *store) {
@@ -139,6 +155,33 @@ static void conditional_saves(trebuchet_store *store) {
          TREBUCHET_INVALID_ARGUMENT);
   CHECK(sequence == 2);
   printf("ok conditional_saves\n");
+}
+
+/* A conflict's actual sequence number comes as data, ready for a retry. */
+static void conflict_data(trebuchet_store *store) {
+  uint64_t sequence = 0, actual = 12345;
+  EXPECT(trebuchet_store_save(store, "c-data", (const uint8_t *)"a", 1, NULL), TREBUCHET_OK);
+  EXPECT(trebuchet_store_save(store, "c-data", (const uint8_t *)"b", 1, &sequence), TREBUCHET_OK);
+  CHECK(sequence == 2);
+  CHECK(!trebuchet_last_conflict_actual(&actual));
+  CHECK(actual == 12345);
+  EXPECT(trebuchet_store_save_if(store, "c-data", (const uint8_t *)"c", 1, 1, &sequence), TREBUCHET_CONFLICT);
+  CHECK(strcmp(trebuchet_status_name(TREBUCHET_CONFLICT), "TREBUCHET_CONFLICT") == 0);
+  CHECK(strstr(trebuchet_last_error(), "found sequence 2") != NULL);
+  CHECK(trebuchet_last_conflict_actual(&actual));
+  CHECK(actual == 2);
+  EXPECT(trebuchet_store_save_if(store, "c-data", (const uint8_t *)"c", 1, actual, &sequence), TREBUCHET_OK);
+  CHECK(sequence == 3);
+  CHECK(!trebuchet_last_conflict_actual(NULL));
+  /* An actor that does not exist: 0, which is TREBUCHET_EXPECT_ABSENT. */
+  EXPECT(trebuchet_store_save_if(store, "c-data-none", (const uint8_t *)"x", 1, 4, NULL), TREBUCHET_CONFLICT);
+  CHECK(trebuchet_last_conflict_actual(&actual));
+  CHECK(actual == TREBUCHET_EXPECT_ABSENT);
+  EXPECT(trebuchet_store_save_if(store, "c-data-none", (const uint8_t *)"x", 1, actual, NULL), TREBUCHET_OK);
+  EXPECT(trebuchet_store_save_if(store, "c-data", (const uint8_t *)"d", 1, UINT64_MAX, NULL),
+         TREBUCHET_INVALID_ARGUMENT);
+  CHECK(!trebuchet_last_conflict_actual(&actual));
+  printf("ok conflict_data\n");
 }
 
 static void time_to_live(trebuchet_store *store) {
@@ -362,10 +405,12 @@ int main(int argc, char **argv) {
   trebuchet_listener *listener = NULL;
   EXPECT(trebuchet_listener_open(store, &listener), TREBUCHET_OK);
 
+  status_names();
   null_arguments(store);
   invalid_input(store);
   save_load_and_double_free(store);
   conditional_saves(store);
+  conflict_data(store);
   time_to_live(store);
   bulk(store);
   listing(store);

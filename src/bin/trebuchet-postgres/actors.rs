@@ -8,7 +8,7 @@ use trebuchet_postgres::{validate_actor_id, Expected};
 
 use crate::args::{Delete, Get, Ls, PurgeTombstones, Put, Seq, Sweep};
 use crate::fail::Failure;
-use crate::output::{json_line, prompt_if_terminal, timestamp};
+use crate::output::{escape, json_line, prompt_if_terminal, timestamp};
 use crate::settings::Settings;
 use crate::state_json;
 
@@ -84,12 +84,7 @@ pub fn put(settings: &Settings, args: &Put) -> Result<(), Failure> {
         Some(value) if value != "-" => value.as_bytes().to_vec(),
         _ => {
             prompt_if_terminal("the state");
-            let mut buffer = Vec::new();
-            io::stdin()
-                .lock()
-                .read_to_end(&mut buffer)
-                .map_err(|e| Failure::error(format!("cannot read standard input: {e}")))?;
-            buffer
+            read_state(io::stdin().lock(), settings.max_state_size)?
         }
     };
     let bytes = if args.raw {
@@ -122,6 +117,25 @@ pub fn put(settings: &Settings, args: &Put) -> Result<(), Failure> {
     let mut out = io::stdout().lock();
     writeln!(out, "{sequence}")?;
     Ok(())
+}
+
+/// Reads a state of at most `max` bytes from `input`. Reads one byte more
+/// at most, so endless input is refused as soon as it is too long. JSON
+/// text counts as it is given: a state is rarely much shorter encoded.
+fn read_state(input: impl Read, max: usize) -> Result<Vec<u8>, Failure> {
+    let limit = u64::try_from(max).map_or(u64::MAX, |max| max.saturating_add(1));
+    let mut buffer = Vec::new();
+    input
+        .take(limit)
+        .read_to_end(&mut buffer)
+        .map_err(|e| Failure::error(format!("cannot read standard input: {e}")))?;
+    if buffer.len() > max {
+        return Err(Failure::usage(format!(
+            "the state on standard input is over the store's maximum of {max} bytes; \
+             stopped reading there"
+        )));
+    }
+    Ok(buffer)
 }
 
 pub fn delete(settings: &Settings, args: &Delete) -> Result<(), Failure> {
@@ -251,10 +265,10 @@ pub fn ls(settings: &Settings, args: &Ls) -> Result<(), Failure> {
                     actor.sequence,
                     actor.size,
                     timestamp(actor.updated_at),
-                    actor.actor_id
+                    escape(&actor.actor_id)
                 )?;
             } else {
-                writeln!(out, "{}", actor.actor_id)?;
+                writeln!(out, "{}", escape(&actor.actor_id))?;
             }
         }
         printed += page.actors.len() as u64;
@@ -284,5 +298,40 @@ fn other_codec(codec: trebuchet_postgres::Codec) -> trebuchet_postgres::Codec {
     match codec {
         trebuchet_postgres::Codec::Json => trebuchet_postgres::Codec::Cbor,
         _ => trebuchet_postgres::Codec::Json,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Input that never ends, counting what was read from it.
+    struct Endless {
+        read: usize,
+    }
+
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            buf.fill(b'x');
+            self.read += buf.len();
+            Ok(buf.len())
+        }
+    }
+
+    #[test]
+    fn a_state_is_read_up_to_the_maximum_and_no_further() {
+        assert_eq!(read_state(&b"12345"[..], 5).unwrap(), b"12345");
+        assert_eq!(read_state(&b""[..], 5).unwrap(), b"");
+        let failure = read_state(&b"123456"[..], 5).unwrap_err();
+        assert_eq!(failure.code, crate::fail::USAGE);
+        assert!(
+            failure
+                .to_string()
+                .contains("over the store's maximum of 5 bytes"),
+            "{failure}"
+        );
+        let mut endless = Endless { read: 0 };
+        assert!(read_state(&mut endless, 1000).is_err());
+        assert_eq!(endless.read, 1001);
     }
 }

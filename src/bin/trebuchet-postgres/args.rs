@@ -279,7 +279,8 @@ pub struct Get {
 pub struct Put {
     /// The actor
     pub id: String,
-    /// The state; read from standard input when left out or `-`
+    /// The state; read from standard input when left out or `-`, up to the
+    /// store's maximum state size (64 MiB)
     pub value: Option<String>,
     /// Store the bytes as they are instead of encoding JSON
     #[arg(long)]

@@ -6,6 +6,8 @@ use std::fmt;
 use trebuchet_postgres::postgres::error::SqlState;
 use trebuchet_postgres::{ConnectFailure, Error, Expected};
 
+use crate::output::escape;
+
 /// Success.
 pub const OK: u8 = 0;
 /// Anything else that went wrong.
@@ -65,15 +67,17 @@ impl Failure {
 }
 
 impl fmt::Display for Failure {
-    /// One line, whatever the message holds.
+    /// One line, whatever the message holds: its lines joined with `; `,
+    /// any other control character escaped.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut lines = self
             .message
             .lines()
             .map(str::trim)
-            .filter(|l| !l.is_empty());
+            .filter(|l| !l.is_empty())
+            .map(escape);
         if let Some(first) = lines.next() {
-            f.write_str(first)?;
+            f.write_str(&first)?;
         }
         for line in lines {
             write!(f, "; {line}")?;
@@ -169,8 +173,10 @@ mod tests {
 
     #[test]
     fn messages_are_one_line() {
-        let f = Failure::error("first\n- second\n\n- third");
+        let f = Failure::error("first\n- second\r\n\n- third");
         assert_eq!(f.to_string(), "first; - second; - third");
+        let f = Failure::error("a \u{1b}[2J b\rc");
+        assert_eq!(f.to_string(), "a \\u{1b}[2J b\\rc");
     }
 
     #[test]

@@ -99,7 +99,8 @@ fn usage_error(e: clap::Error) -> ExitCode {
                 }
                 message.push_str(part);
             }
-            eprintln!("error: {message}; see `{help}`");
+            // The message quotes the arguments as given.
+            eprintln!("error: {}; see `{help}`", output::escape(&message));
             ExitCode::from(USAGE)
         }
     }

@@ -1,6 +1,7 @@
-//! Writing results: standard output that tolerates a closed pipe,
-//! timestamps, sizes and progress bars.
+//! Writing results: standard output that tolerates a closed pipe, text
+//! made safe for a terminal, timestamps, sizes and progress bars.
 
+use std::borrow::Cow;
 use std::io::{self, IsTerminal, Write};
 use std::time::SystemTime;
 
@@ -27,6 +28,43 @@ pub fn json_line(out: &mut impl Write, value: &impl serde::Serialize) -> Result<
     out.write_all(b"\n")?;
     out.flush()?;
     Ok(())
+}
+
+/// `text` made safe to print for a person: control characters (C0, DEL
+/// and C1: a newline, a carriage return, the escape that starts a terminal
+/// sequence) and the characters that break lines or reorder text on
+/// screen (U+2028, U+2029, the bidirectional controls) are written as a
+/// Rust string literal writes them (`\n`, `\r`, `\t`, `\u{1b}`). Everything
+/// else, printable Unicode included, stays as it is, so an id prints on
+/// one line and as it looks. Every human-readable output of text that
+/// users or the database provide goes through here; JSON output escapes
+/// on its own.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs_escape(c) {
+            // `char::escape_debug` writes `\n`, `\r`, `\t`, `\0` and
+            // `\u{...}` for these.
+            escaped.extend(c.escape_debug());
+        } else {
+            escaped.push(c);
+        }
+    }
+    Cow::Owned(escaped)
+}
+
+/// Whether [`escape`] rewrites `c`.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' // line and paragraph separators
+            | '\u{061c}' | '\u{200e}' | '\u{200f}' // bidirectional marks
+            | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' // embeddings, isolates
+        )
 }
 
 /// Says what is awaited when standard input is a terminal, where reading
@@ -104,6 +142,24 @@ pub fn bytes_style() -> ProgressStyle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_printable_text_is_kept() {
+        assert!(matches!(escape("room-1 café ☕ 部屋"), Cow::Borrowed(_)));
+        assert_eq!(escape("a\nb\rc\td"), "a\\nb\\rc\\td");
+        assert_eq!(escape("\u{1b}[31mred"), "\\u{1b}[31mred");
+        assert_eq!(
+            escape("bell\u{7} del\u{7f} csi\u{9b}"),
+            "bell\\u{7} del\\u{7f} csi\\u{9b}"
+        );
+        assert_eq!(escape("\0"), "\\0");
+        assert_eq!(escape("abc\u{202e}fed"), "abc\\u{202e}fed");
+        assert_eq!(escape("one\u{2028}two"), "one\\u{2028}two");
+        // A backslash and quotes are printable: kept as they are.
+        assert_eq!(escape(r#"a\"b'"#), r#"a\"b'"#);
+        // Joiners inside emoji sequences are kept.
+        assert_eq!(escape("👩\u{200d}💻"), "👩\u{200d}💻");
+    }
 
     #[test]
     fn sizes_read_like_pg_size_pretty() {

@@ -10,6 +10,7 @@ use trebuchet_postgres::{
 
 use crate::args::{Doctor, Migrate, Partition, Verify};
 use crate::fail::Failure;
+use crate::output::escape;
 use crate::settings::{describe, ssl_mode_name, Settings};
 
 pub fn migrate(settings: &Settings, args: &Migrate) -> Result<(), Failure> {
@@ -54,14 +55,14 @@ pub fn migrate(settings: &Settings, args: &Migrate) -> Result<(), Failure> {
             let what = text
                 .split_once(": ")
                 .map_or(text.as_str(), |(what, _)| what);
-            writeln!(out, "- {what}")?;
+            writeln!(out, "- {}", escape(what))?;
         }
     } else {
         writeln!(out, "{table} is up to date")?;
     }
     if !after.is_ok() {
         for problem in &after.problems {
-            writeln!(out, "- {}", problem_text(problem))?;
+            writeln!(out, "- {}", escape(&problem_text(problem)))?;
         }
         return Err(Failure::error(format!(
             "{table} still has {} after migrating",
@@ -353,7 +354,7 @@ impl Checklist {
 
     fn line(&mut self, status: &str, check: &str, detail: &str) -> Result<(), Failure> {
         let mut out = io::stdout().lock();
-        writeln!(out, "{status:<4}  {check:<11}  {detail}")?;
+        writeln!(out, "{status:<4}  {check:<11}  {}", escape(detail))?;
         out.flush()?;
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use trebuchet_postgres::{
     Codec, ConnectOptions, ConnectionSource, PoolOptions, SslMode, StateConfig, StateStore,
-    StateStoreBuilder, DEFAULT_CHANNEL, DEFAULT_TABLE,
+    StateStoreBuilder, DEFAULT_CHANNEL, DEFAULT_MAX_STATE_SIZE, DEFAULT_TABLE,
 };
 
 use crate::args::{CodecArg, Global};
@@ -26,6 +26,9 @@ pub struct Settings {
     pub table: String,
     pub channel: String,
     pub codec: Codec,
+    /// The largest state the store accepts, in bytes; also how much of
+    /// standard input `put` reads at most.
+    pub max_state_size: usize,
 }
 
 impl Settings {
@@ -63,6 +66,7 @@ impl Settings {
             table,
             channel,
             codec,
+            max_state_size: DEFAULT_MAX_STATE_SIZE,
         })
     }
 
@@ -100,7 +104,8 @@ impl Settings {
             .pool_options(PoolOptions::default().max_size(pool_size))
             .table(self.table.clone())
             .channel(self.channel.clone())
-            .codec(self.codec);
+            .codec(self.codec)
+            .max_state_size(self.max_state_size);
         Ok((builder, source))
     }
 

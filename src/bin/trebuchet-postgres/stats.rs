@@ -7,7 +7,7 @@ use trebuchet_postgres::{SlowStatements, StoreStats};
 
 use crate::args::Stats;
 use crate::fail::Failure;
-use crate::output::{size, timestamp};
+use crate::output::{escape, size, timestamp};
 use crate::settings::Settings;
 
 pub fn stats(settings: &Settings, args: &Stats) -> Result<(), Failure> {
@@ -35,7 +35,10 @@ pub fn stats(settings: &Settings, args: &Stats) -> Result<(), Failure> {
 }
 
 fn write_text(out: &mut impl Write, s: &StoreStats, target: &str) -> io::Result<()> {
-    let row = |out: &mut dyn Write, name: &str, value: &str| writeln!(out, "{name:<17}{value}");
+    // Names of roles and applications, addresses and statements are the
+    // database's text: escaped, as every value.
+    let row =
+        |out: &mut dyn Write, name: &str, value: &str| writeln!(out, "{name:<17}{}", escape(value));
     let layout = match s.partitions {
         Some(n) => format!(", {n} hash partitions"),
         None => String::new(),
@@ -98,13 +101,13 @@ fn write_text(out: &mut impl Write, s: &StoreStats, target: &str) -> io::Result<
             "{:<17}pid {} {} {} from {} since {}",
             "",
             l.pid,
-            l.user.as_deref().unwrap_or("?"),
+            escape(l.user.as_deref().unwrap_or("?")),
             if l.application_name.is_empty() {
-                "-"
+                "-".into()
             } else {
-                &l.application_name
+                escape(&l.application_name)
             },
-            l.client_addr.as_deref().unwrap_or("local socket"),
+            escape(l.client_addr.as_deref().unwrap_or("local socket")),
             l.since.map_or_else(|| "?".to_owned(), timestamp)
         )?;
     }
@@ -135,7 +138,7 @@ fn write_text(out: &mut impl Write, s: &StoreStats, target: &str) -> io::Result<
                     st.mean.as_secs_f64() * 1000.0,
                     st.max.as_secs_f64() * 1000.0,
                     st.calls,
-                    one_line(&st.query, 100)
+                    escape(&one_line(&st.query, 100))
                 )?;
             }
         }

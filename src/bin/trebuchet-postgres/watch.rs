@@ -9,7 +9,7 @@ use trebuchet_postgres::{ChangeKind, Event};
 
 use crate::args::Watch;
 use crate::fail::Failure;
-use crate::output::{json_line, timestamp};
+use crate::output::{escape, json_line, timestamp};
 use crate::settings::Settings;
 
 /// How often the listener's health is looked at while no event comes.
@@ -50,7 +50,7 @@ pub fn watch(settings: &Settings, args: &Watch) -> Result<(), Failure> {
     eprintln!(
         "watching {:?} on {} for {which}; stop with Ctrl-C",
         store.channel(),
-        store.pool().target()
+        escape(store.pool().target())
     );
     let mut out = io::stdout().lock();
     let mut changes = 0;
@@ -70,7 +70,7 @@ pub fn watch(settings: &Settings, args: &Watch) -> Result<(), Failure> {
                     } else {
                         eprintln!(
                             "connection lost ({}); reconnecting",
-                            health.last_error.as_deref().unwrap_or("no reason given")
+                            escape(health.last_error.as_deref().unwrap_or("no reason given"))
                         );
                     }
                 }

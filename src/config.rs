@@ -7,11 +7,12 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use percent_encoding::percent_decode_str;
 use postgres::config::{Host, SslMode as PgSslMode};
 use postgres::error::SqlState;
 
 use crate::error::{ConnectFailure, Error, Result};
+
+mod conninfo;
 
 /// TLS mode, with libpq's meanings.
 ///
@@ -86,6 +87,9 @@ pub(crate) fn listen_through_transaction_pooler() -> Error {
     )
 }
 
+/// The `sslmode` values, for messages.
+const SSL_MODE_NAMES: &str = "disable, prefer, require, verify-ca or verify-full";
+
 impl FromStr for SslMode {
     type Err = Error;
 
@@ -97,7 +101,7 @@ impl FromStr for SslMode {
             "verify-ca" => Ok(SslMode::VerifyCa),
             "verify-full" => Ok(SslMode::VerifyFull),
             other => Err(Error::invalid_connection_string(format!(
-                "unknown sslmode {other:?}: use disable, prefer, require, verify-ca or verify-full"
+                "unknown sslmode {other:?}: use {SSL_MODE_NAMES}"
             ))),
         }
     }
@@ -488,31 +492,11 @@ impl FromStr for ConnectOptions {
     type Err = Error;
 
     /// Parses a `postgresql://` / `postgres://` URL or a libpq key=value
-    /// string. Nothing is contacted.
+    /// string, as libpq reads them. Nothing is contacted. Errors name a key
+    /// or a byte position, never any of the text, which may hold a password.
     fn from_str(s: &str) -> Result<Self> {
-        let s = s.trim();
-        if s.is_empty() {
-            return Err(Error::invalid_connection_string(
-                "it is empty; expected postgresql://user:password@host:port/database \
-                 or key=value pairs such as `host=localhost dbname=app`",
-            ));
-        }
-        let (rest, ours) = if let Some(scheme_end) = s.find("://") {
-            split_url(s, scheme_end)?
-        } else if s.contains('=') {
-            split_key_values(s)?
-        } else {
-            return Err(Error::invalid_connection_string(
-                "it is neither a URL starting with postgresql:// or postgres:// \
-                 nor key=value pairs such as `host=localhost dbname=app`",
-            ));
-        };
-        let pg = postgres::Config::from_str(&rest).map_err(|e| {
-            // The driver's causes name options, never their values.
-            let cause =
-                std::error::Error::source(&e).map_or_else(|| e.to_string(), |c| c.to_string());
-            Error::invalid_connection_string(cause)
-        })?;
+        let split = conninfo::split(s)?;
+        let pg = split.config;
         let mut opts = ConnectOptions::new();
         copy_settings(&pg, &mut opts.pg);
         // Our defaults win only where the string said nothing.
@@ -522,7 +506,7 @@ impl FromStr for ConnectOptions {
         if pg.get_connect_timeout().is_none() {
             opts.pg.connect_timeout(Duration::from_secs(10));
         }
-        if !rest.contains("keepalives") {
+        if !split.keepalives {
             opts.pg
                 .keepalives(true)
                 .keepalives_idle(Duration::from_secs(30))
@@ -541,151 +525,21 @@ impl FromStr for ConnectOptions {
         for port in pg.get_ports() {
             opts.pg.port(*port);
         }
-        for (key, value) in ours {
-            match key.as_str() {
-                "sslmode" => opts.ssl_mode = value.parse()?,
-                "sslrootcert" if value.is_empty() => opts.ssl_root_cert = None,
-                "sslrootcert" => opts.ssl_root_cert = Some(PathBuf::from(value)),
-                _ => unreachable!("only our own keys are split off"),
+        for (key, value, at) in split.ours {
+            match key {
+                "sslmode" => {
+                    opts.ssl_mode = value.parse().map_err(|_| {
+                        Error::invalid_connection_string(format!(
+                            "unknown sslmode at byte {at}: use {SSL_MODE_NAMES}"
+                        ))
+                    })?
+                }
+                _ if value.is_empty() => opts.ssl_root_cert = None,
+                _ => opts.ssl_root_cert = Some(PathBuf::from(value)),
             }
         }
         Ok(opts)
     }
-}
-
-/// Keys this crate handles itself because the driver does not accept them.
-const OUR_KEYS: [&str; 2] = ["sslmode", "sslrootcert"];
-
-fn split_url(s: &str, scheme_end: usize) -> Result<(String, Vec<(String, String)>)> {
-    let scheme = &s[..scheme_end];
-    if scheme != "postgresql" && scheme != "postgres" {
-        return Err(Error::invalid_connection_string(format!(
-            "unsupported scheme {scheme:?}: use postgresql:// or postgres://"
-        )));
-    }
-    let after = &s[scheme_end + 3..];
-    let (before_query, query) = match after.find('?') {
-        Some(i) => (&after[..i], Some(&after[i + 1..])),
-        None => (after, None),
-    };
-    let authority = before_query.split('/').next().unwrap_or("");
-    if authority.matches('@').count() > 1 {
-        return Err(Error::invalid_connection_string(
-            "the user name or password contains an unencoded `@`: percent-encode it as %40",
-        ));
-    }
-    let host_part = authority.rsplit('@').next().unwrap_or("");
-    let mut kept = Vec::new();
-    let mut ours = Vec::new();
-    let mut host_param = false;
-    for pair in query.into_iter().flat_map(|q| q.split('&')) {
-        if pair.is_empty() {
-            continue;
-        }
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = percent_decode_str(k).decode_utf8_lossy().into_owned();
-        if key == "host" || key == "hostaddr" {
-            host_param = true;
-        }
-        if OUR_KEYS.contains(&key.as_str()) {
-            let value = percent_decode_str(v).decode_utf8_lossy().into_owned();
-            ours.push((key, value));
-        } else {
-            kept.push(pair);
-        }
-    }
-    if host_part.is_empty() && !host_param {
-        return Err(Error::invalid_connection_string(
-            "it names no host: write postgresql://user@host:port/database",
-        ));
-    }
-    let mut rest = format!("{scheme}://{before_query}");
-    if !kept.is_empty() {
-        rest.push('?');
-        rest.push_str(&kept.join("&"));
-    }
-    Ok((rest, ours))
-}
-
-/// Splits libpq key=value text into the part the driver parses and the keys
-/// this crate handles, honouring quoting (`'...'`) and backslash escapes.
-fn split_key_values(s: &str) -> Result<(String, Vec<(String, String)>)> {
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    let mut kept = String::new();
-    let mut ours = Vec::new();
-    while i < bytes.len() {
-        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if i >= bytes.len() {
-            break;
-        }
-        let start = i;
-        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let key = &s[start..i];
-        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if i >= bytes.len() || bytes[i] != b'=' {
-            return Err(Error::invalid_connection_string(format!(
-                "expected `=` after key {key:?}"
-            )));
-        }
-        i += 1;
-        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let mut value = String::new();
-        if i < bytes.len() && bytes[i] == b'\'' {
-            i += 1;
-            loop {
-                match bytes.get(i) {
-                    None => {
-                        return Err(Error::invalid_connection_string(format!(
-                            "unterminated quoted value for key {key:?}"
-                        )))
-                    }
-                    Some(b'\'') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(b) => {
-                        // A backslash escapes the character after it (which
-                        // may take several bytes).
-                        if *b == b'\\' && i + 1 < bytes.len() {
-                            i += 1;
-                        }
-                        let Some(c) = s[i..].chars().next() else {
-                            break;
-                        };
-                        value.push(c);
-                        i += c.len_utf8();
-                    }
-                }
-            }
-        } else {
-            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
-                if bytes[i] == b'\\' && i + 1 < bytes.len() {
-                    i += 1;
-                }
-                let Some(c) = s[i..].chars().next() else {
-                    break;
-                };
-                value.push(c);
-                i += c.len_utf8();
-            }
-        }
-        if OUR_KEYS.contains(&key) {
-            ours.push((key.to_owned(), value));
-        } else {
-            kept.push_str(&s[start..i]);
-            kept.push(' ');
-        }
-    }
-    Ok((kept, ours))
 }
 
 /// The seed's table name.
@@ -808,7 +662,7 @@ mod tests {
         for (s, needle) in [
             ("not-a-url", "neither a URL"),
             ("postgresql://", "names no host"),
-            ("http://localhost/db", "unsupported scheme \"http\""),
+            ("http://localhost/db", "unsupported scheme"),
             ("", "empty"),
             ("   ", "empty"),
             ("postgresql://u:p@h:notaport/db", "port"),

@@ -19,6 +19,7 @@ mod conninfo;
 /// | mode | encrypts | checks the certificate chain | checks the host name |
 /// |---|---|---|---|
 /// | `Disable` | no | – | – |
+/// | `Allow` | only if the server refuses plain text | no | no |
 /// | `Prefer` (default) | if the server offers it | no | no |
 /// | `Require` | yes | only when a root certificate is given | no |
 /// | `VerifyCa` | yes | yes | no |
@@ -26,12 +27,19 @@ mod conninfo;
 ///
 /// `VerifyCa` and `VerifyFull` check against
 /// [`ConnectOptions::ssl_root_cert`] when set, otherwise against the system's
-/// trusted roots.
+/// trusted roots. As in libpq 16, the root certificate `system` names the
+/// system's trusted roots and goes with `VerifyFull` only: it is then the
+/// default mode, and any other mode with it is an
+/// [`Error::InvalidConfig`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum SslMode {
     /// Never use TLS.
     Disable,
+    /// Connect in plain text; only when the server refuses that (its
+    /// `pg_hba.conf` has only `hostssl` lines for the client), connect again
+    /// with TLS, without checking certificates.
+    Allow,
     /// Use TLS when the server supports it, without checking certificates.
     #[default]
     Prefer,
@@ -88,7 +96,21 @@ pub(crate) fn listen_through_transaction_pooler() -> Error {
 }
 
 /// The `sslmode` values, for messages.
-const SSL_MODE_NAMES: &str = "disable, prefer, require, verify-ca or verify-full";
+const SSL_MODE_NAMES: &str = "disable, allow, prefer, require, verify-ca or verify-full";
+
+impl SslMode {
+    /// libpq's name of the mode (`verify-full`).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
 
 impl FromStr for SslMode {
     type Err = Error;
@@ -96,7 +118,8 @@ impl FromStr for SslMode {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "disable" => Ok(SslMode::Disable),
-            "allow" | "prefer" => Ok(SslMode::Prefer),
+            "allow" => Ok(SslMode::Allow),
+            "prefer" => Ok(SslMode::Prefer),
             "require" => Ok(SslMode::Require),
             "verify-ca" => Ok(SslMode::VerifyCa),
             "verify-full" => Ok(SslMode::VerifyFull),
@@ -116,7 +139,7 @@ impl FromStr for SslMode {
 /// [`ConnectOptions::new`] and the setters.
 ///
 /// Defaults: host `localhost`, port `5432`, user `postgres`, database the
-/// user's name, `sslmode=prefer`, TCP keepalives on (idle 30 s, interval
+/// user's name, `sslmode=prefer` (`verify-full` with `sslrootcert=system`), TCP keepalives on (idle 30 s, interval
 /// 10 s, 3 probes), connect timeout 10 s, application name
 /// `trebuchet-postgres`.
 ///
@@ -134,7 +157,9 @@ impl FromStr for SslMode {
 #[derive(Clone)]
 pub struct ConnectOptions {
     pub(crate) pg: postgres::Config,
-    ssl_mode: SslMode,
+    /// `None` until set: then `prefer`, or `verify-full` with
+    /// `sslrootcert=system`.
+    ssl_mode: Option<SslMode>,
     ssl_root_cert: Option<PathBuf>,
     pooler: PoolerMode,
 }
@@ -157,7 +182,7 @@ impl ConnectOptions {
             .application_name("trebuchet-postgres");
         ConnectOptions {
             pg,
-            ssl_mode: SslMode::default(),
+            ssl_mode: None,
             ssl_root_cert: None,
             pooler: PoolerMode::None,
         }
@@ -257,14 +282,18 @@ impl ConnectOptions {
         self
     }
 
-    /// Sets the TLS mode (default [`SslMode::Prefer`]).
+    /// Sets the TLS mode (default [`SslMode::Prefer`], or
+    /// [`SslMode::VerifyFull`] with the root certificate `system`).
     pub fn ssl_mode(&mut self, mode: SslMode) -> &mut Self {
-        self.ssl_mode = mode;
+        self.ssl_mode = Some(mode);
         self
     }
 
     /// Sets a PEM file of root certificates to check the server against
-    /// (libpq's `sslrootcert`).
+    /// (libpq's `sslrootcert`). `system` names the system's trusted roots,
+    /// as in libpq 16: it needs [`SslMode::VerifyFull`], which is then the
+    /// default mode; connecting with another mode set is an
+    /// [`Error::InvalidConfig`].
     pub fn ssl_root_cert(&mut self, path: impl Into<PathBuf>) -> &mut Self {
         self.ssl_root_cert = Some(path.into());
         self
@@ -323,9 +352,37 @@ impl ConnectOptions {
         self
     }
 
-    /// The TLS mode.
+    /// The TLS mode: the one set, otherwise [`SslMode::VerifyFull`] with the
+    /// root certificate `system` and [`SslMode::Prefer`] without.
     pub fn get_ssl_mode(&self) -> SslMode {
-        self.ssl_mode
+        match self.ssl_mode {
+            Some(mode) => mode,
+            None if self.roots_are_the_systems() => SslMode::VerifyFull,
+            None => SslMode::Prefer,
+        }
+    }
+
+    /// Whether the root certificate is `system`: the system's trusted roots.
+    fn roots_are_the_systems(&self) -> bool {
+        self.ssl_root_cert
+            .as_ref()
+            .is_some_and(|path| path.as_os_str() == "system")
+    }
+
+    /// libpq's rule: `sslrootcert=system` goes with `verify-full` only, since
+    /// any certificate a public authority signed for any name would pass a
+    /// weaker check.
+    pub(crate) fn check_tls_rules(&self) -> Result<()> {
+        match self.get_ssl_mode() {
+            SslMode::VerifyFull => Ok(()),
+            _ if !self.roots_are_the_systems() => Ok(()),
+            mode => Err(Error::invalid_config(format!(
+                "sslrootcert=system needs sslmode=verify-full (libpq's rule: the system's \
+                 roots vouch for any public name, so the host name must be checked too), \
+                 and sslmode is {}: remove sslmode or set it to verify-full",
+                mode.name()
+            ))),
+        }
     }
 
     /// The root certificate file, if one was set.
@@ -379,8 +436,9 @@ impl ConnectOptions {
         if pg.get_user().is_none() {
             pg.user("postgres");
         }
-        pg.ssl_mode(match self.ssl_mode {
-            SslMode::Disable => PgSslMode::Disable,
+        pg.ssl_mode(match self.get_ssl_mode() {
+            // Plain text first; see `Dialer::connect`.
+            SslMode::Disable | SslMode::Allow => PgSslMode::Disable,
             SslMode::Prefer => PgSslMode::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
         });
@@ -392,13 +450,20 @@ impl ConnectOptions {
     /// connector that checks nothing (`disable`, `prefer`, `require` without
     /// a root certificate) is built once per process and loads no root
     /// certificates at all.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for `sslrootcert=system` without
+    /// `verify-full`, [`Error::Tls`] for an unreadable root certificate.
     pub(crate) fn tls_connector(&self) -> Result<postgres_native_tls::MakeTlsConnector> {
+        self.check_tls_rules()?;
         let root = self
             .ssl_root_cert
             .as_ref()
-            .filter(|path| path.as_os_str() != "system");
-        let verifies = match self.ssl_mode {
-            SslMode::Disable | SslMode::Prefer => false,
+            .filter(|_| !self.roots_are_the_systems());
+        let mode = self.get_ssl_mode();
+        let verifies = match mode {
+            SslMode::Disable | SslMode::Allow | SslMode::Prefer => false,
             SslMode::Require => root.is_some(),
             SslMode::VerifyCa | SslMode::VerifyFull => true,
         };
@@ -427,12 +492,59 @@ impl ConnectOptions {
                 .add_root_certificate(cert)
                 .disable_built_in_roots(true);
         }
-        if self.ssl_mode != SslMode::VerifyFull {
+        if mode != SslMode::VerifyFull {
             // require with a root certificate, and verify-ca: the chain only.
             builder.danger_accept_invalid_hostnames(true);
         }
         let connector = builder.build().map_err(|e| Error::Tls(Box::new(e)))?;
         Ok(postgres_native_tls::MakeTlsConnector::new(connector))
+    }
+
+    /// The driver configuration and the TLS connector, to open connections
+    /// with.
+    ///
+    /// # Errors
+    ///
+    /// As [`tls_connector`](Self::tls_connector).
+    pub(crate) fn dialer(&self) -> Result<Dialer> {
+        Ok(Dialer {
+            config: self.driver_config(),
+            tls: self.tls_connector()?,
+            tls_after_refusal: self.get_ssl_mode() == SslMode::Allow,
+        })
+    }
+}
+
+/// Opens driver connections for one [`ConnectOptions`], with libpq's second
+/// attempt under `sslmode=allow`.
+#[derive(Clone)]
+pub(crate) struct Dialer {
+    /// The driver's configuration (plain text first under `allow`).
+    pub(crate) config: postgres::Config,
+    tls: postgres_native_tls::MakeTlsConnector,
+    /// `allow`: when the server refuses the plain connection, try again with
+    /// TLS.
+    tls_after_refusal: bool,
+}
+
+impl Dialer {
+    /// Connects. Under `allow`, a plain connection the server refused (an
+    /// error response during startup, such as no `pg_hba.conf` line for an
+    /// unencrypted connection) is made again with TLS, as libpq does; when
+    /// that attempt fails without the server answering (it offers no TLS),
+    /// the plain attempt's error is the one returned.
+    pub(crate) fn connect(&self) -> std::result::Result<postgres::Client, postgres::Error> {
+        match self.config.connect(self.tls.clone()) {
+            Err(plain) if self.tls_after_refusal && plain.as_db_error().is_some() => {
+                let mut config = self.config.clone();
+                config.ssl_mode(PgSslMode::Require);
+                match config.connect(self.tls.clone()) {
+                    Err(tls) if tls.as_db_error().is_none() => Err(plain),
+                    other => other,
+                }
+            }
+            other => other,
+        }
     }
 }
 
@@ -480,7 +592,7 @@ impl fmt::Debug for ConnectOptions {
             .field("dbname", &self.pg.get_dbname())
             .field("user", &self.pg.get_user())
             .field("password", &self.pg.get_password().map(|_| "<redacted>"))
-            .field("ssl_mode", &self.ssl_mode)
+            .field("ssl_mode", &self.get_ssl_mode())
             .field("ssl_root_cert", &self.ssl_root_cert)
             .field("application_name", &self.pg.get_application_name())
             .field("pooler", &self.pooler)
@@ -528,16 +640,17 @@ impl FromStr for ConnectOptions {
         for (key, value, at) in split.ours {
             match key {
                 "sslmode" => {
-                    opts.ssl_mode = value.parse().map_err(|_| {
+                    opts.ssl_mode = Some(value.parse().map_err(|_| {
                         Error::invalid_connection_string(format!(
                             "unknown sslmode at byte {at}: use {SSL_MODE_NAMES}"
                         ))
-                    })?
+                    })?)
                 }
                 _ if value.is_empty() => opts.ssl_root_cert = None,
                 _ => opts.ssl_root_cert = Some(PathBuf::from(value)),
             }
         }
+        opts.check_tls_rules()?;
         Ok(opts)
     }
 }

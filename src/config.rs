@@ -4,43 +4,19 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use percent_encoding::percent_decode_str;
 use postgres::config::{Host, SslMode as PgSslMode};
 use postgres::error::SqlState;
 
 use crate::error::{ConnectFailure, Error, Result};
 
-/// TLS mode, with libpq's meanings.
-///
-/// | mode | encrypts | checks the certificate chain | checks the host name |
-/// |---|---|---|---|
-/// | `Disable` | no | – | – |
-/// | `Prefer` (default) | if the server offers it | no | no |
-/// | `Require` | yes | only when a root certificate is given | no |
-/// | `VerifyCa` | yes | yes | no |
-/// | `VerifyFull` | yes | yes | yes |
-///
-/// `VerifyCa` and `VerifyFull` check against
-/// [`ConnectOptions::ssl_root_cert`] when set, otherwise against the system's
-/// trusted roots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum SslMode {
-    /// Never use TLS.
-    Disable,
-    /// Use TLS when the server supports it, without checking certificates.
-    #[default]
-    Prefer,
-    /// Always use TLS; check the certificate only when a root certificate is given.
-    Require,
-    /// Always use TLS and check the certificate chain, not the host name.
-    VerifyCa,
-    /// Always use TLS and check both the certificate chain and the host name.
-    VerifyFull,
-}
+mod conninfo;
+mod tls;
+
+pub(crate) use tls::Dialer;
+pub use tls::SslMode;
+use tls::SSL_MODE_NAMES;
 
 /// What stands between the client and PostgreSQL, when it is a
 /// connection pooler such as PgBouncer. Set with
@@ -86,23 +62,6 @@ pub(crate) fn listen_through_transaction_pooler() -> Error {
     )
 }
 
-impl FromStr for SslMode {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "disable" => Ok(SslMode::Disable),
-            "allow" | "prefer" => Ok(SslMode::Prefer),
-            "require" => Ok(SslMode::Require),
-            "verify-ca" => Ok(SslMode::VerifyCa),
-            "verify-full" => Ok(SslMode::VerifyFull),
-            other => Err(Error::invalid_connection_string(format!(
-                "unknown sslmode {other:?}: use disable, prefer, require, verify-ca or verify-full"
-            ))),
-        }
-    }
-}
-
 /// How to reach the server: host, port, database, credentials, TLS and
 /// socket settings.
 ///
@@ -112,7 +71,7 @@ impl FromStr for SslMode {
 /// [`ConnectOptions::new`] and the setters.
 ///
 /// Defaults: host `localhost`, port `5432`, user `postgres`, database the
-/// user's name, `sslmode=prefer`, TCP keepalives on (idle 30 s, interval
+/// user's name, `sslmode=prefer` (`verify-full` with `sslrootcert=system`), TCP keepalives on (idle 30 s, interval
 /// 10 s, 3 probes), connect timeout 10 s, application name
 /// `trebuchet-postgres`.
 ///
@@ -130,7 +89,9 @@ impl FromStr for SslMode {
 #[derive(Clone)]
 pub struct ConnectOptions {
     pub(crate) pg: postgres::Config,
-    ssl_mode: SslMode,
+    /// `None` until set: then `prefer`, or `verify-full` with
+    /// `sslrootcert=system`.
+    ssl_mode: Option<SslMode>,
     ssl_root_cert: Option<PathBuf>,
     pooler: PoolerMode,
 }
@@ -153,7 +114,7 @@ impl ConnectOptions {
             .application_name("trebuchet-postgres");
         ConnectOptions {
             pg,
-            ssl_mode: SslMode::default(),
+            ssl_mode: None,
             ssl_root_cert: None,
             pooler: PoolerMode::None,
         }
@@ -253,14 +214,18 @@ impl ConnectOptions {
         self
     }
 
-    /// Sets the TLS mode (default [`SslMode::Prefer`]).
+    /// Sets the TLS mode (default [`SslMode::Prefer`], or
+    /// [`SslMode::VerifyFull`] with the root certificate `system`).
     pub fn ssl_mode(&mut self, mode: SslMode) -> &mut Self {
-        self.ssl_mode = mode;
+        self.ssl_mode = Some(mode);
         self
     }
 
     /// Sets a PEM file of root certificates to check the server against
-    /// (libpq's `sslrootcert`).
+    /// (libpq's `sslrootcert`). `system` names the system's trusted roots,
+    /// as in libpq 16: it needs [`SslMode::VerifyFull`], which is then the
+    /// default mode; connecting with another mode set is an
+    /// [`Error::InvalidConfig`].
     pub fn ssl_root_cert(&mut self, path: impl Into<PathBuf>) -> &mut Self {
         self.ssl_root_cert = Some(path.into());
         self
@@ -319,9 +284,14 @@ impl ConnectOptions {
         self
     }
 
-    /// The TLS mode.
+    /// The TLS mode: the one set, otherwise [`SslMode::VerifyFull`] with the
+    /// root certificate `system` and [`SslMode::Prefer`] without.
     pub fn get_ssl_mode(&self) -> SslMode {
-        self.ssl_mode
+        match self.ssl_mode {
+            Some(mode) => mode,
+            None if self.roots_are_the_systems() => SslMode::VerifyFull,
+            None => SslMode::Prefer,
+        }
     }
 
     /// The root certificate file, if one was set.
@@ -375,60 +345,13 @@ impl ConnectOptions {
         if pg.get_user().is_none() {
             pg.user("postgres");
         }
-        pg.ssl_mode(match self.ssl_mode {
-            SslMode::Disable => PgSslMode::Disable,
+        pg.ssl_mode(match self.get_ssl_mode() {
+            // Plain text first; see `Dialer::connect`.
+            SslMode::Disable | SslMode::Allow => PgSslMode::Disable,
             SslMode::Prefer => PgSslMode::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
         });
         pg
-    }
-
-    /// Builds the TLS connector for these options. Build it once and share
-    /// it: each one costs up to a megabyte and tens of milliseconds. A
-    /// connector that checks nothing (`disable`, `prefer`, `require` without
-    /// a root certificate) is built once per process and loads no root
-    /// certificates at all.
-    pub(crate) fn tls_connector(&self) -> Result<postgres_native_tls::MakeTlsConnector> {
-        let root = self
-            .ssl_root_cert
-            .as_ref()
-            .filter(|path| path.as_os_str() != "system");
-        let verifies = match self.ssl_mode {
-            SslMode::Disable | SslMode::Prefer => false,
-            SslMode::Require => root.is_some(),
-            SslMode::VerifyCa | SslMode::VerifyFull => true,
-        };
-        if !verifies {
-            static UNVERIFIED: OnceLock<postgres_native_tls::MakeTlsConnector> = OnceLock::new();
-            if let Some(connector) = UNVERIFIED.get() {
-                return Ok(connector.clone());
-            }
-            let connector = native_tls::TlsConnector::builder()
-                .danger_accept_invalid_certs(true)
-                .danger_accept_invalid_hostnames(true)
-                .disable_built_in_roots(true)
-                .build()
-                .map_err(|e| Error::Tls(Box::new(e)))?;
-            let connector = postgres_native_tls::MakeTlsConnector::new(connector);
-            return Ok(UNVERIFIED.get_or_init(|| connector).clone());
-        }
-        let mut builder = native_tls::TlsConnector::builder();
-        if let Some(path) = root {
-            let pem = std::fs::read(path).map_err(|e| {
-                Error::Tls(format!("cannot read sslrootcert {}: {e}", path.display()).into())
-            })?;
-            let cert =
-                native_tls::Certificate::from_pem(&pem).map_err(|e| Error::Tls(Box::new(e)))?;
-            builder
-                .add_root_certificate(cert)
-                .disable_built_in_roots(true);
-        }
-        if self.ssl_mode != SslMode::VerifyFull {
-            // require with a root certificate, and verify-ca: the chain only.
-            builder.danger_accept_invalid_hostnames(true);
-        }
-        let connector = builder.build().map_err(|e| Error::Tls(Box::new(e)))?;
-        Ok(postgres_native_tls::MakeTlsConnector::new(connector))
     }
 }
 
@@ -476,7 +399,7 @@ impl fmt::Debug for ConnectOptions {
             .field("dbname", &self.pg.get_dbname())
             .field("user", &self.pg.get_user())
             .field("password", &self.pg.get_password().map(|_| "<redacted>"))
-            .field("ssl_mode", &self.ssl_mode)
+            .field("ssl_mode", &self.get_ssl_mode())
             .field("ssl_root_cert", &self.ssl_root_cert)
             .field("application_name", &self.pg.get_application_name())
             .field("pooler", &self.pooler)
@@ -488,31 +411,11 @@ impl FromStr for ConnectOptions {
     type Err = Error;
 
     /// Parses a `postgresql://` / `postgres://` URL or a libpq key=value
-    /// string. Nothing is contacted.
+    /// string, as libpq reads them. Nothing is contacted. Errors name a key
+    /// or a byte position, never any of the text, which may hold a password.
     fn from_str(s: &str) -> Result<Self> {
-        let s = s.trim();
-        if s.is_empty() {
-            return Err(Error::invalid_connection_string(
-                "it is empty; expected postgresql://user:password@host:port/database \
-                 or key=value pairs such as `host=localhost dbname=app`",
-            ));
-        }
-        let (rest, ours) = if let Some(scheme_end) = s.find("://") {
-            split_url(s, scheme_end)?
-        } else if s.contains('=') {
-            split_key_values(s)?
-        } else {
-            return Err(Error::invalid_connection_string(
-                "it is neither a URL starting with postgresql:// or postgres:// \
-                 nor key=value pairs such as `host=localhost dbname=app`",
-            ));
-        };
-        let pg = postgres::Config::from_str(&rest).map_err(|e| {
-            // The driver's causes name options, never their values.
-            let cause =
-                std::error::Error::source(&e).map_or_else(|| e.to_string(), |c| c.to_string());
-            Error::invalid_connection_string(cause)
-        })?;
+        let split = conninfo::split(s)?;
+        let pg = split.config;
         let mut opts = ConnectOptions::new();
         copy_settings(&pg, &mut opts.pg);
         // Our defaults win only where the string said nothing.
@@ -522,7 +425,7 @@ impl FromStr for ConnectOptions {
         if pg.get_connect_timeout().is_none() {
             opts.pg.connect_timeout(Duration::from_secs(10));
         }
-        if !rest.contains("keepalives") {
+        if !split.keepalives {
             opts.pg
                 .keepalives(true)
                 .keepalives_idle(Duration::from_secs(30))
@@ -541,151 +444,22 @@ impl FromStr for ConnectOptions {
         for port in pg.get_ports() {
             opts.pg.port(*port);
         }
-        for (key, value) in ours {
-            match key.as_str() {
-                "sslmode" => opts.ssl_mode = value.parse()?,
-                "sslrootcert" if value.is_empty() => opts.ssl_root_cert = None,
-                "sslrootcert" => opts.ssl_root_cert = Some(PathBuf::from(value)),
-                _ => unreachable!("only our own keys are split off"),
+        for (key, value, at) in split.ours {
+            match key {
+                "sslmode" => {
+                    opts.ssl_mode = Some(value.parse().map_err(|_| {
+                        Error::invalid_connection_string(format!(
+                            "unknown sslmode at byte {at}: use {SSL_MODE_NAMES}"
+                        ))
+                    })?)
+                }
+                _ if value.is_empty() => opts.ssl_root_cert = None,
+                _ => opts.ssl_root_cert = Some(PathBuf::from(value)),
             }
         }
+        opts.check_tls_rules()?;
         Ok(opts)
     }
-}
-
-/// Keys this crate handles itself because the driver does not accept them.
-const OUR_KEYS: [&str; 2] = ["sslmode", "sslrootcert"];
-
-fn split_url(s: &str, scheme_end: usize) -> Result<(String, Vec<(String, String)>)> {
-    let scheme = &s[..scheme_end];
-    if scheme != "postgresql" && scheme != "postgres" {
-        return Err(Error::invalid_connection_string(format!(
-            "unsupported scheme {scheme:?}: use postgresql:// or postgres://"
-        )));
-    }
-    let after = &s[scheme_end + 3..];
-    let (before_query, query) = match after.find('?') {
-        Some(i) => (&after[..i], Some(&after[i + 1..])),
-        None => (after, None),
-    };
-    let authority = before_query.split('/').next().unwrap_or("");
-    if authority.matches('@').count() > 1 {
-        return Err(Error::invalid_connection_string(
-            "the user name or password contains an unencoded `@`: percent-encode it as %40",
-        ));
-    }
-    let host_part = authority.rsplit('@').next().unwrap_or("");
-    let mut kept = Vec::new();
-    let mut ours = Vec::new();
-    let mut host_param = false;
-    for pair in query.into_iter().flat_map(|q| q.split('&')) {
-        if pair.is_empty() {
-            continue;
-        }
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = percent_decode_str(k).decode_utf8_lossy().into_owned();
-        if key == "host" || key == "hostaddr" {
-            host_param = true;
-        }
-        if OUR_KEYS.contains(&key.as_str()) {
-            let value = percent_decode_str(v).decode_utf8_lossy().into_owned();
-            ours.push((key, value));
-        } else {
-            kept.push(pair);
-        }
-    }
-    if host_part.is_empty() && !host_param {
-        return Err(Error::invalid_connection_string(
-            "it names no host: write postgresql://user@host:port/database",
-        ));
-    }
-    let mut rest = format!("{scheme}://{before_query}");
-    if !kept.is_empty() {
-        rest.push('?');
-        rest.push_str(&kept.join("&"));
-    }
-    Ok((rest, ours))
-}
-
-/// Splits libpq key=value text into the part the driver parses and the keys
-/// this crate handles, honouring quoting (`'...'`) and backslash escapes.
-fn split_key_values(s: &str) -> Result<(String, Vec<(String, String)>)> {
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    let mut kept = String::new();
-    let mut ours = Vec::new();
-    while i < bytes.len() {
-        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if i >= bytes.len() {
-            break;
-        }
-        let start = i;
-        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let key = &s[start..i];
-        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if i >= bytes.len() || bytes[i] != b'=' {
-            return Err(Error::invalid_connection_string(format!(
-                "expected `=` after key {key:?}"
-            )));
-        }
-        i += 1;
-        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let mut value = String::new();
-        if i < bytes.len() && bytes[i] == b'\'' {
-            i += 1;
-            loop {
-                match bytes.get(i) {
-                    None => {
-                        return Err(Error::invalid_connection_string(format!(
-                            "unterminated quoted value for key {key:?}"
-                        )))
-                    }
-                    Some(b'\'') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(b) => {
-                        // A backslash escapes the character after it (which
-                        // may take several bytes).
-                        if *b == b'\\' && i + 1 < bytes.len() {
-                            i += 1;
-                        }
-                        let Some(c) = s[i..].chars().next() else {
-                            break;
-                        };
-                        value.push(c);
-                        i += c.len_utf8();
-                    }
-                }
-            }
-        } else {
-            while i < bytes.len() && !bytes[i].is_ascii_whitespace() {
-                if bytes[i] == b'\\' && i + 1 < bytes.len() {
-                    i += 1;
-                }
-                let Some(c) = s[i..].chars().next() else {
-                    break;
-                };
-                value.push(c);
-                i += c.len_utf8();
-            }
-        }
-        if OUR_KEYS.contains(&key) {
-            ours.push((key.to_owned(), value));
-        } else {
-            kept.push_str(&s[start..i]);
-            kept.push(' ');
-        }
-    }
-    Ok((kept, ours))
 }
 
 /// The seed's table name.
@@ -808,7 +582,7 @@ mod tests {
         for (s, needle) in [
             ("not-a-url", "neither a URL"),
             ("postgresql://", "names no host"),
-            ("http://localhost/db", "unsupported scheme \"http\""),
+            ("http://localhost/db", "unsupported scheme"),
             ("", "empty"),
             ("   ", "empty"),
             ("postgresql://u:p@h:notaport/db", "port"),

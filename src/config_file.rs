@@ -71,7 +71,7 @@ pub enum ConnectionSource {
 ///   # or instead of the five above:
 ///   # connectionString: ${DATABASE_URL}
 ///   sslmode: verify-full                  # libpq's modes; default prefer
-///   sslrootcert: certs/root.pem           # relative to the file's directory
+///   sslrootcert: certs/root.pem           # relative to the file's directory; or system
 ///   table: actor_states                   # or schema.table
 ///   channel: actor_state_changes
 ///   poolSize: 10
@@ -424,7 +424,7 @@ impl<L: Fn(&str) -> Option<String>> Parser<L> {
                     Some(mode.line),
                     Some("sslmode"),
                     format!(
-                        "unknown mode {:?}: use disable, prefer, require, verify-ca or verify-full",
+                        "unknown mode {:?}: use disable, allow, prefer, require, verify-ca or verify-full",
                         mode.text
                     ),
                 )
@@ -433,11 +433,18 @@ impl<L: Fn(&str) -> Option<String>> Parser<L> {
         }
         if let Some(cert) = get("sslrootcert") {
             let path = PathBuf::from(&cert.text);
+            // `system` names the system's roots, not a file next to this one.
             let path = match &self.base_dir {
-                Some(dir) if path.is_relative() => dir.join(path),
+                Some(dir) if path.is_relative() && cert.text != "system" => dir.join(path),
                 _ => path,
             };
             connect.ssl_root_cert(path);
+        }
+        if let Err(e) = connect.check_tls_rules() {
+            let at = ["sslrootcert", "sslmode"]
+                .into_iter()
+                .find_map(|key| get(key).map(|v| (v.line, key)));
+            return Err(self.error(at.map(|a| a.0), at.map(|a| a.1), e.to_string()));
         }
 
         let table = match get("table") {

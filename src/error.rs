@@ -102,7 +102,8 @@ pub enum ConnectFailure {
 pub enum Error {
     /// A connection string could not be parsed; nothing was contacted.
     InvalidConnectionString {
-        /// What is wrong with it (never the string itself, which may hold a password).
+        /// What is wrong with it, naming a key or a byte position: never any
+        /// of the string itself, which may hold a password.
         reason: String,
     },
     /// A configuration value is out of range or inconsistent.

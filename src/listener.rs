@@ -15,14 +15,13 @@ use crossbeam_channel::{
 };
 use fallible_iterator::FallibleIterator;
 use postgres::{Client, SimpleQueryMessage};
-use postgres_native_tls::MakeTlsConnector;
 
 use crate::change::{
     is_probe, Change, ChangeKind, Event, MalformedPayload, ResyncReason, TableFilter,
 };
 use crate::config::{
     classify_connect, listen_through_transaction_pooler, validate_identifier, ConnectOptions,
-    PoolerMode, DEFAULT_CHANNEL,
+    Dialer, PoolerMode, DEFAULT_CHANNEL,
 };
 use crate::error::{ConnectFailure, Error, Result};
 use crate::ident::quote_identifier;
@@ -204,11 +203,9 @@ impl ChangeListenerBuilder {
         }
         let (idle, interval, retries) = self.keepalives;
         options.keepalives(idle, interval, retries);
-        let tls = options.tls_connector()?;
         let target = options.target();
         let conn = Connector {
-            config: options.driver_config(),
-            tls,
+            dialer: options.dialer()?,
             target: target.clone(),
             listen: format!("LISTEN {}", quote_identifier(&self.channel)),
             table: Arc::new(TableFilter::new(table)),
@@ -390,8 +387,7 @@ impl Shared {
 /// Opens the listener's connection.
 #[derive(Clone)]
 struct Connector {
-    config: postgres::Config,
-    tls: MakeTlsConnector,
+    dialer: Dialer,
     target: String,
     listen: String,
     table: Arc<TableFilter>,
@@ -404,17 +400,17 @@ impl Connector {
         timeout: Option<Duration>,
         check: impl FnOnce(&mut Client) -> Result<()>,
     ) -> Result<Client> {
-        let mut config = self.config.clone();
+        let mut dialer = self.dialer.clone();
         if let Some(timeout) = timeout {
-            config.connect_timeout(timeout);
+            dialer.config.connect_timeout(timeout);
         }
         let connect_error = |e: postgres::Error| Error::Connect {
             failure: classify_connect(&e),
             target: self.target.clone(),
-            user: config.get_user().unwrap_or("postgres").to_owned(),
+            user: dialer.config.get_user().unwrap_or("postgres").to_owned(),
             source: Some(e),
         };
-        let mut client = config.connect(self.tls.clone()).map_err(connect_error)?;
+        let mut client = dialer.connect().map_err(connect_error)?;
         check(&mut client)?;
         self.table.resolve(&mut client).map_err(connect_error)?;
         client.batch_execute(&self.listen).map_err(connect_error)?;
@@ -447,8 +443,8 @@ impl Connector {
             .name("trebuchet-listener-check".into())
             .spawn(move || {
                 let other = connector
-                    .config
-                    .connect(connector.tls.clone())
+                    .dialer
+                    .connect()
                     .ok()
                     .and_then(|mut other| pid(&mut other));
                 let _ = tx.send(other);
@@ -481,7 +477,7 @@ impl Connector {
     /// helper thread, which ends by itself (dropping its connection) when
     /// the peer answers or the socket dies.
     fn connect_within_timeout(&self) -> Result<Client> {
-        let Some(&limit) = self.config.get_connect_timeout() else {
+        let Some(&limit) = self.dialer.config.get_connect_timeout() else {
             return self.connect_refusing_transaction_poolers();
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -498,7 +494,12 @@ impl Connector {
             Err(Error::Connect {
                 failure: ConnectFailure::Timeout,
                 target: self.target.clone(),
-                user: self.config.get_user().unwrap_or("postgres").to_owned(),
+                user: self
+                    .dialer
+                    .config
+                    .get_user()
+                    .unwrap_or("postgres")
+                    .to_owned(),
                 source: None,
             })
         })

@@ -465,16 +465,14 @@ impl StateStore {
         if options.get_pooler() == PoolerMode::Transaction {
             return Err(listen_through_transaction_pooler());
         }
-        let config = options.driver_config();
+        let dialer = options.dialer()?;
         let connect_error = |e: postgres::Error| Error::Connect {
             failure: classify_connect(&e),
             target: options.target(),
-            user: config.get_user().unwrap_or("postgres").to_owned(),
+            user: dialer.config.get_user().unwrap_or("postgres").to_owned(),
             source: Some(e),
         };
-        let mut listener = config
-            .connect(options.tls_connector()?)
-            .map_err(connect_error)?;
+        let mut listener = dialer.connect().map_err(connect_error)?;
         listener
             .batch_execute(&format!("LISTEN {}", quote_identifier(self.channel())))
             .map_err(Error::Database)?;

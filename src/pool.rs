@@ -17,12 +17,10 @@ use std::time::{Duration, Instant, SystemTime};
 use postgres::error::SqlState;
 use postgres::types::{ToSql, Type};
 use postgres::{Client, GenericClient, Row, Statement, Transaction};
-use postgres_native_tls::MakeTlsConnector;
 use r2d2::ManageConnection;
-use r2d2_postgres::PostgresConnectionManager;
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
-use crate::config::{classify_connect, ConnectOptions, PoolerMode};
+use crate::config::{classify_connect, ConnectOptions, Dialer, PoolerMode};
 use crate::error::{ConnectFailure, Error, Result};
 
 mod affinity;
@@ -499,7 +497,7 @@ pub(crate) struct Manager {
 /// How connections are made: shared by the r2d2 manager and the pool
 /// handle, which opens connections of its own outside the pool.
 struct Opener {
-    inner: PostgresConnectionManager<MakeTlsConnector>,
+    dialer: Dialer,
     statement_timeout: Option<Duration>,
     pooler: PoolerMode,
     /// The driver's connect timeout, which bounds all of [`Opener::open`].
@@ -587,7 +585,7 @@ impl Opener {
     /// Through a transaction-mode pooler there is no session to set up, and
     /// behind any pooler the server process is not the connection's own.
     fn open_here(&self) -> Result<Opened> {
-        let connect = || self.inner.connect();
+        let connect = || self.dialer.connect();
         let (mut client, watch) = match &self.shared.watchdog {
             Some(watchdog) => watchdog.open(&self.ports, connect),
             None => connect().map(|client| (client, None)),
@@ -833,9 +831,9 @@ impl Pool {
                  PoolOptions::statement_timeout unset",
             ));
         }
-        let config = connect.driver_config();
+        let dialer = connect.dialer()?;
+        let config = &dialer.config;
         let connect = Arc::new(connect);
-        let tls = connect.tls_connector()?;
         let watchdog = options
             .call_timeout
             .map(|timeout| Watchdog::start(timeout, connect.target()))
@@ -861,7 +859,7 @@ impl Pool {
         });
         let opener = Arc::new(Opener {
             connect_timeout: config.get_connect_timeout().copied(),
-            inner: PostgresConnectionManager::new(config, tls),
+            dialer: dialer.clone(),
             statement_timeout: options.statement_timeout,
             pooler,
             ports,

@@ -577,10 +577,9 @@ impl TestSchema {
     ///
     /// When the server cannot be reached.
     pub fn client(&self) -> Result<postgres::Client, crate::Error> {
-        let tls = self.options.tls_connector()?;
         self.options
-            .driver_config()
-            .connect(tls)
+            .dialer()?
+            .connect()
             .map_err(crate::Error::Database)
     }
 

@@ -11,6 +11,8 @@ use fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 use trebuchet_postgres::testing::{TestCluster, TestDatabase};
 
+pub mod tls;
+
 /// The time zone the "wrong time zone" tests put their sessions in: far
 /// enough from UTC (4 or 5 hours) that a local-time bug cannot hide in the
 /// tolerance below.

@@ -173,6 +173,11 @@ pub fn doctor(settings: &Settings, args: &Doctor) -> Result<(), Failure> {
             "tls",
             "not encrypted (sslmode=disable): use sslmode=verify-full across a network",
         )?,
+        (None, SslMode::Allow) => list.warn(
+            "tls",
+            "not encrypted: sslmode=allow uses TLS only when the server refuses plain text; \
+             use sslmode=verify-full across a network",
+        )?,
         (None, mode) => list.warn(
             "tls",
             &format!(

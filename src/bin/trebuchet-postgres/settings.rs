@@ -181,6 +181,7 @@ pub fn describe(options: &ConnectOptions) -> String {
 pub fn ssl_mode_name(mode: SslMode) -> &'static str {
     match mode {
         SslMode::Disable => "disable",
+        SslMode::Allow => "allow",
         SslMode::Prefer => "prefer",
         SslMode::Require => "require",
         SslMode::VerifyCa => "verify-ca",

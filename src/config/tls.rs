@@ -2,9 +2,12 @@
 //! the connector, and the second attempt of `sslmode=allow`.
 
 use std::str::FromStr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use postgres::config::SslMode as PgSslMode;
+use postgres_native_tls::MakeTlsConnector;
+use r2d2::ManageConnection;
+use r2d2_postgres::PostgresConnectionManager;
 
 use super::ConnectOptions;
 use crate::error::{Error, Result};
@@ -167,10 +170,17 @@ impl ConnectOptions {
     ///
     /// As [`tls_connector`](Self::tls_connector).
     pub(crate) fn dialer(&self) -> Result<Dialer> {
+        let config = self.driver_config();
+        let tls = self.tls_connector()?;
+        let tls_after_refusal = (self.get_ssl_mode() == SslMode::Allow).then(|| {
+            let mut with_tls = config.clone();
+            with_tls.ssl_mode(PgSslMode::Require);
+            Arc::new(PostgresConnectionManager::new(with_tls, tls.clone()))
+        });
         Ok(Dialer {
-            config: self.driver_config(),
-            tls: self.tls_connector()?,
-            tls_after_refusal: self.get_ssl_mode() == SslMode::Allow,
+            first: Arc::new(PostgresConnectionManager::new(config.clone(), tls)),
+            config,
+            tls_after_refusal,
         })
     }
 }
@@ -181,10 +191,11 @@ impl ConnectOptions {
 pub(crate) struct Dialer {
     /// The driver's configuration (plain text first under `allow`).
     pub(crate) config: postgres::Config,
-    tls: postgres_native_tls::MakeTlsConnector,
-    /// `allow`: when the server refuses the plain connection, try again with
-    /// TLS.
-    tls_after_refusal: bool,
+    /// Opens the first attempt, as the pool's manager.
+    first: Arc<PostgresConnectionManager<MakeTlsConnector>>,
+    /// `allow`: when the server refuses the plain connection, the attempt
+    /// with TLS.
+    tls_after_refusal: Option<Arc<PostgresConnectionManager<MakeTlsConnector>>>,
 }
 
 impl Dialer {
@@ -194,11 +205,10 @@ impl Dialer {
     /// that attempt fails without the server answering (it offers no TLS),
     /// the plain attempt's error is the one returned.
     pub(crate) fn connect(&self) -> std::result::Result<postgres::Client, postgres::Error> {
-        match self.config.connect(self.tls.clone()) {
-            Err(plain) if self.tls_after_refusal && plain.as_db_error().is_some() => {
-                let mut config = self.config.clone();
-                config.ssl_mode(PgSslMode::Require);
-                match config.connect(self.tls.clone()) {
+        match self.first.connect() {
+            Err(plain) if self.tls_after_refusal.is_some() && plain.as_db_error().is_some() => {
+                let with_tls = self.tls_after_refusal.as_ref().expect("checked above");
+                match with_tls.connect() {
                     Err(tls) if tls.as_db_error().is_none() => Err(plain),
                     other => other,
                 }
@@ -218,10 +228,10 @@ mod tests {
         assert_eq!(o.get_ssl_mode(), SslMode::Allow);
         let dialer = o.dialer().unwrap();
         assert_eq!(dialer.config.get_ssl_mode(), PgSslMode::Disable);
-        assert!(dialer.tls_after_refusal);
+        assert!(dialer.tls_after_refusal.is_some());
         for other in ["disable", "prefer", "require"] {
             let o: ConnectOptions = format!("host=h sslmode={other}").parse().unwrap();
-            assert!(!o.dialer().unwrap().tls_after_refusal, "{other}");
+            assert!(o.dialer().unwrap().tls_after_refusal.is_none(), "{other}");
         }
     }
 

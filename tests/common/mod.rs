@@ -3,9 +3,9 @@
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
@@ -121,4 +121,79 @@ pub fn rewrite_hba(cluster: &TestCluster, admin: &mut Client, contents: &str) {
         .unwrap()
         .get(0);
     assert!(reloaded);
+}
+
+/// Whether the environment variable `CI` is `true`. There a test that needs
+/// a missing tool fails rather than skips: `.ci/run` installs every tool.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// What a test does about a tool it needs (a program, or a server feature
+/// such as ICU collations): `found` says whether the tool is there. When it
+/// is not, the test fails under `CI=true`; elsewhere this prints `skipped:
+/// <tool> not found (install <package>)` to stderr and returns false, and
+/// the test returns.
+#[track_caller]
+pub fn tool_found(found: bool, tool: &str, package: &str) -> bool {
+    if found {
+        return true;
+    }
+    let missing = format!("{tool} not found (install {package})");
+    assert!(
+        !in_ci(),
+        "{missing}: with CI=true a missing tool fails the test (.ci/run installs it)"
+    );
+    eprintln!("skipped: {missing}");
+    false
+}
+
+/// [`tool_found`] for a program: whether `program args` runs and succeeds
+/// (`args` asks for its version, say).
+#[track_caller]
+pub fn program_found(program: &str, args: &[&str], package: &str) -> bool {
+    let runs = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    tool_found(runs, program, package)
+}
+
+/// Polls `done` every 20 ms until it holds, failing after `timeout`.
+#[track_caller]
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the server's clock has passed the expiry of each of `ids` in
+/// `table` (a quoted, qualified name), failing after 30 s: a state saved
+/// with a time to live reads as absent from then on.
+#[track_caller]
+pub fn wait_expired(client: &mut Client, table: &str, ids: &[&str]) {
+    let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+    let sql = format!(
+        "SELECT count(*) FROM {table} \
+         WHERE actor_id = ANY($1) AND (expires_at IS NULL OR expires_at > (now() AT TIME ZONE 'UTC'))"
+    );
+    wait_until(
+        &format!("{ids:?} in {table} expire"),
+        Duration::from_secs(30),
+        || {
+            let live: i64 = client
+                .query_one(&sql, &[&ids])
+                .expect("read expires_at")
+                .get(0);
+            live == 0
+        },
+    );
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use trebuchet_postgres::postgres;
 use trebuchet_postgres::testing::{ProxyRequest, StopMode, TcpProxy, TestCluster};
 use trebuchet_postgres::{
     BatchResult, Error, Expected, PoolOptions, RetryPolicy, StateStore, StateStoreBuilder,
@@ -419,8 +420,10 @@ fn four_processes_count_exactly_across_a_crash() {
 
 /// Four processes increment one counter 500 times each through `transform`
 /// while the server is shut down and started again: the counter ends at
-/// exactly the number of increments whose callers got `Ok`, and no caller
-/// is left with an unknown outcome.
+/// exactly the number of increments whose callers got `Ok`, no caller is
+/// left with an unknown outcome or another error, and the restart cut at
+/// least one write (the test holds the counter's row lock as the server
+/// stops, so that an increment waits in flight).
 fn count_across_a_restart(mode: StopMode) {
     // One restart at a time: each runs 4 processes and a cluster of its own
     // on a machine that may have 2 cores.
@@ -455,11 +458,46 @@ fn count_across_a_restart(mode: StopMode) {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    // An increment waits on the row lock the test holds: in flight.
+    let mut locker = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    locker.batch_execute("BEGIN").unwrap();
+    locker
+        .execute(
+            &format!(
+                "SELECT 1 FROM {} WHERE actor_id = 'counter' FOR UPDATE",
+                watcher.table()
+            ),
+            &[],
+        )
+        .unwrap();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND application_name = 'trebuchet-postgres'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no increment waited on the row lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(admin);
     cluster.stop(mode).unwrap();
+    drop(locker); // died with the server
+                  // The server stays down a moment: the processes meet refused connections.
     std::thread::sleep(Duration::from_millis(300));
     cluster.restart().unwrap();
 
-    let (mut ok, mut not_applied, mut unknown, mut other) = (0, 0, 0, 0);
+    let (mut ok, mut not_applied, mut unknown, mut other, mut cut) = (0, 0, 0, 0, 0);
     for child in children {
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -471,11 +509,13 @@ fn count_across_a_restart(mode: StopMode) {
             .unwrap_or_else(|| panic!("the child did not run {CHILD_TEST}:\n{stdout}\n{stderr}"));
         eprint!("{stderr}");
         let counts: Vec<u64> = line.split(' ').map(|n| n.parse().unwrap()).collect();
-        assert_eq!(counts.iter().sum::<u64>(), CHILD_INCREMENTS, "{line}");
+        assert_eq!(counts.len(), 5, "{line}");
+        assert_eq!(counts[..4].iter().sum::<u64>(), CHILD_INCREMENTS, "{line}");
         ok += counts[0];
         not_applied += counts[1];
         unknown += counts[2];
         other += counts[3];
+        cut += counts[4];
     }
     let counter = watcher
         .load::<u64>("counter")
@@ -483,9 +523,15 @@ fn count_across_a_restart(mode: StopMode) {
         .expect("the counter exists");
     eprintln!(
         "{PROCESSES} x {CHILD_INCREMENTS} increments across a {mode:?} restart: {ok} acknowledged, \
-         counter {counter}, errors: {not_applied} not applied, {unknown} unknown, {other} other"
+         counter {counter}, errors: {not_applied} not applied, {unknown} unknown, {other} other; \
+         {cut} writes cut"
     );
     assert_eq!(unknown, 0, "every outcome was found out");
+    assert_eq!(
+        other, 0,
+        "no error but the restart's (see the processes' stderr above)"
+    );
+    assert!(cut >= 1, "the restart cut no write in flight");
     assert_eq!(
         counter, ok,
         "the counter is exactly the acknowledged increments"
@@ -525,7 +571,8 @@ fn child_process_counts() {
         "writes whose connection broke: {} applied, {} not applied, {} unknown",
         lost.applied, lost.not_applied, lost.unknown
     );
-    println!("child done: {ok} {not_applied} {unknown} {other}");
+    let cut = lost.applied + lost.not_applied + lost.unknown;
+    println!("child done: {ok} {not_applied} {unknown} {other} {cut}");
 }
 
 /// A connection checked because another one broke can pass the check just

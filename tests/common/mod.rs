@@ -197,3 +197,24 @@ pub fn wait_expired(client: &mut Client, table: &str, ids: &[&str]) {
         },
     );
 }
+
+/// Runs `f` on a thread of its own and returns what it returned and how long
+/// it took, failing when it has not returned after `bound`.
+#[track_caller]
+pub fn returns_within<T: Send + 'static>(
+    what: &str,
+    bound: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (T, Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let value = f();
+        let _ = tx.send((value, started.elapsed()));
+    });
+    let got = rx
+        .recv_timeout(bound)
+        .unwrap_or_else(|_| panic!("{what} did not return within {bound:?}"));
+    worker.join().expect("the call's thread");
+    got
+}

@@ -1249,7 +1249,10 @@ mod affinity_tests {
         // idle takes one parked by another thread rather than wait.
         let deadline = Instant::now() + Duration::from_secs(60);
         while pool.state().idle < 4 {
-            assert!(Instant::now() < deadline, "r2d2 did not open its connections");
+            assert!(
+                Instant::now() < deadline,
+                "r2d2 did not open its connections"
+            );
             thread::sleep(Duration::from_millis(5));
         }
         // Two threads taking turns: without affinity the second would get

@@ -27,10 +27,10 @@ use trebuchet_postgres::{
 use common::assert_recent;
 
 /// How long a test waits for an event that should come.
-const WAIT: Duration = Duration::from_secs(10);
+const WAIT: Duration = Duration::from_secs(30);
 
 /// How long a test waits for a listener to come back after a server restart.
-const RESTART_WAIT: Duration = Duration::from_secs(30);
+const RESTART_WAIT: Duration = Duration::from_secs(60);
 
 /// A short wait for something that should not come.
 const QUIET: Duration = Duration::from_millis(300);

@@ -246,11 +246,14 @@ fn a_probe_comes_back_and_listeners_skip_it() {
     let store = schema.store();
     let listener = store.listener().unwrap();
     let events = listener.subscribe();
+    let timeout = Duration::from_secs(60);
     let rtt = store
-        .notify_round_trip(Duration::from_secs(5))
+        .notify_round_trip(timeout)
         .unwrap()
         .expect("the probe comes back");
-    assert!(rtt < Duration::from_secs(5));
+    // The time it reports is within the time it was given.
+    assert!(rtt < timeout, "{rtt:?}");
+    eprintln!("probe round trip {rtt:?}");
     eventually("the listener to receive the probe", || {
         listener.health().received >= 1
     });

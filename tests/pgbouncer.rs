@@ -30,7 +30,7 @@ use trebuchet_postgres::{
     StateStore, Subscription,
 };
 
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(60);
 
 // ----- a PgBouncer of the test's own ---------------------------------------------
 

@@ -26,7 +26,7 @@ use trebuchet_postgres::{
 };
 
 /// How long a test waits for something that should happen.
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(60);
 
 // ----- log capture -----------------------------------------------------------
 

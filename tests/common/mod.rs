@@ -67,10 +67,11 @@ pub fn next_notification(
         .expect("notification stream failed")
 }
 
-/// The next notification's channel and JSON payload, failing after 5 s.
+/// The next notification's channel and JSON payload, failing after 30 s.
 #[track_caller]
 pub fn next_payload(client: &mut postgres::Client) -> (String, serde_json::Value) {
-    let n = next_notification(client, Duration::from_secs(5)).expect("no notification within 5 s");
+    let n =
+        next_notification(client, Duration::from_secs(30)).expect("no notification within 30 s");
     let payload = serde_json::from_str(n.payload())
         .unwrap_or_else(|e| panic!("payload {:?} is not JSON: {e}", n.payload()));
     (n.channel().to_owned(), payload)

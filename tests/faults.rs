@@ -16,6 +16,8 @@
 //! written by a save that returned `Err` holds either that save's bytes or
 //! an earlier save's, never anything else.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -24,6 +26,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use common::{returns_within, wait_until};
 use serde::{Deserialize, Serialize};
 use trebuchet_postgres::postgres;
 use trebuchet_postgres::testing::{StopMode, TcpProxy, TestCluster};
@@ -47,40 +50,6 @@ fn store_on(cluster: &TestCluster, group_commit: bool) -> StateStore {
         .migrate(true)
         .build()
         .expect("store on the test's cluster")
-}
-
-/// Polls `done` every 20 ms until it holds, failing after `timeout`.
-#[track_caller]
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting until {what}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Runs `f` on a thread of its own and returns what it returned and how long
-/// it took, failing when it has not returned after `bound`.
-#[track_caller]
-fn returns_within<T: Send + 'static>(
-    what: &str,
-    bound: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> (T, Duration) {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let worker = thread::spawn(move || {
-        let started = Instant::now();
-        let value = f();
-        let _ = tx.send((value, started.elapsed()));
-    });
-    let got = rx
-        .recv_timeout(bound)
-        .unwrap_or_else(|_| panic!("{what} did not return within {bound:?}"));
-    worker.join().expect("the call's thread");
-    got
 }
 
 // ----- a write load and its audit ---------------------------------------------
@@ -355,38 +324,14 @@ fn listener_on(store: &StateStore) -> ChangeListener {
 
 // ----- a write in flight at the fault ------------------------------------------
 
-/// Locks writer 0's actors in a transaction on a connection of the test's
-/// own, and waits until one of the store's saves waits on those locks: that
-/// save is in flight, so a fault now cuts at least one write for sure. The
-/// connection is returned, still in its transaction; `ROLLBACK` on it (if
-/// the fault left it alive) lets writer 0 go on.
+/// Locks writer 0's actors and waits until one of the store's saves waits
+/// on them: that save is in flight, so a fault now cuts at least one write
+/// for sure. Returns the connection holding the locks (see
+/// `common::lock_rows`).
 fn hold_a_save_in_flight(cluster: &TestCluster, store: &StateStore) -> postgres::Client {
-    let mut locker = postgres::Client::connect(&cluster.url(), postgres::NoTls)
-        .expect("a connection to hold row locks");
     let actors: Vec<String> = (0..ACTORS_PER_WRITER).map(|a| format!("w0-{a}")).collect();
-    locker.batch_execute("BEGIN").expect("begin");
-    locker
-        .execute(
-            &format!(
-                "SELECT 1 FROM {} WHERE actor_id = ANY($1) FOR UPDATE",
-                store.table()
-            ),
-            &[&actors],
-        )
-        .expect("lock writer 0's actors");
-    let mut watcher = postgres::Client::connect(&cluster.url(), postgres::NoTls)
-        .expect("a connection to watch the locks");
-    wait_until("a save waits on writer 0's locks", RECOVERY, || {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND application_name = 'trebuchet-postgres'",
-                &[],
-            )
-            .expect("read pg_stat_activity")
-            .get(0);
-        waiting > 0
-    });
+    let locker = common::lock_rows(&cluster.url(), &store.table(), &actors);
+    common::wait_for_writes_on_locks(&cluster.url(), 1);
     locker
 }
 

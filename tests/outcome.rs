@@ -4,12 +4,13 @@
 //! or right before the request reached the server (nothing happened), for
 //! each kind of write; then processes count increments across a restart.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use trebuchet_postgres::postgres;
 use trebuchet_postgres::testing::{ProxyRequest, StopMode, TcpProxy, TestCluster};
 use trebuchet_postgres::{
     BatchResult, Error, Expected, PoolOptions, RetryPolicy, StateStore, StateStoreBuilder,
@@ -459,38 +460,8 @@ fn count_across_a_restart(mode: StopMode) {
         std::thread::sleep(Duration::from_millis(5));
     }
     // An increment waits on the row lock the test holds: in flight.
-    let mut locker = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    locker.batch_execute("BEGIN").unwrap();
-    locker
-        .execute(
-            &format!(
-                "SELECT 1 FROM {} WHERE actor_id = 'counter' FOR UPDATE",
-                watcher.table()
-            ),
-            &[],
-        )
-        .unwrap();
-    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let waiting: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND application_name = 'trebuchet-postgres'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no increment waited on the row lock"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    drop(admin);
+    let locker = common::lock_rows(&url, &watcher.table(), &["counter".to_owned()]);
+    common::wait_for_writes_on_locks(&url, 1);
     cluster.stop(mode).unwrap();
     drop(locker); // died with the server
                   // The server stays down a moment: the processes meet refused connections.

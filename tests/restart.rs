@@ -5,19 +5,12 @@
 mod common;
 
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
 
-use trebuchet_postgres::postgres::{self, NoTls};
 use trebuchet_postgres::testing::{StopMode, TestCluster};
 use trebuchet_postgres::{Error, PoolOptions, StateStore};
 
-use common::wait_until;
-
 /// Callers, and connections in the pool.
 const CALLERS: usize = 4;
-
-/// How long the test waits for something that should happen.
-const WAIT: Duration = Duration::from_secs(60);
 
 fn store_on(cluster: &TestCluster, group_commit: bool) -> StateStore {
     StateStore::builder()
@@ -60,19 +53,6 @@ fn open_all(store: &StateStore) {
     assert_eq!(store.pool().state().connections, CALLERS as u32);
 }
 
-/// Backends of the store (application `trebuchet-postgres`) waiting on a
-/// lock.
-fn waiting_on_locks(admin: &mut postgres::Client) -> i64 {
-    admin
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND application_name = 'trebuchet-postgres'",
-            &[],
-        )
-        .unwrap()
-        .get(0)
-}
-
 #[test]
 fn a_restart_costs_each_caller_at_most_one_error() {
     for mode in [StopMode::Fast, StopMode::Immediate] {
@@ -95,19 +75,8 @@ fn restart_with_saves_in_flight(mode: StopMode, group_commit: bool) {
         assert_eq!(store.save(id, &0u32).unwrap(), 1);
     }
 
-    // The test's own connection (another application name) locks the
-    // callers' rows, so that their saves wait in flight.
-    let mut locker = postgres::Client::connect(&cluster.url(), NoTls).unwrap();
-    locker.batch_execute("BEGIN").unwrap();
-    locker
-        .execute(
-            &format!(
-                "SELECT 1 FROM {} WHERE actor_id = ANY($1) FOR UPDATE",
-                store.table()
-            ),
-            &[&ids],
-        )
-        .unwrap();
+    // The test's own connection locks the callers' rows.
+    let locker = common::lock_rows(&cluster.url(), &store.table(), &ids);
 
     // Writes: at most one error per caller, then the pool has healed.
     let threads: Vec<_> = ids
@@ -129,14 +98,11 @@ fn restart_with_saves_in_flight(mode: StopMode, group_commit: bool) {
             })
         })
         .collect();
-    let mut admin = postgres::Client::connect(&cluster.url(), NoTls).unwrap();
-    // Without group commit each caller's save has a backend of its
-    // own; with it, saves share a statement.
+    // The callers' saves wait in flight on the rows the test locked:
+    // without group commit each on a backend of its own, with it at least
+    // one statement.
     let in_flight = if group_commit { 1 } else { CALLERS as i64 };
-    wait_until("the callers' saves wait on their rows", WAIT, || {
-        waiting_on_locks(&mut admin) >= in_flight
-    });
-    drop(admin);
+    common::wait_for_writes_on_locks(&cluster.url(), in_flight);
 
     cluster.stop(mode).unwrap();
     drop(locker); // died with the server

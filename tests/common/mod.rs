@@ -219,3 +219,44 @@ pub fn returns_within<T: Send + 'static>(
     worker.join().expect("the call's thread");
     got
 }
+
+/// Locks the rows of `ids` in `table` (a quoted, qualified name) in a
+/// transaction on a connection of its own, and returns that connection,
+/// still in its transaction: `ROLLBACK` on it (when a fault left it alive)
+/// lets writes to those rows go on. It has another application name than
+/// the store's, so a test that terminates the store's backends spares it.
+#[track_caller]
+pub fn lock_rows(url: &str, table: &str, ids: &[String]) -> Client {
+    let mut locker = Client::connect(url, NoTls).expect("a connection to hold row locks");
+    locker.batch_execute("BEGIN").expect("begin");
+    locker
+        .execute(
+            &format!("SELECT 1 FROM {table} WHERE actor_id = ANY($1) FOR UPDATE"),
+            &[&ids],
+        )
+        .expect("lock the rows");
+    locker
+}
+
+/// Waits (up to 60 s) until at least `waiting` backends of a store
+/// (application `trebuchet-postgres`) wait on a lock: their writes are in
+/// flight, so that a fault now cuts them for sure.
+#[track_caller]
+pub fn wait_for_writes_on_locks(url: &str, waiting: i64) {
+    let mut watcher = Client::connect(url, NoTls).expect("a connection to watch the locks");
+    wait_until(
+        &format!("{waiting} writes wait on a lock"),
+        Duration::from_secs(60),
+        || {
+            let n: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND application_name = 'trebuchet-postgres'",
+                    &[],
+                )
+                .expect("read pg_stat_activity")
+                .get(0);
+            n >= waiting
+        },
+    );
+}

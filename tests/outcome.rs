@@ -463,10 +463,20 @@ fn count_across_a_restart(mode: StopMode) {
     let locker = common::lock_rows(&url, &watcher.table(), &["counter".to_owned()]);
     common::wait_for_writes_on_locks(&url, 1);
     cluster.stop(mode).unwrap();
-    drop(locker); // died with the server
-                  // The server stays down a moment: the processes meet refused connections.
+    // The locks died with the server. It stays down a moment: the processes
+    // meet refused connections.
+    drop(locker);
     std::thread::sleep(Duration::from_millis(300));
     cluster.restart().unwrap();
+    // Until every process has found out what became of its cut increment,
+    // no other increment lands: a cut write stays answerable only while it
+    // is among the counter's 64 most recent write tags (see "Lost
+    // connections" on `StateStore`), and a process that reconnects first
+    // would otherwise race ahead of one still waiting to reconnect. Each
+    // process, once it knows, makes its next increment, which waits here.
+    let mut locker = common::lock_rows(&url, &watcher.table(), &["counter".to_owned()]);
+    common::wait_for_writes_on_locks(&url, PROCESSES as i64);
+    locker.batch_execute("ROLLBACK").unwrap();
 
     let (mut ok, mut not_applied, mut unknown, mut other, mut cut) = (0, 0, 0, 0, 0);
     for child in children {

@@ -628,7 +628,8 @@ fn sweep_removes_expired_actors_for_cron() {
     cli.run(&["put", "brief-2", "2", "--ttl", "0.3", "--if-absent"])
         .ok();
     cli.run(&["put", "kept", "3"]).ok();
-    thread::sleep(Duration::from_millis(500));
+    let mut client = schema.client().unwrap();
+    common::wait_expired(&mut client, &store.table(), &["brief-1", "brief-2"]);
     cli.run(&["get", "brief-1"]).fails(4);
     let swept = cli.run(&["sweep", "--batch", "1"]).ok().stdout();
     assert_eq!(

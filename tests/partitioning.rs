@@ -325,16 +325,17 @@ fn exercise(schema: &TestSchema, store: &StateStore) {
     );
 
     // Expiry and the sweeper.
+    let mut client = schema.client().unwrap();
     store
         .save_with_ttl("brief", &1u32, Duration::from_millis(300))
         .unwrap();
-    std::thread::sleep(Duration::from_millis(450));
+    common::wait_expired(&mut client, &store.table(), &["brief"]);
     assert!(!store.exists("brief").unwrap());
     assert_eq!(store.save_if("brief", &2u32, Expected::Absent).unwrap(), 3);
     store
         .save_with_ttl("brief", &3u32, Duration::from_millis(300))
         .unwrap();
-    std::thread::sleep(Duration::from_millis(450));
+    common::wait_expired(&mut client, &store.table(), &["brief"]);
     assert_eq!(store.sweep_expired(100).unwrap().removed, 1);
     assert_eq!(store.save("brief", &1u32).unwrap(), 6);
 

@@ -131,7 +131,7 @@ fn every_row_of_a_bulk_write_is_announced() {
     let mut saves = 0;
     let mut deletes = 0;
     let mut notifications = listener.notifications();
-    let mut iter = notifications.timeout_iter(Duration::from_secs(5));
+    let mut iter = notifications.timeout_iter(Duration::from_secs(30));
     while let Some(n) = iter.next().unwrap() {
         let payload: serde_json::Value = serde_json::from_str(n.payload()).unwrap();
         match payload["op"].as_str() {

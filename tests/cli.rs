@@ -2,6 +2,8 @@
 //! built binary in an empty directory against a real server, checking
 //! standard output, standard error and the exit code.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
@@ -217,30 +219,30 @@ impl Running {
     #[track_caller]
     fn stderr_line(&self) -> String {
         self.stderr
-            .recv_timeout(Duration::from_secs(20))
-            .expect("a line on stderr within 20 s")
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a line on stderr within 60 s")
     }
 
     #[track_caller]
     fn stdout_json(&self) -> Value {
         let line = self
             .stdout
-            .recv_timeout(Duration::from_secs(20))
-            .expect("a line on stdout within 20 s");
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a line on stdout within 60 s");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
     }
 
-    /// Waits up to 20 s for the program to exit by itself.
+    /// Waits up to 60 s for the program to exit by itself.
     #[track_caller]
     fn wait(mut self) -> i32 {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().expect("poll the program") {
                 return status.code().expect("exited, not killed");
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("the program did not exit within 20 s");
+                panic!("the program did not exit within 60 s");
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -626,7 +628,8 @@ fn sweep_removes_expired_actors_for_cron() {
     cli.run(&["put", "brief-2", "2", "--ttl", "0.3", "--if-absent"])
         .ok();
     cli.run(&["put", "kept", "3"]).ok();
-    thread::sleep(Duration::from_millis(500));
+    let mut client = schema.client().unwrap();
+    common::wait_expired(&mut client, &store.table(), &["brief-1", "brief-2"]);
     cli.run(&["get", "brief-1"]).fails(4);
     let swept = cli.run(&["sweep", "--batch", "1"]).ok().stdout();
     assert_eq!(
@@ -963,12 +966,7 @@ fn export_then_import_into_a_fresh_table_reproduces_every_row() {
 /// a terminal they draw a progress bar. script(1) gives them one.
 #[test]
 fn progress_bars_are_drawn_on_a_terminal() {
-    let has_script = Command::new("script")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_script {
-        eprintln!("skipped: no script(1) to run the program on a terminal");
+    if !common::program_found("script", &["--version"], "bsdutils") {
         return;
     }
     let schema = TestDatabase::shared().schema();

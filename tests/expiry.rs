@@ -7,19 +7,25 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::wait_until;
+
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
 use trebuchet_postgres::{Error, Expected, StateCache, StateStore, SweepOptions};
 
-/// A time to live short enough for a test, long enough that a save and the
-/// read that follows it finish well within it.
-const TTL: Duration = Duration::from_secs(1);
+/// A time to live short enough for a test, long enough that the few calls
+/// a test makes before it expires (a save and the reads that follow it)
+/// finish well within it, even on a busy machine.
+const TTL: Duration = Duration::from_secs(3);
 
-/// Waits until `TTL` has passed since `since`, with a margin.
-fn outlive(since: Instant) {
-    let deadline = since + TTL + Duration::from_millis(150);
-    if let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        std::thread::sleep(left);
-    }
+/// How long a test waits for something that should happen.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Waits until the server's clock has passed the expiry of each of `ids`
+/// (failing after 30 s).
+fn outlive(schema: &TestSchema, ids: &[&str]) {
+    let mut client = schema.client().unwrap();
+    let table = format!("\"{}\".actor_states", schema.name());
+    common::wait_expired(&mut client, &table, ids);
 }
 
 /// A plain connection listening on the schema's channel.
@@ -48,7 +54,6 @@ fn rows(schema: &TestSchema) -> i64 {
 fn expired_states_read_as_absent_everywhere_at_once() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    let saved = Instant::now();
     assert_eq!(store.save_with_ttl("brief", &1u32, TTL).unwrap(), 1);
     assert_eq!(
         store.save_bytes_with_ttl("brief-bytes", b"x", TTL).unwrap(),
@@ -58,7 +63,7 @@ fn expired_states_read_as_absent_everywhere_at_once() {
     assert_eq!(store.load::<u32>("brief").unwrap(), Some(1));
     assert!(store.exists("brief").unwrap());
 
-    outlive(saved);
+    outlive(&schema, &["brief", "brief-bytes"]);
     assert_eq!(store.load::<u32>("brief").unwrap(), None);
     assert_eq!(store.load_bytes("brief-bytes").unwrap(), None);
     assert!(store.load_versioned::<u32>("brief").unwrap().is_none());
@@ -99,7 +104,6 @@ fn expired_states_read_as_absent_everywhere_at_once() {
 fn writes_treat_an_expired_actor_as_deleted_at_the_next_number() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    let saved = Instant::now();
     store.save_with_ttl("a", &1u32, TTL).unwrap(); // 1
     store.save_with_ttl("b", &1u32, TTL).unwrap(); // 1
     store.save_with_ttl("c", &1u32, TTL).unwrap(); // 1
@@ -110,7 +114,7 @@ fn writes_treat_an_expired_actor_as_deleted_at_the_next_number() {
         .unwrap()
         .unwrap()
         .created_at;
-    outlive(saved);
+    outlive(&schema, &["a", "b", "c", "d", "e"]);
 
     // A sequence number expected of an expired actor finds it absent.
     let err = store
@@ -152,9 +156,8 @@ fn writes_treat_an_expired_actor_as_deleted_at_the_next_number() {
 
     // An explicit sequence number must be above the number expiry took.
     store.save_with_ttl("f", &1u32, TTL).unwrap();
-    let saved = Instant::now();
     store.save_with_ttl("f", &1u32, TTL).unwrap(); // 2
-    outlive(saved);
+    outlive(&schema, &["f"]);
     let err = store.save_with_sequence("f", &9u32, 3).unwrap_err();
     assert!(matches!(err, Error::StaleSequence { .. }), "{err}");
     store.save_with_sequence("f", &9u32, 4).unwrap();
@@ -167,7 +170,6 @@ fn a_later_save_without_a_ttl_clears_it_and_a_ttl_can_be_renewed() {
     let store = schema.store_builder().group_commit(false).build().unwrap();
     store.migrate().unwrap();
     let grouped = schema.store();
-    let saved = Instant::now();
     for id in ["plain", "if", "transform", "bulk", "grouped"] {
         store.save_with_ttl(id, &1u32, TTL).unwrap();
     }
@@ -184,10 +186,11 @@ fn a_later_save_without_a_ttl_clears_it_and_a_ttl_can_be_renewed() {
     store
         .save_if_with_ttl("renewed", &2u32, Expected::Sequence(1), TTL * 10)
         .unwrap();
-    let shortened = Instant::now();
     store.save_with_ttl("shortened", &2u32, TTL).unwrap();
 
-    outlive(saved.max(shortened));
+    // Saved last, with the first saves' time to live: once it has expired,
+    // so would have they.
+    outlive(&schema, &["shortened"]);
     for id in ["plain", "if", "transform", "bulk", "grouped", "renewed"] {
         assert_eq!(
             store.sequence(id).unwrap(),
@@ -204,7 +207,6 @@ fn a_cache_stops_serving_a_state_once_it_expires() {
     let store = schema.store();
     let listener = store.listener().unwrap();
     let cache: StateCache<u64> = StateCache::new(&store, &listener).unwrap();
-    let saved = Instant::now();
     store.save_with_ttl("brief", &1u64, TTL).unwrap();
     store.save_with_ttl("renewed", &1u64, TTL).unwrap();
     assert_eq!(cache.get("brief").unwrap().as_deref(), Some(&1));
@@ -213,33 +215,22 @@ fn a_cache_stops_serving_a_state_once_it_expires() {
     // Saved again without a time to live: kept for good, and the cache
     // hears of it.
     store.save("renewed", &2u64).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cache.get("renewed").unwrap().as_deref() != Some(&2) {
-        assert!(Instant::now() < deadline, "the cache never saw the renewal");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        saved.elapsed() < TTL,
-        "the test ran too slowly to check anything"
-    );
+    wait_until("the cache sees the renewal", WAIT, || {
+        cache.get("renewed").unwrap().as_deref() == Some(&2)
+    });
 
     // No sweeper runs: nothing is announced when "brief" expires, and the
     // cache alone has to know.
-    outlive(saved);
+    outlive(&schema, &["brief"]);
     assert_eq!(store.load::<u64>("brief").unwrap(), None);
     assert_eq!(cache.sequence("brief"), None);
     assert_eq!(cache.get("brief").unwrap(), None);
     assert_eq!(cache.get("renewed").unwrap().as_deref(), Some(&2));
     // Saved again, it is served again.
     store.save("brief", &3u64).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cache.get("brief").unwrap().as_deref() != Some(&3) {
-        assert!(
-            Instant::now() < deadline,
-            "the cache never saw the new save"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the cache sees the new save", WAIT, || {
+        cache.get("brief").unwrap().as_deref() == Some(&3)
+    });
 }
 
 #[test]
@@ -273,11 +264,10 @@ fn bad_ttls_are_rejected_and_touch_nothing() {
 fn deleting_an_expired_actor_says_it_did_not_exist_but_removes_it() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    let saved = Instant::now();
     store.save_with_ttl("a", &1u32, TTL).unwrap();
     store.save_with_ttl("b", &1u32, TTL).unwrap();
     store.save_with_ttl("c", &1u32, TTL).unwrap();
-    outlive(saved);
+    outlive(&schema, &["a", "b", "c"]);
     let mut client = listening(&schema);
     assert!(!store.delete("a").unwrap());
     assert_eq!(store.delete_many(&["b", "x"]).unwrap(), vec![false, false]);
@@ -298,7 +288,6 @@ fn deleting_an_expired_actor_says_it_did_not_exist_but_removes_it() {
 fn the_sweeper_removes_expired_actors_in_batches_and_announces_each() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    let saved = Instant::now();
     let expiring: Vec<(String, u32)> = (0..25).map(|i| (format!("e{i:02}"), i)).collect();
     for (id, n) in &expiring {
         store.save_with_ttl(id, n, TTL).unwrap();
@@ -311,7 +300,8 @@ fn the_sweeper_removes_expired_actors_in_batches_and_announces_each() {
         0,
         "nothing expired yet"
     );
-    outlive(saved);
+    let ids: Vec<&str> = expiring.iter().map(|(id, _)| id.as_str()).collect();
+    outlive(&schema, &ids);
 
     let mut client = listening(&schema);
     let sweep = store.sweep_expired(10).unwrap();
@@ -377,12 +367,12 @@ fn only_one_sweeper_works_at_a_time() {
     let schema = TestDatabase::shared().schema();
     let first = schema.store();
     let second = schema.store();
-    let saved = Instant::now();
     let items: Vec<(String, u32)> = (0..20).map(|i| (format!("a{i:02}"), i)).collect();
     for (id, n) in &items {
         first.save_with_ttl(id, n, TTL).unwrap();
     }
-    outlive(saved);
+    let ids: Vec<&str> = items.iter().map(|(id, _)| id.as_str()).collect();
+    outlive(&schema, &ids);
 
     let mut blocker = schema.client().unwrap();
     let mut tx = blocker.transaction().unwrap();
@@ -394,8 +384,7 @@ fn only_one_sweeper_works_at_a_time() {
     let sweeping = std::thread::spawn(move || first.sweep_expired(1000));
     // Wait until the first sweeper waits on the lock inside its batch.
     let mut watcher = schema.client().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until("the first sweeper waits on the lock", WAIT, || {
         let waiting: i64 = watcher
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
@@ -404,12 +393,8 @@ fn only_one_sweeper_works_at_a_time() {
             )
             .unwrap()
             .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the first sweeper never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        waiting > 0
+    });
     let other = second.sweep_expired(1000).unwrap();
     assert!(other.busy, "{other:?}");
     assert_eq!((other.removed, other.batches), (0, 0));
@@ -444,10 +429,7 @@ fn the_background_sweeper_sweeps_and_stops_with_the_store() {
         )
         .build()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while sweeper_threads() == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the sweeper thread starts", WAIT, || sweeper_threads() > 0);
     assert_eq!(sweeper_threads(), 1);
     let clone: StateStore = store.clone();
     let mut client = listening(&schema);
@@ -455,18 +437,17 @@ fn the_background_sweeper_sweeps_and_stops_with_the_store() {
         store.save_with_ttl(&format!("s{i}"), &i, TTL).unwrap();
     }
     store.save("kept", &1u32).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while rows(&schema) > 1 {
-        assert!(Instant::now() < deadline, "the sweeper did not sweep");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the sweeper sweeps", WAIT, || rows(&schema) <= 1);
+    // Ten saves, ten deletes, one more save, in any order; then nothing.
     let mut deletes = 0;
-    while let Some(n) = common::next_notification(&mut client, Duration::from_millis(500)) {
+    for _ in 0..21 {
+        let n = common::next_notification(&mut client, WAIT).expect("a notification");
         let payload: serde_json::Value = serde_json::from_str(n.payload()).unwrap();
         if payload["op"] == "delete" {
             deletes += 1;
         }
     }
+    common::assert_no_notification(&mut client);
     assert_eq!(deletes, 10);
     drop(store);
     assert_eq!(
@@ -479,7 +460,6 @@ fn the_background_sweeper_sweeps_and_stops_with_the_store() {
     // there by a lock on the tombstone table, which its deletes write to):
     // the drop waits for the batch and joins the thread, which never ends
     // up holding the store alone.
-    let saved = Instant::now();
     clone.save_with_ttl("late", &1u32, TTL).unwrap();
     let (locked_tx, locked) = std::sync::mpsc::channel();
     let (release_tx, release) = std::sync::mpsc::channel::<()>();
@@ -498,11 +478,10 @@ fn the_background_sweeper_sweeps_and_stops_with_the_store() {
         tx.rollback().unwrap();
     });
     locked.recv().unwrap();
-    outlive(saved);
+    outlive(&schema, &["late"]);
     let mut watcher = schema.client().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
     let pattern = format!("WITH gone AS (DELETE FROM \"{}\".%", schema.name());
-    loop {
+    wait_until("the sweeper reaches the lock", WAIT, || {
         let waiting: i64 = watcher
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
@@ -511,24 +490,25 @@ fn the_background_sweeper_sweeps_and_stops_with_the_store() {
             )
             .unwrap()
             .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the sweeper never reached the lock"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        waiting > 0
+    });
     release_tx.send(()).unwrap();
-    let started = Instant::now();
-    drop(clone);
+    let (dropped_tx, dropped) = std::sync::mpsc::channel();
+    let dropper = std::thread::spawn(move || {
+        let started = Instant::now();
+        drop(clone);
+        let _ = dropped_tx.send(started.elapsed());
+    });
+    let took = dropped
+        .recv_timeout(WAIT)
+        .unwrap_or_else(|_| panic!("dropping the last handle did not return within {WAIT:?}"));
+    dropper.join().unwrap();
+    eprintln!("the last handle's drop returned after {took:?}");
     assert_eq!(sweeper_threads(), 0, "the sweeper thread is joined on drop");
     assert!(
         released.load(std::sync::atomic::Ordering::SeqCst),
         "the drop waited for the batch, which waited for the lock"
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
     holder.join().unwrap();
     assert_eq!(
         rows(&schema),

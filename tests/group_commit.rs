@@ -68,7 +68,7 @@ fn concurrent_saves_each_get_their_own_sequence_numbers() {
     let mut last: HashMap<String, u64> = HashMap::new();
     let mut count = 0;
     let mut notifications = listener.notifications();
-    let mut iter = notifications.timeout_iter(Duration::from_secs(5));
+    let mut iter = notifications.timeout_iter(Duration::from_secs(30));
     while let Some(n) = iter.next().unwrap() {
         let v: serde_json::Value = serde_json::from_str(n.payload()).unwrap();
         let id = v["actorID"].as_str().unwrap().to_owned();

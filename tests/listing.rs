@@ -1,6 +1,8 @@
 //! `list_ids`: pages of ids with a prefix and an opaque, resumable page
 //! token, consistent under concurrent inserts and deletes.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -245,8 +247,11 @@ fn prefixes_are_found_under_a_collation_that_is_not_code_point_order() {
             &[],
         )
         .unwrap();
-    if icu.is_none() {
-        eprintln!("skipped: this server has no ICU collations");
+    if !common::tool_found(
+        icu.is_some(),
+        "the ICU collation und-x-icu on the test server",
+        "a PostgreSQL built with ICU, such as Debian's postgresql, which pulls in libicu",
+    ) {
         return;
     }
     // ICU sorts punctuation before letters: "user-{", the code point

@@ -2,10 +2,10 @@
 //! through `transform` with the default retry policy, and every increment
 //! counts.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use trebuchet_postgres::testing::TestDatabase;
 use trebuchet_postgres::{PoolOptions, StateStore};
@@ -18,8 +18,6 @@ const CHILD_TABLE: &str = "TREBUCHET_LOST_UPDATE_TABLE";
 const CHILD_URL: &str = "TREBUCHET_LOST_UPDATE_URL";
 /// The channel of the parent's store, so the child's store names the same.
 const CHILD_CHANNEL: &str = "TREBUCHET_LOST_UPDATE_CHANNEL";
-/// Milliseconds since the Unix epoch at which the children start together.
-const CHILD_START_AT: &str = "TREBUCHET_LOST_UPDATE_START_AT";
 /// The name of the test the children run.
 const CHILD_TEST: &str = "child_process_increments";
 const CHILD_INCREMENTS: u64 = 250;
@@ -74,30 +72,45 @@ fn four_processes_lose_no_increment() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
     let exe = std::env::current_exe().unwrap();
-    let start_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        + 1000;
-    let children: Vec<_> = (0..PROCESSES)
+    let mut children: Vec<_> = (0..PROCESSES)
         .map(|_| {
             Command::new(&exe)
                 .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads", "1"])
                 .env(CHILD_TABLE, schema.table("actor_states"))
                 .env(CHILD_CHANNEL, schema.channel())
                 .env(CHILD_URL, TestDatabase::shared().url())
-                .env(CHILD_START_AT, start_at.to_string())
-                .stdin(Stdio::null())
+                .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect();
+    // Each child connects, says it is ready and waits for a line on its
+    // stdin: they start together, however late each one started.
+    let mut stdouts: Vec<_> = children
+        .iter_mut()
+        .map(|child| BufReader::new(child.stdout.take().unwrap()))
+        .collect();
+    for (child, stdout) in children.iter_mut().zip(&mut stdouts) {
+        let mut line = String::new();
+        while !line.contains("child ready") {
+            line.clear();
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                let mut stderr = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+                panic!("a child ended before it was ready:\n{stderr}");
+            }
+        }
+    }
+    for child in &mut children {
+        writeln!(child.stdin.take().unwrap(), "go").unwrap();
+    }
     let mut retries = 0;
-    for child in children {
+    for (child, mut stdout_pipe) in children.into_iter().zip(stdouts) {
+        let mut stdout = String::new();
+        stdout_pipe.read_to_string(&mut stdout).unwrap();
         let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.success(),
@@ -138,7 +151,6 @@ fn child_process_increments() {
     };
     let url = std::env::var(CHILD_URL).expect("the parent sets the URL");
     let channel = std::env::var(CHILD_CHANNEL).expect("the parent sets the channel");
-    let start_at: u128 = std::env::var(CHILD_START_AT).unwrap().parse().unwrap();
     let store = StateStore::builder()
         .url(&url)
         .table(table)
@@ -146,13 +158,11 @@ fn child_process_increments() {
         .pool_options(PoolOptions::default().max_size(2))
         .build()
         .unwrap_or_else(|e| panic!("child cannot connect: {e}"));
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    if let Some(wait) = start_at.checked_sub(now) {
-        std::thread::sleep(Duration::from_millis(wait as u64));
-    }
+    // Connected: wait for the parent's word, which all children get at once.
+    println!("child ready");
+    std::io::stdout().flush().unwrap();
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).unwrap();
     let lost = increment(&store, CHILD_INCREMENTS);
     println!("child done: {CHILD_INCREMENTS} {lost}");
 }

@@ -261,7 +261,7 @@ fn exercise(schema: &TestSchema, store: &StateStore) {
 
     // The change feed saw every write, in order per actor, deletes included.
     let mut got: BTreeMap<String, Vec<(u64, ChangeKind)>> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut count = 0;
     while count < expected_events.len() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -325,16 +325,17 @@ fn exercise(schema: &TestSchema, store: &StateStore) {
     );
 
     // Expiry and the sweeper.
+    let mut client = schema.client().unwrap();
     store
         .save_with_ttl("brief", &1u32, Duration::from_millis(300))
         .unwrap();
-    std::thread::sleep(Duration::from_millis(450));
+    common::wait_expired(&mut client, &store.table(), &["brief"]);
     assert!(!store.exists("brief").unwrap());
     assert_eq!(store.save_if("brief", &2u32, Expected::Absent).unwrap(), 3);
     store
         .save_with_ttl("brief", &3u32, Duration::from_millis(300))
         .unwrap();
-    std::thread::sleep(Duration::from_millis(450));
+    common::wait_expired(&mut client, &store.table(), &["brief"]);
     assert_eq!(store.sweep_expired(100).unwrap().removed, 1);
     assert_eq!(store.save("brief", &1u32).unwrap(), 6);
 
@@ -442,9 +443,18 @@ fn converting_a_plain_table_loses_nothing_under_concurrent_writes() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    // The writers are at work before the conversion and still after it.
+    let progress = |what: &str, at_least: u64| {
+        common::wait_until(what, Duration::from_secs(60), || {
+            increments.load(Ordering::Relaxed) >= at_least
+        })
+    };
+    progress("the writers start", 30);
     let done = store.partition_table(4).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    progress(
+        "the writers go on after the conversion",
+        increments.load(Ordering::Relaxed) + 30,
+    );
     stop.store(true, Ordering::Relaxed);
     for writer in writers {
         writer.join().unwrap();
@@ -734,7 +744,7 @@ fn stats_sum_the_figures_of_every_partition() {
     let items: Vec<(String, u32)> = (0..200).map(|i| (format!("s{i:03}"), i)).collect();
     store.save_many(&items).unwrap();
     store.save_many(&items).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let stats = loop {
         // Backends report their counts about once a second.
         let stats = store.stats().unwrap();
@@ -754,7 +764,7 @@ fn stats_sum_the_figures_of_every_partition() {
         .unwrap()
         .batch_execute(&format!("VACUUM \"{}\".actor_states", schema.name()))
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while store.stats().unwrap().last_vacuum.is_none() {
         assert!(Instant::now() < deadline, "no vacuum recorded");
         std::thread::sleep(Duration::from_millis(200));

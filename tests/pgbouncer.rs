@@ -11,6 +11,8 @@
 //! cargo test --features testing --test pgbouncer -- --ignored
 //! ```
 
+mod common;
+
 use std::fs;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -28,7 +30,7 @@ use trebuchet_postgres::{
     StateStore, Subscription,
 };
 
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(60);
 
 // ----- a PgBouncer of the test's own ---------------------------------------------
 
@@ -47,19 +49,16 @@ struct PgBouncer {
     dir: tempfile::TempDir,
 }
 
-fn pgbouncer_binary() -> PathBuf {
-    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+/// The `pgbouncer` program, or `None` (after `common::tool_found` said
+/// what to do) when it is not installed.
+#[track_caller]
+fn pgbouncer_binary() -> Option<PathBuf> {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
-    {
-        let candidate = dir.join("pgbouncer");
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!(
-        "these tests need PgBouncer, which is not installed: \
-         apt-get install pgbouncer (.ci/run installs it)"
-    )
+        .map(|dir| dir.join("pgbouncer"))
+        .find(|candidate| candidate.is_file());
+    common::tool_found(found.is_some(), "pgbouncer", "pgbouncer");
+    found
 }
 
 /// The uid and gid to run PgBouncer as: `postgres` when we are root
@@ -88,9 +87,11 @@ fn free_port() -> u16 {
 
 impl PgBouncer {
     /// Starts PgBouncer in `mode` with at most `pool_size` server
-    /// connections, and waits (at most 10 s) until it accepts connections.
-    fn start(cluster: &TestCluster, mode: Mode, pool_size: u32) -> PgBouncer {
-        let binary = pgbouncer_binary();
+    /// connections, and waits (at most 60 s) until it accepts connections.
+    /// `None` when PgBouncer is not installed and the test is to be skipped.
+    #[track_caller]
+    fn start(cluster: &TestCluster, mode: Mode, pool_size: u32) -> Option<PgBouncer> {
+        let binary = pgbouncer_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("trebuchet-pgbouncer-")
             .tempdir()
@@ -137,7 +138,7 @@ impl PgBouncer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
         let bouncer = PgBouncer { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 Instant::now() < deadline,
@@ -146,7 +147,7 @@ impl PgBouncer {
             );
             thread::sleep(Duration::from_millis(50));
         }
-        bouncer
+        Some(bouncer)
     }
 
     /// Connection options through PgBouncer (declaring nothing).
@@ -299,7 +300,9 @@ fn exercise(store: &StateStore, threads: usize, rounds: u32) -> Vec<String> {
 #[test]
 #[ignore = "needs pgbouncer; .ci/run runs it"]
 fn store_works_through_transaction_mode_with_unnamed_statements() {
-    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 2);
+    let Some(bouncer) = PgBouncer::start(cluster(), Mode::Transaction, 2) else {
+        return;
+    };
     let table = unique("tx");
     // The owner migrates directly; the application goes through PgBouncer.
     let mut direct = cluster().connect_options();
@@ -334,7 +337,9 @@ fn store_works_through_transaction_mode_with_unnamed_statements() {
 #[test]
 #[ignore = "needs pgbouncer; .ci/run runs it"]
 fn undeclared_transaction_mode_fails_with_advice() {
-    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 2);
+    let Some(bouncer) = PgBouncer::start(cluster(), Mode::Transaction, 2) else {
+        return;
+    };
     let table = unique("undeclared");
     builder(cluster().connect_options(), &table)
         .migrate(true)
@@ -358,7 +363,9 @@ fn undeclared_transaction_mode_fails_with_advice() {
 #[test]
 #[ignore = "needs pgbouncer; .ci/run runs it"]
 fn statement_timeout_through_transaction_mode_is_refused() {
-    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 2);
+    let Some(bouncer) = PgBouncer::start(cluster(), Mode::Transaction, 2) else {
+        return;
+    };
     let mut options = bouncer.options();
     options.pooler(PoolerMode::Transaction);
     let err = StateStore::builder()
@@ -377,7 +384,9 @@ fn statement_timeout_through_transaction_mode_is_refused() {
 #[test]
 #[ignore = "needs pgbouncer; .ci/run runs it"]
 fn store_and_listener_work_through_session_mode() {
-    let bouncer = PgBouncer::start(cluster(), Mode::Session, 20);
+    let Some(bouncer) = PgBouncer::start(cluster(), Mode::Session, 20) else {
+        return;
+    };
     for declared in [false, true] {
         let table = unique("session");
         builder(cluster().connect_options(), &table)
@@ -421,7 +430,9 @@ fn expect_refused(what: &str, result: Result<ChangeListener, Error>) {
 #[test]
 #[ignore = "needs pgbouncer; .ci/run runs it"]
 fn listener_refuses_transaction_mode_and_takes_a_direct_url() {
-    let bouncer = PgBouncer::start(cluster(), Mode::Transaction, 3);
+    let Some(bouncer) = PgBouncer::start(cluster(), Mode::Transaction, 3) else {
+        return;
+    };
     let table = unique("listen");
     builder(cluster().connect_options(), &table)
         .migrate(true)

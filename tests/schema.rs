@@ -699,8 +699,8 @@ fn a_notify_from_another_client_is_received() {
     sender
         .execute("SELECT pg_notify($1, $2)", &[&schema.channel(), &payload])
         .unwrap();
-    let n = common::next_notification(&mut listener, Duration::from_secs(5))
-        .expect("no notification within 5 s");
+    let n = common::next_notification(&mut listener, Duration::from_secs(30))
+        .expect("no notification within 30 s");
     assert_eq!(n.channel(), schema.channel());
     assert_eq!(n.payload(), payload);
     assert_eq!(n.process_id(), pid);

@@ -276,7 +276,7 @@ fn save_with_sequence_only_moves_forward() {
 /// Timestamps are UTC whatever the writer's session time zone: the store
 /// below connects with `TimeZone=America/New_York` (proved by a column that
 /// records the inserting session's setting), and `updated_at` still reads
-/// within seconds of the test's clock. `created_at` stays put on updates.
+/// within minutes of the test's clock (not hours off). `created_at` stays put on updates.
 #[test]
 fn load_versioned_timestamps_are_utc_in_any_session_time_zone() {
     let schema = TestDatabase::shared().schema();

@@ -336,7 +336,9 @@ static void timeouts_and_changes(trebuchet_store *store, trebuchet_listener *lis
   double start = now_ms();
   EXPECT(trebuchet_subscription_next(sub, 200, &event), TREBUCHET_TIMEOUT);
   double waited = now_ms() - start;
-  CHECK(waited >= 150 && waited < 5000);
+  /* Never before the timeout; the upper bound only ends a wait that never
+     would. */
+  CHECK(waited >= 150 && waited < 60000);
   CHECK(event.sequence == 99);
   EXPECT(trebuchet_subscription_next(sub, 0, &event), TREBUCHET_TIMEOUT);
 
@@ -357,31 +359,32 @@ static void timeouts_and_changes(trebuchet_store *store, trebuchet_listener *lis
 struct waiter {
   trebuchet_subscription *sub;
   trebuchet_status status;
-  double waited;
 };
 
+/* A wait of a minute: only the shutdown ends it sooner, with CLOSED rather
+   than TIMEOUT. */
 static void *wait_long(void *arg) {
   struct waiter *w = arg;
   trebuchet_event event;
-  double start = now_ms();
   w->status = trebuchet_subscription_next(w->sub, 60000, &event);
-  w->waited = now_ms() - start;
   return NULL;
 }
 
 static void shutdown_with_waiter(trebuchet_store *store) {
   trebuchet_listener *listener = NULL;
   EXPECT(trebuchet_listener_open(store, &listener), TREBUCHET_OK);
-  struct waiter w = {NULL, TREBUCHET_OK, 0};
+  struct waiter w = {NULL, TREBUCHET_OK};
   EXPECT(trebuchet_listener_subscribe(listener, NULL, &w.sub), TREBUCHET_OK);
   pthread_t thread;
   CHECK(pthread_create(&thread, NULL, wait_long, &w) == 0);
+  /* Most likely the waiter waits by now; a late one gets CLOSED at once,
+     which passes too. tests/ffi.rs shuts down under a thread seen asleep in
+     the wait. */
   struct timespec pause = {0, 300 * 1000 * 1000};
   nanosleep(&pause, NULL);
   EXPECT(trebuchet_listener_shutdown(listener), TREBUCHET_OK);
   CHECK(pthread_join(thread, NULL) == 0);
   CHECK(w.status == TREBUCHET_CLOSED);
-  CHECK(w.waited < 10000);
   trebuchet_event event;
   EXPECT(trebuchet_subscription_next(w.sub, 0, &event), TREBUCHET_CLOSED);
   EXPECT(trebuchet_listener_shutdown(listener), TREBUCHET_OK); /* idempotent */

@@ -3,9 +3,9 @@
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
@@ -18,8 +18,10 @@ pub mod tls;
 /// tolerance below.
 pub const NEW_YORK: &str = "America/New_York";
 
-/// How far a server timestamp may be from the test's clock.
-pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(5);
+/// How far a server timestamp may be from the test's clock: far below the
+/// hours a time zone mistake is off by, and far above how long a busy
+/// machine may take between a save and the check of its timestamp.
+pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(600);
 
 /// The shared test server's URL with the session `TimeZone` set to
 /// `America/New_York` through libpq's `options` parameter.
@@ -69,10 +71,11 @@ pub fn next_notification(
         .expect("notification stream failed")
 }
 
-/// The next notification's channel and JSON payload, failing after 5 s.
+/// The next notification's channel and JSON payload, failing after 30 s.
 #[track_caller]
 pub fn next_payload(client: &mut postgres::Client) -> (String, serde_json::Value) {
-    let n = next_notification(client, Duration::from_secs(5)).expect("no notification within 5 s");
+    let n =
+        next_notification(client, Duration::from_secs(30)).expect("no notification within 30 s");
     let payload = serde_json::from_str(n.payload())
         .unwrap_or_else(|e| panic!("payload {:?} is not JSON: {e}", n.payload()));
     (n.channel().to_owned(), payload)
@@ -123,4 +126,141 @@ pub fn rewrite_hba(cluster: &TestCluster, admin: &mut Client, contents: &str) {
         .unwrap()
         .get(0);
     assert!(reloaded);
+}
+
+/// Whether the environment variable `CI` is `true`. There a test that needs
+/// a missing tool fails rather than skips: `.ci/run` installs every tool.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// What a test does about a tool it needs (a program, or a server feature
+/// such as ICU collations): `found` says whether the tool is there. When it
+/// is not, the test fails under `CI=true`; elsewhere this prints `skipped:
+/// <tool> not found (install <package>)` to stderr and returns false, and
+/// the test returns.
+#[track_caller]
+pub fn tool_found(found: bool, tool: &str, package: &str) -> bool {
+    if found {
+        return true;
+    }
+    let missing = format!("{tool} not found (install {package})");
+    assert!(
+        !in_ci(),
+        "{missing}: with CI=true a missing tool fails the test (.ci/run installs it)"
+    );
+    eprintln!("skipped: {missing}");
+    false
+}
+
+/// [`tool_found`] for a program: whether `program args` runs and succeeds
+/// (`args` asks for its version, say).
+#[track_caller]
+pub fn program_found(program: &str, args: &[&str], package: &str) -> bool {
+    let runs = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    tool_found(runs, program, package)
+}
+
+/// Polls `done` every 20 ms until it holds, failing after `timeout`.
+#[track_caller]
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the server's clock has passed the expiry of each of `ids` in
+/// `table` (a quoted, qualified name), failing after 30 s: a state saved
+/// with a time to live reads as absent from then on.
+#[track_caller]
+pub fn wait_expired(client: &mut Client, table: &str, ids: &[&str]) {
+    let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+    let sql = format!(
+        "SELECT count(*) FROM {table} \
+         WHERE actor_id = ANY($1) AND (expires_at IS NULL OR expires_at > (now() AT TIME ZONE 'UTC'))"
+    );
+    wait_until(
+        &format!("{ids:?} in {table} expire"),
+        Duration::from_secs(30),
+        || {
+            let live: i64 = client
+                .query_one(&sql, &[&ids])
+                .expect("read expires_at")
+                .get(0);
+            live == 0
+        },
+    );
+}
+
+/// Runs `f` on a thread of its own and returns what it returned and how long
+/// it took, failing when it has not returned after `bound`.
+#[track_caller]
+pub fn returns_within<T: Send + 'static>(
+    what: &str,
+    bound: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (T, Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let value = f();
+        let _ = tx.send((value, started.elapsed()));
+    });
+    let got = rx
+        .recv_timeout(bound)
+        .unwrap_or_else(|_| panic!("{what} did not return within {bound:?}"));
+    worker.join().expect("the call's thread");
+    got
+}
+
+/// Locks the rows of `ids` in `table` (a quoted, qualified name) in a
+/// transaction on a connection of its own, and returns that connection,
+/// still in its transaction: `ROLLBACK` on it (when a fault left it alive)
+/// lets writes to those rows go on. It has another application name than
+/// the store's, so a test that terminates the store's backends spares it.
+#[track_caller]
+pub fn lock_rows(url: &str, table: &str, ids: &[String]) -> Client {
+    let mut locker = Client::connect(url, NoTls).expect("a connection to hold row locks");
+    locker.batch_execute("BEGIN").expect("begin");
+    locker
+        .execute(
+            &format!("SELECT 1 FROM {table} WHERE actor_id = ANY($1) FOR UPDATE"),
+            &[&ids],
+        )
+        .expect("lock the rows");
+    locker
+}
+
+/// Waits (up to 60 s) until at least `waiting` backends of a store
+/// (application `trebuchet-postgres`) wait on a lock: their writes are in
+/// flight, so that a fault now cuts them for sure.
+#[track_caller]
+pub fn wait_for_writes_on_locks(url: &str, waiting: i64) {
+    let mut watcher = Client::connect(url, NoTls).expect("a connection to watch the locks");
+    wait_until(
+        &format!("{waiting} writes wait on a lock"),
+        Duration::from_secs(60),
+        || {
+            let n: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND application_name = 'trebuchet-postgres'",
+                    &[],
+                )
+                .expect("read pg_stat_activity")
+                .get(0);
+            n >= waiting
+        },
+    );
 }

@@ -432,6 +432,13 @@ fn count_across_a_restart(mode: StopMode) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let cluster = TestCluster::start().expect("own cluster");
     let url = cluster.url();
+    // The processes reach the server through a proxy, so that the test
+    // decides when they may connect again after the restart.
+    let proxy = TcpProxy::start(cluster.port()).expect("proxy");
+    let child_url = url.replace(
+        &format!(":{}/", cluster.port()),
+        &format!(":{}/", proxy.port()),
+    );
     let watcher = StateStore::builder()
         .url(&url)
         .table("restart_counter")
@@ -443,18 +450,19 @@ fn count_across_a_restart(mode: StopMode) {
         .map(|_| {
             Command::new(&exe)
                 .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
-                .env(CHILD_URL, &url)
+                .env(CHILD_URL, &child_url)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect();
-    // Restart once the processes are well into their increments.
+    // Restart once the processes are into their increments, while each of
+    // them has most of its own still to make (however unevenly they started).
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         assert!(Instant::now() < deadline, "the processes made no progress");
-        if watcher.load::<u64>("counter").ok().flatten().unwrap_or(0) >= PROCESSES * 100 {
+        if watcher.load::<u64>("counter").ok().flatten().unwrap_or(0) >= CHILD_INCREMENTS / 4 {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -462,11 +470,11 @@ fn count_across_a_restart(mode: StopMode) {
     // An increment waits on the row lock the test holds: in flight.
     let locker = common::lock_rows(&url, &watcher.table(), &["counter".to_owned()]);
     common::wait_for_writes_on_locks(&url, 1);
+    proxy.refuse(true);
     cluster.stop(mode).unwrap();
-    // The locks died with the server. It stays down a moment: the processes
-    // meet refused connections.
+    // The locks died with the server. The processes meet refused
+    // connections until the test holds the counter's lock again.
     drop(locker);
-    std::thread::sleep(Duration::from_millis(300));
     cluster.restart().unwrap();
     // Until every process has found out what became of its cut increment,
     // no other increment lands: a cut write stays answerable only while it
@@ -475,6 +483,7 @@ fn count_across_a_restart(mode: StopMode) {
     // would otherwise race ahead of one still waiting to reconnect. Each
     // process, once it knows, makes its next increment, which waits here.
     let mut locker = common::lock_rows(&url, &watcher.table(), &["counter".to_owned()]);
+    proxy.refuse(false);
     common::wait_for_writes_on_locks(&url, PROCESSES as i64);
     locker.batch_execute("ROLLBACK").unwrap();
 

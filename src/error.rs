@@ -262,10 +262,12 @@ pub enum Error {
         source: std::sync::Arc<postgres::Error>,
     },
     /// The connection broke while a write was in flight, and the store could
-    /// not find out whether the write was applied: the server did not come
-    /// back within the store's `outcome_timeout`, or the actor was written
-    /// more than 64 times by others before the store could look (see
-    /// [`StateStore`](crate::StateStore)'s section on lost connections).
+    /// not find out whether the write was applied, or, for a write of
+    /// several actors that was, at which sequence number each one landed:
+    /// the server did not come back within the store's `outcome_timeout`, or
+    /// the actor was written more than 64 times by others before the store
+    /// could look (see [`StateStore`](crate::StateStore)'s section on lost
+    /// connections). The store never guesses a number.
     OutcomeUnknown {
         /// The first actor the write was for.
         actor_id: String,

@@ -531,6 +531,9 @@ enum Written {
     Blocked {
         actual: Option<u64>,
     },
+    /// The connection broke and this error says what became of the item
+    /// (from a bulk write's outcomes, found out afterwards).
+    Lost(Error),
 }
 
 pub(crate) fn to_u64(n: i64) -> u64 {
@@ -918,7 +921,13 @@ impl StateStore {
     /// # Errors
     ///
     /// [`Error::Conflict`] with the expected and actual versions when they
-    /// differ (nothing is written); otherwise as [`save`](Self::save).
+    /// differ (nothing is written). The actual version is one the actor was
+    /// in while the call ran, never the expected one: when a writer the
+    /// call waited for committed after the call's snapshot, the version is
+    /// read again, and a create that finds the actor deleted again by then
+    /// is made again ([`Error::TooManyConflicts`] after
+    /// [`RetryPolicy::max_attempts`] such rounds). Otherwise as
+    /// [`save`](Self::save).
     pub fn save_if<T: Serialize + ?Sized>(
         &self,
         id: &str,
@@ -1197,16 +1206,14 @@ impl StateStore {
                 if !t.committed(ids.iter().map(|id| (*id, None)), w)? {
                     return Err(t.not_applied());
                 }
-                Ok(ids
-                    .iter()
-                    .map(|id| {
-                        let sequence = match t.landed(id, w, None) {
-                            Landed::Yes(sequence) => sequence,
-                            _ => t.sequence(id).unwrap_or(0),
-                        };
-                        ((*id).to_owned(), sequence)
+                // It landed; a row whose tag others have pushed out since
+                // no longer says at which number.
+                ids.iter()
+                    .map(|id| match t.landed(id, w, None) {
+                        Landed::Yes(sequence) => Ok(((*id).to_owned(), sequence)),
+                        _ => Err(t.unknown()),
                     })
-                    .collect())
+                    .collect()
             },
         )?;
         Ok(ids
@@ -1276,6 +1283,7 @@ impl StateStore {
                     expected: *expected,
                     actual,
                 }),
+                Written::Lost(e) => Err(e),
             })
             .collect())
     }
@@ -1460,6 +1468,7 @@ impl StateStore {
                 expected,
                 actual,
             }),
+            Written::Lost(e) => Err(e),
         }
     }
 
@@ -1539,6 +1548,7 @@ impl StateStore {
                                     expected: items[i].expected.unwrap_or(Expected::Absent),
                                     actual,
                                 }),
+                                Written::Lost(e) => Err(e),
                             })
                             .collect())
                     },
@@ -1823,6 +1833,7 @@ impl StateStore {
                     std::thread::sleep(pause);
                 }
                 Written::Blocked { .. } => {}
+                Written::Lost(e) => return Err(e),
             }
         }
         Err(Error::TooManyConflicts {
@@ -1832,10 +1843,14 @@ impl StateStore {
     }
 }
 
-/// The conditional bulk write: one outcome per id, in order. Where a
-/// conflict's reported version equals the expected one (the statement's
-/// snapshot predates the write that blocked it), the versions are read once
-/// more.
+/// The conditional bulk write: one outcome per id, in order.
+///
+/// A blocked item reports a version other than the one it expected, as
+/// [`write_if_on`] does: where the statement's snapshot shows the expected
+/// version (it predates the writer that blocked the item), the version is
+/// read once more, and the items whose reading shows the expected version
+/// again are written again in a statement of their own, up to the retry
+/// policy's attempts.
 fn many_if_on(
     inner: &Inner,
     c: &mut Connection,
@@ -1844,45 +1859,75 @@ fn many_if_on(
     expected: &[Option<i64>],
     write_ids: &[i64],
 ) -> Result<Vec<Written>, Failure> {
-    let st = c.prepare(&inner.sql.save_many_if)?;
-    let rows = st.query(&mut c.client, &[&ids, &states, &expected, &write_ids])?;
-    let mut by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
-        .iter()
-        .map(|row| (row.get(0), (row.get(1), row.get(2))))
-        .collect();
-    let stale: Vec<&str> = ids
-        .iter()
-        .zip(expected)
-        .filter(|(id, e)| matches!(by_id.get(**id), Some((None, actual)) if actual == *e))
-        .map(|(id, _)| *id)
-        .collect();
-    if !stale.is_empty() {
-        let st = c.prepare(&inner.sql.load_many)?;
-        let current: HashMap<String, i64> = st
-            .query(&mut c.client, &[&stale])?
+    let mut outcomes: Vec<Option<Written>> = ids.iter().map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..ids.len()).collect();
+    let attempts = inner.retry.max_attempts.max(1);
+    for _ in 0..attempts {
+        fn pick<T: Copy>(all: &[T], at: &[usize]) -> Vec<T> {
+            at.iter().map(|&i| all[i]).collect()
+        }
+        let (p_ids, p_states) = (pick(ids, &pending), pick(states, &pending));
+        let p_expected = pick(expected, &pending);
+        let p_write_ids = pick(write_ids, &pending);
+        let st = c.prepare(&inner.sql.save_many_if)?;
+        let rows = st.query(
+            &mut c.client,
+            &[&p_ids, &p_states, &p_expected, &p_write_ids],
+        )?;
+        let mut by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
             .iter()
-            .map(|row| (row.get(0), row.get(2)))
+            .map(|row| (row.get(0), (row.get(1), row.get(2))))
             .collect();
-        for id in stale {
-            if let Some(entry) = by_id.get_mut(id) {
-                entry.1 = current.get(id).copied();
+        let stale: Vec<&str> = p_ids
+            .iter()
+            .zip(&p_expected)
+            .filter(|(id, e)| match by_id.get(**id) {
+                Some((Some(_), _)) => false,
+                Some((None, actual)) => actual == *e,
+                None => true,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if !stale.is_empty() {
+            let st = c.prepare(&inner.sql.load_many)?;
+            let current: HashMap<String, i64> = st
+                .query(&mut c.client, &[&stale])?
+                .iter()
+                .map(|row| (row.get(0), row.get(2)))
+                .collect();
+            for id in stale {
+                by_id.insert(id.to_owned(), (None, current.get(id).copied()));
             }
         }
+        let mut again = Vec::new();
+        for i in pending {
+            outcomes[i] = match by_id.get(ids[i]) {
+                Some((Some(sequence), _)) => Some(Written::Yes {
+                    sequence: to_u64(*sequence),
+                    updated_at: SystemTime::UNIX_EPOCH,
+                    created_at: SystemTime::UNIX_EPOCH,
+                }),
+                Some((None, actual)) if *actual != expected[i] => Some(Written::Blocked {
+                    actual: actual.map(to_u64),
+                }),
+                _ => {
+                    again.push(i);
+                    None
+                }
+            };
+        }
+        pending = again;
+        if pending.is_empty() {
+            return Ok(outcomes
+                .into_iter()
+                .map(|o| o.expect("every item has an outcome"))
+                .collect());
+        }
     }
-    Ok(ids
-        .iter()
-        .map(|id| match by_id.get(*id) {
-            Some((Some(sequence), _)) => Written::Yes {
-                sequence: to_u64(*sequence),
-                updated_at: SystemTime::UNIX_EPOCH,
-                created_at: SystemTime::UNIX_EPOCH,
-            },
-            Some((None, actual)) => Written::Blocked {
-                actual: actual.map(to_u64),
-            },
-            None => Written::Blocked { actual: None },
-        })
-        .collect())
+    Err(Failure::Store(Error::TooManyConflicts {
+        actor_id: ids[pending[0]].to_owned(),
+        attempts,
+    }))
 }
 
 /// Whether the server rolled a transaction back for a reason that running it
@@ -2079,12 +2124,13 @@ impl Batch<'_> {
                 return Err(t.not_applied());
             }
             let mut results: Vec<Option<BatchResult>> = vec![None; total];
+            // It landed; a row whose tag others have pushed out since no
+            // longer says at which number.
             for save in conditional.iter().chain(plain) {
-                let sequence = match t.landed(&save.1, w, None) {
-                    Landed::Yes(sequence) => sequence,
-                    _ => t.sequence(&save.1).unwrap_or(0),
-                };
-                results[save.0] = Some(BatchResult::Saved(sequence));
+                match t.landed(&save.1, w, None) {
+                    Landed::Yes(sequence) => results[save.0] = Some(BatchResult::Saved(sequence)),
+                    _ => return Err(t.unknown()),
+                }
             }
             for (index, id) in &self.deletes {
                 let landed = matches!(t.landed(id, w, None), Landed::Yes(_));
@@ -2098,67 +2144,91 @@ impl Batch<'_> {
         let outcome = store.write(
             &all_ids,
             |inner, c| {
-                let mut results: Vec<Option<BatchResult>> = vec![None; total];
                 // Prepared (and cached) before the transaction borrows the client.
                 let save_if_st = c.prepare(&inner.sql.save_many_if)?;
                 let save_st = c.prepare(&inner.sql.save_many)?;
                 let delete_st = c.prepare(&inner.sql.delete_many)?;
                 let lock_st = c.prepare(&inner.sql.lock_many)?;
-                let mut tx = c.client.transaction()?;
-                if total > 1 {
-                    lock_st.execute(&mut tx, &[&all_ids])?;
-                }
-                let mut conflict = None;
-                if !cond_ids.is_empty() {
-                    let rows = save_if_st.query(
-                        &mut tx,
-                        &[&cond_ids, &cond_states, &cond_expected, &cond_write_ids],
-                    )?;
-                    let by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
-                        .iter()
-                        .map(|row| (row.get(0), (row.get(1), row.get(2))))
-                        .collect();
-                    for (save, id) in conditional.iter().zip(&cond_ids) {
-                        match by_id.get(*id) {
-                            Some((Some(sequence), _)) => {
-                                results[save.0] = Some(BatchResult::Saved(to_u64(*sequence)))
-                            }
-                            other => {
-                                conflict.get_or_insert(Error::Conflict {
-                                    actor_id: (*id).to_owned(),
-                                    expected: save.3.unwrap_or(Expected::Absent),
-                                    actual: other.and_then(|(_, actual)| actual.map(to_u64)),
-                                });
+                let sequence_st = c.prepare(&inner.sql.sequence)?;
+                let attempts = inner.retry.max_attempts.max(1);
+                for _ in 0..attempts {
+                    let mut results: Vec<Option<BatchResult>> = vec![None; total];
+                    let mut tx = c.client.transaction()?;
+                    if total > 1 {
+                        lock_st.execute(&mut tx, &[&all_ids])?;
+                    }
+                    let mut conflict = None;
+                    if !cond_ids.is_empty() {
+                        let rows = save_if_st.query(
+                            &mut tx,
+                            &[&cond_ids, &cond_states, &cond_expected, &cond_write_ids],
+                        )?;
+                        let by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
+                            .iter()
+                            .map(|row| (row.get(0), (row.get(1), row.get(2))))
+                            .collect();
+                        for (save, id) in conditional.iter().zip(&cond_ids) {
+                            match by_id.get(*id) {
+                                Some((Some(sequence), _)) => {
+                                    results[save.0] = Some(BatchResult::Saved(to_u64(*sequence)))
+                                }
+                                other => {
+                                    conflict.get_or_insert((
+                                        *id,
+                                        save.3.unwrap_or(Expected::Absent),
+                                        other.and_then(|(_, actual)| actual.map(to_u64)),
+                                    ));
+                                }
                             }
                         }
                     }
-                }
-                if let Some(conflict) = conflict {
-                    tx.rollback()?;
-                    return Ok(Err(conflict));
-                }
-                if !plain_ids.is_empty() {
-                    let written: HashMap<String, i64> = save_st
-                        .query(&mut tx, &[&plain_ids, &plain_states, &plain_write_ids])?
-                        .iter()
-                        .map(|row| (row.get(0), row.get(1)))
-                        .collect();
-                    for (save, id) in plain.iter().zip(&plain_ids) {
-                        let sequence = written.get(*id).copied().unwrap_or(0);
-                        results[save.0] = Some(BatchResult::Saved(to_u64(sequence)));
+                    if let Some((id, expected, mut actual)) = conflict {
+                        tx.rollback()?;
+                        // As for a lone conditional write (`write_if_on`): the
+                        // statement's snapshot may predate the writer that
+                        // blocked it, and a create may find the actor absent
+                        // again.
+                        if Expected::from(actual) == expected {
+                            actual = sequence_st
+                                .query_opt(&mut c.client, &[&id])?
+                                .map(|r| to_u64(r.get(0)));
+                        }
+                        if Expected::from(actual) == expected {
+                            continue;
+                        }
+                        return Ok(Err(Error::Conflict {
+                            actor_id: id.to_owned(),
+                            expected,
+                            actual,
+                        }));
                     }
-                }
-                if !delete_ids.is_empty() {
-                    let deleted = live_deletes(delete_st.query(&mut tx, &[&delete_ids, &w])?);
-                    for (index, id) in &self.deletes {
-                        results[*index] = Some(BatchResult::Deleted(deleted.contains(id)));
+                    if !plain_ids.is_empty() {
+                        let written: HashMap<String, i64> = save_st
+                            .query(&mut tx, &[&plain_ids, &plain_states, &plain_write_ids])?
+                            .iter()
+                            .map(|row| (row.get(0), row.get(1)))
+                            .collect();
+                        for (save, id) in plain.iter().zip(&plain_ids) {
+                            let sequence = written.get(*id).copied().unwrap_or(0);
+                            results[save.0] = Some(BatchResult::Saved(to_u64(sequence)));
+                        }
                     }
+                    if !delete_ids.is_empty() {
+                        let deleted = live_deletes(delete_st.query(&mut tx, &[&delete_ids, &w])?);
+                        for (index, id) in &self.deletes {
+                            results[*index] = Some(BatchResult::Deleted(deleted.contains(id)));
+                        }
+                    }
+                    tx.commit()?;
+                    return Ok(Ok(results
+                        .into_iter()
+                        .map(|r| r.expect("every operation has a result"))
+                        .collect()));
                 }
-                tx.commit()?;
-                Ok(Ok(results
-                    .into_iter()
-                    .map(|r| r.expect("every operation has a result"))
-                    .collect()))
+                Err(Failure::Store(Error::TooManyConflicts {
+                    actor_id: cond_ids.first().copied().unwrap_or_default().to_owned(),
+                    attempts,
+                }))
             },
             settle,
         )?;
@@ -2181,9 +2251,12 @@ fn settle_if(t: &Traces, id: &str, expected: Expected, w: i64) -> Result<Written
     })
 }
 
-/// The conditional bulk write's outcomes after its connection broke: the
-/// statement is all or nothing, so if any row landed, the others were
-/// blocked (or pushed out of the tags by later writes).
+/// The conditional bulk write's outcomes after its connection broke. Where
+/// none of its rows landed, nothing was written. Otherwise each item landed,
+/// or did not (blocked, or its statement of a second attempt was lost): a
+/// conflict when the actor now holds another version than the expected
+/// one, else not applied; or its tag was pushed out by later writes, and
+/// its outcome is unknown.
 fn settle_many_if(
     t: &Traces,
     ids: &[&str],
@@ -2205,9 +2278,13 @@ fn settle_many_if(
                 updated_at: SystemTime::UNIX_EPOCH,
                 created_at: SystemTime::UNIX_EPOCH,
             },
-            _ => Written::Blocked {
-                actual: t.sequence(id),
+            Landed::No => match t.sequence(id) {
+                actual if actual.and_then(|n| i64::try_from(n).ok()) != *e => {
+                    Written::Blocked { actual }
+                }
+                _ => Written::Lost(t.not_applied()),
             },
+            Landed::Unknown => Written::Lost(t.unknown()),
         })
         .collect())
 }
@@ -2245,10 +2322,16 @@ struct Conditional<'a> {
 }
 
 /// The conditional write, in one round trip in the common case; `ttl` in
-/// microseconds. When the statement's snapshot could not see the row that
-/// blocked it (a writer committed in between) and `report_actual` is set,
-/// the current sequence number is read once more so that the conflict
-/// reports the truth.
+/// microseconds.
+///
+/// When `report_actual` is set, a write that is blocked reports a version
+/// other than the expected one, true at some moment while it ran. The
+/// statement's own reading comes from its snapshot, which may predate the
+/// writer that blocked it (then it shows the expected version): the version
+/// is read once more. When that reading shows the expected version again (a
+/// create blocked by an actor that was deleted since), nothing stands in the
+/// write's way any more and it is made again, up to the retry policy's
+/// attempts.
 fn write_if_on(
     inner: &Inner,
     c: &mut Connection,
@@ -2256,6 +2339,37 @@ fn write_if_on(
     write: &Conditional<'_>,
     report_actual: bool,
 ) -> Result<Written, Failure> {
+    let attempts = inner.retry.max_attempts.max(1);
+    for _ in 0..attempts {
+        let actual = match write_if_once(inner, c, id, write)? {
+            Ok(written) => return Ok(written),
+            Err(actual) => actual,
+        };
+        if !report_actual || Expected::from(actual) != write.expected {
+            return Ok(Written::Blocked { actual });
+        }
+        let st = c.prepare(&inner.sql.sequence)?;
+        let actual = st
+            .query_opt(&mut c.client, &[&id])?
+            .map(|r| to_u64(r.get(0)));
+        if Expected::from(actual) != write.expected {
+            return Ok(Written::Blocked { actual });
+        }
+    }
+    Err(Failure::Store(Error::TooManyConflicts {
+        actor_id: id.to_owned(),
+        attempts,
+    }))
+}
+
+/// One conditional statement: what it wrote, or the version its snapshot
+/// showed when it was blocked.
+fn write_if_once(
+    inner: &Inner,
+    c: &mut Connection,
+    id: &str,
+    write: &Conditional<'_>,
+) -> Result<std::result::Result<Written, Option<u64>>, Failure> {
     let Conditional {
         state,
         expected,
@@ -2273,8 +2387,8 @@ fn write_if_on(
             st.query_one(&mut c.client, &[&id, &state, &n, &write_id, &ttl])?
         }
     };
-    if let Some(sequence) = row.get::<_, Option<i64>>(0) {
-        return Ok(Written::Yes {
+    Ok(match row.get::<_, Option<i64>>(0) {
+        Some(sequence) => Ok(Written::Yes {
             sequence: to_u64(sequence),
             updated_at: row
                 .get::<_, Option<SystemTime>>(1)
@@ -2282,16 +2396,9 @@ fn write_if_on(
             created_at: row
                 .get::<_, Option<SystemTime>>(2)
                 .unwrap_or(SystemTime::UNIX_EPOCH),
-        });
-    }
-    let mut actual = row.get::<_, Option<i64>>(3).map(to_u64);
-    if report_actual && Expected::from(actual) == expected {
-        let st = c.prepare(&inner.sql.sequence)?;
-        actual = st
-            .query_opt(&mut c.client, &[&id])?
-            .map(|r| to_u64(r.get(0)));
-    }
-    Ok(Written::Blocked { actual })
+        }),
+        None => Err(row.get::<_, Option<i64>>(3).map(to_u64)),
+    })
 }
 
 #[cfg(test)]

@@ -945,7 +945,9 @@ impl StateStore {
     ///
     /// # Errors
     ///
-    /// [`Error::StaleSequence`] when `sequence` is not greater; otherwise as
+    /// [`Error::StaleSequence`] when `sequence` is not greater, with the
+    /// number that blocked it (read again when a writer the call waited for
+    /// committed after the call's snapshot); otherwise as
     /// [`save`](Self::save).
     pub fn save_with_sequence<T: Serialize + ?Sized>(
         &self,
@@ -1707,12 +1709,35 @@ impl StateStore {
         let blocked = self.write(
             &[id],
             |inner, c| {
-                let st = c.prepare(&inner.sql.save_with_sequence)?;
-                let row = st.query_one(&mut c.client, &[&id, &state, &wanted, &w])?;
-                Ok(match row.get::<_, Option<i64>>(0) {
-                    Some(_) => None,
-                    None => Some(row.get::<_, Option<i64>>(3).map(to_u64)),
-                })
+                let attempts = inner.retry.max_attempts.max(1);
+                for _ in 0..attempts {
+                    let st = c.prepare(&inner.sql.save_with_sequence)?;
+                    let row = st.query_one(&mut c.client, &[&id, &state, &wanted, &w])?;
+                    if row.get::<_, Option<i64>>(0).is_some() {
+                        return Ok(None);
+                    }
+                    // The statement's snapshot may predate the writer that
+                    // blocked it: a number below the one given (or none)
+                    // is read again, and where the reading still does not
+                    // explain the block, the write is made again.
+                    let seen = row.get::<_, Option<i64>>(3);
+                    if seen.is_some_and(|n| n >= wanted) {
+                        return Ok(Some(seen.map(to_u64)));
+                    }
+                    let st = c.prepare(&inner.sql.sequence)?;
+                    let now = st
+                        .query_opt(&mut c.client, &[&id])?
+                        .map(|r| r.get::<_, i64>(0));
+                    match now {
+                        Some(n) if n >= wanted => return Ok(Some(Some(to_u64(n)))),
+                        None if seen.is_none() => return Ok(Some(None)),
+                        _ => {}
+                    }
+                }
+                Err(Failure::Store(Error::TooManyConflicts {
+                    actor_id: id.to_owned(),
+                    attempts: inner.retry.max_attempts.max(1),
+                }))
             },
             |t| t.one(id, w, Some(sequence)).map(|_| None),
         )?;

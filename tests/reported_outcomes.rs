@@ -255,6 +255,18 @@ fn updated_under<R: Send + 'static>(
     id: &'static str,
     write: impl FnOnce(&StateStore) -> R + Send + 'static,
 ) -> R {
+    updated_to(schema, store, id, 2, write)
+}
+
+/// Runs `write` (expecting `id` at sequence 1) while another session
+/// updates `id` to `sequence`, committing once the write waits for it.
+fn updated_to<R: Send + 'static>(
+    schema: &TestSchema,
+    store: &StateStore,
+    id: &'static str,
+    sequence: i64,
+    write: impl FnOnce(&StateStore) -> R + Send + 'static,
+) -> R {
     assert_eq!(store.save(id, &1u32).unwrap(), 1);
     let mut observer = schema.client().unwrap();
     let mut updater = schema.client().unwrap();
@@ -262,10 +274,10 @@ fn updated_under<R: Send + 'static>(
     update
         .execute(
             &format!(
-                "UPDATE {} SET sequence_number = 2 WHERE actor_id = $1",
+                "UPDATE {} SET sequence_number = $2 WHERE actor_id = $1",
                 schema.table("actor_states")
             ),
-            &[&id],
+            &[&id, &sequence],
         )
         .unwrap();
     let updater_pid = backend_pid(&mut update);
@@ -329,6 +341,24 @@ fn a_batch_update_that_meets_an_update_reports_the_new_version() {
             .commit()
             .map(|_| 0)
     }));
+}
+
+#[test]
+fn an_import_that_meets_a_higher_number_reports_it() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let outcome = updated_to(&schema, &store, "a", 10, |s| {
+        s.save_with_sequence("a", &5u32, 5)
+    });
+    match outcome {
+        Err(Error::StaleSequence {
+            sequence, current, ..
+        }) => {
+            assert_eq!(sequence, 5);
+            assert_eq!(current, Some(10), "the number that blocked the write");
+        }
+        other => panic!("expected StaleSequence, got {other:?}"),
+    }
 }
 
 // ----- numbers after a broken connection ----------------------------------------

@@ -7,8 +7,9 @@
 //! before the tombstone existed; the number it returns must still be above
 //! the tombstone's.
 
+mod common;
+
 use std::thread;
-use std::time::{Duration, Instant};
 
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
 use trebuchet_postgres::{Expected, RestoreOutcome, StateStore, Versioned};
@@ -17,9 +18,6 @@ use trebuchet_postgres::{Expected, RestoreOutcome, StateStore, Versioned};
 /// tombstone at 6.
 const SAVES: u64 = 5;
 const TOMBSTONE: u64 = SAVES + 1;
-
-/// How long a write may take to reach the lock before the test gives up.
-const LOCK_WAIT: Duration = Duration::from_secs(60);
 
 /// Runs `write` while a delete of `id` is in flight, and commits the delete
 /// once `write` waits for it. Returns what `write` returned.
@@ -43,32 +41,9 @@ fn race_with_delete<R: Send + 'static>(
 
     let writer_store = store.clone();
     let writer = thread::spawn(move || write(&writer_store));
-    wait_for_a_waiter(schema, deleter_pid);
+    common::wait_for_a_waiter(&mut schema.client().unwrap(), deleter_pid, || false);
     tx.commit().unwrap();
     writer.join().expect("the write panicked")
-}
-
-/// Waits until some server process waits for a lock that `pid` holds.
-fn wait_for_a_waiter(schema: &TestSchema, pid: i32) {
-    let mut observer = schema.client().unwrap();
-    let deadline = Instant::now() + LOCK_WAIT;
-    loop {
-        let waiting: i64 = observer
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-                &[&pid],
-            )
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no write waited for the delete's lock within {LOCK_WAIT:?}"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// The tombstone's number and the stored row's, after the race.

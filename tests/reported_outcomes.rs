@@ -16,9 +16,8 @@ mod common;
 use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use postgres::Client;
 use trebuchet_postgres::testing::{ProxyRequest, TcpProxy, TestCluster, TestDatabase, TestSchema};
 use trebuchet_postgres::{BatchResult, Error, Expected, PoolOptions, StateStore};
 
@@ -26,29 +25,6 @@ use trebuchet_postgres::{BatchResult, Error, Expected, PoolOptions, StateStore};
 const LOCK_WAIT: Duration = Duration::from_secs(60);
 
 // ----- conflicts ---------------------------------------------------------------
-
-/// Waits until some server process waits for a lock that `pid` holds, or
-/// until `done` holds (the operation under test returned without waiting).
-fn wait_for_a_waiter(observer: &mut Client, pid: i32, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + LOCK_WAIT;
-    loop {
-        let waiting: i64 = observer
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-                &[&pid],
-            )
-            .unwrap()
-            .get(0);
-        if waiting > 0 || done() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing waited for the lock of process {pid} within {LOCK_WAIT:?}"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
-}
 
 fn backend_pid(client: &mut impl postgres::GenericClient) -> i32 {
     client
@@ -90,7 +66,7 @@ fn created_and_deleted_around<R: Send + 'static>(
 
     let writer_store = store.clone();
     let writer = thread::spawn(move || write(&writer_store));
-    wait_for_a_waiter(&mut observer, creator_pid, || false);
+    common::wait_for_a_waiter(&mut observer, creator_pid, || false);
 
     // The third session: its pid, then (blocking) the exclusive lock.
     let (pid_tx, pid_rx) = mpsc::channel();
@@ -135,7 +111,7 @@ fn created_and_deleted_around<R: Send + 'static>(
     // The write's statement ends (the actor exists now); the third session
     // gets the table, and the write's next statement, if any, waits for it.
     locked_rx.recv_timeout(LOCK_WAIT).unwrap();
-    wait_for_a_waiter(&mut observer, deleter_pid, || writer.is_finished());
+    common::wait_for_a_waiter(&mut observer, deleter_pid, || writer.is_finished());
     go_tx.send(()).unwrap();
     deleting.join().expect("the delete's session");
     writer.join().expect("the write panicked")
@@ -283,7 +259,7 @@ fn updated_to<R: Send + 'static>(
     let updater_pid = backend_pid(&mut update);
     let writer_store = store.clone();
     let writer = thread::spawn(move || write(&writer_store));
-    wait_for_a_waiter(&mut observer, updater_pid, || writer.is_finished());
+    common::wait_for_a_waiter(&mut observer, updater_pid, || writer.is_finished());
     update.commit().unwrap();
     writer.join().expect("the write panicked")
 }

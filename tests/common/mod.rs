@@ -264,3 +264,24 @@ pub fn wait_for_writes_on_locks(url: &str, waiting: i64) {
         },
     );
 }
+
+/// Waits (up to 60 s) until some server process waits for a lock that the
+/// process `pid` holds, or until `done` holds (the operation under test
+/// returned without waiting).
+#[track_caller]
+pub fn wait_for_a_waiter(observer: &mut Client, pid: i32, done: impl Fn() -> bool) {
+    wait_until(
+        &format!("something waits for the lock of process {pid}"),
+        Duration::from_secs(60),
+        || {
+            let waiting: i64 = observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    &[&pid],
+                )
+                .expect("read pg_stat_activity")
+                .get(0);
+            waiting > 0 || done()
+        },
+    );
+}

@@ -209,13 +209,12 @@ impl<'h, 'o> Actor<'h, 'o> {
         for op in self.ops.clone() {
             if let Outcome::Written { sequence, .. } = op.outcome {
                 if let Some((_, Some(first))) = self.versions.get(&sequence) {
-                    let message = format!(
-                        "actor {}: two successful writes returned number {sequence}: {} and {}",
-                        self.actor,
+                    let what = format!(
+                        "two successful writes returned number {sequence}: {} and {}",
                         self.out.op(first),
                         self.out.op(op)
                     );
-                    self.out.push(message);
+                    self.flag(what);
                     continue;
                 }
                 self.versions
@@ -260,30 +259,27 @@ impl<'h, 'o> Actor<'h, 'o> {
             };
             match self.writers.get(&value).map(|w| (w, &w.outcome)) {
                 Some((w, _)) if w.actor != op.actor => {
-                    let message = format!(
-                        "actor {}: {} read the value that {} wrote to another actor",
-                        self.actor,
+                    let what = format!(
+                        "{} read the value that {} wrote to another actor",
                         self.out.op(op),
                         self.out.op(w)
                     );
-                    self.out.push(message);
+                    self.flag(what);
                 }
                 None => {
-                    let message = format!(
-                        "actor {}: {} read a value no operation of this table wrote",
-                        self.actor,
+                    let what = format!(
+                        "{} read a value no operation of this table wrote",
                         self.out.op(op)
                     );
-                    self.out.push(message);
+                    self.flag(what);
                 }
                 Some((w, Outcome::NotApplied | Outcome::Conflict { .. })) => {
-                    let message = format!(
-                        "actor {}: {} read the value of {}, which was reported not applied",
-                        self.actor,
+                    let what = format!(
+                        "{} read the value of {}, which was reported not applied",
                         self.out.op(op),
                         self.out.op(w)
                     );
-                    self.out.push(message);
+                    self.flag(what);
                 }
                 Some((
                     w,
@@ -293,13 +289,12 @@ impl<'h, 'o> Actor<'h, 'o> {
                     },
                 )) => {
                     if *at != sequence || *r != read {
-                        let message = format!(
-                            "actor {}: {} read at number {sequence} the value that {} wrote",
-                            self.actor,
+                        let what = format!(
+                            "{} read at number {sequence} the value that {} wrote",
                             self.out.op(op),
                             self.out.op(w)
                         );
-                        self.out.push(message);
+                        self.flag(what);
                     }
                 }
                 Some(_) => {}
@@ -324,15 +319,20 @@ impl<'h, 'o> Actor<'h, 'o> {
                 (Kind::Saved(Some(_)), Kind::Saved(None)) => {}
                 (Kind::Saved(Some(a)), Kind::Saved(Some(b))) if a == b => {}
                 (was, now) => {
-                    let message = format!(
-                        "actor {}: number {sequence} was known as {was:?}, but {} as {now:?}",
-                        self.actor,
+                    let what = format!(
+                        "number {sequence} was known as {was:?}, but {} as {now:?}",
                         source()
                     );
-                    self.out.push(message);
+                    self.flag(what);
                 }
             },
         }
+    }
+
+    /// Reports a violation on this actor.
+    fn flag(&mut self, what: String) {
+        let message = format!("actor {}: {what}", self.actor);
+        self.out.push(message);
     }
 
     fn below(&self, sequence: u64) -> Below {
@@ -409,8 +409,8 @@ impl<'h, 'o> Actor<'h, 'o> {
             };
             if let Some(wrong) = wrong {
                 let by = op.map(|op| self.out.op(op)).unwrap_or_default();
-                let message = format!("actor {}: {wrong} {by}", self.actor);
-                self.out.push(message);
+                let what = format!("{wrong} {by}");
+                self.flag(what);
             }
         }
     }
@@ -484,13 +484,12 @@ impl<'h, 'o> Actor<'h, 'o> {
             };
             let before = self.superseded_before(op.invoked);
             if before > number || (strict && before == number) {
-                let message = format!(
-                    "actor {}: {} got number {number}, but an operation that returned before it \
+                let what = format!(
+                    "{} got number {number}, but an operation that returned before it \
                      was invoked had number {before}",
-                    self.actor,
                     self.out.op(op)
                 );
-                self.out.push(message);
+                self.flag(what);
             }
         }
     }
@@ -542,8 +541,8 @@ impl<'h, 'o> Actor<'h, 'o> {
                 _ => None,
             };
             if let Some(wrong) = wrong {
-                let message = format!("actor {}: {wrong} {}", self.actor, self.out.op(op));
-                self.out.push(message);
+                let what = format!("{wrong} {}", self.out.op(op));
+                self.flag(what);
             }
             if let Outcome::Written {
                 read: Some(read), ..
@@ -551,13 +550,12 @@ impl<'h, 'o> Actor<'h, 'o> {
             {
                 if let Some(w) = self.writers.get(&read) {
                     if matches!(w.outcome, Outcome::NotApplied | Outcome::Conflict { .. }) {
-                        let message = format!(
-                            "actor {}: {} was given the value of {}, which was reported not applied",
-                            self.actor,
+                        let what = format!(
+                            "{} was given the value of {}, which was reported not applied",
                             self.out.op(op),
                             self.out.op(w)
                         );
-                        self.out.push(message);
+                        self.flag(what);
                     }
                 }
             }

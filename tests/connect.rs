@@ -24,17 +24,6 @@ use trebuchet_postgres::{
 /// How long a test waits for something that should happen.
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A name unique to this process and call, for application names and tables.
-fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}_{}_{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed),
-        fastrand::u32(..)
-    )
-}
-
 #[track_caller]
 fn expect_connect_failure<T: Debug>(
     result: trebuchet_postgres::Result<T>,
@@ -271,7 +260,7 @@ fn password_authentication_and_no_password_in_messages() {
 fn app_role_owning_its_schema_can_migrate() {
     let cluster = trust_cluster();
     let mut admin = admin(cluster);
-    let role = unique("owner");
+    let role = common::unique("owner");
     admin
         .batch_execute(&format!(
             "CREATE ROLE {role} LOGIN; CREATE SCHEMA {role} AUTHORIZATION {role}"
@@ -444,7 +433,7 @@ fn pool_exhaustion_says_how_to_raise_the_limit() {
 fn one_pool_serves_two_stores_within_its_limit() {
     const MAX: u32 = 2;
     let schema = TestDatabase::shared().schema();
-    let app = unique("shared_pool");
+    let app = common::unique("shared_pool");
     let mut options = schema.connect_options();
     options.application_name(&app);
     let pool = Pool::new(options, PoolOptions::default().max_size(MAX)).unwrap();
@@ -539,7 +528,7 @@ fn one_pool_serves_two_stores_within_its_limit() {
 fn environment_variables_connect() {
     let cluster = trust_cluster();
     let port = cluster.port().to_string();
-    let table = format!("{}.actor_states", unique("env"));
+    let table = format!("{}.actor_states", common::unique("env"));
     let lookup = |vars: Vec<(&'static str, String)>| {
         move |key: &str| vars.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone())
     };
@@ -627,7 +616,7 @@ fn url_and_key_value_strings_connect() {
     let cluster = trust_cluster();
     let port = cluster.port();
     let mut admin = admin(cluster);
-    let app = unique("kv");
+    let app = common::unique("kv");
     for (label, s) in [
         (
             "URL with user and password",
@@ -663,7 +652,7 @@ fn url_and_key_value_strings_connect() {
         assert_eq!(encrypted, 0, "{label}");
         let store = StateStore::builder()
             .pool(pool)
-            .table(format!("{}.actor_states", unique("kv")))
+            .table(format!("{}.actor_states", common::unique("kv")))
             .migrate(true)
             .build()
             .unwrap();
@@ -772,7 +761,7 @@ fn tls_modes_follow_libpq() {
     ];
     let mut failures = Vec::new();
     for (label, settings, outcome) in cases {
-        let app = unique("tls");
+        let app = common::unique("tls");
         let s = format!(
             "{settings} port={port} user=postgres dbname=postgres \
              application_name={app} connect_timeout=5"
@@ -813,7 +802,7 @@ fn tls_modes_follow_libpq() {
     }
 
     // A store works end to end over verify-full, and the session is encrypted.
-    let app = unique("tls_store");
+    let app = common::unique("tls_store");
     let mut options = ConnectOptions::new();
     options
         .host("localhost")

@@ -132,19 +132,6 @@ fn expect_quiet(sub: &Subscription, who: &str) {
     }
 }
 
-/// Polls `done` every 20 ms until it holds, failing after `timeout`.
-#[track_caller]
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting until {what}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// An `application_name` no other connection uses, to find the listener's
 /// backend in `pg_stat_activity`.
 fn unique_app_name(tag: &str) -> String {
@@ -605,11 +592,11 @@ fn survives_a_restart(mode: StopMode) {
     expect_change(&one, &mut oone, "r", 1, ChangeKind::Saved);
 
     cluster.stop(mode).expect("stop the cluster");
-    wait_until("the listener notices the server is gone", WAIT, || {
+    common::wait_until("the listener notices the server is gone", WAIT, || {
         !listener.health().connected
     });
     // At least one reconnect fails on the stopped server.
-    wait_until("a reconnect to the stopped server fails", WAIT, || {
+    common::wait_until("a reconnect to the stopped server fails", WAIT, || {
         listener
             .health()
             .last_error
@@ -871,7 +858,7 @@ fn stops_promptly(schema: &TestSchema, store: &StateStore, how: Stop, busy: bool
     if let Some(writer) = writer {
         assert!(writer.join().expect("writer") > 0);
     }
-    wait_until(
+    common::wait_until(
         "the listener's backend leaves pg_stat_activity",
         WAIT,
         || backends(&mut admin, &app).is_empty(),
@@ -930,13 +917,13 @@ fn shutdown_is_prompt_under_a_flood_of_notifications() {
         .execute(announce, &[&channel, &1i64, &200i64])
         .unwrap();
     // Once the listener has taken in the first, the second fills the socket.
-    wait_until("the listener starts on the first transaction", WAIT, || {
+    common::wait_until("the listener starts on the first transaction", WAIT, || {
         listener.health().received > 0
     });
     client
         .execute(announce, &[&channel, &201i64, &1_900i64])
         .unwrap();
-    wait_until(
+    common::wait_until(
         "the listener gets to the flood",
         Duration::from_secs(30),
         || listener.health().received > 200,
@@ -979,7 +966,7 @@ fn shutdown_is_prompt_under_a_flood_of_notifications() {
         assert_eq!(sub.try_recv(), Err(TryRecvError::Disconnected));
     }
     let mut admin = schema.client().unwrap();
-    wait_until(
+    common::wait_until(
         "the listener's backend leaves pg_stat_activity",
         WAIT,
         || backends(&mut admin, &app).is_empty(),
@@ -1009,7 +996,7 @@ fn shutdown_is_prompt_while_a_reconnect_waits_on_a_silent_server() {
     // From now on the "server" accepts connections and says nothing.
     relay.go_silent();
     relay.cut();
-    wait_until("the listener waits on the silent server", WAIT, || {
+    common::wait_until("the listener waits on the silent server", WAIT, || {
         !listener.health().connected && relay.silent_connections() >= 1
     });
 
@@ -1110,7 +1097,7 @@ fn cache_converges_after_writes_deletes_and_a_lost_connection() {
 
     // A write from another store.
     other.save("p1", &11u64).unwrap();
-    wait_until("the cache sees p1 = 11", WAIT, || {
+    common::wait_until("the cache sees p1 = 11", WAIT, || {
         cache.get("p1").unwrap().as_deref() == Some(&11)
     });
     assert_eq!(cache.sequence("p1"), Some(2));
@@ -1118,7 +1105,7 @@ fn cache_converges_after_writes_deletes_and_a_lost_connection() {
     // A delete, and a creation of an actor held as absent.
     other.delete("p2").unwrap();
     other.save("p3", &30u64).unwrap();
-    wait_until("the cache sees p2 deleted and p3 created", WAIT, || {
+    common::wait_until("the cache sees p2 deleted and p3 created", WAIT, || {
         cache.get("p2").unwrap().is_none() && cache.get("p3").unwrap().as_deref() == Some(&30)
     });
     assert_eq!(cache.sequence("p2"), None);
@@ -1135,7 +1122,7 @@ fn cache_converges_after_writes_deletes_and_a_lost_connection() {
         backends(&mut admin, &app).is_empty(),
         "the listener came back before the writes of the gap were done"
     );
-    wait_until("the cache reloads after the reconnect", WAIT, || {
+    common::wait_until("the cache reloads after the reconnect", WAIT, || {
         cache.get("p1").unwrap().as_deref() == Some(&12)
             && cache.get("p2").unwrap().as_deref() == Some(&21)
             && cache.get("p3").unwrap().is_none()
@@ -1144,7 +1131,7 @@ fn cache_converges_after_writes_deletes_and_a_lost_connection() {
 
     // And it keeps following.
     other.save("p1", &13u64).unwrap();
-    wait_until("the cache sees p1 = 13", WAIT, || {
+    common::wait_until("the cache sees p1 = 13", WAIT, || {
         cache.get("p1").unwrap().as_deref() == Some(&13)
     });
 }
@@ -1167,7 +1154,7 @@ fn cache_serves_held_actors_while_the_server_is_down_and_converges_after_a_resta
     assert_eq!(cache.get("missing").unwrap(), None);
 
     cluster.stop(StopMode::Fast).expect("stop the cluster");
-    wait_until("the listener notices the server is gone", WAIT, || {
+    common::wait_until("the listener notices the server is gone", WAIT, || {
         !listener.health().connected
     });
     // Held entries, present or absent, come from memory: no server needed.
@@ -1191,7 +1178,7 @@ fn cache_serves_held_actors_while_the_server_is_down_and_converges_after_a_resta
     writer.save("held", &2u64).unwrap();
     writer.delete("absent-later").unwrap();
     writer.save("missing", &7u64).unwrap();
-    wait_until(
+    common::wait_until(
         "the cache converges after the restart",
         RESTART_WAIT,
         || {
@@ -1203,7 +1190,7 @@ fn cache_serves_held_actors_while_the_server_is_down_and_converges_after_a_resta
     assert!(listener.health().connected);
 
     writer.save("held", &3u64).unwrap();
-    wait_until("the cache follows after the restart", WAIT, || {
+    common::wait_until("the cache follows after the restart", WAIT, || {
         cache.get("held").ok().flatten().as_deref() == Some(&3)
     });
 }

@@ -19,18 +19,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Barrier, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use trebuchet_postgres::testing::TestCluster;
 use trebuchet_postgres::{
-    ChangeKind, ChangeListener, ConnectOptions, Error, Event, Expected, PoolOptions, PoolerMode,
-    StateStore, Subscription,
+    ChangeKind, ChangeListener, ConnectOptions, Error, Expected, PoolOptions, PoolerMode,
+    StateStore,
 };
-
-const WAIT: Duration = Duration::from_secs(60);
 
 // ----- a PgBouncer of the test's own ---------------------------------------------
 
@@ -183,34 +180,12 @@ fn cluster() -> &'static TestCluster {
     })
 }
 
-/// A table and channel of the calling test's own.
-fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}_{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
 fn builder(options: ConnectOptions, table: &str) -> trebuchet_postgres::StateStoreBuilder {
     StateStore::builder()
         .connect_options(options)
         .pool_options(PoolOptions::default().max_size(4))
         .table(table)
         .channel(format!("{table}_changes"))
-}
-
-#[track_caller]
-fn expect_change(sub: &Subscription, actor: &str, sequence: u64, kind: ChangeKind) {
-    match sub.recv_timeout(WAIT) {
-        Ok(Event::Change(c)) => assert_eq!(
-            (c.actor_id.as_str(), c.sequence, c.kind),
-            (actor, sequence, kind),
-            "{c:?}"
-        ),
-        other => panic!("expected a change of {actor:?}: {other:?}"),
-    }
 }
 
 /// Every kind of operation, from `threads` threads at once so that
@@ -303,7 +278,7 @@ fn store_works_through_transaction_mode_with_unnamed_statements() {
     let Some(bouncer) = PgBouncer::start(cluster(), Mode::Transaction, 2) else {
         return;
     };
-    let table = unique("tx");
+    let table = common::unique("tx");
     // The owner migrates directly; the application goes through PgBouncer.
     let mut direct = cluster().connect_options();
     direct.application_name("migrate");
@@ -340,7 +315,7 @@ fn undeclared_transaction_mode_fails_with_advice() {
     let Some(bouncer) = PgBouncer::start(cluster(), Mode::Transaction, 2) else {
         return;
     };
-    let table = unique("undeclared");
+    let table = common::unique("undeclared");
     builder(cluster().connect_options(), &table)
         .migrate(true)
         .build()
@@ -388,7 +363,7 @@ fn store_and_listener_work_through_session_mode() {
         return;
     };
     for declared in [false, true] {
-        let table = unique("session");
+        let table = common::unique("session");
         builder(cluster().connect_options(), &table)
             .migrate(true)
             .build()
@@ -403,9 +378,9 @@ fn store_and_listener_work_through_session_mode() {
         let errors = exercise(&store, 4, 10);
         assert!(errors.is_empty(), "declared {declared}: {errors:#?}");
         let first = store.save("watched", &1u32).unwrap();
-        expect_change(&sub, "watched", first, ChangeKind::Saved);
+        common::expect_change(&sub, "watched", first, ChangeKind::Saved);
         assert!(store.delete("watched").unwrap());
-        expect_change(&sub, "watched", first + 1, ChangeKind::Deleted);
+        common::expect_change(&sub, "watched", first + 1, ChangeKind::Deleted);
         listener.shutdown();
     }
 }
@@ -433,7 +408,7 @@ fn listener_refuses_transaction_mode_and_takes_a_direct_url() {
     let Some(bouncer) = PgBouncer::start(cluster(), Mode::Transaction, 3) else {
         return;
     };
-    let table = unique("listen");
+    let table = common::unique("listen");
     builder(cluster().connect_options(), &table)
         .migrate(true)
         .build()
@@ -471,10 +446,10 @@ fn listener_refuses_transaction_mode_and_takes_a_direct_url() {
     let sub = listener.subscribe();
     for n in 1..=20u64 {
         assert_eq!(store.save("direct", &n).unwrap(), n);
-        expect_change(&sub, "direct", n, ChangeKind::Saved);
+        common::expect_change(&sub, "direct", n, ChangeKind::Saved);
     }
     assert!(store.delete("direct").unwrap());
-    expect_change(&sub, "direct", 21, ChangeKind::Deleted);
+    common::expect_change(&sub, "direct", 21, ChangeKind::Deleted);
     // A direct listener is not mistaken for a pooled one.
     ChangeListener::builder()
         .connect_options(cluster().connect_options())

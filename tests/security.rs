@@ -13,7 +13,6 @@ mod common;
 use common::{admin, rewrite_hba, trust_cluster};
 
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -95,17 +94,6 @@ impl Capture {
 
 // ----- helpers -----------------------------------------------------------------
 
-/// A name unique to this process and call.
-fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}_{}_{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed),
-        fastrand::u32(..)
-    )
-}
-
 /// Every message of an error and its sources, joined.
 fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
@@ -127,30 +115,6 @@ fn all_texts(err: &Error) -> String {
 fn next_event(sub: &Subscription) -> Event {
     sub.recv_timeout(WAIT)
         .unwrap_or_else(|e| panic!("no event within {WAIT:?}: {e:?}"))
-}
-
-#[track_caller]
-fn expect_change(sub: &Subscription, actor: &str, sequence: u64, kind: ChangeKind) {
-    match next_event(sub) {
-        Event::Change(c) => {
-            assert_eq!(
-                (c.actor_id.as_str(), c.sequence, c.kind),
-                (actor, sequence, kind),
-                "{c:?}"
-            );
-        }
-        other => panic!("expected a change of {actor:?}, got {other:?}"),
-    }
-}
-
-/// Waits until `done` holds, failing after [`WAIT`] with `what`.
-#[track_caller]
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Ends every session of `role` from the server side.
@@ -261,7 +225,7 @@ fn passwords_never_appear_in_log_lines() {
     let sub = listener.subscribe();
     let cache: StateCache<u32> = StateCache::new(&store, &listener).unwrap();
     assert_eq!(store.save("a", &1u32).unwrap(), 1);
-    expect_change(&sub, "a", 1, ChangeKind::Saved);
+    common::expect_change(&sub, "a", 1, ChangeKind::Saved);
     assert_eq!(cache.get("a").unwrap().as_deref(), Some(&1));
 
     // The password changes and every session is cut: the pool's next call
@@ -275,12 +239,12 @@ fn passwords_never_appear_in_log_lines() {
     // A connection the pool was still opening in the background, signed in
     // with the old password, may have come after that: end those too, until
     // no session of the role is left.
-    wait_until("no session of app is left", || {
+    common::wait_until("no session of app is left", WAIT, || {
         terminate_sessions(&mut admin, "app") == 0
     });
     let lost = store.save("a", &2u32);
     texts.push(("lost call".into(), format!("{lost:?}")));
-    wait_until("the listener fails to reconnect", || {
+    common::wait_until("the listener fails to reconnect", WAIT, || {
         let health = listener.health();
         !health.connected
             && health
@@ -296,7 +260,9 @@ fn passwords_never_appear_in_log_lines() {
         &mut admin,
         &format!("SET password_encryption = 'scram-sha-256'; ALTER ROLE app PASSWORD '{RIGHT}'"),
     );
-    wait_until("the listener reconnects", || listener.health().connected);
+    common::wait_until("the listener reconnects", WAIT, || {
+        listener.health().connected
+    });
     match next_event(&sub) {
         Event::Resync(_) => {}
         Event::Change(c) if c.actor_id == "a" => {}
@@ -311,7 +277,7 @@ fn passwords_never_appear_in_log_lines() {
         format!("{:?}", store.pool().connect_options()),
     ));
     texts.push(("health".into(), format!("{:?}", listener.health())));
-    wait_until("the cache sees the last save", || {
+    common::wait_until("the cache sees the last save", WAIT, || {
         cache.sequence("a").is_some_and(|s| s >= next)
     });
 
@@ -380,8 +346,8 @@ impl Restricted {
     fn new() -> Restricted {
         let cluster = trust_cluster();
         let mut admin = admin(cluster);
-        let schema = unique("lp");
-        let role = unique("dml");
+        let schema = common::unique("lp");
+        let role = common::unique("dml");
         admin
             .batch_execute(&format!("CREATE SCHEMA {schema}; CREATE ROLE {role} LOGIN"))
             .unwrap();
@@ -514,7 +480,7 @@ fn least_privilege_role_works_but_cannot_migrate() {
         (4, ChangeKind::Deleted),
         (5, ChangeKind::Saved),
     ] {
-        expect_change(&one, "a", sequence, kind);
+        common::expect_change(&one, "a", sequence, kind);
     }
     assert_eq!(store.save_bytes("raw", b"raw").unwrap(), 1);
     assert_eq!(
@@ -724,7 +690,7 @@ fn hostile_actor_ids_round_trip_as_data() {
         assert_eq!(store.sequence(id).unwrap(), Some(3));
         assert_eq!(store.load_versioned_bytes(id).unwrap().unwrap().sequence, 3);
         for sequence in 1..=3 {
-            expect_change(&only, id, sequence, ChangeKind::Saved);
+            common::expect_change(&only, id, sequence, ChangeKind::Saved);
         }
         // Stored as given, byte for byte, and found by the server's own
         // comparison with the parameter.
@@ -786,7 +752,7 @@ fn hostile_actor_ids_round_trip_as_data() {
     // Deletes are announced with the exact id too, and leave tombstones.
     for id in &ids {
         assert!(store.delete(id).unwrap(), "{id:?}");
-        expect_change(&all, id, 5, ChangeKind::Deleted);
+        common::expect_change(&all, id, 5, ChangeKind::Deleted);
         assert_eq!(store.load::<u32>(id).unwrap(), None);
     }
     let (rows, tombstones): (i64, i64) = {
@@ -960,7 +926,7 @@ fn hostile_notify_payloads_are_counted_and_skipped() {
     let cache: StateCache<u32> = StateCache::new(&store, &listener).unwrap();
     let channel = schema.channel();
     store.save("victim", &1u32).unwrap();
-    expect_change(&all, "victim", 1, ChangeKind::Saved);
+    common::expect_change(&all, "victim", 1, ChangeKind::Saved);
     assert_eq!(cache.get("victim").unwrap().as_deref(), Some(&1));
 
     let payloads = hostile_payloads();
@@ -993,15 +959,15 @@ fn hostile_notify_payloads_are_counted_and_skipped() {
 
     // Nothing was made of the hostile ones: the next events are the valid
     // payload and the real save.
-    expect_change(&all, "victim", 2, ChangeKind::Saved);
-    expect_change(&all, "victim", 2, ChangeKind::Saved);
+    common::expect_change(&all, "victim", 2, ChangeKind::Saved);
+    common::expect_change(&all, "victim", 2, ChangeKind::Saved);
     let health = listener.health();
     let hostile = payloads.len() as u64 + FLOOD as u64;
     assert_eq!(health.malformed, hostile, "{health:?}");
     assert_eq!(health.received, hostile + 3, "{health:?}");
     assert!(health.connected && health.reconnects == 0, "{health:?}");
     assert_eq!(health.dropped, 0);
-    wait_until("the cache reloads the real save", || {
+    common::wait_until("the cache reloads the real save", WAIT, || {
         cache.sequence("victim") == Some(2)
     });
     assert_eq!(cache.get("victim").unwrap().as_deref(), Some(&3));
@@ -1035,7 +1001,7 @@ fn forged_payloads_cannot_poison_a_cache() {
     let all = listener.subscribe();
     let cache: StateCache<u32> = StateCache::new(&store, &listener).unwrap();
     store.save("victim", &1u32).unwrap();
-    expect_change(&all, "victim", 1, ChangeKind::Saved);
+    common::expect_change(&all, "victim", 1, ChangeKind::Saved);
     assert_eq!(cache.get("victim").unwrap().as_deref(), Some(&1));
 
     let mut attacker = schema.client().unwrap();
@@ -1058,17 +1024,17 @@ fn forged_payloads_cannot_poison_a_cache() {
     // The cache still holds the stored state, and follows real changes.
     assert_eq!(cache.get("victim").unwrap().as_deref(), Some(&1));
     store.save("victim", &2u32).unwrap();
-    wait_until("the cache follows the real save", || {
+    common::wait_until("the cache follows the real save", WAIT, || {
         cache.sequence("victim") == Some(2)
     });
     assert_eq!(cache.get("victim").unwrap().as_deref(), Some(&2));
     // A real delete still empties it.
     assert!(store.delete("victim").unwrap());
-    wait_until("the cache sees the real delete", || {
+    common::wait_until("the cache sees the real delete", WAIT, || {
         cache.get("victim").unwrap().is_none()
     });
     store.save("victim", &4u32).unwrap();
-    wait_until("the cache sees the actor again", || {
+    common::wait_until("the cache sees the actor again", WAIT, || {
         cache.get("victim").unwrap().as_deref() == Some(&4)
     });
 }

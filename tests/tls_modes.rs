@@ -10,21 +10,10 @@ use common::tls::{make_certificates, sessions, tls_cluster};
 use common::{admin, rewrite_hba};
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use trebuchet_postgres::{
     ChangeListener, ConnectFailure, ConnectOptions, Error, Pool, PoolOptions, SslMode, StateConfig,
 };
-
-/// An `application_name` unique to this process and call.
-fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}_{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// Options for the cluster at `port` with these TLS settings and this
 /// `application_name`.
@@ -49,7 +38,7 @@ fn allow_tries_plain_text_first_and_tls_when_refused() {
     );
 
     // A server that accepts both: plain text, for the pool and the listener.
-    let app = unique("allow_plain");
+    let app = common::unique("allow_plain");
     let pool = Pool::new(
         options("host=localhost sslmode=allow", port, &app),
         PoolOptions::default().max_size(1),
@@ -75,7 +64,7 @@ fn allow_tries_plain_text_first_and_tls_when_refused() {
          hostssl all all 127.0.0.1/32 trust\n\
          hostssl all all ::1/128 trust\n",
     );
-    let app = unique("allow_fallback");
+    let app = common::unique("allow_fallback");
     let pool = Pool::new(
         options("host=localhost sslmode=allow", port, &app),
         PoolOptions::default().max_size(1),
@@ -94,7 +83,7 @@ fn allow_tries_plain_text_first_and_tls_when_refused() {
     drop((pool, listener));
 
     // disable does not fall back.
-    let app = unique("disable_refused");
+    let app = common::unique("disable_refused");
     match Pool::new(
         options("host=localhost sslmode=disable", port, &app),
         PoolOptions::default().max_size(1),
@@ -195,7 +184,7 @@ fn sslrootcert_system_checks_against_the_system_roots() {
         "host=localhost sslrootcert=system",
         "host=localhost sslrootcert=system sslmode=verify-full",
     ] {
-        let app = unique("system_roots");
+        let app = common::unique("system_roots");
         match Pool::new(
             options(settings, port, &app),
             PoolOptions::default().max_size(1),
@@ -225,7 +214,7 @@ fn sslrootcert_system_checks_against_the_system_roots() {
     }
     // The same server with its CA given connects, encrypted.
     let ca = certs.ca.to_str().unwrap();
-    let app = unique("own_ca");
+    let app = common::unique("own_ca");
     let pool = Pool::new(
         options(
             &format!("host=localhost sslmode=verify-full sslrootcert={ca}"),

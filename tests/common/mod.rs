@@ -4,12 +4,14 @@
 #![allow(dead_code)]
 
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 use trebuchet_postgres::testing::{TestCluster, TestDatabase};
+use trebuchet_postgres::{Change, ChangeKind, Event, Subscription};
 
 pub mod tls;
 
@@ -284,4 +286,34 @@ pub fn wait_for_a_waiter(observer: &mut Client, pid: i32, done: impl Fn() -> boo
             waiting > 0 || done()
         },
     );
+}
+
+/// A name unique to this process and call (and, by a random part, to this
+/// process among others on a shared server), for tables, channels and
+/// application names.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        fastrand::u32(..)
+    )
+}
+
+/// Asserts that the next event, within 60 s, is a change of `actor` to
+/// `sequence` of `kind`, and returns it.
+#[track_caller]
+pub fn expect_change(sub: &Subscription, actor: &str, sequence: u64, kind: ChangeKind) -> Change {
+    match sub.recv_timeout(Duration::from_secs(60)) {
+        Ok(Event::Change(c)) => {
+            assert_eq!(
+                (c.actor_id.as_str(), c.sequence, c.kind),
+                (actor, sequence, kind),
+                "{c:?}"
+            );
+            c
+        }
+        other => panic!("expected a change of {actor:?}, got {other:?}"),
+    }
 }

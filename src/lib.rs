@@ -175,11 +175,13 @@
 //! # Features
 //!
 //! - `config-file` (default): [`StateConfig`], through the `saphyr` YAML parser.
-//! - `cli` (default): the `trebuchet-postgres` command-line program; turn it
-//!   off with `default-features = false` to skip its dependencies.
 //! - `ffi`: the C ABI in the `ffi` module (the only place with `unsafe`).
 //!   The C library itself (`cdylib` and `staticlib`) is built by the
 //!   `trebuchet-postgres-ffi` package in `ffi/`, so Rust users never build it.
+//!
+//! The `trebuchet-postgres` command-line program is the
+//! `trebuchet-postgres-cli` package in `cli/`: depending on the library
+//! builds none of its dependencies.
 //! - `testing`: the `testing` module, a throwaway PostgreSQL cluster for tests and examples,
 //!   started from the system's `initdb`/`pg_ctl`.
 #![deny(missing_docs)]

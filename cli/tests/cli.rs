@@ -2,6 +2,7 @@
 //! built binary in an empty directory against a real server, checking
 //! standard output, standard error and the exit code.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader, Write};

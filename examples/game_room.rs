@@ -7,8 +7,12 @@
 //! Uses `DATABASE_URL` when set; otherwise a throwaway local cluster.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
+
+use crossbeam_channel::RecvTimeoutError;
 
 use serde::{Deserialize, Serialize};
 use trebuchet_postgres::testing::TestDatabase;
@@ -59,26 +63,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = StateStore::builder().url(&url).migrate(true).build()?;
     store.delete("game-room-1")?;
 
-    // The watcher: every change to the room, as it is committed.
+    // The watcher: every change to the room, as it is committed. A change
+    // announces a number; by the time the watcher reads the room, later
+    // changes may have landed, so it prints the state with its own number.
     let listener = store.listener()?;
     let changes = listener.subscribe_actor("game-room-1");
     let watcher_store = store.clone();
+    // The room's last number, once the players are done (0 until then).
+    let last = Arc::new(AtomicU64::new(0));
+    let watcher_last = Arc::clone(&last);
     let watcher = thread::spawn(move || {
-        for event in changes.iter() {
-            match event {
-                Event::Change(change) => {
-                    let state: Option<GameState> =
-                        watcher_store.load(&change.actor_id).ok().flatten();
-                    println!(
-                        "  watcher: {} is at sequence {} ({:?}): {:?}",
-                        change.actor_id,
-                        change.sequence,
-                        change.kind,
-                        state.map(|s| s.scores)
-                    );
+        let mut seen = 0;
+        loop {
+            match changes.recv_timeout(Duration::from_millis(100)) {
+                Ok(Event::Change(change)) => {
+                    seen = change.sequence;
+                    let now: Option<Versioned<GameState>> = watcher_store
+                        .load_versioned(&change.actor_id)
+                        .ok()
+                        .flatten();
+                    match now {
+                        Some(v) => println!(
+                            "  watcher: {} changed ({:?}) at #{}; read at #{}: {:?}",
+                            change.actor_id,
+                            change.kind,
+                            change.sequence,
+                            v.sequence,
+                            v.value.scores
+                        ),
+                        None => println!(
+                            "  watcher: {} changed ({:?}) at #{}; now absent",
+                            change.actor_id, change.kind, change.sequence
+                        ),
+                    }
                 }
-                Event::Resync(reason) => println!("  watcher: resync ({reason})"),
-                _ => {}
+                Ok(Event::Resync(reason)) => println!("  watcher: resync ({reason})"),
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let last = watcher_last.load(Ordering::Acquire);
+            if last != 0 && seen >= last {
+                break;
             }
         }
     });
@@ -104,8 +129,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("final scores: {:?}", state.scores);
     assert!(state.scores.values().all(|&s| s == 50), "no update lost");
 
-    thread::sleep(Duration::from_millis(200));
-    listener.shutdown(); // ends the watcher's iteration
+    // The watcher ends once it has seen the last change.
+    last.store(
+        store.sequence("game-room-1")?.expect("the room exists"),
+        Ordering::Release,
+    );
     watcher.join().expect("watcher thread");
+    listener.shutdown();
     Ok(())
 }

@@ -1040,15 +1040,73 @@ impl StateStore {
         T: Serialize + DeserializeOwned,
         F: FnMut(Option<T>) -> T,
     {
+        self.try_transform(id, |current| Ok::<T, Error>(f(current)))
+    }
+
+    /// [`transform`](Self::transform) with a step that may fail: when `f`
+    /// returns an error, the call ends with it and writes nothing. The
+    /// error type is the caller's, as long as the store's errors convert
+    /// into it (`E: From<Error>`; [`Error`] itself, or an application error
+    /// with a variant for the store's).
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::{Error, StateStore};
+    /// # let store = StateStore::from_env()?;
+    /// #[derive(Debug)]
+    /// enum Spend {
+    ///     Insufficient { balance: u64 },
+    ///     Store(Error),
+    /// }
+    /// impl From<Error> for Spend {
+    ///     fn from(e: Error) -> Self {
+    ///         Spend::Store(e)
+    ///     }
+    /// }
+    ///
+    /// let result = store.try_transform("wallet-1", |balance: Option<u64>| {
+    ///     let balance = balance.unwrap_or(0);
+    ///     balance.checked_sub(30).ok_or(Spend::Insufficient { balance })
+    /// });
+    /// match result {
+    ///     Ok(v) => println!("{} left at sequence {}", v.value, v.sequence),
+    ///     Err(Spend::Insufficient { balance }) => println!("only {balance}; nothing written"),
+    ///     Err(Spend::Store(e)) => return Err(e),
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// `f`'s error, unchanged (nothing written); otherwise the store's
+    /// errors as [`transform`](Self::transform), converted into `E`.
+    pub fn try_transform<T, E, F>(&self, id: &str, mut f: F) -> std::result::Result<Versioned<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnMut(Option<T>) -> std::result::Result<T, E>,
+    {
         check_actor_id(id)?;
         let mut value = None;
+        let mut failed = None;
         let versioned = self.transform_loop(id, |current| {
             let current = current.map(|bytes| self.decode(id, bytes)).transpose()?;
-            let next = f(current);
-            let bytes = self.encode(&next)?;
-            value = Some(next);
-            Ok(bytes)
-        })?;
+            match f(current) {
+                Ok(next) => {
+                    let bytes = self.encode(&next)?;
+                    value = Some(next);
+                    Ok(bytes)
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    // Ends the attempt; the caller gets `e` instead.
+                    Err(Error::invalid_argument("transform", "the step failed"))
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let versioned = versioned?;
         Ok(Versioned {
             value: value.expect("set by the successful attempt"),
             sequence: versioned.sequence,

@@ -4,6 +4,7 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -18,22 +19,8 @@ use serde_json::Value;
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
 use trebuchet_postgres::Codec;
 
-const BIN: &str = env!("CARGO_BIN_EXE_trebuchet-postgres");
-
 /// A password that must never be printed.
 const SECRET: &str = "s3cret-Pw-4711";
-
-/// Variables that would point the program somewhere else.
-const CONNECTION_VARIABLES: [&str; 8] = [
-    "DATABASE_URL",
-    "POSTGRES_HOST",
-    "POSTGRES_PORT",
-    "POSTGRES_DATABASE",
-    "POSTGRES_USER",
-    "POSTGRES_PASSWORD",
-    "PGPASSWORD",
-    "PGHOST",
-];
 
 /// What one run printed and how it ended.
 #[derive(Debug)]
@@ -117,12 +104,7 @@ impl Cli {
 
     /// The bare program, in the empty directory, without connection settings.
     fn bare(&self) -> Command {
-        let mut command = Command::new(BIN);
-        command.current_dir(self.dir());
-        for key in CONNECTION_VARIABLES {
-            command.env_remove(key);
-        }
-        command
+        support::bare(self.dir())
     }
 
     /// The program with `args`, then the URL, table and channel.
@@ -978,14 +960,17 @@ fn progress_bars_are_drawn_on_a_terminal() {
     let cli = Cli::new(&schema);
     let on_a_terminal = |args: &str| {
         let line = format!(
-            "'{BIN}' {args} --url '{}' --table '{}' --channel '{}'",
-            cli.url, cli.table, cli.channel
+            "'{}' {args} --url '{}' --table '{}' --channel '{}'",
+            support::BIN,
+            cli.url,
+            cli.table,
+            cli.channel
         );
         let mut command = Command::new("script");
         command
             .args(["-qec", &line, "/dev/null"])
             .current_dir(cli.dir());
-        for key in CONNECTION_VARIABLES {
+        for key in support::CONNECTION_VARIABLES {
             command.env_remove(key);
         }
         let output = command
@@ -1277,7 +1262,7 @@ fn no_password_ever_appears_in_any_output() {
 fn every_subcommand_has_help_that_names_the_exit_codes() {
     let top = run(
         {
-            let mut c = Command::new(BIN);
+            let mut c = Command::new(support::BIN);
             c.arg("--help");
             c
         },
@@ -1306,7 +1291,7 @@ fn every_subcommand_has_help_that_names_the_exit_codes() {
     ] {
         let help = run(
             {
-                let mut c = Command::new(BIN);
+                let mut c = Command::new(support::BIN);
                 c.args([sub, "--help"]);
                 c
             },

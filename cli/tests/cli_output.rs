@@ -3,6 +3,8 @@
 //! terminal sequence reaching the terminal; and `put` refusing endless
 //! standard input without reading it all.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -12,8 +14,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
 use trebuchet_postgres::DEFAULT_MAX_STATE_SIZE;
-
-const BIN: &str = env!("CARGO_BIN_EXE_trebuchet-postgres");
 
 /// Ids with a newline, a carriage return, a colour sequence, a bell and the
 /// one-character CSI, each with how `ls` prints it; and printable Unicode,
@@ -27,26 +27,10 @@ const IDS: [(&str, &str); 6] = [
     ("café ☕ 部屋", "café ☕ 部屋"),
 ];
 
-/// Variables that would point the program somewhere else.
-const CONNECTION_VARIABLES: [&str; 8] = [
-    "DATABASE_URL",
-    "POSTGRES_HOST",
-    "POSTGRES_PORT",
-    "POSTGRES_DATABASE",
-    "POSTGRES_USER",
-    "POSTGRES_PASSWORD",
-    "PGPASSWORD",
-    "PGHOST",
-];
-
 /// The program with `args`, then the URL, table and channel of `schema`,
 /// in an empty directory with no connection variables set.
 fn command(dir: &tempfile::TempDir, schema: &TestSchema, url: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command.current_dir(dir.path());
-    for key in CONNECTION_VARIABLES {
-        command.env_remove(key);
-    }
+    let mut command = support::bare(dir.path());
     command.args(args).args([
         "--url",
         url,

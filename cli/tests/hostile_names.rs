@@ -5,15 +5,15 @@
 //! from the catalog is run against such names; none may create the table
 //! the names try to create, and each works (or fails with a typed error).
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
 use trebuchet_postgres::{ConnectOptions, Problem, StateStore};
-
-const BIN: &str = env!("CARGO_BIN_EXE_trebuchet-postgres");
 
 /// A name that, spliced into SQL between double quotes without doubling
 /// the one it holds, ends the identifier and creates a table `pwned`.
@@ -364,20 +364,7 @@ impl Run {
 /// The program with `args`, the URL, the table and the channel, in an empty
 /// directory and without connection variables.
 fn cli(dir: &Path, url: &str, table: &str, channel: &str, args: &[&str]) -> Run {
-    let mut command = Command::new(BIN);
-    command.current_dir(dir);
-    for key in [
-        "DATABASE_URL",
-        "POSTGRES_HOST",
-        "POSTGRES_PORT",
-        "POSTGRES_DATABASE",
-        "POSTGRES_USER",
-        "POSTGRES_PASSWORD",
-        "PGPASSWORD",
-        "PGHOST",
-    ] {
-        command.env_remove(key);
-    }
+    let mut command = support::bare(dir);
     let Output {
         status,
         stdout,

@@ -4,41 +4,51 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
+use crate::expected::Expected;
+
 /// A `Result` whose error defaults to this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What a conditional write expected to find.
-///
-/// Used by [`StateStore::save_if`](crate::StateStore::save_if) and carried by
-/// [`Error::Conflict`].
+/// What kind of error an [`Error`] is, from [`Error::kind`]: a small `Copy`
+/// value to decide what to do (retry, fix the input, report), as
+/// [`std::io::ErrorKind`] is for I/O errors. New kinds may be added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Expected {
-    /// The actor must not exist yet.
-    Absent,
-    /// The actor's stored sequence number must equal this one.
-    Sequence(u64),
-}
-
-impl From<u64> for Expected {
-    fn from(sequence: u64) -> Self {
-        Expected::Sequence(sequence)
-    }
-}
-
-impl From<Option<u64>> for Expected {
-    /// `None` means [`Expected::Absent`].
-    fn from(sequence: Option<u64>) -> Self {
-        sequence.map_or(Expected::Absent, Expected::Sequence)
-    }
-}
-
-impl fmt::Display for Expected {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Expected::Absent => f.write_str("absent"),
-            Expected::Sequence(n) => write!(f, "sequence {n}"),
-        }
-    }
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The input was rejected before anything reached the database: fix it.
+    InvalidInput,
+    /// Stored bytes are not the requested type (another codec or type).
+    Decode,
+    /// A conditional write found another version ([`Error::Conflict`]).
+    Conflict,
+    /// An explicit sequence number was not above the stored one
+    /// ([`Error::StaleSequence`]).
+    StaleSequence,
+    /// A retried operation kept losing races ([`Error::TooManyConflicts`]);
+    /// nothing was written.
+    TooManyConflicts,
+    /// The server could not be reached, the pool had no connection free,
+    /// or a read's connection broke: retrying later may succeed.
+    Connection,
+    /// A write's connection broke and the write was found not applied:
+    /// safe to repeat.
+    NotApplied,
+    /// A write's connection broke and whether it was applied is unknown.
+    OutcomeUnknown,
+    /// The table or its companion objects do not exist: migrate.
+    SchemaMissing,
+    /// The role lacks a privilege the call needs.
+    PermissionDenied,
+    /// A statement ran past the configured `statement_timeout`.
+    Timeout,
+    /// The server's notification queue is full; nothing was applied.
+    NotificationQueueFull,
+    /// The TLS configuration could not be built.
+    Tls,
+    /// The process could not get what it needs to run (a thread).
+    Resources,
+    /// Any other error reported by PostgreSQL or the driver.
+    Database,
 }
 
 /// Why an actor id was rejected.
@@ -277,18 +287,58 @@ pub enum Error {
     /// The TLS configuration could not be built (for example an unreadable
     /// root certificate).
     Tls(Box<dyn StdError + Send + Sync>),
+    /// A thread the library needs could not be started (the process or the
+    /// system is at its limit of threads or memory).
+    ThreadStart {
+        /// Which thread: `"the listener thread"`, `"a connect thread"`, ...
+        what: &'static str,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     /// Any other error reported by PostgreSQL or the driver.
     Database(postgres::Error),
 }
 
 impl Error {
-    /// True for [`Error::Conflict`], [`Error::StaleSequence`] and
-    /// [`Error::TooManyConflicts`]: another writer got there first.
+    /// What kind of error this is, to act on without matching every
+    /// variant: see [`ErrorKind`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidConnectionString { .. }
+            | Error::InvalidConfig { .. }
+            | Error::ConfigFile { .. }
+            | Error::InvalidActorId(_)
+            | Error::InvalidArgument { .. }
+            | Error::InvalidIdentifier { .. }
+            | Error::StateTooLarge { .. }
+            | Error::SequenceOutOfRange(_)
+            | Error::DuplicateActorId { .. }
+            | Error::Encode(_) => ErrorKind::InvalidInput,
+            Error::Decode { .. } => ErrorKind::Decode,
+            Error::Conflict { .. } => ErrorKind::Conflict,
+            Error::StaleSequence { .. } => ErrorKind::StaleSequence,
+            Error::TooManyConflicts { .. } => ErrorKind::TooManyConflicts,
+            Error::Connect { .. } | Error::PoolExhausted { .. } | Error::ConnectionLost(_) => {
+                ErrorKind::Connection
+            }
+            Error::NotApplied { .. } => ErrorKind::NotApplied,
+            Error::OutcomeUnknown { .. } => ErrorKind::OutcomeUnknown,
+            Error::SchemaMissing { .. } => ErrorKind::SchemaMissing,
+            Error::InsufficientPrivilege { .. } => ErrorKind::PermissionDenied,
+            Error::StatementTimeout => ErrorKind::Timeout,
+            Error::NotificationQueueFull(_) => ErrorKind::NotificationQueueFull,
+            Error::Tls(_) => ErrorKind::Tls,
+            Error::ThreadStart { .. } => ErrorKind::Resources,
+            Error::Database(_) => ErrorKind::Database,
+        }
+    }
+
+    /// True for [`Error::Conflict`] only: a conditional write found another
+    /// version than it expected (see `expected` and `actual` there).
+    /// [`Error::StaleSequence`] and [`Error::TooManyConflicts`] have kinds
+    /// of their own.
     pub fn is_conflict(&self) -> bool {
-        matches!(
-            self,
-            Error::Conflict { .. } | Error::TooManyConflicts { .. } | Error::StaleSequence { .. }
-        )
+        matches!(self, Error::Conflict { .. })
     }
 
     /// True when the input was rejected before anything reached the database.
@@ -371,6 +421,10 @@ impl Error {
         }
     }
 
+    pub(crate) fn thread_start(what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Error::ThreadStart { what, source }
+    }
+
     pub(crate) fn invalid_config(reason: impl Into<String>) -> Self {
         Error::InvalidConfig {
             reason: reason.into(),
@@ -417,10 +471,10 @@ impl fmt::Display for Error {
                  write each actor once per call"
             ),
             Error::Encode(e) => write!(f, "could not encode state: {e}"),
-            Error::Decode { actor_id, source } => write!(
+            Error::Decode { actor_id, .. } => write!(
                 f,
-                "could not decode the stored state of actor {actor_id:?}: {source} \
-                 (was it written with another codec or type?)"
+                "could not decode the stored state of actor {actor_id:?} (was it written \
+                 with another codec or type? the cause is the error's source)"
             ),
             Error::Conflict {
                 actor_id,
@@ -567,6 +621,11 @@ impl fmt::Display for Error {
                  actor to see its state"
             ),
             Error::Tls(_) => f.write_str("could not set up TLS"),
+            Error::ThreadStart { what, .. } => write!(
+                f,
+                "cannot start {what}: the process or the system is at its limit of threads \
+                 or memory (the cause is the error's source)"
+            ),
             Error::Database(e) => match e.as_db_error() {
                 Some(db) => write!(f, "database error {}: {}", db.code().code(), db.message()),
                 None => f.write_str("database client error"),
@@ -586,6 +645,7 @@ impl StdError for Error {
             | Error::NotApplied { source: e, .. }
             | Error::OutcomeUnknown { source: e, .. } => Some(e.as_ref()),
             Error::Tls(e) => Some(e.as_ref()),
+            Error::ThreadStart { source, .. } => Some(source),
             Error::NotificationQueueFull(e) => Some(e),
             Error::Database(e) if e.as_db_error().is_none() => Some(e),
             _ => None,
@@ -640,9 +700,57 @@ mod tests {
     }
 
     #[test]
-    fn expected_from_option() {
-        assert_eq!(Expected::from(None), Expected::Absent);
-        assert_eq!(Expected::from(Some(3)), Expected::Sequence(3));
+    fn kinds_tell_conflicts_apart() {
+        let conflict = Error::Conflict {
+            actor_id: "a".into(),
+            expected: Expected::Absent,
+            actual: Some(1),
+        };
+        let stale = Error::StaleSequence {
+            actor_id: "a".into(),
+            sequence: 3,
+            current: Some(5),
+        };
+        let contended = Error::TooManyConflicts {
+            actor_id: "a".into(),
+            attempts: 8,
+        };
+        assert_eq!(conflict.kind(), ErrorKind::Conflict);
+        assert_eq!(stale.kind(), ErrorKind::StaleSequence);
+        assert_eq!(contended.kind(), ErrorKind::TooManyConflicts);
+        assert!(conflict.is_conflict());
+        assert!(!stale.is_conflict() && !contended.is_conflict());
+        assert_eq!(
+            Error::invalid_argument("limit", "at least 1").kind(),
+            ErrorKind::InvalidInput
+        );
+    }
+
+    #[test]
+    fn a_thread_that_cannot_start_has_its_own_error() {
+        let e = Error::thread_start("the listener thread")(std::io::Error::other("EAGAIN"));
+        assert_eq!(e.kind(), ErrorKind::Resources);
+        assert!(
+            e.to_string()
+                .starts_with("cannot start the listener thread"),
+            "{e}"
+        );
+        assert!(!e.is_invalid_input());
+        assert_eq!(e.source().unwrap().to_string(), "EAGAIN");
+    }
+
+    #[test]
+    fn a_decode_error_gives_its_cause_as_the_source_only() {
+        let e = Error::Decode {
+            actor_id: "a".into(),
+            source: "invalid type: string, expected u32".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::Decode);
+        assert!(!e.to_string().contains("invalid type"), "{e}");
+        assert_eq!(
+            e.source().unwrap().to_string(),
+            "invalid type: string, expected u32"
+        );
     }
 
     #[test]

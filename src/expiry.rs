@@ -350,7 +350,7 @@ impl Sweeper {
                     }
                 }
             })
-            .map_err(|e| Error::invalid_config(format!("cannot start the sweeper thread: {e}")))?;
+            .map_err(Error::thread_start("the sweeper thread"))?;
         Ok(Sweeper {
             stop,
             holding,

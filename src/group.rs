@@ -18,7 +18,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use crate::error::{Error, Expected, Result};
+use crate::error::{Error, Result};
+use crate::expected::Expected;
 
 /// Rows written by one leader at most.
 pub(crate) const MAX_GROUP: usize = 1000;

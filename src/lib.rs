@@ -195,6 +195,7 @@ mod config;
 #[cfg(feature = "config-file")]
 mod config_file;
 mod error;
+mod expected;
 mod expiry;
 // The C ABI is the one module that needs `unsafe`: raw pointers from C and
 // `#[no_mangle]` exports. Every block carries a `SAFETY:` comment.
@@ -220,7 +221,8 @@ pub use crate::codec::Codec;
 pub use crate::config::{ConnectOptions, PoolerMode, SslMode};
 #[cfg(feature = "config-file")]
 pub use crate::config_file::{ConnectionSource, StateConfig};
-pub use crate::error::{ConnectFailure, Error, Expected, InvalidActorId, Result};
+pub use crate::error::{ConnectFailure, Error, ErrorKind, InvalidActorId, Result};
+pub use crate::expected::Expected;
 pub use crate::expiry::{Sweep, SweepOptions, MAX_SWEEP_BATCH};
 pub use crate::ident::quote_identifier;
 pub use crate::listener::{

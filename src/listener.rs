@@ -234,7 +234,7 @@ impl ChangeListenerBuilder {
         let thread = thread::Builder::new()
             .name(format!("trebuchet-listener-{}", self.channel))
             .spawn(move || worker.run(client))
-            .map_err(|e| Error::invalid_config(format!("cannot start the listener thread: {e}")))?;
+            .map_err(Error::thread_start("the listener thread"))?;
         Ok(ChangeListener {
             handle: Arc::new(Handle {
                 shared,
@@ -487,9 +487,7 @@ impl Connector {
             .spawn(move || {
                 let _ = tx.send(conn.connect_refusing_transaction_poolers());
             })
-            .map_err(|e| {
-                Error::invalid_config(format!("cannot start the listener's connect thread: {e}"))
-            })?;
+            .map_err(Error::thread_start("the listener's connect thread"))?;
         rx.recv_timeout(limit).unwrap_or_else(|_| {
             Err(Error::Connect {
                 failure: ConnectFailure::Timeout,
@@ -826,9 +824,7 @@ impl Worker {
                     }),
                     recv(self.wake) -> _ => return None,
                 },
-                Err(e) => Err(Error::invalid_config(format!(
-                    "cannot start the listener's connect thread: {e}"
-                ))),
+                Err(e) => Err(Error::thread_start("the listener's connect thread")(e)),
             };
             match attempt {
                 Ok((client, current)) => {
@@ -1234,7 +1230,7 @@ impl Subscription {
                     recv(stop_rx) -> _ => break,
                 }
             })
-            .map_err(|e| Error::invalid_config(format!("cannot start a thread: {e}")))?;
+            .map_err(Error::thread_start("a subscription's handler thread"))?;
         Ok(CallbackHandle {
             stop: stop_tx,
             thread: Some(thread),

@@ -559,7 +559,7 @@ impl Opener {
                     }
                 }
             })
-            .map_err(|e| Error::invalid_config(format!("cannot start a connect thread: {e}")))?;
+            .map_err(Error::thread_start("a connect thread"))?;
         match rx.recv_timeout(limit) {
             Ok(opened) => opened,
             Err(_) => {
@@ -838,9 +838,7 @@ impl Pool {
             .call_timeout
             .map(|timeout| Watchdog::start(timeout, connect.target()))
             .transpose()
-            .map_err(|e| {
-                Error::invalid_config(format!("cannot start the call timeout's thread: {e}"))
-            })?;
+            .map_err(Error::thread_start("the call timeout's thread"))?;
         let ports: Arc<[u16]> = match config.get_ports() {
             [] => Arc::new([5432]),
             ports => ports.into(),

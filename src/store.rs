@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use crate::codec::Codec;
 use crate::config::ConnectOptions;
-use crate::error::{Error, Expected, InvalidActorId, Result};
+use crate::error::{Error, InvalidActorId, Result};
+use crate::expected::Expected;
 use crate::expiry::{ttl_micros, SweepOptions, Sweeper};
 use crate::group::{rounds, Combiner, Item};
 use crate::listener::{ChangeListener, ChangeListenerBuilder};

@@ -207,11 +207,14 @@ impl StateStore {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] when `limit` is 0; connection and database
+    /// [`Error::InvalidArgument`] when `limit` is 0; connection and database
     /// errors; [`Error::SchemaMissing`] before migration.
     pub fn list_actors(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<ActorPage> {
         if limit == 0 {
-            return Err(Error::invalid_config("a page holds at least 1 actor"));
+            return Err(Error::invalid_argument(
+                "limit",
+                "a page holds at least 1 actor",
+            ));
         }
         let after = after.unwrap_or("");
         // One more than asked tells whether another page follows.
@@ -281,8 +284,8 @@ impl StateStore {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] for a token that is damaged or was made
-    /// for another prefix; [`Error::InvalidConfig`] when `limit` is 0 (for
-    /// both, nothing is sent); connection and database errors;
+    /// for another prefix, or when `limit` is 0 (for both, nothing is
+    /// sent); connection and database errors;
     /// [`Error::SchemaMissing`] before migration.
     pub fn list_ids(&self, prefix: &str, page_token: Option<&str>, limit: u32) -> Result<IdPage> {
         let after = page_token

@@ -111,7 +111,7 @@ fn bad_tokens_and_limits_are_rejected_before_anything_is_sent() {
     }
     assert!(matches!(
         store.list_ids("r", None, 0).unwrap_err(),
-        Error::InvalidConfig { .. }
+        Error::InvalidArgument { what: "limit", .. }
     ));
 }
 

@@ -4,7 +4,7 @@ mod common;
 
 use serde::{Deserialize, Serialize};
 use trebuchet_postgres::testing::TestDatabase;
-use trebuchet_postgres::{Codec, Error, Expected};
+use trebuchet_postgres::{Codec, Error, ErrorKind, Expected};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 struct GameState {
@@ -240,7 +240,8 @@ fn save_with_sequence_only_moves_forward() {
             ),
             "{stale}: {err:?}"
         );
-        assert!(err.is_conflict());
+        assert_eq!(err.kind(), ErrorKind::StaleSequence);
+        assert!(!err.is_conflict(), "a conflict is a conditional write's");
     }
     assert_eq!(store.load::<String>("a").unwrap().as_deref(), Some("ten"));
 

@@ -63,7 +63,10 @@ fn pages_are_in_key_order_and_follow_each_other() {
     assert_eq!(store.count_actors("room-").unwrap(), 5);
     assert_eq!(store.count_actors("").unwrap(), 6);
     let err = store.list_actors("", None, 0).unwrap_err();
-    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::InvalidArgument { what: "limit", .. }),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -473,8 +473,8 @@ impl fmt::Display for Error {
             Error::Encode(e) => write!(f, "could not encode state: {e}"),
             Error::Decode { actor_id, .. } => write!(
                 f,
-                "could not decode the stored state of actor {actor_id:?} (was it written \
-                 with another codec or type? the cause is the error's source)"
+                "could not decode the stored state of actor {actor_id:?} (written with \
+                 another codec or type?)"
             ),
             Error::Conflict {
                 actor_id,
@@ -623,8 +623,8 @@ impl fmt::Display for Error {
             Error::Tls(_) => f.write_str("could not set up TLS"),
             Error::ThreadStart { what, .. } => write!(
                 f,
-                "cannot start {what}: the process or the system is at its limit of threads \
-                 or memory (the cause is the error's source)"
+                "cannot start {what} (is the process or the system at its limit of threads \
+                 or memory?)"
             ),
             Error::Database(e) => match e.as_db_error() {
                 Some(db) => write!(f, "database error {}: {}", db.code().code(), db.message()),

@@ -116,9 +116,10 @@ impl From<Error> for Failure {
                 "table {table} or its trigger objects do not exist: run `trebuchet-postgres \
                  migrate` (or apply sql/schema.sql), and check --table and --config"
             ),
-            Error::Decode { .. } => {
-                format!("{error}; try the other --codec, or --raw for the bytes as stored")
-            }
+            Error::Decode { .. } => format!(
+                "{}; try the other --codec, or --raw for the bytes as stored",
+                with_causes(&error)
+            ),
             Error::StateTooLarge { size, max } => {
                 format!("state is {size} bytes, over the store's maximum of {max} bytes")
             }
@@ -145,6 +146,7 @@ impl From<Error> for Failure {
                 ..
             }
             | Error::Tls(_)
+            | Error::ThreadStart { .. }
             | Error::ConnectionLost(_) => with_causes(&error),
             _ => error.to_string(),
         };

@@ -213,7 +213,15 @@ pub(crate) fn error_status(error: &Error) -> trebuchet_status {
         Error::StaleSequence { current, .. } => Some(current.unwrap_or(0)),
         _ => None,
     };
-    fail(status, error.to_string());
+    // C has no error chain: the message carries the cause these two give
+    // only as their source.
+    let message = match (error, std::error::Error::source(error)) {
+        (Error::Decode { .. } | Error::ThreadStart { .. }, Some(cause)) => {
+            format!("{error}: {cause}")
+        }
+        _ => error.to_string(),
+    };
+    fail(status, message);
     LAST_ERROR.with(|last| last.borrow_mut().conflict_actual = conflict_actual);
     status
 }
@@ -368,6 +376,21 @@ mod tests {
         assert_eq!(boundary(|| fail(TREBUCHET_OTHER, "later")), TREBUCHET_OTHER);
         // SAFETY: NULL is allowed.
         assert!(!unsafe { trebuchet_last_conflict_actual(std::ptr::null_mut()) });
+    }
+
+    #[test]
+    fn a_decode_error_tells_c_its_cause() {
+        let status = error_status(&Error::Decode {
+            actor_id: "a".into(),
+            source: "invalid type: string, expected u32".into(),
+        });
+        assert_eq!(status, TREBUCHET_OTHER);
+        let message = last();
+        assert!(message.contains("actor \"a\""), "{message}");
+        assert!(
+            message.ends_with(": invalid type: string, expected u32"),
+            "{message}"
+        );
     }
 
     #[test]

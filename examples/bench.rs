@@ -839,7 +839,13 @@ fn thread_run(
     let mut sequences: HashMap<String, u64> = HashMap::new();
     if op == Op::SaveIf {
         match store.load_many_versioned_bytes(&own) {
-            Ok(found) => sequences = found.into_iter().map(|(k, v)| (k, v.sequence)).collect(),
+            Ok(found) => {
+                sequences = own
+                    .iter()
+                    .zip(found)
+                    .filter_map(|(id, v)| Some((id.clone(), v?.sequence)))
+                    .collect();
+            }
             Err(e) => r.first_error = Some(format!("reading sequences: {e}")),
         }
     }

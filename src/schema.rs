@@ -420,7 +420,8 @@ impl Statements {
                 live("")
             ),
             load_many_ordered: format!(
-                "SELECT i.n, t.state FROM unnest($1::VARCHAR[]) WITH ORDINALITY AS i(id, n) \
+                "SELECT i.n, t.state, t.sequence_number, t.updated_at, t.created_at \
+                 FROM unnest($1::VARCHAR[]) WITH ORDINALITY AS i(id, n) \
                  JOIN {t} t ON t.actor_id = i.id AND {}",
                 live("t.")
             ),

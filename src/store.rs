@@ -1195,11 +1195,57 @@ impl StateStore {
     ///
     /// As [`load_many`](Self::load_many), without decoding.
     pub fn load_many_bytes<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<Option<Vec<u8>>>> {
+        Ok(self
+            .load_many_versioned_bytes(ids)?
+            .into_iter()
+            .map(|found| found.map(|v| v.value))
+            .collect())
+    }
+
+    /// [`load_many`](Self::load_many) with each actor's sequence number and
+    /// timestamps: one entry per id, in the order given, `None` for an
+    /// actor that does not exist.
+    ///
+    /// # Errors
+    ///
+    /// As [`load_many`](Self::load_many).
+    pub fn load_many_versioned<T: DeserializeOwned, S: AsRef<str>>(
+        &self,
+        ids: &[S],
+    ) -> Result<Vec<Option<Versioned<T>>>> {
+        let found = self.load_many_versioned_bytes(ids)?;
+        ids.iter()
+            .zip(found)
+            .map(|(id, found)| {
+                found
+                    .map(|v| {
+                        Ok(Versioned {
+                            value: self.decode(id.as_ref(), &v.value)?,
+                            sequence: v.sequence,
+                            updated_at: v.updated_at,
+                            created_at: v.created_at,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// [`load_many_versioned`](Self::load_many_versioned) returning the
+    /// stored bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`load_many`](Self::load_many), without decoding.
+    pub fn load_many_versioned_bytes<S: AsRef<str>>(
+        &self,
+        ids: &[S],
+    ) -> Result<Vec<Option<Versioned<Vec<u8>>>>> {
         let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
         for id in &ids {
             check_actor_id(id)?;
         }
-        let mut found: Vec<Option<Vec<u8>>> = vec![None; ids.len()];
+        let mut found: Vec<Option<Versioned<Vec<u8>>>> = vec![None; ids.len()];
         if ids.is_empty() {
             return Ok(found);
         }
@@ -1214,7 +1260,12 @@ impl StateStore {
                 .ok()
                 .and_then(|i| found.get_mut(i))
             {
-                *slot = Some(row.get(1));
+                *slot = Some(Versioned {
+                    value: row.get(1),
+                    sequence: to_u64(row.get(2)),
+                    updated_at: row.get(3),
+                    created_at: row.get(4),
+                });
             }
         }
         Ok(found)
@@ -1689,44 +1740,6 @@ impl StateStore {
     pub fn load_versioned_bytes(&self, id: &str) -> Result<Option<Versioned<Vec<u8>>>> {
         check_actor_id(id)?;
         self.call(true, |inner, c| load_versioned_on(inner, c, id))
-    }
-
-    /// The stored bytes and versions of several actors in one query. Actors
-    /// that do not exist are absent from the map.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidActorId`] for any bad id (nothing is sent);
-    /// connection and database errors.
-    pub fn load_many_versioned_bytes<S: AsRef<str>>(
-        &self,
-        ids: &[S],
-    ) -> Result<HashMap<String, Versioned<Vec<u8>>>> {
-        let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
-        for id in &ids {
-            check_actor_id(id)?;
-        }
-        if ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        self.call(true, |inner, c| {
-            let st = c.prepare(&inner.sql.load_many)?;
-            Ok(st
-                .query(&mut c.client, &[&ids])?
-                .iter()
-                .map(|row| {
-                    (
-                        row.get(0),
-                        Versioned {
-                            value: row.get(1),
-                            sequence: to_u64(row.get(2)),
-                            updated_at: row.get(3),
-                            created_at: row.get(4),
-                        },
-                    )
-                })
-                .collect())
-        })
     }
 
     /// [`save_if`](Self::save_if) with raw bytes.

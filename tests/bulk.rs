@@ -28,6 +28,49 @@ fn load_many_keeps_the_order_and_reports_missing_actors() {
 }
 
 #[test]
+fn versioned_bulk_loads_keep_the_order_of_the_request() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    store.save("a", &1u32).unwrap();
+    store.save("b", &2u32).unwrap();
+    store.save("b", &3u32).unwrap();
+    let ids = ["b", "missing", "a", "b"];
+
+    let typed = store.load_many_versioned::<u32, _>(&ids).unwrap();
+    let seen: Vec<Option<(u32, u64)>> = typed
+        .iter()
+        .map(|v| v.as_ref().map(|v| (v.value, v.sequence)))
+        .collect();
+    assert_eq!(seen, vec![Some((3, 2)), None, Some((1, 1)), Some((3, 2))]);
+    let a = typed[2].as_ref().unwrap();
+    assert!(a.created_at <= a.updated_at);
+
+    let bytes = store.load_many_versioned_bytes(&ids).unwrap();
+    assert_eq!(bytes.len(), 4);
+    assert_eq!(
+        bytes
+            .iter()
+            .map(|v| v.as_ref().map(|v| v.sequence))
+            .collect::<Vec<_>>(),
+        vec![Some(2), None, Some(1), Some(2)]
+    );
+    assert_eq!(
+        bytes[0].as_ref().map(|v| v.value.clone()),
+        store.load_bytes("b").unwrap()
+    );
+    assert!(store
+        .load_many_versioned::<u32, &str>(&[])
+        .unwrap()
+        .is_empty());
+    // A state that is not the requested type names its actor.
+    store.save("text", &"words").unwrap();
+    match store.load_many_versioned::<u32, _>(&["a", "text"]) {
+        Err(Error::Decode { actor_id, .. }) => assert_eq!(actor_id, "text"),
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+}
+
+#[test]
 fn save_many_upserts_in_one_statement_and_numbers_like_save() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();

@@ -76,7 +76,8 @@ fn expired_states_read_as_absent_everywhere_at_once() {
     assert!(store
         .load_many_versioned_bytes(&["brief", "brief-bytes"])
         .unwrap()
-        .is_empty());
+        .iter()
+        .all(Option::is_none));
     let listed: Vec<String> = store
         .list_actors("", None, 100)
         .unwrap()

@@ -17,6 +17,7 @@ pub enum ChangeKind {
 
 /// One actor's state changed.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Change {
     /// The actor.
     pub actor_id: String,

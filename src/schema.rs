@@ -949,6 +949,7 @@ impl fmt::Display for Problem {
 /// What [`StateStore::verify`](crate::StateStore::verify) found: the seed's
 /// "Notifications Not Received" checklist, as data.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct VerifyReport {
     /// Everything missing or wrong; empty when the schema is complete.
     pub problems: Vec<Problem>,

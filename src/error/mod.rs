@@ -6,50 +6,12 @@ use std::time::Duration;
 
 use crate::expected::Expected;
 
+mod kind;
+
+pub use kind::ErrorKind;
+
 /// A `Result` whose error defaults to this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// What kind of error an [`Error`] is, from [`Error::kind`]: a small `Copy`
-/// value to decide what to do (retry, fix the input, report), as
-/// [`std::io::ErrorKind`] is for I/O errors. New kinds may be added.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ErrorKind {
-    /// The input was rejected before anything reached the database: fix it.
-    InvalidInput,
-    /// Stored bytes are not the requested type (another codec or type).
-    Decode,
-    /// A conditional write found another version ([`Error::Conflict`]).
-    Conflict,
-    /// An explicit sequence number was not above the stored one
-    /// ([`Error::StaleSequence`]).
-    StaleSequence,
-    /// A retried operation kept losing races ([`Error::TooManyConflicts`]);
-    /// nothing was written.
-    TooManyConflicts,
-    /// The server could not be reached, the pool had no connection free,
-    /// or a read's connection broke: retrying later may succeed.
-    Connection,
-    /// A write's connection broke and the write was found not applied:
-    /// safe to repeat.
-    NotApplied,
-    /// A write's connection broke and whether it was applied is unknown.
-    OutcomeUnknown,
-    /// The table or its companion objects do not exist: migrate.
-    SchemaMissing,
-    /// The role lacks a privilege the call needs.
-    PermissionDenied,
-    /// A statement ran past the configured `statement_timeout`.
-    Timeout,
-    /// The server's notification queue is full; nothing was applied.
-    NotificationQueueFull,
-    /// The TLS configuration could not be built.
-    Tls,
-    /// The process could not get what it needs to run (a thread).
-    Resources,
-    /// Any other error reported by PostgreSQL or the driver.
-    Database,
-}
 
 /// Why an actor id was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,39 +262,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// What kind of error this is, to act on without matching every
-    /// variant: see [`ErrorKind`].
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            Error::InvalidConnectionString { .. }
-            | Error::InvalidConfig { .. }
-            | Error::ConfigFile { .. }
-            | Error::InvalidActorId(_)
-            | Error::InvalidArgument { .. }
-            | Error::InvalidIdentifier { .. }
-            | Error::StateTooLarge { .. }
-            | Error::SequenceOutOfRange(_)
-            | Error::DuplicateActorId { .. }
-            | Error::Encode(_) => ErrorKind::InvalidInput,
-            Error::Decode { .. } => ErrorKind::Decode,
-            Error::Conflict { .. } => ErrorKind::Conflict,
-            Error::StaleSequence { .. } => ErrorKind::StaleSequence,
-            Error::TooManyConflicts { .. } => ErrorKind::TooManyConflicts,
-            Error::Connect { .. } | Error::PoolExhausted { .. } | Error::ConnectionLost(_) => {
-                ErrorKind::Connection
-            }
-            Error::NotApplied { .. } => ErrorKind::NotApplied,
-            Error::OutcomeUnknown { .. } => ErrorKind::OutcomeUnknown,
-            Error::SchemaMissing { .. } => ErrorKind::SchemaMissing,
-            Error::InsufficientPrivilege { .. } => ErrorKind::PermissionDenied,
-            Error::StatementTimeout => ErrorKind::Timeout,
-            Error::NotificationQueueFull(_) => ErrorKind::NotificationQueueFull,
-            Error::Tls(_) => ErrorKind::Tls,
-            Error::ThreadStart { .. } => ErrorKind::Resources,
-            Error::Database(_) => ErrorKind::Database,
-        }
-    }
-
     /// True for [`Error::Conflict`] only: a conditional write found another
     /// version than it expected (see `expected` and `actual` there).
     /// [`Error::StaleSequence`] and [`Error::TooManyConflicts`] have kinds
@@ -341,21 +270,10 @@ impl Error {
         matches!(self, Error::Conflict { .. })
     }
 
-    /// True when the input was rejected before anything reached the database.
+    /// True when the input was rejected before anything reached the database
+    /// ([`ErrorKind::InvalidInput`]).
     pub fn is_invalid_input(&self) -> bool {
-        matches!(
-            self,
-            Error::InvalidConnectionString { .. }
-                | Error::InvalidConfig { .. }
-                | Error::ConfigFile { .. }
-                | Error::InvalidActorId(_)
-                | Error::InvalidArgument { .. }
-                | Error::InvalidIdentifier { .. }
-                | Error::StateTooLarge { .. }
-                | Error::SequenceOutOfRange(_)
-                | Error::DuplicateActorId { .. }
-                | Error::Encode(_)
-        )
+        self.kind() == ErrorKind::InvalidInput
     }
 
     /// True for errors about reaching the server: connect failures, a broken
@@ -364,12 +282,8 @@ impl Error {
     /// succeed.
     pub fn is_connection(&self) -> bool {
         matches!(
-            self,
-            Error::Connect { .. }
-                | Error::PoolExhausted { .. }
-                | Error::ConnectionLost(_)
-                | Error::NotApplied { .. }
-                | Error::OutcomeUnknown { .. }
+            self.kind(),
+            ErrorKind::Connection | ErrorKind::NotApplied | ErrorKind::OutcomeUnknown
         )
     }
 
@@ -654,108 +568,4 @@ impl StdError for Error {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn conflict_message_names_expected_and_actual() {
-        let e = Error::Conflict {
-            actor_id: "a".into(),
-            expected: Expected::Sequence(1),
-            actual: Some(2),
-        };
-        assert_eq!(
-            e.to_string(),
-            "conflict on actor \"a\": expected sequence 1, found sequence 2"
-        );
-        assert!(e.is_conflict());
-        let e = Error::Conflict {
-            actor_id: "a".into(),
-            expected: Expected::Absent,
-            actual: Some(1),
-        };
-        assert!(e.to_string().contains("expected absent, found sequence 1"));
-    }
-
-    #[test]
-    fn config_file_errors_name_file_line_and_key() {
-        let e = Error::ConfigFile {
-            origin: "trebuchet.yaml".into(),
-            line: Some(7),
-            key: Some("state.prot".into()),
-            reason: "unknown key; did you mean port?".into(),
-        };
-        assert_eq!(
-            e.to_string(),
-            "trebuchet.yaml, line 7, state.prot: unknown key; did you mean port?"
-        );
-        assert!(e.is_invalid_input());
-        let e = Error::ConfigFile {
-            origin: "x.yaml".into(),
-            line: None,
-            key: None,
-            reason: "cannot read it".into(),
-        };
-        assert_eq!(e.to_string(), "x.yaml: cannot read it");
-    }
-
-    #[test]
-    fn kinds_tell_conflicts_apart() {
-        let conflict = Error::Conflict {
-            actor_id: "a".into(),
-            expected: Expected::Absent,
-            actual: Some(1),
-        };
-        let stale = Error::StaleSequence {
-            actor_id: "a".into(),
-            sequence: 3,
-            current: Some(5),
-        };
-        let contended = Error::TooManyConflicts {
-            actor_id: "a".into(),
-            attempts: 8,
-        };
-        assert_eq!(conflict.kind(), ErrorKind::Conflict);
-        assert_eq!(stale.kind(), ErrorKind::StaleSequence);
-        assert_eq!(contended.kind(), ErrorKind::TooManyConflicts);
-        assert!(conflict.is_conflict());
-        assert!(!stale.is_conflict() && !contended.is_conflict());
-        assert_eq!(
-            Error::invalid_argument("limit", "at least 1").kind(),
-            ErrorKind::InvalidInput
-        );
-    }
-
-    #[test]
-    fn a_thread_that_cannot_start_has_its_own_error() {
-        let e = Error::thread_start("the listener thread")(std::io::Error::other("EAGAIN"));
-        assert_eq!(e.kind(), ErrorKind::Resources);
-        assert!(
-            e.to_string()
-                .starts_with("cannot start the listener thread"),
-            "{e}"
-        );
-        assert!(!e.is_invalid_input());
-        assert_eq!(e.source().unwrap().to_string(), "EAGAIN");
-    }
-
-    #[test]
-    fn a_decode_error_gives_its_cause_as_the_source_only() {
-        let e = Error::Decode {
-            actor_id: "a".into(),
-            source: "invalid type: string, expected u32".into(),
-        };
-        assert_eq!(e.kind(), ErrorKind::Decode);
-        assert!(!e.to_string().contains("invalid type"), "{e}");
-        assert_eq!(
-            e.source().unwrap().to_string(),
-            "invalid type: string, expected u32"
-        );
-    }
-
-    #[test]
-    fn error_is_send_sync() {
-        fn check<T: Send + Sync + 'static>() {}
-        check::<Error>();
-    }
-}
+mod tests;

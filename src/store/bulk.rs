@@ -1,0 +1,291 @@
+//! Several actors in one statement: bulk loads, saves and deletes.
+
+use super::*;
+
+impl StateStore {
+    /// Loads several actors in one query. The result has one entry per id, in
+    /// the order given: the state, or `None` for an actor that does not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidActorId`] for any bad id (nothing is sent);
+    /// [`Error::Decode`] naming the first actor that does not decode;
+    /// connection and database errors.
+    pub fn load_many<T: DeserializeOwned, S: AsRef<str>>(
+        &self,
+        ids: &[S],
+    ) -> Result<Vec<Option<T>>> {
+        let found = self.load_many_bytes(ids)?;
+        ids.iter()
+            .zip(found)
+            .map(|(id, bytes)| bytes.map(|b| self.decode(id.as_ref(), &b)).transpose())
+            .collect()
+    }
+
+    /// [`load_many`](Self::load_many) returning the stored bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`load_many`](Self::load_many), without decoding.
+    pub fn load_many_bytes<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<Option<Vec<u8>>>> {
+        Ok(self
+            .load_many_versioned_bytes(ids)?
+            .into_iter()
+            .map(|found| found.map(|v| v.value))
+            .collect())
+    }
+
+    /// [`load_many`](Self::load_many) with each actor's sequence number and
+    /// timestamps: one entry per id, in the order given, `None` for an
+    /// actor that does not exist.
+    ///
+    /// # Errors
+    ///
+    /// As [`load_many`](Self::load_many).
+    pub fn load_many_versioned<T: DeserializeOwned, S: AsRef<str>>(
+        &self,
+        ids: &[S],
+    ) -> Result<Vec<Option<Versioned<T>>>> {
+        let found = self.load_many_versioned_bytes(ids)?;
+        ids.iter()
+            .zip(found)
+            .map(|(id, found)| {
+                found
+                    .map(|v| {
+                        Ok(Versioned {
+                            value: self.decode(id.as_ref(), &v.value)?,
+                            sequence: v.sequence,
+                            updated_at: v.updated_at,
+                            created_at: v.created_at,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// [`load_many_versioned`](Self::load_many_versioned) returning the
+    /// stored bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`load_many`](Self::load_many), without decoding.
+    pub fn load_many_versioned_bytes<S: AsRef<str>>(
+        &self,
+        ids: &[S],
+    ) -> Result<Vec<Option<Versioned<Vec<u8>>>>> {
+        let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
+        for id in &ids {
+            check_actor_id(id)?;
+        }
+        let mut found: Vec<Option<Versioned<Vec<u8>>>> = vec![None; ids.len()];
+        if ids.is_empty() {
+            return Ok(found);
+        }
+        // Rows come back with their position in `ids`: no lookup by id.
+        let rows = self.call(true, |inner, c| {
+            let st = c.prepare(&inner.sql.load_many_ordered)?;
+            Ok(st.query(&mut c.client, &[&ids])?)
+        })?;
+        for row in rows {
+            let position: i64 = row.get(0);
+            if let Some(slot) = usize::try_from(position - 1)
+                .ok()
+                .and_then(|i| found.get_mut(i))
+            {
+                *slot = Some(Versioned {
+                    value: row.get(1),
+                    sequence: to_u64(row.get(2)),
+                    updated_at: row.get(3),
+                    created_at: row.get(4),
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Saves several actors unconditionally in one statement (upserts) and
+    /// returns their new sequence numbers, in the order given. Every row is
+    /// announced on the channel. All or nothing: the statement commits as a
+    /// whole.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DuplicateActorId`] when an actor appears twice; otherwise as
+    /// [`save`](Self::save).
+    pub fn save_many<T: Serialize, S: AsRef<str>>(&self, items: &[(S, T)]) -> Result<Vec<u64>> {
+        let encoded = items
+            .iter()
+            .map(|(id, state)| Ok((id.as_ref(), self.encode(state)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.save_many_bytes(&encoded)
+    }
+
+    /// [`save_many`](Self::save_many) with raw bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`save_many`](Self::save_many).
+    pub fn save_many_bytes<S: AsRef<str>, B: AsRef<[u8]>>(
+        &self,
+        items: &[(S, B)],
+    ) -> Result<Vec<u64>> {
+        let (ids, states) =
+            self.check_batch(items.iter().map(|(id, b)| (id.as_ref(), b.as_ref())))?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let w = write_id();
+        let write_ids = vec![w; ids.len()];
+        let written: HashMap<String, u64> = self.write(
+            &ids,
+            |inner, c| {
+                let st = c.prepare(&inner.sql.save_many)?;
+                Ok(st
+                    .query(&mut c.client, &[&ids, &states, &write_ids])?
+                    .iter()
+                    .map(|row| (row.get(0), to_u64(row.get(1))))
+                    .collect())
+            },
+            |t| {
+                if !t.committed(ids.iter().map(|id| (*id, None)), w)? {
+                    return Err(t.not_applied());
+                }
+                // It landed; a row whose tag others have pushed out since
+                // no longer says at which number.
+                ids.iter()
+                    .map(|id| match t.landed(id, w, None) {
+                        Landed::Yes(sequence) => Ok(((*id).to_owned(), sequence)),
+                        _ => Err(t.unknown()),
+                    })
+                    .collect()
+            },
+        )?;
+        Ok(ids
+            .iter()
+            .map(|id| written.get(*id).copied().unwrap_or(0))
+            .collect())
+    }
+
+    /// Saves several actors, each only when its stored version is what its
+    /// [`Expected`] says, in one statement. The result has one entry per
+    /// item, in the order given: the new sequence number, or
+    /// [`Error::Conflict`] for that item alone; a conflict on one item does
+    /// not stop the others.
+    ///
+    /// # Errors
+    ///
+    /// The outer `Result` fails, writing nothing, for bad input
+    /// ([`Error::InvalidActorId`], [`Error::DuplicateActorId`],
+    /// [`Error::StateTooLarge`], [`Error::Encode`]) and connection or
+    /// database errors.
+    pub fn save_many_if<T: Serialize, S: AsRef<str>>(
+        &self,
+        items: &[(S, T, Expected)],
+    ) -> Result<Vec<Result<u64>>> {
+        let encoded = items
+            .iter()
+            .map(|(id, state, expected)| Ok((id.as_ref(), self.encode(state)?, *expected)))
+            .collect::<Result<Vec<_>>>()?;
+        self.save_many_bytes_if(&encoded)
+    }
+
+    /// [`save_many_if`](Self::save_many_if) with raw bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`save_many_if`](Self::save_many_if).
+    pub fn save_many_bytes_if<S: AsRef<str>, B: AsRef<[u8]>>(
+        &self,
+        items: &[(S, B, Expected)],
+    ) -> Result<Vec<Result<u64>>> {
+        let (ids, states) =
+            self.check_batch(items.iter().map(|(id, b, _)| (id.as_ref(), b.as_ref())))?;
+        let expected = items
+            .iter()
+            .map(|(_, _, e)| match e {
+                Expected::Absent => Ok(None),
+                Expected::Sequence(n) => to_i64(*n).map(Some),
+            })
+            .collect::<Result<Vec<Option<i64>>>>()?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let w = write_id();
+        let write_ids = vec![w; ids.len()];
+        let outcomes = self.write(
+            &ids,
+            |inner, c| many_if_on(inner, c, &ids, &states, &expected, &write_ids),
+            |t| settle_many_if(t, &ids, &expected, &write_ids),
+        )?;
+        Ok(items
+            .iter()
+            .zip(outcomes)
+            .map(|((id, _, expected), outcome)| match outcome {
+                Written::Yes { sequence, .. } => Ok(sequence),
+                Written::Blocked { actual } => Err(Error::Conflict {
+                    actor_id: id.as_ref().to_owned(),
+                    expected: *expected,
+                    actual,
+                }),
+                Written::Lost(e) => Err(e),
+            })
+            .collect())
+    }
+
+    /// Deletes several actors in one statement and returns, in the order
+    /// given, whether each existed. Every delete is announced and leaves a
+    /// tombstone, as [`delete`](Self::delete) does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidActorId`]; connection and database errors.
+    pub fn delete_many<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<bool>> {
+        let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
+        for id in &ids {
+            check_actor_id(id)?;
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let w = write_id();
+        let deleted: std::collections::HashSet<String> = self.write(
+            &ids,
+            |inner, c| {
+                let st = c.prepare(&inner.sql.delete_many)?;
+                Ok(live_deletes(st.query(&mut c.client, &[&ids, &w])?))
+            },
+            |t| {
+                if !t.committed(ids.iter().map(|id| (*id, None)), w)? {
+                    return Err(t.not_applied());
+                }
+                Ok(ids
+                    .iter()
+                    .filter(|id| matches!(t.landed(id, w, None), Landed::Yes(_)))
+                    .map(|id| (*id).to_owned())
+                    .collect())
+            },
+        )?;
+        Ok(ids.iter().map(|id| deleted.contains(*id)).collect())
+    }
+
+    /// Checks ids, sizes and duplicates of a bulk write; returns the ids and
+    /// states as the statement's array parameters.
+    pub(crate) fn check_batch<'a>(
+        &self,
+        items: impl Iterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<(Vec<&'a str>, Vec<&'a [u8]>)> {
+        let (ids, states): (Vec<&str>, Vec<&[u8]>) = items.unzip();
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        for (id, state) in ids.iter().zip(&states) {
+            check_actor_id(id)?;
+            self.check_size(state)?;
+            if !seen.insert(*id) {
+                return Err(Error::DuplicateActorId {
+                    actor_id: (*id).to_owned(),
+                });
+            }
+        }
+        Ok((ids, states))
+    }
+}

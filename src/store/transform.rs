@@ -1,0 +1,217 @@
+//! Read-modify-write: `transform` and its retries.
+
+use super::*;
+
+impl StateStore {
+    /// Atomically replaces an actor's state with `f(current)`, where
+    /// `current` is `None` for a new actor, and returns what was written.
+    ///
+    /// Unlike a load followed by a save, no concurrent update is ever lost:
+    /// the write is conditional on the version `f` saw, and when another
+    /// writer got there first the state is read again and **`f` runs
+    /// again**, after a jittered back-off ([`RetryPolicy`]). So `f` may run
+    /// more than once and should have no side effects beyond computing the
+    /// new state. It runs while the attempt holds a pooled connection: keep
+    /// it short.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TooManyConflicts`] after [`RetryPolicy::max_attempts`]
+    /// lost races (nothing written by this call); [`Error::Decode`] when the
+    /// stored state is not a `T`; otherwise as [`save`](Self::save).
+    pub fn transform<T, F>(&self, id: &str, mut f: F) -> Result<Versioned<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(Option<T>) -> T,
+    {
+        self.try_transform(id, |current| Ok::<T, Error>(f(current)))
+    }
+
+    /// [`transform`](Self::transform) with a step that may fail: when `f`
+    /// returns an error, the call ends with it and writes nothing. The
+    /// error type is the caller's, as long as the store's errors convert
+    /// into it (`E: From<Error>`; [`Error`] itself, or an application error
+    /// with a variant for the store's).
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::{Error, StateStore};
+    /// # let store = StateStore::from_env()?;
+    /// #[derive(Debug)]
+    /// enum Spend {
+    ///     Insufficient { balance: u64 },
+    ///     Store(Error),
+    /// }
+    /// impl From<Error> for Spend {
+    ///     fn from(e: Error) -> Self {
+    ///         Spend::Store(e)
+    ///     }
+    /// }
+    ///
+    /// let result = store.try_transform("wallet-1", |balance: Option<u64>| {
+    ///     let balance = balance.unwrap_or(0);
+    ///     balance.checked_sub(30).ok_or(Spend::Insufficient { balance })
+    /// });
+    /// match result {
+    ///     Ok(v) => println!("{} left at sequence {}", v.value, v.sequence),
+    ///     Err(Spend::Insufficient { balance }) => println!("only {balance}; nothing written"),
+    ///     Err(Spend::Store(e)) => return Err(e),
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// `f`'s error, unchanged (nothing written); otherwise the store's
+    /// errors as [`transform`](Self::transform), converted into `E`.
+    pub fn try_transform<T, E, F>(&self, id: &str, mut f: F) -> std::result::Result<Versioned<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnMut(Option<T>) -> std::result::Result<T, E>,
+    {
+        check_actor_id(id)?;
+        let mut value = None;
+        let mut failed = None;
+        let versioned = self.transform_loop(id, |current| {
+            let current = current.map(|bytes| self.decode(id, bytes)).transpose()?;
+            match f(current) {
+                Ok(next) => {
+                    let bytes = self.encode(&next)?;
+                    value = Some(next);
+                    Ok(bytes)
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    // Ends the attempt; the caller gets `e` instead.
+                    Err(Error::invalid_argument("transform", "the step failed"))
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let versioned = versioned?;
+        Ok(Versioned {
+            value: value.expect("set by the successful attempt"),
+            sequence: versioned.sequence,
+            updated_at: versioned.updated_at,
+            created_at: versioned.created_at,
+        })
+    }
+
+    /// [`transform`](Self::transform) on raw bytes: `f` gets the stored
+    /// bytes (`None` for a new actor) and returns the bytes to store. The
+    /// same retry rules apply, so `f` may run more than once.
+    ///
+    /// # Errors
+    ///
+    /// As [`transform`](Self::transform), without decoding.
+    pub fn transform_bytes<F>(&self, id: &str, mut f: F) -> Result<Versioned<Vec<u8>>>
+    where
+        F: FnMut(Option<&[u8]>) -> Vec<u8>,
+    {
+        check_actor_id(id)?;
+        let mut value = Vec::new();
+        let versioned = self.transform_loop(id, |current| {
+            let next = f(current);
+            self.check_size(&next)?;
+            value.clone_from(&next);
+            Ok(next)
+        })?;
+        Ok(Versioned {
+            value,
+            sequence: versioned.sequence,
+            updated_at: versioned.updated_at,
+            created_at: versioned.created_at,
+        })
+    }
+
+    /// Read, compute, conditional write; again after a back-off when another
+    /// writer won. Each attempt holds one connection for its two round trips.
+    /// [`transform_bytes`](Self::transform_bytes) with a step that may fail:
+    /// an error from `f` ends the call without writing. For the C ABI, whose
+    /// callbacks report failure with a return code.
+    #[cfg(feature = "ffi")]
+    pub(crate) fn try_transform_bytes<F>(&self, id: &str, mut f: F) -> Result<u64>
+    where
+        F: FnMut(Option<&[u8]>) -> Result<Vec<u8>>,
+    {
+        check_actor_id(id)?;
+        let versioned = self.transform_loop(id, |current| {
+            let next = f(current)?;
+            self.check_size(&next)?;
+            Ok(next)
+        })?;
+        Ok(versioned.sequence)
+    }
+
+    fn transform_loop(
+        &self,
+        id: &str,
+        mut next: impl FnMut(Option<&[u8]>) -> Result<Vec<u8>>,
+    ) -> Result<Versioned<()>> {
+        let policy = self.inner.retry;
+        for attempt in 1..=policy.max_attempts {
+            let w = write_id();
+            let expected = std::cell::Cell::new(None);
+            let written = self.write(
+                &[id],
+                |inner, c| {
+                    let current = load_versioned_on(inner, c, id)?;
+                    let bytes = next(current.as_ref().map(|v| v.value.as_slice()))?;
+                    let wanted =
+                        current.map_or(Expected::Absent, |v| Expected::Sequence(v.sequence));
+                    expected.set(Some(wanted));
+                    // A lost race is retried from a fresh read: no need for
+                    // the exact version that won.
+                    let write = Conditional {
+                        state: &bytes,
+                        expected: wanted,
+                        ttl: None,
+                        write_id: w,
+                    };
+                    write_if_on(inner, c, id, &write, false)
+                },
+                |t| match expected.get() {
+                    Some(wanted) => settle_if(t, id, wanted, w),
+                    // Lost before the read returned: nothing was written.
+                    None => Err(t.not_applied()),
+                },
+            );
+            let written = match written {
+                // Nothing was written: run the step again, as after a lost
+                // race.
+                Err(e) if e.is_not_applied() && attempt < policy.max_attempts => {
+                    log::debug!("transform of {id:?} was not applied ({e}); running it again");
+                    continue;
+                }
+                other => other?,
+            };
+            match written {
+                Written::Yes {
+                    sequence,
+                    updated_at,
+                    created_at,
+                } => {
+                    return Ok(Versioned {
+                        value: (),
+                        sequence,
+                        updated_at,
+                        created_at,
+                    })
+                }
+                Written::Blocked { .. } if attempt < policy.max_attempts => {
+                    let pause = policy.backoff(attempt - 1);
+                    log::trace!("transform of {id:?} lost a race (attempt {attempt}); retrying in {pause:?}");
+                    std::thread::sleep(pause);
+                }
+                Written::Blocked { .. } => {}
+                Written::Lost(e) => return Err(e),
+            }
+        }
+        Err(Error::TooManyConflicts {
+            actor_id: id.to_owned(),
+            attempts: policy.max_attempts,
+        })
+    }
+}

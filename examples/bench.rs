@@ -838,7 +838,7 @@ fn thread_run(
     // save_if: the current sequence of each own id, read once, untimed.
     let mut sequences: HashMap<String, u64> = HashMap::new();
     if op == Op::SaveIf {
-        match store.load_many_versioned_bytes(&own) {
+        match store.raw().load_many_versioned(&own) {
             Ok(found) => {
                 sequences = own
                     .iter()
@@ -863,17 +863,19 @@ fn thread_run(
         }
         let result: Result<(), String> = match op {
             Op::Load | Op::LoadDriver | Op::LoadWire => store
-                .load_bytes(&random_ids[rng.usize(..random_ids.len())])
+                .raw()
+                .load(&random_ids[rng.usize(..random_ids.len())])
                 .map(drop)
                 .map_err(|e| e.to_string()),
             Op::Save | Op::SaveGrouped => store
-                .save_bytes(&random_ids[rng.usize(..random_ids.len())], state)
+                .raw()
+                .save(&random_ids[rng.usize(..random_ids.len())], state)
                 .map(drop)
                 .map_err(|e| e.to_string()),
             Op::SaveIf => {
                 let id = &own[rng.usize(..own.len())];
                 let expected = sequences.get(id).copied().unwrap_or(0);
-                match store.save_bytes_if(id, state, Expected::Sequence(expected)) {
+                match store.raw().save_if(id, state, Expected::Sequence(expected)) {
                     Ok(seq) => {
                         sequences.insert(id.clone(), seq);
                         Ok(())
@@ -888,7 +890,7 @@ fn thread_run(
                     CONTENDED_ID
                 };
                 let mut calls = 0u64;
-                let result = store.transform_bytes(id, |current| {
+                let result = store.raw().transform(id, |current| {
                     calls += 1;
                     next_state(current, state)
                 });
@@ -1227,7 +1229,8 @@ impl Bench {
                     scope.spawn(move || -> Result<(), String> {
                         for id in (1 + t..=ACTORS).step_by(8) {
                             store
-                                .save_bytes(&id.to_string(), state)
+                                .raw()
+                                .save(&id.to_string(), state)
                                 .map_err(|e| format!("prefill: {e}"))?;
                         }
                         Ok(())
@@ -1541,9 +1544,9 @@ fn bulk_rates(
                             let begin = Instant::now();
                             while begin.elapsed() < duration {
                                 if write {
-                                    store.save_many_bytes(&items).expect("save_many");
+                                    store.raw().save_many(&items).expect("save_many");
                                 } else {
-                                    let got = store.load_many_bytes(&ids).expect("load_many");
+                                    let got = store.raw().load_many(&ids).expect("load_many");
                                     assert!(got.iter().all(Option::is_some));
                                 }
                                 n += PER_CALL;

@@ -170,7 +170,7 @@ fn fill(store: &StateStore, from: u64, to: u64, state: &[u8]) -> Result<f64, Box
                         let end = (start + FILL_BATCH as u64).min(to);
                         let items: Vec<(String, &[u8])> =
                             (start..end).map(|i| (actor_id(i), state)).collect();
-                        store.save_many_bytes(&items).map_err(|e| e.to_string())?;
+                        store.raw().save_many(&items).map_err(|e| e.to_string())?;
                     }
                 })
             })
@@ -255,9 +255,9 @@ fn measure(
                         };
                         let t0 = Instant::now();
                         let result = match (op, expected) {
-                            (Op::Load, _) => store.load_bytes(&id).map(|_| 0),
-                            (Op::Save, _) => store.save_bytes(&id, state),
-                            (_, expected) => store.save_bytes_if(
+                            (Op::Load, _) => store.raw().load(&id).map(|_| 0),
+                            (Op::Save, _) => store.raw().save(&id, state),
+                            (_, expected) => store.raw().save_if(
                                 &id,
                                 state,
                                 expected.unwrap_or(Expected::Absent),
@@ -311,7 +311,7 @@ fn measure(
     })
 }
 
-/// The median time of `list_ids` (one page of up to 100) and of
+/// The median time of `list_actors` (one page of up to 100) and of
 /// `count_actors` for a prefix that about one id in 65,536 has: with fewer
 /// ids than a page, the listing reads to where the prefix's ids end.
 fn listing(store: &StateStore) -> Result<String, BoxError> {
@@ -328,10 +328,10 @@ fn listing(store: &StateStore) -> Result<String, BoxError> {
         took.sort_by(f64::total_cmp);
         Ok::<_, trebuchet_postgres::Error>((took[ROUNDS / 2], found))
     };
-    let (list_ms, listed) = median(&|| Ok(store.list_ids(prefix, None, 100)?.ids.len()))?;
+    let (list_ms, listed) = median(&|| Ok(store.list_actors(prefix, None, 100)?.actors.len()))?;
     let (count_ms, counted) = median(&|| Ok(store.count_actors(prefix)? as usize))?;
     Ok(format!(
-        "prefix `{prefix}`: list_ids (page of 100, {listed} found) {list_ms:.3} ms, \
+        "prefix `{prefix}`: list_actors (page of 100, {listed} found) {list_ms:.3} ms, \
          count_actors ({counted}) {count_ms:.3} ms (medians of {ROUNDS})"
     ))
 }

@@ -7,8 +7,8 @@ use std::io;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// The encoding of typed states. The `*_bytes` methods of
-/// [`StateStore`](crate::StateStore) bypass it.
+/// The encoding of typed states. [`StateStore::raw`](crate::StateStore::raw)
+/// bypasses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Codec {

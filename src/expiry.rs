@@ -206,8 +206,9 @@ impl StateStore {
     /// [`StateCache`](crate::StateCache) holding the id, a
     /// [`Subscription`](crate::Subscription) filtered to it (both keep the
     /// last number they saw), or a subscriber of your own that does the
-    /// same. And [`restore_many_bytes`](Self::restore_many_bytes) no longer
-    /// refuses versions at or below the forgotten number. So purge only ids that are not used
+    /// same. And [`Raw::restore_many`](crate::Raw::restore_many) no longer
+    /// refuses versions at or below the forgotten number. So purge only ids
+    /// that are not used
     /// again, or tombstones older than anything a running process
     /// remembers. A tombstone of an id that exists again is no longer
     /// needed and goes too.

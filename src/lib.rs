@@ -81,8 +81,9 @@
 //! # Encoding
 //!
 //! Typed states go through a [`Codec`]: CBOR by default, or JSON that matches
-//! Swift's `JSONEncoder` for tables shared with Swift instances. The `*_bytes`
-//! methods store raw bytes.
+//! Swift's `JSONEncoder` for tables shared with Swift instances.
+//! [`StateStore::raw`] gives the same verbs on stored bytes, bypassing the
+//! codec.
 //!
 //! # Schema
 //!
@@ -119,15 +120,15 @@
 //!
 //! # Whole tables
 //!
-//! [`StateStore::list_actors`] pages through actor ids in a stable order,
-//! [`StateStore::for_each_bytes`] walks every actor from one snapshot (an
-//! export), and [`StateStore::restore_many_bytes`] writes actors back with
+//! [`StateStore::list_actors`] pages through actors in a stable order,
+//! [`Raw::for_each`] walks every actor from one snapshot (an
+//! export), and [`Raw::restore_many`] writes actors back with
 //! their own sequence numbers and timestamps (an import that never replaces a
 //! newer version and can run twice).
 //!
 //! # Expiry
 //!
-//! [`StateStore::save_with_ttl`] and [`StateStore::save_if_with_ttl`] give a
+//! [`StateStore::save_with`] and [`WriteOptions::ttl`] give a
 //! state a time to live: once it has passed the actor reads as absent
 //! everywhere, and [`StateStore::sweep_expired`] (or a sweeper thread from
 //! [`StateStoreBuilder::expiry_sweeper`], or `trebuchet-postgres sweep` from
@@ -137,7 +138,8 @@
 //! ```no_run
 //! # use std::time::Duration;
 //! # let store = trebuchet_postgres::StateStore::from_env()?;
-//! store.save_with_ttl("session-1", &"token", Duration::from_secs(3600))?;
+//! # use trebuchet_postgres::WriteOptions;
+//! store.save_with("session-1", &"token", WriteOptions::new().ttl(Duration::from_secs(3600)))?;
 //! let swept = store.sweep_expired(1000)?;
 //! # Ok::<(), trebuchet_postgres::Error>(())
 //! ```
@@ -148,8 +150,8 @@
 //! `actor_id`; [`StateStore::partition_table`] converts an existing table
 //! without losing anything. Every operation, the change feed and `verify`
 //! work the same on it, and every statement on one actor touches one
-//! partition. [`StateStore::list_ids`] pages through ids with a resumable
-//! token. The README covers autovacuum settings for a table this busy, and
+//! partition. [`StateStore::list_actors`] pages through ids, resumable
+//! from the last id of a page. The README covers autovacuum settings for a table this busy, and
 //! running it on a distributed PostgreSQL engine.
 //!
 //! # Errors
@@ -236,10 +238,10 @@ pub use crate::partition::Partitioning;
 pub use crate::pool::{Pool, PoolOptions, PoolState};
 pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE, MAX_PARTITIONS};
 pub use crate::store::{
-    validate_actor_id, Batch, BatchResult, RetryPolicy, StateStore, StateStoreBuilder, Versioned,
-    DEFAULT_MAX_STATE_SIZE, DEFAULT_OUTCOME_TIMEOUT,
+    validate_actor_id, Batch, BatchResult, Raw, RetryPolicy, StateStore, StateStoreBuilder,
+    Versioned, WriteOptions, DEFAULT_MAX_STATE_SIZE, DEFAULT_OUTCOME_TIMEOUT,
 };
-pub use crate::transfer::{ActorPage, ActorSummary, IdPage, RestoreOutcome};
+pub use crate::transfer::{ActorPage, ActorSummary, RestoreOutcome};
 
 /// The driver this crate is built on, for its types (`SqlState`, `Host`).
 pub use postgres;

@@ -408,7 +408,7 @@ fn find_bindir() -> io::Result<PathBuf> {
 /// The SQL of every statement a store runs for one actor, keyed by
 /// `actor_id = $1`, by name: `load`, `load_versioned`, `exists`,
 /// `sequence`, `save`, `save_if_absent`, `save_if_sequence`,
-/// `save_with_sequence` and `delete`. For tests of how the server runs them
+/// `save_with_sequence` (a save at a given number) and `delete`. For tests of how the server runs them
 /// (such as partition pruning); `$1` is the actor id, `$2` the state.
 pub fn point_statements(store: &StateStore) -> Vec<(&'static str, String)> {
     let sql = store.statements();

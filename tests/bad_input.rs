@@ -13,7 +13,7 @@ use trebuchet_postgres::postgres::Client;
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
 use trebuchet_postgres::{
     Codec, ConnectFailure, ConnectOptions, Error, Expected, InvalidActorId, Pool, PoolOptions,
-    RetryPolicy, StateStore,
+    RetryPolicy, StateStore, WriteOptions,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -110,8 +110,10 @@ fn every_operation(
             store.save_if(id, &state, Expected::Sequence(1)).map(drop),
         ),
         (
-            "save_with_sequence",
-            store.save_with_sequence(id, &state, 7),
+            "save_with(sequence)",
+            store
+                .save_with(id, &state, WriteOptions::new().sequence(7))
+                .map(drop),
         ),
         (
             "transform",
@@ -125,30 +127,35 @@ fn every_operation(
         ("delete", store.delete(id).map(drop)),
         ("exists", store.exists(id).map(drop)),
         ("sequence", store.sequence(id).map(drop)),
-        ("save_bytes", store.save_bytes(id, b"raw").map(drop)),
-        ("load_bytes", store.load_bytes(id).map(drop)),
+        ("save_bytes", store.raw().save(id, b"raw").map(drop)),
+        ("load_bytes", store.raw().load(id).map(drop)),
         (
             "load_versioned_bytes",
-            store.load_versioned_bytes(id).map(drop),
+            store.raw().load_versioned(id).map(drop),
         ),
         (
             "save_bytes_if(absent)",
-            store.save_bytes_if(id, b"raw", Expected::Absent).map(drop),
+            store.raw().save_if(id, b"raw", Expected::Absent).map(drop),
         ),
         (
             "save_bytes_if(sequence)",
             store
-                .save_bytes_if(id, b"raw", Expected::Sequence(1))
+                .raw()
+                .save_if(id, b"raw", Expected::Sequence(1))
                 .map(drop),
         ),
         (
-            "save_bytes_with_sequence",
-            store.save_bytes_with_sequence(id, b"raw", 7),
+            "raw save_with(sequence)",
+            store
+                .raw()
+                .save_with(id, b"raw", WriteOptions::new().sequence(7))
+                .map(drop),
         ),
         (
             "transform_bytes",
             store
-                .transform_bytes(id, |b| {
+                .raw()
+                .transform(id, |b| {
                     called.set(true);
                     b.map(<[u8]>::to_vec).unwrap_or_default()
                 })
@@ -164,7 +171,7 @@ fn invalid_actor_ids_are_rejected_by_every_operation() {
     let mut client = schema.client().unwrap();
     // A neighbour that must come through unchanged.
     assert_eq!(store.save("existing", &game(0)).unwrap(), 1);
-    let before = store.load_versioned_bytes("existing").unwrap().unwrap();
+    let before = store.raw().load_versioned("existing").unwrap().unwrap();
 
     let cases: [(&str, String, InvalidActorId); 4] = [
         ("empty", String::new(), InvalidActorId::Empty),
@@ -207,7 +214,7 @@ fn invalid_actor_ids_are_rejected_by_every_operation() {
 
     // The database is exactly as before: one row, no tombstone, same version.
     assert_eq!(counts(&mut client, &schema, "actor_states"), (1, 0));
-    let after = store.load_versioned_bytes("existing").unwrap().unwrap();
+    let after = store.raw().load_versioned("existing").unwrap().unwrap();
     assert_eq!(after, before);
     let stored: Vec<String> = client
         .query(
@@ -396,7 +403,7 @@ fn states_over_max_state_size_are_rejected_and_nothing_is_stored() {
     let small = "x".repeat(15);
     assert_eq!(Codec::Cbor.encode(&small).unwrap().len(), MAX);
     assert_eq!(store.save("small", &small).unwrap(), 1);
-    assert_eq!(store.save_bytes("exact", &[7u8; MAX]).unwrap(), 1);
+    assert_eq!(store.raw().save("exact", &[7u8; MAX]).unwrap(), 1);
 
     let big = "x".repeat(100);
     let big_size = Codec::Cbor.encode(&big).unwrap().len();
@@ -416,9 +423,11 @@ fn states_over_max_state_size_are_rejected_and_nothing_is_stored() {
                 store.save_if(id, &big, Expected::Sequence(1)).map(drop),
             ),
             (
-                "save_with_sequence",
+                "save_with(sequence)",
                 big_size,
-                store.save_with_sequence(id, &big, 5),
+                store
+                    .save_with(id, &big, WriteOptions::new().sequence(5))
+                    .map(drop),
             ),
             (
                 "transform",
@@ -430,24 +439,28 @@ fn states_over_max_state_size_are_rejected_and_nothing_is_stored() {
             (
                 "save_bytes",
                 MAX + 1,
-                store.save_bytes(id, &big_bytes).map(drop),
+                store.raw().save(id, &big_bytes).map(drop),
             ),
             (
                 "save_bytes_if",
                 MAX + 1,
                 store
-                    .save_bytes_if(id, &big_bytes, Expected::Sequence(1))
+                    .raw()
+                    .save_if(id, &big_bytes, Expected::Sequence(1))
                     .map(drop),
             ),
             (
-                "save_bytes_with_sequence",
+                "raw save_with(sequence)",
                 MAX + 1,
-                store.save_bytes_with_sequence(id, &big_bytes, 5),
+                store
+                    .raw()
+                    .save_with(id, &big_bytes, WriteOptions::new().sequence(5))
+                    .map(drop),
             ),
             (
                 "transform_bytes",
                 MAX + 1,
-                store.transform_bytes(id, |_| big_bytes.clone()).map(drop),
+                store.raw().transform(id, |_| big_bytes.clone()).map(drop),
             ),
         ];
         for (op, size, result) in results {
@@ -474,7 +487,7 @@ fn undecodable_bytes_give_a_decode_error_naming_the_actor() {
     let store = schema.store();
     // 0xff is a CBOR "break" with nothing to break out of.
     let garbage = [0xffu8, 0xfe, 0x00, 0x13];
-    assert_eq!(store.save_bytes("garbage-1", &garbage).unwrap(), 1);
+    assert_eq!(store.raw().save("garbage-1", &garbage).unwrap(), 1);
 
     let check = |op: &str, err: Error| match &err {
         Error::Decode { actor_id, .. } => {
@@ -506,7 +519,7 @@ fn undecodable_bytes_give_a_decode_error_naming_the_actor() {
         "transform ran its closure on undecodable state"
     );
     // The stored bytes are untouched.
-    let stored = store.load_versioned_bytes("garbage-1").unwrap().unwrap();
+    let stored = store.raw().load_versioned("garbage-1").unwrap().unwrap();
     assert_eq!(
         (stored.value.as_slice(), stored.sequence),
         (&garbage[..], 1)
@@ -520,7 +533,7 @@ fn undecodable_bytes_give_a_decode_error_naming_the_actor() {
         .migrate(true)
         .build()
         .unwrap();
-    json.save_bytes("garbage-1", b"{not json").unwrap();
+    json.raw().save("garbage-1", b"{not json").unwrap();
     check(
         "json load",
         json.load::<GameState>("garbage-1").unwrap_err(),
@@ -572,19 +585,26 @@ fn sequence_numbers_beyond_bigint_are_rejected() {
     for id in ["existing", "fresh"] {
         let results: Vec<(&str, u64, trebuchet_postgres::Result<()>)> = vec![
             (
-                "save_with_sequence",
+                "save_with(sequence)",
                 too_big,
-                store.save_with_sequence(id, &game(2), too_big),
+                store
+                    .save_with(id, &game(2), WriteOptions::new().sequence(too_big))
+                    .map(drop),
             ),
             (
                 "save_with_sequence(u64::MAX)",
                 u64::MAX,
-                store.save_with_sequence(id, &game(2), u64::MAX),
+                store
+                    .save_with(id, &game(2), WriteOptions::new().sequence(u64::MAX))
+                    .map(drop),
             ),
             (
-                "save_bytes_with_sequence",
+                "raw save_with(sequence)",
                 too_big,
-                store.save_bytes_with_sequence(id, b"raw", too_big),
+                store
+                    .raw()
+                    .save_with(id, b"raw", WriteOptions::new().sequence(too_big))
+                    .map(drop),
             ),
             (
                 "save_if",
@@ -604,7 +624,8 @@ fn sequence_numbers_beyond_bigint_are_rejected() {
                 "save_bytes_if",
                 u64::MAX,
                 store
-                    .save_bytes_if(id, b"raw", Expected::Sequence(u64::MAX))
+                    .raw()
+                    .save_if(id, b"raw", Expected::Sequence(u64::MAX))
                     .map(drop),
             ),
         ];
@@ -627,7 +648,11 @@ fn sequence_numbers_beyond_bigint_are_rejected() {
 
     // i64::MAX itself is in range.
     store
-        .save_with_sequence("edge", &game(4), i64::MAX as u64)
+        .save_with(
+            "edge",
+            &game(4),
+            WriteOptions::new().sequence(i64::MAX as u64),
+        )
         .unwrap();
     assert_eq!(store.sequence("edge").unwrap(), Some(i64::MAX as u64));
     // One more write would overflow: a typed database error, nothing changed.

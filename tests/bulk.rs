@@ -15,7 +15,7 @@ fn load_many_keeps_the_order_and_reports_missing_actors() {
     store.save("b", &2u32).unwrap();
     let got: Vec<Option<u32>> = store.load_many(&["b", "missing", "a", "b"]).unwrap();
     assert_eq!(got, vec![Some(2), None, Some(1), Some(2)]);
-    let bytes = store.load_many_bytes(&["a", "nope"]).unwrap();
+    let bytes = store.raw().load_many(&["a", "nope"]).unwrap();
     assert_eq!(bytes[1], None);
     assert_eq!(
         store.load_many::<u32, &str>(&[]).unwrap(),
@@ -45,7 +45,7 @@ fn versioned_bulk_loads_keep_the_order_of_the_request() {
     let a = typed[2].as_ref().unwrap();
     assert!(a.created_at <= a.updated_at);
 
-    let bytes = store.load_many_versioned_bytes(&ids).unwrap();
+    let bytes = store.raw().load_many_versioned(&ids).unwrap();
     assert_eq!(bytes.len(), 4);
     assert_eq!(
         bytes
@@ -56,7 +56,7 @@ fn versioned_bulk_loads_keep_the_order_of_the_request() {
     );
     assert_eq!(
         bytes[0].as_ref().map(|v| v.value.clone()),
-        store.load_bytes("b").unwrap()
+        store.raw().load("b").unwrap()
     );
     assert!(store
         .load_many_versioned::<u32, &str>(&[])

@@ -536,11 +536,11 @@ fn hostile_bytes_in_the_table_give_decode_errors() {
             continue;
         }
         let id = format!("hostile {label}");
-        store.save_bytes(&id, &input).unwrap();
+        store.raw().save(&id, &input).unwrap();
         match store.load::<Room>(&id) {
             Err(Error::Decode { actor_id, .. }) => assert_eq!(actor_id, id),
             other => panic!("{label}: expected Error::Decode, got {other:?}"),
         }
-        assert_eq!(store.load_bytes(&id).unwrap(), Some(input), "{label}");
+        assert_eq!(store.raw().load(&id).unwrap(), Some(input), "{label}");
     }
 }

@@ -12,7 +12,7 @@ mod common;
 use std::thread;
 
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
-use trebuchet_postgres::{Expected, RestoreOutcome, StateStore, Versioned};
+use trebuchet_postgres::{Expected, RestoreOutcome, StateStore, Versioned, WriteOptions};
 
 /// Saves `id` five times (sequence 5), so that its delete leaves a
 /// tombstone at 6.
@@ -185,13 +185,8 @@ fn a_restore_racing_a_delete_never_goes_below_the_tombstone() {
     let store = schema.store();
     let now = std::time::SystemTime::now();
     let outcomes = race_with_delete(&schema, &store, "a", move |s| {
-        let item = Versioned {
-            value: vec![0xa0],
-            sequence: 3,
-            updated_at: now,
-            created_at: now,
-        };
-        s.restore_many_bytes(&[("a", item)]).unwrap()
+        let item = Versioned::new(vec![0xa0], 3, now, now);
+        s.raw().restore_many(&[("a", item)]).unwrap()
     });
     assert!(
         !matches!(outcomes[0], RestoreOutcome::Written),
@@ -209,7 +204,7 @@ fn a_save_at_a_given_sequence_racing_a_delete_never_goes_below_the_tombstone() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
     let result = race_with_delete(&schema, &store, "a", |s| {
-        s.save_with_sequence("a", &100u64, TOMBSTONE)
+        s.save_with("a", &100u64, WriteOptions::new().sequence(TOMBSTONE))
     });
     // Sequence 6 is the tombstone's own number: never written again.
     assert!(result.is_err(), "{result:?}");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::wait_until;
 
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
-use trebuchet_postgres::{Error, Expected, StateCache, StateStore, SweepOptions};
+use trebuchet_postgres::{Error, Expected, StateCache, StateStore, SweepOptions, WriteOptions};
 
 /// A time to live short enough for a test, long enough that the few calls
 /// a test makes before it expires (a save and the reads that follow it)
@@ -54,9 +54,17 @@ fn rows(schema: &TestSchema) -> i64 {
 fn expired_states_read_as_absent_everywhere_at_once() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    assert_eq!(store.save_with_ttl("brief", &1u32, TTL).unwrap(), 1);
     assert_eq!(
-        store.save_bytes_with_ttl("brief-bytes", b"x", TTL).unwrap(),
+        store
+            .save_with("brief", &1u32, WriteOptions::new().ttl(TTL))
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .raw()
+            .save_with("brief-bytes", b"x", WriteOptions::new().ttl(TTL))
+            .unwrap(),
         1
     );
     store.save("kept", &2u32).unwrap();
@@ -65,7 +73,7 @@ fn expired_states_read_as_absent_everywhere_at_once() {
 
     outlive(&schema, &["brief", "brief-bytes"]);
     assert_eq!(store.load::<u32>("brief").unwrap(), None);
-    assert_eq!(store.load_bytes("brief-bytes").unwrap(), None);
+    assert_eq!(store.raw().load("brief-bytes").unwrap(), None);
     assert!(store.load_versioned::<u32>("brief").unwrap().is_none());
     assert!(!store.exists("brief").unwrap());
     assert_eq!(store.sequence("brief").unwrap(), None);
@@ -74,7 +82,8 @@ fn expired_states_read_as_absent_everywhere_at_once() {
         vec![None, Some(2)]
     );
     assert!(store
-        .load_many_versioned_bytes(&["brief", "brief-bytes"])
+        .raw()
+        .load_many_versioned(&["brief", "brief-bytes"])
         .unwrap()
         .iter()
         .all(Option::is_none));
@@ -86,11 +95,19 @@ fn expired_states_read_as_absent_everywhere_at_once() {
         .map(|a| a.actor_id)
         .collect();
     assert_eq!(listed, vec!["kept"]);
-    assert_eq!(store.list_ids("", None, 100).unwrap().ids, vec!["kept"]);
+    let listed = store.list_actors("", None, 100).unwrap().actors;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|a| a.actor_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["kept"]
+    );
     assert_eq!(store.count_actors("").unwrap(), 1);
     let mut walked = Vec::new();
     store
-        .for_each_bytes("", |id, _| {
+        .raw()
+        .for_each("", |id, _| {
             walked.push(id);
             std::ops::ControlFlow::Continue(())
         })
@@ -105,11 +122,21 @@ fn expired_states_read_as_absent_everywhere_at_once() {
 fn writes_treat_an_expired_actor_as_deleted_at_the_next_number() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    store.save_with_ttl("a", &1u32, TTL).unwrap(); // 1
-    store.save_with_ttl("b", &1u32, TTL).unwrap(); // 1
-    store.save_with_ttl("c", &1u32, TTL).unwrap(); // 1
-    store.save_with_ttl("d", &1u32, TTL).unwrap(); // 1
-    store.save_with_ttl("e", &1u32, TTL).unwrap(); // 1
+    store
+        .save_with("a", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap(); // 1
+    store
+        .save_with("b", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap(); // 1
+    store
+        .save_with("c", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap(); // 1
+    store
+        .save_with("d", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap(); // 1
+    store
+        .save_with("e", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap(); // 1
     let created = store
         .load_versioned::<u32>("a")
         .unwrap()
@@ -156,12 +183,20 @@ fn writes_treat_an_expired_actor_as_deleted_at_the_next_number() {
     assert_eq!(outcomes[0].as_ref().unwrap(), &3);
 
     // An explicit sequence number must be above the number expiry took.
-    store.save_with_ttl("f", &1u32, TTL).unwrap();
-    store.save_with_ttl("f", &1u32, TTL).unwrap(); // 2
+    store
+        .save_with("f", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap();
+    store
+        .save_with("f", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap(); // 2
     outlive(&schema, &["f"]);
-    let err = store.save_with_sequence("f", &9u32, 3).unwrap_err();
+    let err = store
+        .save_with("f", &9u32, WriteOptions::new().sequence(3))
+        .unwrap_err();
     assert!(matches!(err, Error::StaleSequence { .. }), "{err}");
-    store.save_with_sequence("f", &9u32, 4).unwrap();
+    store
+        .save_with("f", &9u32, WriteOptions::new().sequence(4))
+        .unwrap();
     assert_eq!(store.sequence("f").unwrap(), Some(4));
 }
 
@@ -172,10 +207,16 @@ fn a_later_save_without_a_ttl_clears_it_and_a_ttl_can_be_renewed() {
     store.migrate().unwrap();
     let grouped = schema.store();
     for id in ["plain", "if", "transform", "bulk", "grouped"] {
-        store.save_with_ttl(id, &1u32, TTL).unwrap();
+        store
+            .save_with(id, &1u32, WriteOptions::new().ttl(TTL))
+            .unwrap();
     }
-    store.save_with_ttl("renewed", &1u32, TTL).unwrap();
-    store.save_with_ttl("shortened", &1u32, TTL * 10).unwrap();
+    store
+        .save_with("renewed", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap();
+    store
+        .save_with("shortened", &1u32, WriteOptions::new().ttl(TTL * 10))
+        .unwrap();
 
     store.save("plain", &2u32).unwrap();
     store.save_if("if", &2u32, Expected::Sequence(1)).unwrap();
@@ -185,9 +226,17 @@ fn a_later_save_without_a_ttl_clears_it_and_a_ttl_can_be_renewed() {
     store.save_many(&[("bulk", 2u32)]).unwrap();
     grouped.save("grouped", &2u32).unwrap();
     store
-        .save_if_with_ttl("renewed", &2u32, Expected::Sequence(1), TTL * 10)
+        .save_with(
+            "renewed",
+            &2u32,
+            WriteOptions::new()
+                .expect(Expected::Sequence(1))
+                .ttl(TTL * 10),
+        )
         .unwrap();
-    store.save_with_ttl("shortened", &2u32, TTL).unwrap();
+    store
+        .save_with("shortened", &2u32, WriteOptions::new().ttl(TTL))
+        .unwrap();
 
     // Saved last, with the first saves' time to live: once it has expired,
     // so would have they.
@@ -208,8 +257,12 @@ fn a_cache_stops_serving_a_state_once_it_expires() {
     let store = schema.store();
     let listener = store.listener().unwrap();
     let cache: StateCache<u64> = StateCache::new(&store, &listener).unwrap();
-    store.save_with_ttl("brief", &1u64, TTL).unwrap();
-    store.save_with_ttl("renewed", &1u64, TTL).unwrap();
+    store
+        .save_with("brief", &1u64, WriteOptions::new().ttl(TTL))
+        .unwrap();
+    store
+        .save_with("renewed", &1u64, WriteOptions::new().ttl(TTL))
+        .unwrap();
     assert_eq!(cache.get("brief").unwrap().as_deref(), Some(&1));
     assert_eq!(cache.get("renewed").unwrap().as_deref(), Some(&1));
     assert_eq!(cache.sequence("brief"), Some(1));
@@ -244,10 +297,20 @@ fn bad_ttls_are_rejected_and_touch_nothing() {
         Duration::from_secs(2000 * 366 * 24 * 3600),
     ] {
         for result in [
-            store.save_with_ttl("a", &1u32, ttl),
-            store.save_if_with_ttl("a", &1u32, Expected::Absent, ttl),
-            store.save_bytes_with_ttl("a", b"x", ttl),
-            store.save_bytes_if_with_ttl("a", b"x", Expected::Absent, ttl),
+            store.save_with("a", &1u32, WriteOptions::new().ttl(ttl)),
+            store.save_with(
+                "a",
+                &1u32,
+                WriteOptions::new().expect(Expected::Absent).ttl(ttl),
+            ),
+            store
+                .raw()
+                .save_with("a", b"x", WriteOptions::new().ttl(ttl)),
+            store.raw().save_with(
+                "a",
+                b"x",
+                WriteOptions::new().expect(Expected::Absent).ttl(ttl),
+            ),
         ] {
             let err = result.unwrap_err();
             assert!(
@@ -265,9 +328,15 @@ fn bad_ttls_are_rejected_and_touch_nothing() {
 fn deleting_an_expired_actor_says_it_did_not_exist_but_removes_it() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    store.save_with_ttl("a", &1u32, TTL).unwrap();
-    store.save_with_ttl("b", &1u32, TTL).unwrap();
-    store.save_with_ttl("c", &1u32, TTL).unwrap();
+    store
+        .save_with("a", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap();
+    store
+        .save_with("b", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap();
+    store
+        .save_with("c", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap();
     outlive(&schema, &["a", "b", "c"]);
     let mut client = listening(&schema);
     assert!(!store.delete("a").unwrap());
@@ -291,11 +360,15 @@ fn the_sweeper_removes_expired_actors_in_batches_and_announces_each() {
     let store = schema.store();
     let expiring: Vec<(String, u32)> = (0..25).map(|i| (format!("e{i:02}"), i)).collect();
     for (id, n) in &expiring {
-        store.save_with_ttl(id, n, TTL).unwrap();
+        store
+            .save_with(id, n, WriteOptions::new().ttl(TTL))
+            .unwrap();
     }
     let kept: Vec<(String, u32)> = (0..5).map(|i| (format!("k{i}"), i)).collect();
     store.save_many(&kept).unwrap();
-    store.save_with_ttl("later", &0u32, TTL * 50).unwrap();
+    store
+        .save_with("later", &0u32, WriteOptions::new().ttl(TTL * 50))
+        .unwrap();
     assert_eq!(
         store.sweep_expired(10).unwrap().removed,
         0,
@@ -370,7 +443,9 @@ fn only_one_sweeper_works_at_a_time() {
     let second = schema.store();
     let items: Vec<(String, u32)> = (0..20).map(|i| (format!("a{i:02}"), i)).collect();
     for (id, n) in &items {
-        first.save_with_ttl(id, n, TTL).unwrap();
+        first
+            .save_with(id, n, WriteOptions::new().ttl(TTL))
+            .unwrap();
     }
     let ids: Vec<&str> = items.iter().map(|(id, _)| id.as_str()).collect();
     outlive(&schema, &ids);
@@ -435,7 +510,9 @@ fn the_background_sweeper_sweeps_and_stops_with_the_store() {
     let clone: StateStore = store.clone();
     let mut client = listening(&schema);
     for i in 0..10 {
-        store.save_with_ttl(&format!("s{i}"), &i, TTL).unwrap();
+        store
+            .save_with(&format!("s{i}"), &i, WriteOptions::new().ttl(TTL))
+            .unwrap();
     }
     store.save("kept", &1u32).unwrap();
     wait_until("the sweeper sweeps", WAIT, || rows(&schema) <= 1);
@@ -461,7 +538,9 @@ fn the_background_sweeper_sweeps_and_stops_with_the_store() {
     // there by a lock on the tombstone table, which its deletes write to):
     // the drop waits for the batch and joins the thread, which never ends
     // up holding the store alone.
-    clone.save_with_ttl("late", &1u32, TTL).unwrap();
+    clone
+        .save_with("late", &1u32, WriteOptions::new().ttl(TTL))
+        .unwrap();
     let (locked_tx, locked) = std::sync::mpsc::channel();
     let (release_tx, release) = std::sync::mpsc::channel::<()>();
     let mut blocker = schema.client().unwrap();

@@ -89,7 +89,7 @@ impl Load {
                     while !stop.load(Ordering::Relaxed) {
                         let actor = format!("w{w}-{}", n as usize % ACTORS_PER_WRITER);
                         let bytes = payload(w, n);
-                        let outcome = store.save_bytes(&actor, &bytes).map_err(|e| {
+                        let outcome = store.raw().save(&actor, &bytes).map_err(|e| {
                             // Whatever the error's kind, it must say the
                             // server could not be reached or the write's
                             // fate is unknown, not something else.
@@ -153,7 +153,8 @@ fn audit(store: &StateStore, writers: &[Vec<Write>]) -> Vec<usize> {
         }
         for (actor, writes) in by_actor {
             let stored = store
-                .load_versioned_bytes(actor)
+                .raw()
+                .load_versioned(actor)
                 .expect("load after the fault")
                 .unwrap_or_else(|| panic!("writer {w}: actor {actor} is missing"));
             // Acknowledged sequence numbers only grow.
@@ -263,7 +264,7 @@ impl Drain {
     /// Saves [`AFTER`] and waits until its change arrives.
     #[track_caller]
     fn save_after_and_wait(&self, store: &StateStore) {
-        store.save_bytes(AFTER, b"x").expect("save after the fault");
+        store.raw().save(AFTER, b"x").expect("save after the fault");
         wait_until("the last save is announced", RECOVERY, || {
             self.saw_after.load(Ordering::Relaxed)
         });

@@ -170,11 +170,13 @@ fn bad_input_is_rejected_before_joining_a_group() {
         Err(Error::InvalidActorId(_))
     ));
     assert!(matches!(
-        store.save_bytes("a", &[0; 9]),
+        store.raw().save("a", &[0; 9]),
         Err(Error::StateTooLarge { .. })
     ));
     assert!(matches!(
-        store.save_bytes_if("a", &[0; 1], Expected::Sequence(u64::MAX)),
+        store
+            .raw()
+            .save_if("a", &[0; 1], Expected::Sequence(u64::MAX)),
         Err(Error::SequenceOutOfRange(_))
     ));
     assert_eq!(store.save("a", &1u8).unwrap(), 1);

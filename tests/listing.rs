@@ -1,5 +1,5 @@
-//! `list_ids`: pages of ids with a prefix and an opaque, resumable page
-//! token, consistent under concurrent inserts and deletes.
+//! `list_actors`: pages of actors with a prefix, resumable from the last id
+//! of a page, consistent under concurrent inserts and deletes.
 
 mod common;
 
@@ -14,20 +14,20 @@ use trebuchet_postgres::{Error, StateStore};
 /// Every id with `prefix`, page by page, checking each page's size.
 fn walk(store: &StateStore, prefix: &str, limit: u32) -> Vec<String> {
     let mut ids = Vec::new();
-    let mut token: Option<String> = None;
+    let mut after: Option<String> = None;
     loop {
-        let page = store.list_ids(prefix, token.as_deref(), limit).unwrap();
-        assert!(page.ids.len() <= limit as usize);
-        if page.next_page.is_some() {
+        let page = store.list_actors(prefix, after.as_deref(), limit).unwrap();
+        assert!(page.actors.len() <= limit as usize);
+        if page.next.is_some() {
             assert_eq!(
-                page.ids.len(),
+                page.actors.len(),
                 limit as usize,
                 "only the last page is short"
             );
         }
-        ids.extend(page.ids);
-        match page.next_page {
-            Some(next) => token = Some(next),
+        ids.extend(page.actors.into_iter().map(|a| a.actor_id));
+        match page.next {
+            Some(next) => after = Some(next),
             None => return ids,
         }
     }
@@ -49,70 +49,58 @@ fn pages_cover_every_id_with_the_prefix_once_in_key_order() {
     assert_eq!(walk(&store, "", 4).len(), 30);
     assert!(walk(&store, "nobody-", 10).is_empty());
     // A page that ends exactly at the last id still says whether more follow.
-    let page = store.list_ids("player-", None, 7).unwrap();
-    assert_eq!((page.ids.len(), page.next_page), (7, None));
+    let page = store.list_actors("player-", None, 7).unwrap();
+    assert_eq!((page.actors.len(), page.next), (7, None));
 }
 
 #[test]
-fn a_token_resumes_later_from_another_store() {
+fn a_page_resumes_later_from_another_store() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
     let items: Vec<(String, u32)> = (0..10).map(|i| (format!("a{i}"), i)).collect();
     store.save_many(&items).unwrap();
-    let first = store.list_ids("a", None, 4).unwrap();
-    let token = first.next_page.clone().unwrap();
+    let first = store.list_actors("a", None, 4).unwrap();
+    let after = first.next.clone().unwrap();
     drop(store);
 
-    // Later, elsewhere: the token holds the place, not a server cursor.
+    // Later, elsewhere: the last id holds the place, not a server cursor.
     let other = schema.store();
     other.delete("a5").unwrap();
     other.save("a45", &1u32).unwrap();
-    let second = other.list_ids("a", Some(&token), 4).unwrap();
-    assert_eq!(second.ids, vec!["a4", "a45", "a6", "a7"]);
-    // The same token gives the same page again.
-    assert_eq!(other.list_ids("a", Some(&token), 4).unwrap(), second);
+    let second = other.list_actors("a", Some(&after), 4).unwrap();
+    let ids: Vec<&str> = second.actors.iter().map(|a| a.actor_id.as_str()).collect();
+    assert_eq!(ids, vec!["a4", "a45", "a6", "a7"]);
+    // The same place gives the same page again.
+    assert_eq!(other.list_actors("a", Some(&after), 4).unwrap(), second);
 }
 
 #[test]
-fn bad_tokens_and_limits_are_rejected_before_anything_is_sent() {
+fn a_zero_limit_is_rejected_before_anything_is_sent() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    store
-        .save_many(&[("r1", 1u32), ("r2", 2), ("r3", 3)])
-        .unwrap();
-    let token = store.list_ids("r", None, 1).unwrap().next_page.unwrap();
-
-    let err = store.list_ids("q", Some(&token), 1).unwrap_err();
+    let err = store.list_actors("r", None, 0).unwrap_err();
     assert!(
-        matches!(&err, Error::InvalidArgument { what: "page token", reason } if reason.contains("another prefix")),
+        matches!(err, Error::InvalidArgument { what: "limit", .. }),
         "{err}"
     );
-    let mut damaged = token.clone();
-    damaged.replace_range(2..4, if &token[2..4] == "00" { "01" } else { "00" });
-    for bad in [
-        "",
-        "not a token",
-        "abc",
-        &token[..token.len() - 1],
-        &damaged,
-    ] {
-        let err = store.list_ids("r", Some(bad), 1).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::InvalidArgument {
-                    what: "page token",
-                    ..
-                }
-            ),
-            "{bad:?}: {err}"
-        );
-        assert!(err.is_invalid_input());
-    }
-    assert!(matches!(
-        store.list_ids("r", None, 0).unwrap_err(),
-        Error::InvalidArgument { what: "limit", .. }
-    ));
+    assert!(err.is_invalid_input());
+}
+
+#[test]
+fn pages_carry_each_actors_sequence_and_size() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    store.raw().save("s1", b"abc").unwrap();
+    store.raw().save("s1", b"abcd").unwrap();
+    store.raw().save("s2", b"").unwrap();
+    let page = store.list_actors("s", None, 10).unwrap();
+    let summary: Vec<(&str, u64, u64)> = page
+        .actors
+        .iter()
+        .map(|a| (a.actor_id.as_str(), a.sequence, a.size))
+        .collect();
+    assert_eq!(summary, vec![("s1", 2, 4), ("s2", 1, 0)]);
+    assert_eq!(page.next, None);
 }
 
 /// While pages are read, other threads keep inserting and deleting ids in
@@ -178,7 +166,8 @@ fn paging_is_consistent_under_concurrent_inserts_and_deletes() {
 fn found(store: &StateStore, prefix: &str) -> (Vec<String>, u64, Vec<String>) {
     let mut walked = Vec::new();
     store
-        .for_each_bytes(prefix, |id, _| {
+        .raw()
+        .for_each(prefix, |id, _| {
             walked.push(id);
             std::ops::ControlFlow::Continue(())
         })

@@ -303,7 +303,8 @@ fn the_pool_counts_waits() {
         let store = store.clone();
         thread::spawn(move || {
             store
-                .for_each_bytes("", |_, _| {
+                .raw()
+                .for_each("", |_, _| {
                     let _ = entered_tx.send(());
                     // Bounded: a test that fails before releasing it ends.
                     let _ = released.recv_timeout(Duration::from_secs(60));

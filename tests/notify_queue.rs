@@ -53,8 +53,8 @@ fn assert_queue_full<T: std::fmt::Debug>(what: &str, result: Result<T, Error>) {
 /// Every kind of write fails with the typed error and leaves everything as
 /// it was.
 fn every_write_fails_and_applies_nothing(store: &StateStore) {
-    let before_a = store.load_versioned_bytes("a").unwrap();
-    let before_b = store.load_versioned_bytes("b").unwrap();
+    let before_a = store.raw().load_versioned("a").unwrap();
+    let before_b = store.raw().load_versioned("b").unwrap();
     assert_queue_full("save", store.save("a", &2u32));
     assert_queue_full("save new", store.save("new", &2u32));
     assert_queue_full("save_if", store.save_if("a", &2u32, Expected::Sequence(1)));
@@ -79,10 +79,10 @@ fn every_write_fails_and_applies_nothing(store: &StateStore) {
     for writer in writers {
         assert_queue_full("grouped save", writer.join().unwrap());
     }
-    assert_eq!(store.load_versioned_bytes("a").unwrap(), before_a);
-    assert_eq!(store.load_versioned_bytes("b").unwrap(), before_b);
-    assert_eq!(store.load_bytes("new").unwrap(), None);
-    assert_eq!(store.load_bytes("g0").unwrap(), None);
+    assert_eq!(store.raw().load_versioned("a").unwrap(), before_a);
+    assert_eq!(store.raw().load_versioned("b").unwrap(), before_b);
+    assert_eq!(store.raw().load("new").unwrap(), None);
+    assert_eq!(store.raw().load("g0").unwrap(), None);
 }
 
 #[test]

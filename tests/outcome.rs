@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use trebuchet_postgres::testing::{ProxyRequest, StopMode, TcpProxy, TestCluster};
 use trebuchet_postgres::{
     BatchResult, Error, Expected, PoolOptions, RetryPolicy, StateStore, StateStoreBuilder,
+    WriteOptions,
 };
 
 /// One cluster for the cut tests of this file; each test has its own proxy
@@ -151,10 +152,14 @@ fn save_if() {
 #[test]
 fn save_with_sequence() {
     let rig = Rig::new("cut_save_with_sequence");
-    rig.after(Statement, 1, |s| s.save_with_sequence("a", &1u32, 10))
-        .unwrap();
+    rig.after(Statement, 1, |s| {
+        s.save_with("a", &1u32, WriteOptions::new().sequence(10))
+    })
+    .unwrap();
     assert_eq!(rig.version("a"), Some((1, 10)));
-    assert_not_applied(rig.before(Statement, 1, |s| s.save_with_sequence("a", &2u32, 20)));
+    assert_not_applied(rig.before(Statement, 1, |s| {
+        s.save_with("a", &2u32, WriteOptions::new().sequence(20))
+    }));
     assert_eq!(rig.version("a"), Some((1, 10)));
 }
 
@@ -581,7 +586,8 @@ fn a_write_not_applied_on_a_connection_just_checked_is_made_again() {
     // so connections in use at the time are checked before their next use.
     let walked = rig
         .store
-        .for_each_bytes("a", |_, _| {
+        .raw()
+        .for_each("a", |_, _| {
             std::thread::scope(|scope| {
                 scope
                     .spawn(|| {

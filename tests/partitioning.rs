@@ -14,7 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::Value;
 use trebuchet_postgres::testing::{point_statements, TestDatabase, TestSchema};
 use trebuchet_postgres::{
-    BatchResult, ChangeKind, Error, Event, Expected, Problem, RestoreOutcome, StateStore, Versioned,
+    BatchResult, ChangeKind, Error, Event, Expected, Problem, RestoreOutcome, StateStore,
+    Versioned, WriteOptions,
 };
 
 /// Partitions of `schema.actor_states` and the rows in each, by name.
@@ -196,7 +197,9 @@ fn exercise(schema: &TestSchema, store: &StateStore) {
     assert!(store.save_if("actor-03", &3u32, Expected::Absent).is_err());
     assert_eq!(store.save_if("fresh", &1u32, Expected::Absent).unwrap(), 1);
     saved("fresh", 1);
-    store.save_with_sequence("actor-04", &5u32, 10).unwrap();
+    store
+        .save_with("actor-04", &5u32, WriteOptions::new().sequence(10))
+        .unwrap();
     saved("actor-04", 10);
     let t = store
         .transform("actor-05", |n: Option<u32>| n.unwrap_or(0) + 1)
@@ -283,12 +286,12 @@ fn exercise(schema: &TestSchema, store: &StateStore) {
 
     // Listing, counting, export and import.
     let mut listed = Vec::new();
-    let mut token: Option<String> = None;
+    let mut after: Option<String> = None;
     loop {
-        let page = store.list_ids("bulk-", token.as_deref(), 7).unwrap();
-        listed.extend(page.ids);
-        match page.next_page {
-            Some(next) => token = Some(next),
+        let page = store.list_actors("bulk-", after.as_deref(), 7).unwrap();
+        listed.extend(page.actors.into_iter().map(|a| a.actor_id));
+        match page.next {
+            Some(next) => after = Some(next),
             None => break,
         }
     }
@@ -299,7 +302,8 @@ fn exercise(schema: &TestSchema, store: &StateStore) {
     assert_eq!(store.count_actors("bulk-").unwrap(), 39);
     let mut exported = Vec::new();
     store
-        .for_each_bytes("actor-", |id, v| {
+        .raw()
+        .for_each("actor-", |id, v| {
             exported.push((id, v));
             ControlFlow::Continue(())
         })
@@ -307,33 +311,37 @@ fn exercise(schema: &TestSchema, store: &StateStore) {
     assert_eq!(exported.len(), 64);
     assert!(exported.windows(2).all(|w| w[0].0 < w[1].0));
     let now = SystemTime::now();
-    let item = Versioned {
-        value: vec![1u8],
-        sequence: 5,
-        updated_at: now,
-        created_at: now,
-    };
+    let item = Versioned::new(vec![1u8], 5, now, now);
     assert_eq!(
         store
-            .restore_many_bytes(&[("restored", item.clone())])
+            .raw()
+            .restore_many(&[("restored", item.clone())])
             .unwrap(),
         vec![RestoreOutcome::Written]
     );
     assert_eq!(
-        store.restore_many_bytes(&[("restored", item)]).unwrap(),
+        store.raw().restore_many(&[("restored", item)]).unwrap(),
         vec![RestoreOutcome::Unchanged]
     );
 
     // Expiry and the sweeper.
     let mut client = schema.client().unwrap();
     store
-        .save_with_ttl("brief", &1u32, Duration::from_millis(300))
+        .save_with(
+            "brief",
+            &1u32,
+            WriteOptions::new().ttl(Duration::from_millis(300)),
+        )
         .unwrap();
     common::wait_expired(&mut client, &store.table(), &["brief"]);
     assert!(!store.exists("brief").unwrap());
     assert_eq!(store.save_if("brief", &2u32, Expected::Absent).unwrap(), 3);
     store
-        .save_with_ttl("brief", &3u32, Duration::from_millis(300))
+        .save_with(
+            "brief",
+            &3u32,
+            WriteOptions::new().ttl(Duration::from_millis(300)),
+        )
         .unwrap();
     common::wait_expired(&mut client, &store.table(), &["brief"]);
     assert_eq!(store.sweep_expired(100).unwrap().removed, 1);
@@ -411,7 +419,7 @@ fn converting_a_plain_table_loses_nothing_under_concurrent_writes() {
         .map(|i| (format!("actor-{i:05}"), vec![(i % 251) as u8; 1 + i % 300]))
         .collect();
     for chunk in items.chunks(1000) {
-        store.save_many_bytes(chunk).unwrap();
+        store.raw().save_many(chunk).unwrap();
     }
     for i in 0..300 {
         store.save(&format!("actor-{i:05}"), &i).unwrap();
@@ -419,7 +427,11 @@ fn converting_a_plain_table_loses_nothing_under_concurrent_writes() {
     let gone: Vec<String> = (300..400).map(|i| format!("actor-{i:05}")).collect();
     store.delete_many(&gone).unwrap();
     store
-        .save_with_ttl("expiring", &1u32, Duration::from_secs(3600))
+        .save_with(
+            "expiring",
+            &1u32,
+            WriteOptions::new().ttl(Duration::from_secs(3600)),
+        )
         .unwrap();
     let before = snapshot(&schema);
     let tombstones_before = store.stats().unwrap().tombstones;

@@ -19,7 +19,7 @@ use std::thread;
 use std::time::Duration;
 
 use trebuchet_postgres::testing::{ProxyRequest, TcpProxy, TestCluster, TestDatabase, TestSchema};
-use trebuchet_postgres::{BatchResult, Error, Expected, PoolOptions, StateStore};
+use trebuchet_postgres::{BatchResult, Error, Expected, PoolOptions, StateStore, WriteOptions};
 
 /// How long a statement may take to reach a lock before the test gives up.
 const LOCK_WAIT: Duration = Duration::from_secs(60);
@@ -324,7 +324,7 @@ fn an_import_that_meets_a_higher_number_reports_it() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
     let outcome = updated_to(&schema, &store, "a", 10, |s| {
-        s.save_with_sequence("a", &5u32, 5)
+        s.save_with("a", &5u32, WriteOptions::new().sequence(5))
     });
     match outcome {
         Err(Error::StaleSequence {

@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime};
 const ALL_VERSIONS: &[i32] = &[1, 2, 3, 4];
 
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
-use trebuchet_postgres::{Error, ErrorKind, Expected, Problem, StateStore, DEFAULT_CHANNEL};
+use trebuchet_postgres::{
+    Error, ErrorKind, Expected, Problem, StateStore, WriteOptions, DEFAULT_CHANNEL,
+};
 
 /// The seed's schema script, verbatim but for its comments, split so that
 /// rows can be inserted before the trigger exists: the seed's function
@@ -208,7 +210,10 @@ fn operations_before_migrate_fail_with_schema_missing() {
         ),
         (
             "save_with_sequence",
-            Box::new(|| s.save_with_sequence("a", &1u32, 5)),
+            Box::new(|| {
+                s.save_with("a", &1u32, WriteOptions::new().sequence(5))
+                    .map(drop)
+            }),
         ),
         (
             "transform",
@@ -220,11 +225,11 @@ fn operations_before_migrate_fail_with_schema_missing() {
         ("delete", Box::new(|| s.delete("a").map(drop))),
         ("exists", Box::new(|| s.exists("a").map(drop))),
         ("sequence", Box::new(|| s.sequence("a").map(drop))),
-        ("save_bytes", Box::new(|| s.save_bytes("a", &[0]).map(drop))),
-        ("load_bytes", Box::new(|| s.load_bytes("a").map(drop))),
+        ("save_bytes", Box::new(|| s.raw().save("a", &[0]).map(drop))),
+        ("load_bytes", Box::new(|| s.raw().load("a").map(drop))),
         (
             "transform_bytes",
-            Box::new(|| s.transform_bytes("a", |_| vec![0]).map(drop)),
+            Box::new(|| s.raw().transform("a", |_| vec![0]).map(drop)),
         ),
     ];
     for (name, op) in &ops {
@@ -592,15 +597,15 @@ fn seed_table_is_upgraded_by_migrate_without_losing_rows() {
 
     // The store carries on from the seed's sequence numbers and timestamps.
     assert_eq!(
-        store.load_bytes("room-1").unwrap(),
+        store.raw().load("room-1").unwrap(),
         Some(vec![0x01, 0x02, 0xff, 0x00])
     );
-    assert_eq!(store.save_bytes("room-1", &[9]).unwrap(), 8);
-    let v = store.load_versioned_bytes("room-1").unwrap().unwrap();
+    assert_eq!(store.raw().save("room-1", &[9]).unwrap(), 8);
+    let v = store.raw().load_versioned("room-1").unwrap().unwrap();
     assert_eq!(v.created_at, before[0].3, "created_at kept");
     assert_eq!(store.sequence("test-actor").unwrap(), Some(0));
     assert!(store.delete("test-actor").unwrap());
-    assert_eq!(store.save_bytes("test-actor", &[1]).unwrap(), 2);
+    assert_eq!(store.raw().save("test-actor", &[1]).unwrap(), 2);
 
     // A seed-style writer that leaves the timestamps to the column defaults
     // in a New York session now stores UTC.
@@ -611,7 +616,7 @@ fn seed_table_is_upgraded_by_migrate_without_losing_rows() {
             common::NEW_YORK
         ))
         .unwrap();
-    let v = store.load_versioned_bytes("swift").unwrap().unwrap();
+    let v = store.raw().load_versioned("swift").unwrap().unwrap();
     common::assert_recent("default updated_at", v.updated_at);
     common::assert_recent("default created_at", v.created_at);
 }

@@ -21,7 +21,7 @@ use trebuchet_postgres::postgres::Client;
 use trebuchet_postgres::testing::{TestCluster, TestDatabase};
 use trebuchet_postgres::{
     ChangeKind, ChangeListener, ConnectFailure, ConnectOptions, Error, Event, Expected, Pool,
-    PoolOptions, StateCache, StateStore, Subscription, Versioned,
+    PoolOptions, StateCache, StateStore, Subscription, Versioned, WriteOptions,
 };
 
 /// How long a test waits for something that should happen.
@@ -462,7 +462,9 @@ fn least_privilege_role_works_but_cannot_migrate() {
         .save_if("b", &1u32, Expected::Absent)
         .unwrap_err()
         .is_conflict());
-    store.save_with_sequence("c", &1u32, 10).unwrap();
+    store
+        .save_with("c", &1u32, WriteOptions::new().sequence(10))
+        .unwrap();
     let t = store
         .transform("a", |n: Option<u32>| n.unwrap_or(0) + 1)
         .unwrap();
@@ -482,13 +484,14 @@ fn least_privilege_role_works_but_cannot_migrate() {
     ] {
         common::expect_change(&one, "a", sequence, kind);
     }
-    assert_eq!(store.save_bytes("raw", b"raw").unwrap(), 1);
+    assert_eq!(store.raw().save("raw", b"raw").unwrap(), 1);
     assert_eq!(
-        store.load_bytes("raw").unwrap().as_deref(),
+        store.raw().load("raw").unwrap().as_deref(),
         Some(&b"raw"[..])
     );
     store
-        .transform_bytes("raw", |b| b.map(<[u8]>::to_vec).unwrap_or_default())
+        .raw()
+        .transform("raw", |b| b.map(<[u8]>::to_vec).unwrap_or_default())
         .unwrap();
 
     // Bulk operations and batches.
@@ -526,7 +529,8 @@ fn least_privilege_role_works_but_cannot_migrate() {
     assert_eq!(store.count_actors("m").unwrap(), 1);
     let mut exported = Vec::new();
     store
-        .for_each_bytes("", |id, v| {
+        .raw()
+        .for_each("", |id, v| {
             exported.push((id, v));
             std::ops::ControlFlow::Continue(())
         })
@@ -536,7 +540,7 @@ fn least_privilege_role_works_but_cannot_migrate() {
         .into_iter()
         .map(|(id, v)| (format!("copy-{id}"), v))
         .collect();
-    store.restore_many_bytes(&restored).unwrap();
+    store.raw().restore_many(&restored).unwrap();
 
     // Checks and monitoring.
     let report = store.verify().unwrap();
@@ -688,7 +692,7 @@ fn hostile_actor_ids_round_trip_as_data() {
         assert_eq!((t.value, t.sequence), (3, 3), "{id:?}");
         assert!(store.exists(id).unwrap());
         assert_eq!(store.sequence(id).unwrap(), Some(3));
-        assert_eq!(store.load_versioned_bytes(id).unwrap().unwrap().sequence, 3);
+        assert_eq!(store.raw().load_versioned(id).unwrap().unwrap().sequence, 3);
         for sequence in 1..=3 {
             common::expect_change(&only, id, sequence, ChangeKind::Saved);
         }

@@ -4,7 +4,7 @@ mod common;
 
 use serde::{Deserialize, Serialize};
 use trebuchet_postgres::testing::TestDatabase;
-use trebuchet_postgres::{Codec, Error, ErrorKind, Expected};
+use trebuchet_postgres::{Codec, Error, ErrorKind, Expected, WriteOptions};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 struct GameState {
@@ -207,7 +207,8 @@ fn sequence_numbers_continue_after_delete_and_never_repeat() {
     assert!(store.delete("a").unwrap());
     seen.push(9);
     let v = store
-        .transform_bytes("a", |old| {
+        .raw()
+        .transform("a", |old| {
             assert_eq!(old, None);
             vec![6]
         })
@@ -227,11 +228,15 @@ fn sequence_numbers_continue_after_delete_and_never_repeat() {
 fn save_with_sequence_only_moves_forward() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    store.save_with_sequence("a", &"ten", 10).unwrap();
+    store
+        .save_with("a", &"ten", WriteOptions::new().sequence(10))
+        .unwrap();
     assert_eq!(store.sequence("a").unwrap(), Some(10));
 
     for stale in [5, 10] {
-        let err = store.save_with_sequence("a", &"stale", stale).unwrap_err();
+        let err = store
+            .save_with("a", &"stale", WriteOptions::new().sequence(stale))
+            .unwrap_err();
         assert!(
             matches!(
                 &err,
@@ -247,26 +252,32 @@ fn save_with_sequence_only_moves_forward() {
 
     // An ordinary save continues from the explicit number.
     assert_eq!(store.save("a", &"eleven").unwrap(), 11);
-    store.save_with_sequence("a", &"twenty", 20).unwrap();
+    store
+        .save_with("a", &"twenty", WriteOptions::new().sequence(20))
+        .unwrap();
     assert_eq!(store.sequence("a").unwrap(), Some(20));
 
     // The delete takes 21; a re-create must go above it.
     assert!(store.delete("a").unwrap());
     for stale in [1, 20, 21] {
-        let err = store.save_with_sequence("a", &"stale", stale).unwrap_err();
+        let err = store
+            .save_with("a", &"stale", WriteOptions::new().sequence(stale))
+            .unwrap_err();
         assert!(
             matches!(err, Error::StaleSequence { sequence, current: None, .. } if sequence == stale),
             "{stale}: {err:?}"
         );
     }
     assert!(!store.exists("a").unwrap());
-    store.save_with_sequence("a", &"back", 22).unwrap();
+    store
+        .save_with("a", &"back", WriteOptions::new().sequence(22))
+        .unwrap();
     assert_eq!(store.sequence("a").unwrap(), Some(22));
     assert_eq!(store.load::<String>("a").unwrap().as_deref(), Some("back"));
 
     // Numbers beyond BIGINT are refused before anything is sent.
     let err = store
-        .save_with_sequence("a", &"huge", u64::MAX)
+        .save_with("a", &"huge", WriteOptions::new().sequence(u64::MAX))
         .unwrap_err();
     assert!(
         matches!(err, Error::SequenceOutOfRange(u64::MAX)),
@@ -354,14 +365,16 @@ fn load_versioned_timestamps_are_utc_in_any_session_time_zone() {
     store
         .save_if("room", &state, Expected::Sequence(3))
         .unwrap();
-    store.save_with_sequence("room", &state, 10).unwrap();
-    store.save_bytes("raw", b"x").unwrap();
+    store
+        .save_with("room", &state, WriteOptions::new().sequence(10))
+        .unwrap();
+    store.raw().save("raw", b"x").unwrap();
     for id in ["room", "raw"] {
-        let v = store.load_versioned_bytes(id).unwrap().unwrap();
+        let v = store.raw().load_versioned(id).unwrap().unwrap();
         common::assert_recent("updated_at", v.updated_at);
         common::assert_recent("created_at", v.created_at);
     }
-    let room = store.load_versioned_bytes("room").unwrap().unwrap();
+    let room = store.raw().load_versioned("room").unwrap().unwrap();
     assert_eq!(room.created_at, v1.created_at);
 }
 
@@ -384,24 +397,26 @@ fn bytes_round_trip_exactly() {
     ];
     for (i, bytes) in payloads.iter().enumerate() {
         let id = format!("actor-{i}");
-        assert_eq!(store.save_bytes(&id, bytes).unwrap(), 1);
-        assert_eq!(store.load_bytes(&id).unwrap().as_ref(), Some(bytes), "{i}");
-        let v = store.load_versioned_bytes(&id).unwrap().unwrap();
+        assert_eq!(store.raw().save(&id, bytes).unwrap(), 1);
+        assert_eq!(store.raw().load(&id).unwrap().as_ref(), Some(bytes), "{i}");
+        let v = store.raw().load_versioned(&id).unwrap().unwrap();
         assert_eq!((&v.value, v.sequence), (bytes, 1));
     }
 
     assert_eq!(
-        store.save_bytes_if("z", &[0, 0], Expected::Absent).unwrap(),
+        store.raw().save_if("z", &[0, 0], Expected::Absent).unwrap(),
         1
     );
     assert_eq!(
         store
-            .save_bytes_if("z", &[0, 1, 0], Expected::Sequence(1))
+            .raw()
+            .save_if("z", &[0, 1, 0], Expected::Sequence(1))
             .unwrap(),
         2
     );
     let err = store
-        .save_bytes_if("z", &[9], Expected::Sequence(1))
+        .raw()
+        .save_if("z", &[9], Expected::Sequence(1))
         .unwrap_err();
     assert!(
         matches!(
@@ -413,10 +428,11 @@ fn bytes_round_trip_exactly() {
         ),
         "{err:?}"
     );
-    assert_eq!(store.load_bytes("z").unwrap(), Some(vec![0, 1, 0]));
+    assert_eq!(store.raw().load("z").unwrap(), Some(vec![0, 1, 0]));
 
     let v = store
-        .transform_bytes("z", |old| {
+        .raw()
+        .transform("z", |old| {
             let mut next = old.expect("z exists").to_vec();
             next.push(0);
             next
@@ -424,15 +440,16 @@ fn bytes_round_trip_exactly() {
         .unwrap();
     assert_eq!((v.value.as_slice(), v.sequence), (&[0, 1, 0, 0][..], 3));
     let v = store
-        .transform_bytes("fresh", |old| {
+        .raw()
+        .transform("fresh", |old| {
             assert_eq!(old, None);
             vec![0; 3]
         })
         .unwrap();
     assert_eq!((v.value, v.sequence), (vec![0; 3], 1));
-    assert_eq!(store.load_bytes("z").unwrap(), Some(vec![0, 1, 0, 0]));
-    assert_eq!(store.load_bytes("fresh").unwrap(), Some(vec![0; 3]));
-    assert_eq!(store.load_bytes("nobody").unwrap(), None);
+    assert_eq!(store.raw().load("z").unwrap(), Some(vec![0, 1, 0, 0]));
+    assert_eq!(store.raw().load("fresh").unwrap(), Some(vec![0; 3]));
+    assert_eq!(store.raw().load("nobody").unwrap(), None);
 }
 
 /// With `Codec::Json` the column holds UTF-8 JSON that SQL (or a Swift
@@ -492,7 +509,8 @@ fn json_codec_stores_readable_json() {
     );
     // A row written as JSON by another client (a Swift instance) loads.
     store
-        .save_bytes("swift", br#"{"scores":{"bob":2},"round":1}"#)
+        .raw()
+        .save("swift", br#"{"scores":{"bob":2},"round":1}"#)
         .unwrap();
     let swift: GameState = store.load("swift").unwrap().unwrap();
     assert_eq!((swift.scores["bob"], swift.round), (2, 1));
@@ -508,7 +526,7 @@ fn cbor_is_the_default_codec() {
     state.round = 7;
     store.save("room", &state).unwrap();
 
-    let bytes = store.load_bytes("room").unwrap().unwrap();
+    let bytes = store.raw().load("room").unwrap().unwrap();
     assert_eq!(bytes, Codec::Cbor.encode(&state).unwrap());
     let decoded: GameState = ciborium::from_reader(bytes.as_slice()).unwrap();
     assert_eq!(decoded, state);

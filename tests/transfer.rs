@@ -5,7 +5,7 @@
 use std::ops::ControlFlow;
 
 use trebuchet_postgres::testing::TestDatabase;
-use trebuchet_postgres::{Error, RestoreOutcome, Versioned};
+use trebuchet_postgres::{Error, RestoreOutcome, Versioned, WriteOptions};
 
 #[test]
 fn pages_are_in_key_order_and_follow_each_other() {
@@ -79,7 +79,8 @@ fn a_walk_sees_one_snapshot_and_can_stop() {
     }
     let mut ids = Vec::new();
     let visited = store
-        .for_each_bytes("", |id, v| {
+        .raw()
+        .for_each("", |id, v| {
             if id == "a" {
                 // Written during the walk: not part of its snapshot.
                 other.save("b", &2u32).unwrap();
@@ -101,11 +102,13 @@ fn a_walk_sees_one_snapshot_and_can_stop() {
     assert_eq!(store.sequence("b").unwrap(), Some(2));
 
     let visited = store
-        .for_each_bytes("", |_, _| ControlFlow::Break(()))
+        .raw()
+        .for_each("", |_, _| ControlFlow::Break(()))
         .unwrap();
     assert_eq!(visited, 1);
     let visited = store
-        .for_each_bytes("a", |id, _| {
+        .raw()
+        .for_each("a", |id, _| {
             assert!(id.starts_with('a'));
             ControlFlow::Continue(())
         })
@@ -126,11 +129,12 @@ fn restores_reproduce_versions_and_never_go_backwards() {
     source.save("b", &"bee").unwrap();
     source.delete("b").unwrap();
     source.save("b", &"bee again").unwrap();
-    source.save_bytes("raw", b"\x00\x01\xff").unwrap();
+    source.raw().save("raw", b"\x00\x01\xff").unwrap();
 
     let mut exported: Vec<(String, Versioned<Vec<u8>>)> = Vec::new();
     source
-        .for_each_bytes("", |id, v| {
+        .raw()
+        .for_each("", |id, v| {
             exported.push((id, v));
             ControlFlow::Continue(())
         })
@@ -139,17 +143,17 @@ fn restores_reproduce_versions_and_never_go_backwards() {
 
     let target_schema = TestDatabase::shared().schema();
     let target = target_schema.store();
-    let outcomes = target.restore_many_bytes(&exported).unwrap();
+    let outcomes = target.raw().restore_many(&exported).unwrap();
     assert_eq!(outcomes, [RestoreOutcome::Written; 3]);
     for (id, v) in &exported {
-        let restored = target.load_versioned_bytes(id).unwrap().unwrap();
+        let restored = target.raw().load_versioned(id).unwrap().unwrap();
         assert_eq!(&restored, v, "{id}");
     }
     assert_eq!(target.sequence("a").unwrap(), Some(3));
     assert_eq!(target.sequence("b").unwrap(), Some(3));
 
     // Idempotent.
-    let outcomes = target.restore_many_bytes(&exported).unwrap();
+    let outcomes = target.raw().restore_many(&exported).unwrap();
     assert_eq!(outcomes, [RestoreOutcome::Unchanged; 3]);
 
     // Newer in the target, deleted in the target, same number other bytes.
@@ -157,7 +161,7 @@ fn restores_reproduce_versions_and_never_go_backwards() {
     target.delete("b").unwrap();
     let mut changed = exported.clone();
     changed[2].1.value = b"other".to_vec();
-    let outcomes = target.restore_many_bytes(&changed).unwrap();
+    let outcomes = target.raw().restore_many(&changed).unwrap();
     assert_eq!(
         outcomes,
         [
@@ -174,28 +178,30 @@ fn restores_reproduce_versions_and_never_go_backwards() {
     assert_eq!(next, 2);
 
     let err = target
-        .restore_many_bytes(&[exported[0].clone(), exported[0].clone()])
+        .raw()
+        .restore_many(&[exported[0].clone(), exported[0].clone()])
         .unwrap_err();
     assert!(matches!(err, Error::DuplicateActorId { .. }), "{err:?}");
     let mut zero = exported[0].clone();
     zero.0 = "zero".into();
     zero.1.sequence = 0;
     assert_eq!(
-        target.restore_many_bytes(&[zero]).unwrap(),
+        target.raw().restore_many(&[zero]).unwrap(),
         [RestoreOutcome::Superseded { current: 0 }]
     );
     assert!(!target.exists("zero").unwrap());
 }
 
-/// An actor as a walk with expiries gives it.
-type Walked = (String, Versioned<Vec<u8>>, Option<std::time::SystemTime>);
+/// An actor as a walk gives it.
+type Walked = (String, Versioned<Vec<u8>>);
 
 /// Every actor of `store` with its expiry, in id order.
 fn walk_with_expiry(store: &trebuchet_postgres::StateStore) -> Vec<Walked> {
     let mut walked = Vec::new();
     store
-        .for_each_with_expiry("", |id, v, expires| {
-            walked.push((id, v, expires));
+        .raw()
+        .for_each("", |id, v| {
+            walked.push((id, v));
             ControlFlow::Continue(())
         })
         .unwrap();
@@ -210,13 +216,17 @@ fn times_to_live_go_out_with_a_walk_and_come_back_with_a_restore() {
     let source_schema = TestDatabase::shared().schema();
     let source = source_schema.store();
     source
-        .save_with_ttl("session", &1u32, Duration::from_secs(3600))
+        .save_with(
+            "session",
+            &1u32,
+            WriteOptions::new().ttl(Duration::from_secs(3600)),
+        )
         .unwrap();
     source.save("kept", &2u32).unwrap();
     let walked = walk_with_expiry(&source);
     let expiries: HashMap<&str, Option<SystemTime>> = walked
         .iter()
-        .map(|(id, _, expires)| (id.as_str(), *expires))
+        .map(|(id, v)| (id.as_str(), v.expires_at))
         .collect();
     assert_eq!(expiries["kept"], None);
     let session_expires = expiries["session"].expect("the session has an expiry");
@@ -227,7 +237,7 @@ fn times_to_live_go_out_with_a_walk_and_come_back_with_a_restore() {
 
     let target_schema = TestDatabase::shared().schema();
     let target = target_schema.store();
-    let outcomes = target.restore_many_with_expiry(&walked).unwrap();
+    let outcomes = target.raw().restore_many(&walked).unwrap();
     assert!(outcomes
         .iter()
         .all(|o| matches!(o, RestoreOutcome::Written)));
@@ -237,29 +247,15 @@ fn times_to_live_go_out_with_a_walk_and_come_back_with_a_restore() {
     // An expiry already past is restored as it is: the actor reads as absent.
     let past = SystemTime::now() - Duration::from_secs(60);
     let now = SystemTime::now();
-    let stale = Versioned {
-        value: &b"\x01"[..],
-        sequence: 4,
-        updated_at: now,
-        created_at: now,
-    };
-    let outcomes = target
-        .restore_many_with_expiry(&[("stale", stale, Some(past))])
-        .unwrap();
+    let stale = Versioned::new(&b"\x01"[..], 4, now, now).with_expires_at(Some(past));
+    let outcomes = target.raw().restore_many(&[("stale", stale)]).unwrap();
     assert!(matches!(outcomes[0], RestoreOutcome::Written));
     assert!(!target.exists("stale").unwrap());
     // A newer version without an expiry keeps the actor for good.
-    let renewed = Versioned {
-        value: &b"\x02"[..],
-        sequence: 5,
-        updated_at: now,
-        created_at: now,
-    };
-    target
-        .restore_many_with_expiry(&[("stale", renewed, None)])
-        .unwrap();
+    let renewed = Versioned::new(&b"\x02"[..], 5, now, now);
+    target.raw().restore_many(&[("stale", renewed)]).unwrap();
     assert_eq!(
-        target.load_bytes("stale").unwrap().as_deref(),
+        target.raw().load("stale").unwrap().as_deref(),
         Some(&b"\x02"[..])
     );
 }

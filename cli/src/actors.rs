@@ -4,7 +4,7 @@ use std::io::{self, Read, Write};
 
 use serde::Serialize;
 use serde_json::Value;
-use trebuchet_postgres::{validate_actor_id, Expected};
+use trebuchet_postgres::{validate_actor_id, Expected, WriteOptions};
 
 use crate::args::{Delete, Get, Ls, PurgeTombstones, Put, Seq, Sweep};
 use crate::fail::Failure;
@@ -17,7 +17,8 @@ pub fn get(settings: &Settings, args: &Get) -> Result<(), Failure> {
     let connected = settings.store()?;
     let store = &connected.store;
     let found = store
-        .load_versioned_bytes(&args.id)
+        .raw()
+        .load_versioned(&args.id)
         .map_err(|e| connected.fail(e))?
         .ok_or_else(|| Failure::not_found(&args.id))?;
     let mut out = io::stdout().lock();
@@ -100,20 +101,19 @@ pub fn put(settings: &Settings, args: &Put) -> Result<(), Failure> {
     };
     let connected = settings.store()?;
     let store = &connected.store;
-    let expected = match (args.if_sequence, args.if_absent) {
-        (Some(n), _) => Some(Expected::Sequence(n)),
-        (None, true) => Some(Expected::Absent),
-        (None, false) => None,
-    };
-    let sequence = match (expected, args.ttl) {
-        (Some(expected), Some(ttl)) => {
-            store.save_bytes_if_with_ttl(&args.id, &bytes, expected, ttl)
-        }
-        (Some(expected), None) => store.save_bytes_if(&args.id, &bytes, expected),
-        (None, Some(ttl)) => store.save_bytes_with_ttl(&args.id, &bytes, ttl),
-        (None, None) => store.save_bytes(&args.id, &bytes),
+    let mut options = WriteOptions::new();
+    match (args.if_sequence, args.if_absent) {
+        (Some(n), _) => options = options.expect(Expected::Sequence(n)),
+        (None, true) => options = options.expect(Expected::Absent),
+        (None, false) => {}
     }
-    .map_err(|e| connected.fail(e))?;
+    if let Some(ttl) = args.ttl {
+        options = options.ttl(ttl);
+    }
+    let sequence = store
+        .raw()
+        .save_with(&args.id, &bytes, options)
+        .map_err(|e| connected.fail(e))?;
     let mut out = io::stdout().lock();
     writeln!(out, "{sequence}")?;
     Ok(())

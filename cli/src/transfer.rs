@@ -64,13 +64,13 @@ pub fn export(settings: &Settings, args: &Export) -> Result<(), Failure> {
         None => (Box::new(BufWriter::new(io::stdout().lock())), None),
     };
     let mut failed: Option<Failure> = None;
-    let visited = store.for_each_with_expiry(&args.prefix, |actor_id, v, expires| {
+    let visited = store.raw().for_each(&args.prefix, |actor_id, v| {
         let line = Line {
             actor_id,
             sequence: v.sequence,
             updated_at: Some(timestamp(v.updated_at)),
             created_at: Some(timestamp(v.created_at)),
-            expires_at: expires.map(timestamp),
+            expires_at: v.expires_at.map(timestamp),
             state: BASE64.encode(&v.value),
         };
         let written = serde_json::to_writer(&mut out, &line)
@@ -196,7 +196,7 @@ impl Importer<'_> {
             if line.trim().is_empty() {
                 continue;
             }
-            let (id, version, expires) = match parse(&line) {
+            let (id, version) = match parse(&line) {
                 Ok(parsed) => parsed,
                 Err(reason) => {
                     // Everything before the bad line goes in, so that a rerun
@@ -212,7 +212,7 @@ impl Importer<'_> {
                 self.flush()?;
             }
             self.ids.insert(id.clone());
-            self.batch.push((id, version, expires));
+            self.batch.push((id, version));
             self.lines.push(number);
             if !by_bytes {
                 self.bar.inc(1);
@@ -226,7 +226,7 @@ impl Importer<'_> {
             return Ok(());
         }
         let store: &StateStore = &self.connected.store;
-        let outcomes = store.restore_many_with_expiry(&self.batch).map_err(|e| {
+        let outcomes = store.raw().restore_many(&self.batch).map_err(|e| {
             let first = self.lines.first().copied().unwrap_or(0);
             let mut failure = self.connected.fail(e);
             failure.append(&format!(
@@ -235,7 +235,7 @@ impl Importer<'_> {
             ));
             failure
         })?;
-        for (((id, v, _), number), outcome) in self.batch.iter().zip(&self.lines).zip(outcomes) {
+        for (((id, v), number), outcome) in self.batch.iter().zip(&self.lines).zip(outcomes) {
             let skipped = match outcome {
                 RestoreOutcome::Written => {
                     self.written += 1;
@@ -268,7 +268,7 @@ impl Importer<'_> {
 }
 
 /// An actor as an export line holds it: its id, version and expiry.
-type Item = (String, Versioned<Vec<u8>>, Option<SystemTime>);
+type Item = (String, Versioned<Vec<u8>>);
 
 /// One line of an export.
 fn parse(line: &str) -> Result<Item, String> {
@@ -302,13 +302,7 @@ fn parse(line: &str) -> Result<Item, String> {
     };
     Ok((
         line.actor_id,
-        Versioned {
-            value,
-            sequence: line.sequence,
-            updated_at,
-            created_at,
-        },
-        expires_at,
+        Versioned::new(value, line.sequence, updated_at, created_at).with_expires_at(expires_at),
     ))
 }
 
@@ -318,7 +312,7 @@ mod tests {
 
     #[test]
     fn lines_parse_and_say_what_is_wrong() {
-        let (id, v, expires) = parse(
+        let (id, v) = parse(
             r#"{"actor_id":"a","sequence":3,"updated_at":"2025-11-24T16:00:00.123456Z","created_at":"2025-11-24T15:00:00Z","state":"AP8="}"#,
         )
         .unwrap();
@@ -326,15 +320,15 @@ mod tests {
         assert_eq!(v.sequence, 3);
         assert_eq!(v.value, [0, 255]);
         assert_eq!(timestamp(v.updated_at), "2025-11-24T16:00:00.123456Z");
-        assert_eq!(expires, None, "no expires_at: kept for good");
-        let (_, v, _) = parse(r#"{"actor_id":"b","sequence":1,"state":""}"#).unwrap();
+        assert_eq!(v.expires_at, None, "no expires_at: kept for good");
+        let (_, v) = parse(r#"{"actor_id":"b","sequence":1,"state":""}"#).unwrap();
         assert!(v.value.is_empty());
-        let (_, _, expires) = parse(
+        let (_, v) = parse(
             r#"{"actor_id":"c","sequence":1,"state":"","expires_at":"2030-01-02T03:04:05.5Z"}"#,
         )
         .unwrap();
         assert_eq!(
-            expires.map(timestamp).as_deref(),
+            v.expires_at.map(timestamp).as_deref(),
             Some("2030-01-02T03:04:05.500000Z")
         );
         for (line, needle) in [

@@ -304,7 +304,7 @@ fn put_then_get_round_trips_json_and_raw_bytes() {
     let bytes = b"\x00\x01binary\xff\n\x00";
     cli.run_with_stdin(&["put", "raw", "--raw"], bytes).ok();
     assert_eq!(
-        store.load_bytes("raw").unwrap().as_deref(),
+        store.raw().load("raw").unwrap().as_deref(),
         Some(&bytes[..])
     );
     assert_eq!(cli.run(&["get", "raw", "--raw"]).ok().stdout, bytes);
@@ -326,7 +326,7 @@ fn the_json_codec_reads_and_writes_what_swift_would() {
     let state = serde_json::to_string(&game()).unwrap();
     cli.run(&["put", "room", &state, "--codec", "json"]).ok();
     assert_eq!(store.load::<GameState>("room").unwrap(), Some(game()));
-    let raw = store.load_bytes("room").unwrap().unwrap();
+    let raw = store.raw().load("room").unwrap().unwrap();
     assert!(raw.starts_with(b"{"), "stored as JSON text");
     let got = cli.run(&["get", "room", "--codec", "json"]).ok();
     assert_eq!(got.json(), serde_json::to_value(game()).unwrap());
@@ -840,8 +840,8 @@ fn export_then_import_into_a_fresh_table_reproduces_every_row() {
     source.save("gone-and-back", &"first").unwrap();
     source.delete("gone-and-back").unwrap();
     source.save("gone-and-back", &"second").unwrap();
-    source.save_bytes("raw", b"\x00\xff\x00").unwrap();
-    source.save_bytes("empty", b"").unwrap();
+    source.raw().save("raw", b"\x00\xff\x00").unwrap();
+    source.raw().save("empty", b"").unwrap();
     for n in 0..40 {
         source.save(&format!("bulk-{n:02}"), &n).unwrap();
     }
@@ -883,8 +883,9 @@ fn export_then_import_into_a_fresh_table_reproduces_every_row() {
         .unwrap();
     let mut compared = 0;
     source
-        .for_each_bytes("", |id, original| {
-            let copy = target_store.load_versioned_bytes(&id).unwrap().unwrap();
+        .raw()
+        .for_each("", |id, original| {
+            let copy = target_store.raw().load_versioned(&id).unwrap().unwrap();
             assert_eq!(copy, original, "{id}");
             compared += 1;
             std::ops::ControlFlow::Continue(())

@@ -131,8 +131,8 @@ fn every_library_call(store: &StateStore, admin: &mut postgres::Client) {
     store.sweep_expired(100).unwrap();
     store.purge_tombstones(Duration::from_secs(3600)).unwrap();
     assert_not_pwned(admin, "sweep_expired and purge_tombstones");
-    let page = store.list_ids("actor-1", None, 100).unwrap();
-    assert_eq!(page.ids.len(), 11);
+    let page = store.list_actors("actor-1", None, 100).unwrap();
+    assert_eq!(page.actors.len(), 11);
     assert_seeded(store);
     store.save("actor-0", &0).unwrap();
     assert_eq!(store.sequence("actor-0").unwrap(), Some(3));

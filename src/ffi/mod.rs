@@ -54,6 +54,7 @@ use self::handle::{
 };
 use crate::{
     ChangeKind, ChangeListener, Error, Event, Expected, ResyncReason, StateStore, Subscription,
+    WriteOptions,
 };
 use trebuchet_status::*;
 
@@ -363,7 +364,7 @@ pub unsafe extern "C" fn trebuchet_store_save(
             data,
             len,
             sequence_out,
-            |store, id, bytes| store.save_bytes(id, bytes),
+            |store, id, bytes| store.raw().save(id, bytes),
         )
     }
 }
@@ -421,7 +422,13 @@ pub unsafe extern "C" fn trebuchet_store_save_with_ttl(
             data,
             len,
             sequence_out,
-            |store, id, bytes| store.save_bytes_with_ttl(id, bytes, Duration::from_millis(ttl_ms)),
+            |store, id, bytes| {
+                store.raw().save_with(
+                    id,
+                    bytes,
+                    WriteOptions::new().ttl(Duration::from_millis(ttl_ms)),
+                )
+            },
         )
     }
 }
@@ -453,7 +460,7 @@ pub unsafe extern "C" fn trebuchet_store_save_if(
             TREBUCHET_EXPECT_ABSENT => Expected::Absent,
             n => Expected::Sequence(n),
         };
-        let sequence = check(store.save_bytes_if(id, bytes, expected))?;
+        let sequence = check(store.raw().save_if(id, bytes, expected))?;
         // SAFETY: NULL or writable.
         unsafe { write_opt(sequence_out, sequence) };
         Ok(TREBUCHET_OK)
@@ -477,7 +484,7 @@ pub unsafe extern "C" fn trebuchet_store_load(
         let store = unsafe { store_arg(store) }?;
         let id = unsafe { str_arg(actor_id, "actor_id") }?;
         out_arg(buffer_out, "buffer_out")?;
-        let Some(bytes) = check(store.load_bytes(id))? else {
+        let Some(bytes) = check(store.raw().load(id))? else {
             return Ok(TREBUCHET_NOT_FOUND);
         };
         // SAFETY: checked non-NULL.
@@ -504,7 +511,7 @@ pub unsafe extern "C" fn trebuchet_store_load_versioned(
         let id = unsafe { str_arg(actor_id, "actor_id") }?;
         out_arg(buffer_out, "buffer_out")?;
         out_arg(sequence_out, "sequence_out")?;
-        let Some(versioned) = check(store.load_versioned_bytes(id))? else {
+        let Some(versioned) = check(store.raw().load_versioned(id))? else {
             return Ok(TREBUCHET_NOT_FOUND);
         };
         // SAFETY: checked non-NULL.
@@ -616,7 +623,7 @@ pub unsafe extern "C" fn trebuchet_store_save_many(
             // SAFETY: forwarded.
             .map(|(id, (&bytes, &len))| Ok((id, unsafe { bytes_arg(bytes, len) }?)))
             .collect::<Result<Vec<_>, trebuchet_status>>()?;
-        let sequences = check(store.save_many_bytes(&items))?;
+        let sequences = check(store.raw().save_many(&items))?;
         // SAFETY: NULL or writable for `count` elements; one per item.
         unsafe { write_all_opt(sequences_out, &sequences) };
         Ok(TREBUCHET_OK)
@@ -646,7 +653,7 @@ pub unsafe extern "C" fn trebuchet_store_load_many(
         if count > 0 {
             out_arg(buffers_out, "buffers_out")?;
         }
-        let found = check(store.load_many_bytes(&ids))?;
+        let found = check(store.raw().load_many(&ids))?;
         for (i, bytes) in found.into_iter().enumerate() {
             let buffer = bytes.map_or(std::ptr::null_mut(), |bytes| {
                 into_handle(Kind::Buffer, bytes.into_boxed_slice())
@@ -756,7 +763,7 @@ pub unsafe extern "C" fn trebuchet_store_transform(
             return Err(fail(TREBUCHET_NULL_ARGUMENT, "callback is NULL"));
         };
         let mut failed = None;
-        let result = store.try_transform_bytes(id, |current| {
+        let result = store.raw().try_transform(id, |current| {
             let output = Tagged::new(Kind::Output, std::cell::RefCell::new(None::<Vec<u8>>));
             let (ptr, len) = current.map_or((std::ptr::null(), 0), |c| (c.as_ptr(), c.len()));
             let next = std::ptr::from_ref(&output)
@@ -785,7 +792,7 @@ pub unsafe extern "C" fn trebuchet_store_transform(
         if let Some(message) = failed {
             return Err(fail(TREBUCHET_CALLBACK_FAILED, message));
         }
-        let sequence = check(result)?;
+        let sequence = check(result)?.sequence;
         // SAFETY: NULL or writable.
         unsafe { write_opt(sequence_out, sequence) };
         Ok(TREBUCHET_OK)
@@ -831,12 +838,12 @@ fn c_string(s: String) -> CString {
 /// One page of the ids that start with `prefix` (NULL or `""` for all), in
 /// the table's key order, at most `limit` of them. `page_token` is NULL for
 /// the first page, then the token `trebuchet_id_page_next` gave for the
-/// page before, with the same prefix. An id that exists from the first
+/// page before (the last id of that page), with the same prefix. An id that exists from the first
 /// page to the last is listed exactly once, however the table changes in
 /// between; expired actors are not listed.
 ///
-/// `TREBUCHET_INVALID_ARGUMENT` when `limit` is 0 or the token is damaged
-/// or was made for another prefix (nothing is sent to the server). On
+/// `TREBUCHET_INVALID_ARGUMENT` when `limit` is 0 (nothing is sent to the
+/// server). On
 /// success `*page_out` is a new page; release it with
 /// `trebuchet_id_page_free`.
 ///
@@ -863,10 +870,14 @@ pub unsafe extern "C" fn trebuchet_store_list_ids(
                 "limit is 0: a page holds at least 1 id",
             ));
         }
-        let page = check(store.list_ids(prefix, token, limit))?;
+        let page = check(store.list_actors(prefix, token, limit))?;
         let page = IdPage {
-            ids: page.ids.into_iter().map(c_string).collect(),
-            next: page.next_page.map(c_string),
+            ids: page
+                .actors
+                .into_iter()
+                .map(|a| c_string(a.actor_id))
+                .collect(),
+            next: page.next.map(c_string),
         };
         // SAFETY: checked non-NULL.
         unsafe { page_out.write(into_handle(Kind::IdPage, page)) };

@@ -393,21 +393,23 @@ impl Statements {
             ),
             save_with_sequence: format!(
                 "WITH written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
-                 created_at, recent_writes) \
-                 SELECT $1::VARCHAR, $2::BYTEA, $3::BIGINT, {now}, {now}, {} FROM {next} \
+                 created_at, expires_at, recent_writes) \
+                 SELECT $1::VARCHAR, $2::BYTEA, $3::BIGINT, {now}, {now}, {}, {} FROM {next} \
                  WHERE n.seq - 1 < $3::BIGINT \
                  ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
                  sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at, \
-                 {renew}, expires_at = NULL, recent_writes = {} \
+                 {renew}, expires_at = EXCLUDED.expires_at, recent_writes = {} \
                  WHERE t.sequence_number + CASE WHEN {} THEN 1 ELSE 0 END < EXCLUDED.sequence_number \
                  RETURNING sequence_number, updated_at, created_at) {outcome}",
+                ttl("$5"),
                 tag("$4::BIGINT", "$3::BIGINT", "n.tags"),
                 tag("$4::BIGINT", "EXCLUDED.sequence_number", "t.recent_writes"),
                 expired("t.")
             ),
             load: format!("SELECT state FROM {t} WHERE actor_id = $1::VARCHAR AND {}", live("")),
             load_versioned: format!(
-                "SELECT state, sequence_number, updated_at, created_at FROM {t} WHERE actor_id = $1::VARCHAR AND {}",
+                "SELECT state, sequence_number, updated_at, created_at, expires_at FROM {t} \
+                 WHERE actor_id = $1::VARCHAR AND {}",
                 live("")
             ),
             // What a `StateCache` holds of each actor: it also keeps when
@@ -423,7 +425,7 @@ impl Statements {
                 live("")
             ),
             load_many_ordered: format!(
-                "SELECT i.n, t.state, t.sequence_number, t.updated_at, t.created_at \
+                "SELECT i.n, t.state, t.sequence_number, t.updated_at, t.created_at, t.expires_at \
                  FROM unnest($1::VARCHAR[]) WITH ORDINALITY AS i(id, n) \
                  JOIN {t} t ON t.actor_id = i.id AND {}",
                 live("t.")

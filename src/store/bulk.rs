@@ -15,24 +15,11 @@ impl StateStore {
         &self,
         ids: &[S],
     ) -> Result<Vec<Option<T>>> {
-        let found = self.load_many_bytes(ids)?;
+        let found = self.raw().load_many(ids)?;
         ids.iter()
             .zip(found)
             .map(|(id, bytes)| bytes.map(|b| self.decode(id.as_ref(), &b)).transpose())
             .collect()
-    }
-
-    /// [`load_many`](Self::load_many) returning the stored bytes.
-    ///
-    /// # Errors
-    ///
-    /// As [`load_many`](Self::load_many), without decoding.
-    pub fn load_many_bytes<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<Option<Vec<u8>>>> {
-        Ok(self
-            .load_many_versioned_bytes(ids)?
-            .into_iter()
-            .map(|found| found.map(|v| v.value))
-            .collect())
     }
 
     /// [`load_many`](Self::load_many) with each actor's sequence number and
@@ -46,62 +33,15 @@ impl StateStore {
         &self,
         ids: &[S],
     ) -> Result<Vec<Option<Versioned<T>>>> {
-        let found = self.load_many_versioned_bytes(ids)?;
+        let found = self.raw().load_many_versioned(ids)?;
         ids.iter()
             .zip(found)
             .map(|(id, found)| {
                 found
-                    .map(|v| {
-                        Ok(Versioned {
-                            value: self.decode(id.as_ref(), &v.value)?,
-                            sequence: v.sequence,
-                            updated_at: v.updated_at,
-                            created_at: v.created_at,
-                        })
-                    })
+                    .map(|v| v.try_map(|bytes| self.decode(id.as_ref(), &bytes)))
                     .transpose()
             })
             .collect()
-    }
-
-    /// [`load_many_versioned`](Self::load_many_versioned) returning the
-    /// stored bytes.
-    ///
-    /// # Errors
-    ///
-    /// As [`load_many`](Self::load_many), without decoding.
-    pub fn load_many_versioned_bytes<S: AsRef<str>>(
-        &self,
-        ids: &[S],
-    ) -> Result<Vec<Option<Versioned<Vec<u8>>>>> {
-        let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
-        for id in &ids {
-            check_actor_id(id)?;
-        }
-        let mut found: Vec<Option<Versioned<Vec<u8>>>> = vec![None; ids.len()];
-        if ids.is_empty() {
-            return Ok(found);
-        }
-        // Rows come back with their position in `ids`: no lookup by id.
-        let rows = self.call(true, |inner, c| {
-            let st = c.prepare(&inner.sql.load_many_ordered)?;
-            Ok(st.query(&mut c.client, &[&ids])?)
-        })?;
-        for row in rows {
-            let position: i64 = row.get(0);
-            if let Some(slot) = usize::try_from(position - 1)
-                .ok()
-                .and_then(|i| found.get_mut(i))
-            {
-                *slot = Some(Versioned {
-                    value: row.get(1),
-                    sequence: to_u64(row.get(2)),
-                    updated_at: row.get(3),
-                    created_at: row.get(4),
-                });
-            }
-        }
-        Ok(found)
     }
 
     /// Saves several actors unconditionally in one statement (upserts) and
@@ -118,53 +58,7 @@ impl StateStore {
             .iter()
             .map(|(id, state)| Ok((id.as_ref(), self.encode(state)?)))
             .collect::<Result<Vec<_>>>()?;
-        self.save_many_bytes(&encoded)
-    }
-
-    /// [`save_many`](Self::save_many) with raw bytes.
-    ///
-    /// # Errors
-    ///
-    /// As [`save_many`](Self::save_many).
-    pub fn save_many_bytes<S: AsRef<str>, B: AsRef<[u8]>>(
-        &self,
-        items: &[(S, B)],
-    ) -> Result<Vec<u64>> {
-        let (ids, states) =
-            self.check_batch(items.iter().map(|(id, b)| (id.as_ref(), b.as_ref())))?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let w = write_id();
-        let write_ids = vec![w; ids.len()];
-        let written: HashMap<String, u64> = self.write(
-            &ids,
-            |inner, c| {
-                let st = c.prepare(&inner.sql.save_many)?;
-                Ok(st
-                    .query(&mut c.client, &[&ids, &states, &write_ids])?
-                    .iter()
-                    .map(|row| (row.get(0), to_u64(row.get(1))))
-                    .collect())
-            },
-            |t| {
-                if !t.committed(ids.iter().map(|id| (*id, None)), w)? {
-                    return Err(t.not_applied());
-                }
-                // It landed; a row whose tag others have pushed out since
-                // no longer says at which number.
-                ids.iter()
-                    .map(|id| match t.landed(id, w, None) {
-                        Landed::Yes(sequence) => Ok(((*id).to_owned(), sequence)),
-                        _ => Err(t.unknown()),
-                    })
-                    .collect()
-            },
-        )?;
-        Ok(ids
-            .iter()
-            .map(|id| written.get(*id).copied().unwrap_or(0))
-            .collect())
+        self.raw().save_many(&encoded)
     }
 
     /// Saves several actors, each only when its stored version is what its
@@ -187,50 +81,7 @@ impl StateStore {
             .iter()
             .map(|(id, state, expected)| Ok((id.as_ref(), self.encode(state)?, *expected)))
             .collect::<Result<Vec<_>>>()?;
-        self.save_many_bytes_if(&encoded)
-    }
-
-    /// [`save_many_if`](Self::save_many_if) with raw bytes.
-    ///
-    /// # Errors
-    ///
-    /// As [`save_many_if`](Self::save_many_if).
-    pub fn save_many_bytes_if<S: AsRef<str>, B: AsRef<[u8]>>(
-        &self,
-        items: &[(S, B, Expected)],
-    ) -> Result<Vec<Result<u64>>> {
-        let (ids, states) =
-            self.check_batch(items.iter().map(|(id, b, _)| (id.as_ref(), b.as_ref())))?;
-        let expected = items
-            .iter()
-            .map(|(_, _, e)| match e {
-                Expected::Absent => Ok(None),
-                Expected::Sequence(n) => to_i64(*n).map(Some),
-            })
-            .collect::<Result<Vec<Option<i64>>>>()?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let w = write_id();
-        let write_ids = vec![w; ids.len()];
-        let outcomes = self.write(
-            &ids,
-            |inner, c| many_if_on(inner, c, &ids, &states, &expected, &write_ids),
-            |t| settle_many_if(t, &ids, &expected, &write_ids),
-        )?;
-        Ok(items
-            .iter()
-            .zip(outcomes)
-            .map(|((id, _, expected), outcome)| match outcome {
-                Written::Yes { sequence, .. } => Ok(sequence),
-                Written::Blocked { actual } => Err(Error::Conflict {
-                    actor_id: id.as_ref().to_owned(),
-                    expected: *expected,
-                    actual,
-                }),
-                Written::Lost(e) => Err(e),
-            })
-            .collect())
+        self.raw().save_many_if(&encoded)
     }
 
     /// Deletes several actors in one statement and returns, in the order
@@ -287,5 +138,145 @@ impl StateStore {
             }
         }
         Ok((ids, states))
+    }
+}
+
+impl Raw<'_> {
+    /// [`StateStore::load_many`] returning the stored bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`StateStore::load_many`], without decoding.
+    pub fn load_many<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<Option<Vec<u8>>>> {
+        Ok(self
+            .load_many_versioned(ids)?
+            .into_iter()
+            .map(|found| found.map(|v| v.value))
+            .collect())
+    }
+
+    /// [`StateStore::load_many_versioned`] returning the stored bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`StateStore::load_many`], without decoding.
+    pub fn load_many_versioned<S: AsRef<str>>(
+        &self,
+        ids: &[S],
+    ) -> Result<Vec<Option<Versioned<Vec<u8>>>>> {
+        let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
+        for id in &ids {
+            check_actor_id(id)?;
+        }
+        let mut found: Vec<Option<Versioned<Vec<u8>>>> = vec![None; ids.len()];
+        if ids.is_empty() {
+            return Ok(found);
+        }
+        // Rows come back with their position in `ids`: no lookup by id.
+        let rows = self.store.call(true, |inner, c| {
+            let st = c.prepare(&inner.sql.load_many_ordered)?;
+            Ok(st.query(&mut c.client, &[&ids])?)
+        })?;
+        for row in rows {
+            let position: i64 = row.get(0);
+            if let Some(slot) = usize::try_from(position - 1)
+                .ok()
+                .and_then(|i| found.get_mut(i))
+            {
+                *slot = Some(
+                    Versioned::new(row.get(1), to_u64(row.get(2)), row.get(3), row.get(4))
+                        .with_expires_at(row.get(5)),
+                );
+            }
+        }
+        Ok(found)
+    }
+
+    /// [`StateStore::save_many`] with stored bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`StateStore::save_many`].
+    pub fn save_many<S: AsRef<str>, B: AsRef<[u8]>>(&self, items: &[(S, B)]) -> Result<Vec<u64>> {
+        let (ids, states) = self
+            .store
+            .check_batch(items.iter().map(|(id, b)| (id.as_ref(), b.as_ref())))?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let w = write_id();
+        let write_ids = vec![w; ids.len()];
+        let written: HashMap<String, u64> = self.store.write(
+            &ids,
+            |inner, c| {
+                let st = c.prepare(&inner.sql.save_many)?;
+                Ok(st
+                    .query(&mut c.client, &[&ids, &states, &write_ids])?
+                    .iter()
+                    .map(|row| (row.get(0), to_u64(row.get(1))))
+                    .collect())
+            },
+            |t| {
+                if !t.committed(ids.iter().map(|id| (*id, None)), w)? {
+                    return Err(t.not_applied());
+                }
+                // It landed; a row whose tag others have pushed out since
+                // no longer says at which number.
+                ids.iter()
+                    .map(|id| match t.landed(id, w, None) {
+                        Landed::Yes(sequence) => Ok(((*id).to_owned(), sequence)),
+                        _ => Err(t.unknown()),
+                    })
+                    .collect()
+            },
+        )?;
+        Ok(ids
+            .iter()
+            .map(|id| written.get(*id).copied().unwrap_or(0))
+            .collect())
+    }
+
+    /// [`StateStore::save_many_if`] with stored bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`StateStore::save_many_if`].
+    pub fn save_many_if<S: AsRef<str>, B: AsRef<[u8]>>(
+        &self,
+        items: &[(S, B, Expected)],
+    ) -> Result<Vec<Result<u64>>> {
+        let (ids, states) = self
+            .store
+            .check_batch(items.iter().map(|(id, b, _)| (id.as_ref(), b.as_ref())))?;
+        let expected = items
+            .iter()
+            .map(|(_, _, e)| match e {
+                Expected::Absent => Ok(None),
+                Expected::Sequence(n) => to_i64(*n).map(Some),
+            })
+            .collect::<Result<Vec<Option<i64>>>>()?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let w = write_id();
+        let write_ids = vec![w; ids.len()];
+        let outcomes = self.store.write(
+            &ids,
+            |inner, c| many_if_on(inner, c, &ids, &states, &expected, &write_ids),
+            |t| settle_many_if(t, &ids, &expected, &write_ids),
+        )?;
+        Ok(items
+            .iter()
+            .zip(outcomes)
+            .map(|((id, _, expected), outcome)| match outcome {
+                Written::Yes { sequence, .. } => Ok(sequence),
+                Written::Blocked { actual } => Err(Error::Conflict {
+                    actor_id: id.as_ref().to_owned(),
+                    expected: *expected,
+                    actual,
+                }),
+                Written::Lost(e) => Err(e),
+            })
+            .collect())
     }
 }

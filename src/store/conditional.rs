@@ -157,11 +157,9 @@ pub(super) fn load_versioned_on(
     id: &str,
 ) -> Result<Option<Versioned<Vec<u8>>>, Failure> {
     let st = c.prepare(&inner.sql.load_versioned)?;
-    Ok(st.query_opt(&mut c.client, &[&id])?.map(|row| Versioned {
-        value: row.get(0),
-        sequence: to_u64(row.get(1)),
-        updated_at: row.get(2),
-        created_at: row.get(3),
+    Ok(st.query_opt(&mut c.client, &[&id])?.map(|row| {
+        Versioned::new(row.get(0), to_u64(row.get(1)), row.get(2), row.get(3))
+            .with_expires_at(row.get(4))
     }))
 }
 

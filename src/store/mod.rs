@@ -23,7 +23,9 @@ mod batch;
 mod builder;
 mod bulk;
 mod conditional;
+mod raw;
 mod transform;
+mod write;
 
 use conditional::{
     live_deletes, load_versioned_on, many_if_on, settle_if, settle_many_if, write_if_on,
@@ -32,13 +34,20 @@ use conditional::{
 
 pub use batch::{Batch, BatchResult};
 pub use builder::{StateStoreBuilder, DEFAULT_OUTCOME_TIMEOUT};
+pub use raw::Raw;
+pub use write::WriteOptions;
 
 /// The largest state accepted by default: 64 MiB, far below PostgreSQL's
 /// 1 GB `bytea` limit.
 pub const DEFAULT_MAX_STATE_SIZE: usize = 64 * 1024 * 1024;
 
 /// A stored state with its version and timestamps.
+///
+/// Every read that returns versions returns this, typed or as bytes
+/// ([`Raw`]); [`Raw::restore_many`] takes it back. More fields may come
+/// (hence `#[non_exhaustive]`): build one with [`new`](Self::new).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Versioned<T> {
     /// The state.
     pub value: T,
@@ -48,6 +57,73 @@ pub struct Versioned<T> {
     pub updated_at: SystemTime,
     /// When the actor was created (UTC, from the server's clock).
     pub created_at: SystemTime,
+    /// When it expires (UTC, from the server's clock), for a state saved
+    /// with a time to live ([`WriteOptions::ttl`]); `None` for one kept for good.
+    pub expires_at: Option<SystemTime>,
+}
+
+impl<T> Versioned<T> {
+    /// A version of `value` without expiry, for [`Raw::restore_many`] and
+    /// for tests.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use trebuchet_postgres::Versioned;
+    ///
+    /// let now = SystemTime::now();
+    /// let v = Versioned::new(b"state".to_vec(), 7, now, now)
+    ///     .with_expires_at(Some(now + Duration::from_secs(60)));
+    /// assert_eq!(v.sequence, 7);
+    /// ```
+    pub fn new(value: T, sequence: u64, updated_at: SystemTime, created_at: SystemTime) -> Self {
+        Versioned {
+            value,
+            sequence,
+            updated_at,
+            created_at,
+            expires_at: None,
+        }
+    }
+
+    /// The same version expiring at `expires_at` (`None`: kept for good).
+    #[must_use]
+    pub fn with_expires_at(mut self, expires_at: Option<SystemTime>) -> Self {
+        self.expires_at = expires_at;
+        self
+    }
+
+    /// The same version holding `f(value)`.
+    ///
+    /// ```
+    /// # use std::time::SystemTime;
+    /// # use trebuchet_postgres::Versioned;
+    /// # let now = SystemTime::now();
+    /// let v = Versioned::new(2u32, 1, now, now).map(|n| n * 10);
+    /// assert_eq!(v.value, 20);
+    /// ```
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Versioned<U> {
+        Versioned {
+            value: f(self.value),
+            sequence: self.sequence,
+            updated_at: self.updated_at,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+        }
+    }
+
+    /// [`map`](Self::map) with a step that may fail.
+    pub(crate) fn try_map<U, E>(
+        self,
+        f: impl FnOnce(T) -> std::result::Result<U, E>,
+    ) -> std::result::Result<Versioned<U>, E> {
+        Ok(Versioned {
+            value: f(self.value)?,
+            sequence: self.sequence,
+            updated_at: self.updated_at,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+        })
+    }
 }
 
 /// How [`StateStore::transform`] retries after losing a race: up to
@@ -168,7 +244,7 @@ pub(crate) struct Inner {
 ///   `outcome_timeout`, or the answer was pushed out of the tags. A
 ///   conditional write ([`save_if`](Self::save_if) with a sequence number,
 ///   [`transform`](Self::transform) on an existing actor,
-///   [`save_with_sequence`](Self::save_with_sequence)) knows the sequence
+///   a save at a given sequence number ([`WriteOptions::sequence`])) knows the sequence
 ///   number it would have produced, so it is always answered unless 64 other
 ///   writes to the same actor followed it before the store could look. A
 ///   plain [`save`](Self::save), a [`delete`](Self::delete) or
@@ -568,10 +644,16 @@ impl StateStore {
     /// Saves `state` unconditionally (an upsert) and returns its new sequence
     /// number: 1 for a new actor, one more than before otherwise.
     ///
-    /// When `Ok` is returned the write is committed. When an error is
-    /// returned after the statement was sent (the connection dropped), the
-    /// write may or may not have been applied; use
-    /// [`save_if`](Self::save_if) to make a retry safe.
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let seq = store.save("room-1", &vec!["alice", "bob"])?;
+    /// assert!(seq >= 1);
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// When `Ok` is returned the write is committed. When the connection
+    /// breaks after the statement was sent, the store finds out what became
+    /// of it (see [Lost connections](Self#lost-connections)).
     ///
     /// # Errors
     ///
@@ -579,43 +661,51 @@ impl StateStore {
     /// [`Error::StateTooLarge`] before anything is sent; connection and
     /// database errors; [`Error::SchemaMissing`] before migration.
     pub fn save<T: Serialize + ?Sized>(&self, id: &str, state: &T) -> Result<u64> {
-        check_actor_id(id)?;
-        let bytes = self.encode(state)?;
-        self.save_bytes(id, &bytes)
+        self.save_with(id, state, WriteOptions::new())
     }
 
     /// Loads an actor's state, or `None` when it does not exist.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let players: Option<Vec<String>> = store.load("room-1")?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
     /// [`Error::Decode`] when the stored bytes are not a `T` in this store's
     /// codec; otherwise as [`save`](Self::save).
     pub fn load<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>> {
-        match self.load_bytes(id)? {
+        match self.raw().load(id)? {
             Some(bytes) => self.decode(id, &bytes).map(Some),
             None => Ok(None),
         }
     }
 
-    /// Loads state, sequence number and timestamps in one query.
+    /// Loads state, sequence number, timestamps and expiry in one query.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// if let Some(v) = store.load_versioned::<Vec<String>>("room-1")? {
+    ///     println!("{:?} at {}, written {:?}", v.value, v.sequence, v.updated_at);
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
     /// As [`load`](Self::load).
     pub fn load_versioned<T: DeserializeOwned>(&self, id: &str) -> Result<Option<Versioned<T>>> {
-        match self.load_versioned_bytes(id)? {
-            Some(v) => Ok(Some(Versioned {
-                value: self.decode(id, &v.value)?,
-                sequence: v.sequence,
-                updated_at: v.updated_at,
-                created_at: v.created_at,
-            })),
-            None => Ok(None),
-        }
+        self.raw()
+            .load_versioned(id)?
+            .map(|v| v.try_map(|bytes| self.decode(id, &bytes)))
+            .transpose()
     }
 
     /// Saves `state` only when the stored version is what `expected` says
-    /// (optimistic locking), and returns the new sequence number.
+    /// (optimistic locking), and returns the new sequence number. The short
+    /// form of `save_with(id, state, WriteOptions::new().expect(expected))`.
     ///
     /// ```no_run
     /// # use trebuchet_postgres::{Expected, StateStore};
@@ -643,94 +733,21 @@ impl StateStore {
         state: &T,
         expected: Expected,
     ) -> Result<u64> {
-        check_actor_id(id)?;
-        let bytes = self.encode(state)?;
-        self.save_bytes_if(id, &bytes, expected)
-    }
-
-    /// Saves `state` with an explicit sequence number (the seed's
-    /// `saveWithSequence`), which must be greater than the stored one (and
-    /// than a deleted actor's last one), so that sequence numbers only grow.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::StaleSequence`] when `sequence` is not greater, with the
-    /// number that blocked it (read again when a writer the call waited for
-    /// committed after the call's snapshot); otherwise as
-    /// [`save`](Self::save).
-    pub fn save_with_sequence<T: Serialize + ?Sized>(
-        &self,
-        id: &str,
-        state: &T,
-        sequence: u64,
-    ) -> Result<()> {
-        check_actor_id(id)?;
-        let bytes = self.encode(state)?;
-        self.save_bytes_with_sequence(id, &bytes, sequence)
-    }
-
-    /// [`save`](Self::save) with a time to live: the state reads as absent
-    /// once `ttl` has passed (by the server's clock), and the sweeper
-    /// ([`sweep_expired`](Self::sweep_expired)) deletes it later, announcing
-    /// a delete. Every save sets the time to live anew: a later save without
-    /// one keeps the state for good.
-    ///
-    /// An expired actor is treated as deleted at the number after its last:
-    /// a save after expiry continues above that, and starts a new
-    /// `created_at`.
-    ///
-    /// Saves with a time to live take a statement and a commit of their own
-    /// (they are not combined by [group commit](StateStoreBuilder::group_commit)).
-    ///
-    /// ```no_run
-    /// # use std::time::Duration;
-    /// # let store = trebuchet_postgres::StateStore::from_env()?;
-    /// store.save_with_ttl("session-42", &"token", Duration::from_secs(30 * 60))?;
-    /// assert!(store.exists("session-42")?); // for 30 minutes
-    /// store.save("session-42", &"token")?;  // no time to live: kept for good
-    /// # Ok::<(), trebuchet_postgres::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`] for a `ttl` under 1 ms or over 1,000
-    /// years (nothing is sent); otherwise as [`save`](Self::save).
-    pub fn save_with_ttl<T: Serialize + ?Sized>(
-        &self,
-        id: &str,
-        state: &T,
-        ttl: Duration,
-    ) -> Result<u64> {
-        check_actor_id(id)?;
-        ttl_micros(ttl)?;
-        let bytes = self.encode(state)?;
-        self.save_bytes_with_ttl(id, &bytes, ttl)
-    }
-
-    /// [`save_if`](Self::save_if) with a time to live, as
-    /// [`save_with_ttl`](Self::save_with_ttl). An expired actor counts as
-    /// absent: [`Expected::Absent`] replaces it, and a sequence number
-    /// expected of it fails with a conflict that finds it absent.
-    ///
-    /// # Errors
-    ///
-    /// As [`save_if`](Self::save_if) and [`save_with_ttl`](Self::save_with_ttl).
-    pub fn save_if_with_ttl<T: Serialize + ?Sized>(
-        &self,
-        id: &str,
-        state: &T,
-        expected: Expected,
-        ttl: Duration,
-    ) -> Result<u64> {
-        check_actor_id(id)?;
-        ttl_micros(ttl)?;
-        let bytes = self.encode(state)?;
-        self.save_bytes_if_with_ttl(id, &bytes, expected, ttl)
+        self.save_with(id, state, WriteOptions::new().expect(expected))
     }
 
     /// Deletes an actor and returns whether it existed. The delete is
     /// announced on the channel and the actor's last sequence number is
     /// kept, so a later save continues above it.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let seq = store.save("room-9", &1u8)?;
+    /// assert!(store.delete("room-9")?);
+    /// assert!(!store.delete("room-9")?); // already gone
+    /// assert!(store.save("room-9", &1u8)? > seq + 1); // numbers never repeat
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -754,6 +771,14 @@ impl StateStore {
 
     /// Whether the actor exists.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// if !store.exists("room-1")? {
+    ///     store.save("room-1", &Vec::<String>::new())?;
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidActorId`]; connection and database errors.
@@ -767,6 +792,13 @@ impl StateStore {
 
     /// The actor's current sequence number, or `None` when it does not exist.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let seq = store.save("room-1", &0u8)?;
+    /// assert_eq!(store.sequence("room-1")?, Some(seq)); // unless another writer came in between
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidActorId`]; connection and database errors.
@@ -779,8 +811,6 @@ impl StateStore {
                 .map(|row| to_u64(row.get(0))))
         })
     }
-
-    // ----- bulk API ----------------------------------------------------------
 
     /// Starts an atomic batch of saves and deletes over several actors: all
     /// of them are applied in one transaction, or none is.
@@ -801,347 +831,6 @@ impl StateStore {
     /// ```
     pub fn batch(&self) -> Batch<'_> {
         Batch::new(self)
-    }
-
-    // ----- bytes API -------------------------------------------------------
-
-    /// [`save`](Self::save) with raw bytes, bypassing the codec.
-    ///
-    /// # Errors
-    ///
-    /// As [`save`](Self::save).
-    pub fn save_bytes(&self, id: &str, state: &[u8]) -> Result<u64> {
-        check_actor_id(id)?;
-        self.check_size(state)?;
-        match &self.inner.combiner {
-            Some(combiner) => combiner.submit(
-                Item {
-                    id: id.to_owned(),
-                    state: state.to_vec(),
-                    expected: None,
-                    write_id: write_id(),
-                },
-                |items| self.write_group(items),
-            ),
-            None => self.save_one(id, state, write_id(), None),
-        }
-    }
-
-    /// [`save_with_ttl`](Self::save_with_ttl) with raw bytes.
-    ///
-    /// # Errors
-    ///
-    /// As [`save_with_ttl`](Self::save_with_ttl).
-    pub fn save_bytes_with_ttl(&self, id: &str, state: &[u8], ttl: Duration) -> Result<u64> {
-        check_actor_id(id)?;
-        self.check_size(state)?;
-        let ttl = ttl_micros(ttl)?;
-        self.save_one(id, state, write_id(), Some(ttl))
-    }
-
-    /// [`save_if_with_ttl`](Self::save_if_with_ttl) with raw bytes.
-    ///
-    /// # Errors
-    ///
-    /// As [`save_if_with_ttl`](Self::save_if_with_ttl).
-    pub fn save_bytes_if_with_ttl(
-        &self,
-        id: &str,
-        state: &[u8],
-        expected: Expected,
-        ttl: Duration,
-    ) -> Result<u64> {
-        check_actor_id(id)?;
-        self.check_size(state)?;
-        if let Expected::Sequence(n) = expected {
-            to_i64(n)?;
-        }
-        let ttl = ttl_micros(ttl)?;
-        self.save_one_if(id, state, expected, write_id(), Some(ttl))
-    }
-
-    /// One unconditional save in its own statement; `ttl` in microseconds.
-    fn save_one(&self, id: &str, state: &[u8], w: i64, ttl: Option<i64>) -> Result<u64> {
-        self.write(
-            &[id],
-            |inner, c| {
-                let st = c.prepare(&inner.sql.save)?;
-                let row = st.query_one(&mut c.client, &[&id, &state, &w, &ttl])?;
-                Ok(to_u64(row.get(0)))
-            },
-            |t| t.one(id, w, None),
-        )
-    }
-
-    fn save_one_if(
-        &self,
-        id: &str,
-        state: &[u8],
-        expected: Expected,
-        w: i64,
-        ttl: Option<i64>,
-    ) -> Result<u64> {
-        let written = self.write(
-            &[id],
-            |inner, c| {
-                let write = Conditional {
-                    state,
-                    expected,
-                    ttl,
-                    write_id: w,
-                };
-                write_if_on(inner, c, id, &write, true)
-            },
-            |t| settle_if(t, id, expected, w),
-        )?;
-        match written {
-            Written::Yes { sequence, .. } => Ok(sequence),
-            Written::Blocked { actual } => Err(Error::Conflict {
-                actor_id: id.to_owned(),
-                expected,
-                actual,
-            }),
-            Written::Lost(e) => Err(e),
-        }
-    }
-
-    fn write_item(&self, item: &Item) -> Result<u64> {
-        match item.expected {
-            None => self.save_one(&item.id, &item.state, item.write_id, None),
-            Some(expected) => {
-                self.save_one_if(&item.id, &item.state, expected, item.write_id, None)
-            }
-        }
-    }
-
-    /// Writes a group-commit batch: per round (each actor once), the
-    /// unconditional rows in one statement and the conditional ones in
-    /// another. Returns one result per item, in order.
-    fn write_group(&self, items: Vec<Item>) -> Vec<Result<u64>> {
-        if items.len() == 1 {
-            return vec![self.write_item(&items[0])];
-        }
-        let mut results: Vec<Option<Result<u64>>> = (0..items.len()).map(|_| None).collect();
-        for round in rounds(&items) {
-            let (plain, conditional): (Vec<usize>, Vec<usize>) = round
-                .into_iter()
-                .partition(|&i| items[i].expected.is_none());
-            if !plain.is_empty() {
-                let ids: Vec<&str> = plain.iter().map(|&i| items[i].id.as_str()).collect();
-                let states: Vec<&[u8]> = plain.iter().map(|&i| items[i].state.as_slice()).collect();
-                let write_ids: Vec<i64> = plain.iter().map(|&i| items[i].write_id).collect();
-                let written = self.write(
-                    &ids,
-                    |inner, c| {
-                        let st = c.prepare(&inner.sql.save_many)?;
-                        let written = st
-                            .query(&mut c.client, &[&ids, &states, &write_ids])?
-                            .iter()
-                            .map(|row| (row.get::<_, String>(0), to_u64(row.get(1))))
-                            .collect::<HashMap<String, u64>>();
-                        Ok(plain
-                            .iter()
-                            .map(|&i| Ok(written.get(&items[i].id).copied().unwrap_or(0)))
-                            .collect())
-                    },
-                    |t| {
-                        Ok(plain
-                            .iter()
-                            .map(|&i| t.one(&items[i].id, items[i].write_id, None))
-                            .collect())
-                    },
-                );
-                self.settle_group(&items, &plain, written, &mut results);
-            }
-            if !conditional.is_empty() {
-                let ids: Vec<&str> = conditional.iter().map(|&i| items[i].id.as_str()).collect();
-                let states: Vec<&[u8]> = conditional
-                    .iter()
-                    .map(|&i| items[i].state.as_slice())
-                    .collect();
-                let expected: Vec<Option<i64>> = conditional
-                    .iter()
-                    .map(|&i| match items[i].expected {
-                        Some(Expected::Sequence(n)) => i64::try_from(n).ok(),
-                        _ => None,
-                    })
-                    .collect();
-                let write_ids: Vec<i64> = conditional.iter().map(|&i| items[i].write_id).collect();
-                let written = self.write(
-                    &ids,
-                    |inner, c| {
-                        let outcomes = many_if_on(inner, c, &ids, &states, &expected, &write_ids)?;
-                        Ok(conditional
-                            .iter()
-                            .zip(outcomes)
-                            .map(|(&i, outcome)| match outcome {
-                                Written::Yes { sequence, .. } => Ok(sequence),
-                                Written::Blocked { actual } => Err(Error::Conflict {
-                                    actor_id: items[i].id.clone(),
-                                    expected: items[i].expected.unwrap_or(Expected::Absent),
-                                    actual,
-                                }),
-                                Written::Lost(e) => Err(e),
-                            })
-                            .collect())
-                    },
-                    |t| {
-                        Ok(conditional
-                            .iter()
-                            .map(|&i| {
-                                let target = match items[i].expected {
-                                    Some(Expected::Sequence(n)) => Some(n.saturating_add(1)),
-                                    _ => None,
-                                };
-                                t.one(&items[i].id, items[i].write_id, target)
-                            })
-                            .collect())
-                    },
-                );
-                self.settle_group(&items, &conditional, written, &mut results);
-            }
-        }
-        results
-            .into_iter()
-            .map(|r| r.expect("every item belongs to one round"))
-            .collect()
-    }
-
-    /// Hands out one statement's outcome. When the connection was lost and
-    /// the outcome could not be found out, every caller gets that error; any
-    /// other failure means nothing was written, and each row is written on
-    /// its own so that one bad row fails only its caller.
-    fn settle_group(
-        &self,
-        items: &[Item],
-        indexes: &[usize],
-        outcome: Result<Vec<Result<u64>>>,
-        results: &mut [Option<Result<u64>>],
-    ) {
-        match outcome {
-            Ok(per_item) => {
-                for (&i, r) in indexes.iter().zip(per_item) {
-                    results[i] = Some(r);
-                }
-            }
-            Err(Error::OutcomeUnknown { source, .. }) => {
-                for &i in indexes {
-                    results[i] = Some(Err(Error::OutcomeUnknown {
-                        actor_id: items[i].id.clone(),
-                        source: Arc::clone(&source),
-                    }));
-                }
-            }
-            Err(_) => {
-                for &i in indexes {
-                    results[i] = Some(self.write_item(&items[i]));
-                }
-            }
-        }
-    }
-
-    /// [`load`](Self::load) returning the stored bytes.
-    ///
-    /// # Errors
-    ///
-    /// As [`load`](Self::load), without decoding.
-    pub fn load_bytes(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        check_actor_id(id)?;
-        self.call(true, |inner, c| {
-            let st = c.prepare(&inner.sql.load)?;
-            Ok(st.query_opt(&mut c.client, &[&id])?.map(|row| row.get(0)))
-        })
-    }
-
-    /// [`load_versioned`](Self::load_versioned) returning the stored bytes.
-    ///
-    /// # Errors
-    ///
-    /// As [`load`](Self::load), without decoding.
-    pub fn load_versioned_bytes(&self, id: &str) -> Result<Option<Versioned<Vec<u8>>>> {
-        check_actor_id(id)?;
-        self.call(true, |inner, c| load_versioned_on(inner, c, id))
-    }
-
-    /// [`save_if`](Self::save_if) with raw bytes.
-    ///
-    /// # Errors
-    ///
-    /// As [`save_if`](Self::save_if).
-    pub fn save_bytes_if(&self, id: &str, state: &[u8], expected: Expected) -> Result<u64> {
-        check_actor_id(id)?;
-        self.check_size(state)?;
-        if let Expected::Sequence(n) = expected {
-            to_i64(n)?;
-        }
-        match &self.inner.combiner {
-            Some(combiner) => combiner.submit(
-                Item {
-                    id: id.to_owned(),
-                    state: state.to_vec(),
-                    expected: Some(expected),
-                    write_id: write_id(),
-                },
-                |items| self.write_group(items),
-            ),
-            None => self.save_one_if(id, state, expected, write_id(), None),
-        }
-    }
-
-    /// [`save_with_sequence`](Self::save_with_sequence) with raw bytes.
-    ///
-    /// # Errors
-    ///
-    /// As [`save_with_sequence`](Self::save_with_sequence).
-    pub fn save_bytes_with_sequence(&self, id: &str, state: &[u8], sequence: u64) -> Result<()> {
-        check_actor_id(id)?;
-        self.check_size(state)?;
-        let wanted = to_i64(sequence)?;
-        let w = write_id();
-        // `Some(current)` when a higher sequence number blocked the write.
-        let blocked = self.write(
-            &[id],
-            |inner, c| {
-                let attempts = inner.retry.max_attempts.max(1);
-                for _ in 0..attempts {
-                    let st = c.prepare(&inner.sql.save_with_sequence)?;
-                    let row = st.query_one(&mut c.client, &[&id, &state, &wanted, &w])?;
-                    if row.get::<_, Option<i64>>(0).is_some() {
-                        return Ok(None);
-                    }
-                    // The statement's snapshot may predate the writer that
-                    // blocked it: a number below the one given (or none)
-                    // is read again, and where the reading still does not
-                    // explain the block, the write is made again.
-                    let seen = row.get::<_, Option<i64>>(3);
-                    if seen.is_some_and(|n| n >= wanted) {
-                        return Ok(Some(seen.map(to_u64)));
-                    }
-                    let st = c.prepare(&inner.sql.sequence)?;
-                    let now = st
-                        .query_opt(&mut c.client, &[&id])?
-                        .map(|r| r.get::<_, i64>(0));
-                    match now {
-                        Some(n) if n >= wanted => return Ok(Some(Some(to_u64(n)))),
-                        None if seen.is_none() => return Ok(Some(None)),
-                        _ => {}
-                    }
-                }
-                Err(Failure::Store(Error::TooManyConflicts {
-                    actor_id: id.to_owned(),
-                    attempts: inner.retry.max_attempts.max(1),
-                }))
-            },
-            |t| t.one(id, w, Some(sequence)).map(|_| None),
-        )?;
-        match blocked {
-            None => Ok(()),
-            Some(current) => Err(Error::StaleSequence {
-                actor_id: id.to_owned(),
-                sequence,
-                current,
-            }),
-        }
     }
 }
 

@@ -71,80 +71,87 @@ impl StateStore {
     {
         check_actor_id(id)?;
         let mut value = None;
+        let versioned = self.raw().try_transform::<E, _>(id, |current| {
+            let current = current
+                .map(|bytes| self.decode(id, bytes))
+                .transpose()
+                .map_err(E::from)?;
+            let next = f(current)?;
+            let bytes = self.encode(&next).map_err(E::from)?;
+            value = Some(next);
+            Ok(bytes)
+        })?;
+        Ok(versioned.map(|_| value.expect("set by the successful attempt")))
+    }
+}
+
+impl Raw<'_> {
+    /// [`StateStore::transform`] on stored bytes: `f` gets the stored
+    /// bytes (`None` for a new actor) and returns the bytes to store. The
+    /// same retry rules apply, so `f` may run more than once.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// // A counter kept as 8 little-endian bytes.
+    /// let v = store.raw().transform("hits", |current| {
+    ///     let n = current.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+    ///     (n + 1).to_le_bytes().to_vec()
+    /// })?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`StateStore::transform`], without decoding.
+    pub fn transform<F>(&self, id: &str, mut f: F) -> Result<Versioned<Vec<u8>>>
+    where
+        F: FnMut(Option<&[u8]>) -> Vec<u8>,
+    {
+        self.try_transform(id, |current| Ok::<_, Error>(f(current)))
+    }
+
+    /// [`StateStore::try_transform`] on stored bytes: an error from `f`
+    /// ends the call without writing.
+    ///
+    /// # Errors
+    ///
+    /// `f`'s error, unchanged (nothing written); otherwise as
+    /// [`transform`](Self::transform), converted into `E`.
+    pub fn try_transform<E, F>(
+        &self,
+        id: &str,
+        mut f: F,
+    ) -> std::result::Result<Versioned<Vec<u8>>, E>
+    where
+        E: From<Error>,
+        F: FnMut(Option<&[u8]>) -> std::result::Result<Vec<u8>, E>,
+    {
+        check_actor_id(id)?;
+        let store = self.store;
+        let mut value = Vec::new();
         let mut failed = None;
-        let versioned = self.transform_loop(id, |current| {
-            let current = current.map(|bytes| self.decode(id, bytes)).transpose()?;
-            match f(current) {
-                Ok(next) => {
-                    let bytes = self.encode(&next)?;
-                    value = Some(next);
-                    Ok(bytes)
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    // Ends the attempt; the caller gets `e` instead.
-                    Err(Error::invalid_argument("transform", "the step failed"))
-                }
+        let versioned = store.transform_loop(id, |current| match f(current) {
+            Ok(next) => {
+                store.check_size(&next)?;
+                value.clone_from(&next);
+                Ok(next)
+            }
+            Err(e) => {
+                failed = Some(e);
+                // Ends the attempt; the caller gets `e` instead.
+                Err(Error::invalid_argument("transform", "the step failed"))
             }
         });
         if let Some(e) = failed {
             return Err(e);
         }
-        let versioned = versioned?;
-        Ok(Versioned {
-            value: value.expect("set by the successful attempt"),
-            sequence: versioned.sequence,
-            updated_at: versioned.updated_at,
-            created_at: versioned.created_at,
-        })
+        Ok(versioned?.map(|()| value))
     }
+}
 
-    /// [`transform`](Self::transform) on raw bytes: `f` gets the stored
-    /// bytes (`None` for a new actor) and returns the bytes to store. The
-    /// same retry rules apply, so `f` may run more than once.
-    ///
-    /// # Errors
-    ///
-    /// As [`transform`](Self::transform), without decoding.
-    pub fn transform_bytes<F>(&self, id: &str, mut f: F) -> Result<Versioned<Vec<u8>>>
-    where
-        F: FnMut(Option<&[u8]>) -> Vec<u8>,
-    {
-        check_actor_id(id)?;
-        let mut value = Vec::new();
-        let versioned = self.transform_loop(id, |current| {
-            let next = f(current);
-            self.check_size(&next)?;
-            value.clone_from(&next);
-            Ok(next)
-        })?;
-        Ok(Versioned {
-            value,
-            sequence: versioned.sequence,
-            updated_at: versioned.updated_at,
-            created_at: versioned.created_at,
-        })
-    }
-
+impl StateStore {
     /// Read, compute, conditional write; again after a back-off when another
     /// writer won. Each attempt holds one connection for its two round trips.
-    /// [`transform_bytes`](Self::transform_bytes) with a step that may fail:
-    /// an error from `f` ends the call without writing. For the C ABI, whose
-    /// callbacks report failure with a return code.
-    #[cfg(feature = "ffi")]
-    pub(crate) fn try_transform_bytes<F>(&self, id: &str, mut f: F) -> Result<u64>
-    where
-        F: FnMut(Option<&[u8]>) -> Result<Vec<u8>>,
-    {
-        check_actor_id(id)?;
-        let versioned = self.transform_loop(id, |current| {
-            let next = f(current)?;
-            self.check_size(&next)?;
-            Ok(next)
-        })?;
-        Ok(versioned.sequence)
-    }
-
     fn transform_loop(
         &self,
         id: &str,
@@ -192,14 +199,7 @@ impl StateStore {
                     sequence,
                     updated_at,
                     created_at,
-                } => {
-                    return Ok(Versioned {
-                        value: (),
-                        sequence,
-                        updated_at,
-                        created_at,
-                    })
-                }
+                } => return Ok(Versioned::new((), sequence, updated_at, created_at)),
                 Written::Blocked { .. } if attempt < policy.max_attempts => {
                     let pause = policy.backoff(attempt - 1);
                     log::trace!("transform of {id:?} lost a race (attempt {attempt}); retrying in {pause:?}");

@@ -9,11 +9,11 @@ use std::time::SystemTime;
 use postgres::IsolationLevel;
 
 use crate::error::{Error, Result};
-use crate::store::{to_i64, to_u64, StateStore, Versioned};
+use crate::store::{to_i64, to_u64, Raw, StateStore, Versioned};
 
 mod pages;
 
-use pages::{decode_token, encode_token, prefix_end};
+use pages::prefix_end;
 
 /// Rows fetched per round trip by [`StateStore::for_each_bytes`].
 const SCAN_BATCH: i32 = 500;
@@ -38,25 +38,15 @@ pub struct ActorSummary {
 pub struct ActorPage {
     /// The actors of this page, in the table's key order.
     pub actors: Vec<ActorSummary>,
-    /// Where the next page starts: pass it as `after` to get it. `None` on
-    /// the last page.
+    /// Where the next page starts: pass it as `after` to
+    /// [`list_actors`](StateStore::list_actors) with the same prefix. It is
+    /// the last id of this page, and holds the place, not a cursor on the
+    /// server: it can be kept, handed to another process or used much
+    /// later. `None` on the last page.
     pub next: Option<String>,
 }
 
-/// One page of actor ids, from [`StateStore::list_ids`].
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct IdPage {
-    /// The ids of this page, in the table's key order.
-    pub ids: Vec<String>,
-    /// The token of the next page, to pass to
-    /// [`list_ids`](StateStore::list_ids) with the same prefix; `None` on
-    /// the last page. Opaque, and good for as long as you keep it: it holds
-    /// the place, not a cursor on the server.
-    pub next_page: Option<String>,
-}
-
-/// What [`StateStore::restore_many_bytes`] did with one actor.
+/// What [`Raw::restore_many`](crate::Raw::restore_many) did with one actor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RestoreOutcome {
@@ -86,18 +76,31 @@ type RestoreRow = (bool, Option<i64>, Option<bool>, Option<i64>);
 
 impl StateStore {
     /// One page of the actors whose id starts with `prefix` (`""` for
-    /// all), in the order of the table's primary key (the database's
-    /// collation; byte order under the `C` locale), starting after the id
-    /// `after`. Pages are stable: an actor written while you page through
-    /// shows up in its place or not at all, never twice.
+    /// all), with each one's sequence number, last write and stored size,
+    /// in the order of the table's primary key (the database's collation;
+    /// byte order under the `C` locale), starting after the id `after`
+    /// (`None` for the first page).
+    ///
+    /// Paging is consistent under concurrent writes: an actor that
+    /// exists from the first page to the last is listed exactly once, never
+    /// skipped or repeated, however many actors are created or deleted
+    /// meanwhile; actors created or deleted during the walk may or may not
+    /// appear. Expired actors are not listed.
+    ///
+    /// Each page is one index range scan, on a partitioned table too. When
+    /// the ids sort in code point order (the column's collation, or the
+    /// database's, is `C`, `POSIX` or `C.UTF-8` in a UTF-8 database), the
+    /// range holds just the prefix's ids; under a language collation a
+    /// prefix's ids need not be contiguous, and the scan runs from the
+    /// page's start until the page is full or the table ends.
     ///
     /// ```no_run
     /// # let store = trebuchet_postgres::StateStore::from_env()?;
-    /// let mut after = None;
+    /// let mut after: Option<String> = None;
     /// loop {
     ///     let page = store.list_actors("room-", after.as_deref(), 1000)?;
     ///     for actor in &page.actors {
-    ///         println!("{} at {}", actor.actor_id, actor.sequence);
+    ///         println!("{} at {}, {} bytes", actor.actor_id, actor.sequence, actor.size);
     ///     }
     ///     match page.next {
     ///         Some(next) => after = Some(next),
@@ -109,8 +112,8 @@ impl StateStore {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] when `limit` is 0; connection and database
-    /// errors; [`Error::SchemaMissing`] before migration.
+    /// [`Error::InvalidArgument`] when `limit` is 0; connection and
+    /// database errors; [`Error::SchemaMissing`] before migration.
     pub fn list_actors(&self, prefix: &str, after: Option<&str>, limit: u32) -> Result<ActorPage> {
         if limit == 0 {
             return Err(Error::invalid_argument(
@@ -149,60 +152,9 @@ impl StateStore {
         Ok(ActorPage { actors, next })
     }
 
-    /// One page of the ids that start with `prefix` (`""` for all), in the
-    /// table's key order, and a token for the next page.
-    ///
-    /// The token holds the place (the last id of the page), not a cursor on
-    /// the server: it can be kept, handed to another process or used much
-    /// later. Paging is consistent under concurrent writes: an id that
-    /// exists from the first page to the last is listed exactly once, never
-    /// skipped or repeated, however many ids are inserted or deleted
-    /// meanwhile; ids created or deleted during the walk may or may not
-    /// appear. Expired actors are not listed.
-    ///
-    /// Each page is one index range scan, on a partitioned table too. When
-    /// the ids sort in code point order (the column's collation, or the
-    /// database's, is `C`, `POSIX` or `C.UTF-8` in a UTF-8 database), the
-    /// range holds just the prefix's ids; under a language collation a
-    /// prefix's ids need not be contiguous, and the scan runs from the
-    /// page's start until the page is full or the table ends.
-    ///
-    /// ```no_run
-    /// # let store = trebuchet_postgres::StateStore::from_env()?;
-    /// let mut token: Option<String> = None;
-    /// loop {
-    ///     let page = store.list_ids("room-", token.as_deref(), 1000)?;
-    ///     for id in &page.ids {
-    ///         println!("{id}");
-    ///     }
-    ///     match page.next_page {
-    ///         Some(next) => token = Some(next),
-    ///         None => break,
-    ///     }
-    /// }
-    /// # Ok::<(), trebuchet_postgres::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`] for a token that is damaged or was made
-    /// for another prefix, or when `limit` is 0 (for both, nothing is
-    /// sent); connection and database errors;
-    /// [`Error::SchemaMissing`] before migration.
-    pub fn list_ids(&self, prefix: &str, page_token: Option<&str>, limit: u32) -> Result<IdPage> {
-        let after = page_token
-            .map(|token| decode_token(token, prefix))
-            .transpose()?;
-        let page = self.list_actors(prefix, after.as_deref(), limit)?;
-        Ok(IdPage {
-            next_page: page.next.map(|last| encode_token(prefix, &last)),
-            ids: page.actors.into_iter().map(|a| a.actor_id).collect(),
-        })
-    }
-
     /// How many actors have an id starting with `prefix` (`""` for all).
     /// Counts every row with the prefix, reading only those when the ids
-    /// sort in code point order (see [`list_ids`](Self::list_ids)) and the
+    /// sort in code point order (see [`list_actors`](Self::list_actors)) and the
     /// whole table otherwise: then, or for `""`, a large table takes a
     /// while.
     ///
@@ -223,10 +175,12 @@ impl StateStore {
             Ok(to_u64(row.get(0)))
         })
     }
+}
 
+impl Raw<'_> {
     /// Calls `f` with every actor whose id starts with `prefix` (`""` for
     /// all), in id order, with its stored bytes, sequence number and
-    /// timestamps, and returns how many it visited. `f` returns
+    /// timestamps and expiry, and returns how many it visited. `f` returns
     /// [`ControlFlow::Break`] to stop early.
     ///
     /// All actors come from one snapshot (a read-only `REPEATABLE READ`
@@ -239,7 +193,7 @@ impl StateStore {
     /// ```no_run
     /// # use std::ops::ControlFlow;
     /// # let store = trebuchet_postgres::StateStore::from_env()?;
-    /// let visited = store.for_each_bytes("", |id, v| {
+    /// let visited = store.raw().for_each("", |id, v| {
     ///     println!("{id} at {}: {} bytes", v.sequence, v.value.len());
     ///     ControlFlow::Continue(())
     /// })?;
@@ -250,28 +204,12 @@ impl StateStore {
     ///
     /// Connection and database errors; [`Error::SchemaMissing`] before
     /// migration. An error after some actors were visited ends the walk.
-    pub fn for_each_bytes<F>(&self, prefix: &str, mut f: F) -> Result<u64>
+    pub fn for_each<F>(&self, prefix: &str, mut f: F) -> Result<u64>
     where
         F: FnMut(String, Versioned<Vec<u8>>) -> ControlFlow<()>,
     {
-        self.for_each_with_expiry(prefix, |id, v, _| f(id, v))
-    }
-
-    /// As [`for_each_bytes`](Self::for_each_bytes), also giving when each
-    /// actor saved with a time to live expires (UTC, from the server's
-    /// clock; `None` for an actor kept for good): what an export needs to
-    /// restore the time to live with
-    /// [`restore_many_with_expiry`](Self::restore_many_with_expiry).
-    ///
-    /// # Errors
-    ///
-    /// As [`for_each_bytes`](Self::for_each_bytes).
-    pub fn for_each_with_expiry<F>(&self, prefix: &str, mut f: F) -> Result<u64>
-    where
-        F: FnMut(String, Versioned<Vec<u8>>, Option<SystemTime>) -> ControlFlow<()>,
-    {
         // Not retried on a lost connection: `f` has seen some actors already.
-        self.call(false, |inner, c| {
+        self.store.call(false, |inner, c| {
             let end = prefix_end(inner, c, prefix)?;
             let st = c.prepare(match end {
                 Some(_) => &inner.sql.scan_prefix_range,
@@ -295,13 +233,10 @@ impl StateStore {
                 }
                 for row in rows {
                     visited += 1;
-                    let versioned = Versioned {
-                        value: row.get(1),
-                        sequence: to_u64(row.get(2)),
-                        updated_at: row.get(3),
-                        created_at: row.get(4),
-                    };
-                    if f(row.get(0), versioned, row.get(5)).is_break() {
+                    let versioned =
+                        Versioned::new(row.get(1), to_u64(row.get(2)), row.get(3), row.get(4))
+                            .with_expires_at(row.get(5));
+                    if f(row.get(0), versioned).is_break() {
                         break 'walk;
                     }
                 }
@@ -312,7 +247,7 @@ impl StateStore {
     }
 
     /// Writes actors with the sequence numbers and timestamps given, as an
-    /// import from [`for_each_bytes`](Self::for_each_bytes) output needs, in
+    /// import from [`for_each`](Self::for_each) output needs, in
     /// one statement; returns one [`RestoreOutcome`] per item, in order.
     ///
     /// An actor is written when the table holds it at a lower sequence
@@ -321,17 +256,17 @@ impl StateStore {
     /// again writes nothing ([`RestoreOutcome::Unchanged`]), and a restore
     /// never replaces a newer version. Every written row is announced on
     /// the channel, with its restored `updated_at` as the timestamp. A
-    /// sequence number of 0 is never written (numbers start at 1). Restored
-    /// actors are kept for good; to restore times to live, see
-    /// [`restore_many_with_expiry`](Self::restore_many_with_expiry).
+    /// sequence number of 0 is never written (numbers start at 1). A restored
+    /// actor expires at its [`Versioned::expires_at`] (`None`: kept for
+    /// good).
     ///
     /// ```no_run
     /// # use std::time::SystemTime;
     /// # use trebuchet_postgres::{RestoreOutcome, Versioned};
     /// # let store = trebuchet_postgres::StateStore::from_env()?;
     /// let now = SystemTime::now();
-    /// let item = Versioned { value: b"\xa0".to_vec(), sequence: 7, updated_at: now, created_at: now };
-    /// let outcomes = store.restore_many_bytes(&[("room-1", item)])?;
+    /// let item = Versioned::new(b"\xa0".to_vec(), 7, now, now);
+    /// let outcomes = store.raw().restore_many(&[("room-1", item)])?;
     /// assert!(matches!(outcomes[0], RestoreOutcome::Written | RestoreOutcome::Unchanged));
     /// # Ok::<(), trebuchet_postgres::Error>(())
     /// ```
@@ -342,54 +277,26 @@ impl StateStore {
     /// [`Error::DuplicateActorId`], [`Error::StateTooLarge`],
     /// [`Error::SequenceOutOfRange`]; connection and database errors;
     /// [`Error::SchemaMissing`] before migration.
-    pub fn restore_many_bytes<S: AsRef<str>, B: AsRef<[u8]>>(
+    pub fn restore_many<S: AsRef<str>, B: AsRef<[u8]>>(
         &self,
         items: &[(S, Versioned<B>)],
     ) -> Result<Vec<RestoreOutcome>> {
-        self.restore(items.iter().map(|(id, v)| (id.as_ref(), v, None)))
-    }
-
-    /// As [`restore_many_bytes`](Self::restore_many_bytes), with when each
-    /// actor expires (`None` for an actor kept for good), as
-    /// [`for_each_with_expiry`](Self::for_each_with_expiry) gives it: a
-    /// state restored with an expiry reads as absent once it has passed, and
-    /// the sweeper removes it. An expiry already past is restored as it is:
-    /// the actor is written and reads as absent at once.
-    ///
-    /// # Errors
-    ///
-    /// As [`restore_many_bytes`](Self::restore_many_bytes).
-    pub fn restore_many_with_expiry<S: AsRef<str>, B: AsRef<[u8]>>(
-        &self,
-        items: &[(S, Versioned<B>, Option<SystemTime>)],
-    ) -> Result<Vec<RestoreOutcome>> {
-        self.restore(
-            items
-                .iter()
-                .map(|(id, v, expires)| (id.as_ref(), v, *expires)),
-        )
-    }
-
-    /// The body of the restores: each item's id, version and expiry.
-    fn restore<'a, B: AsRef<[u8]> + 'a>(
-        &self,
-        items: impl Iterator<Item = (&'a str, &'a Versioned<B>, Option<SystemTime>)> + Clone,
-    ) -> Result<Vec<RestoreOutcome>> {
-        let (ids, states) =
-            self.check_batch(items.clone().map(|(id, v, _)| (id, v.value.as_ref())))?;
+        let (ids, states) = self
+            .store
+            .check_batch(items.iter().map(|(id, v)| (id.as_ref(), v.value.as_ref())))?;
         let sequences = items
-            .clone()
-            .map(|(_, v, _)| to_i64(v.sequence))
+            .iter()
+            .map(|(_, v)| to_i64(v.sequence))
             .collect::<Result<Vec<i64>>>()?;
         let updated: Vec<Option<SystemTime>> =
-            items.clone().map(|(_, v, _)| Some(v.updated_at)).collect();
+            items.iter().map(|(_, v)| Some(v.updated_at)).collect();
         let created: Vec<Option<SystemTime>> =
-            items.clone().map(|(_, v, _)| Some(v.created_at)).collect();
-        let expires: Vec<Option<SystemTime>> = items.map(|(_, _, e)| e).collect();
+            items.iter().map(|(_, v)| Some(v.created_at)).collect();
+        let expires: Vec<Option<SystemTime>> = items.iter().map(|(_, v)| v.expires_at).collect();
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let (by_id, current) = self.call(false, |inner, c| {
+        let (by_id, current) = self.store.call(false, |inner, c| {
             let st = c.prepare(&inner.sql.restore_many)?;
             let rows = st.query(
                 &mut c.client,

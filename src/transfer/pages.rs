@@ -1,8 +1,8 @@
-//! Listing by prefix: the index range of a prefix, and page tokens.
+//! Listing by prefix: the index range of a prefix.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::pool::Connection;
-use crate::store::{check_actor_id, Failure, Inner};
+use crate::store::{Failure, Inner};
 
 /// Where the ids that start with `prefix` end, for statements that read
 /// them as one index range (`prefix` up to this bound): `None` for the empty
@@ -49,66 +49,6 @@ fn successor(prefix: &str) -> Option<String> {
     None
 }
 
-/// Page tokens: a version byte, the prefix (length and bytes), the last id
-/// of the page, and a checksum, as lower-case hex.
-const TOKEN_VERSION: u8 = 1;
-
-fn fnv32(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5_u32, |h, &b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
-}
-
-pub(super) fn encode_token(prefix: &str, last: &str) -> String {
-    let mut bytes = vec![TOKEN_VERSION];
-    bytes.extend_from_slice(
-        &u32::try_from(prefix.len())
-            .unwrap_or(u32::MAX)
-            .to_be_bytes(),
-    );
-    bytes.extend_from_slice(prefix.as_bytes());
-    bytes.extend_from_slice(last.as_bytes());
-    let sum = fnv32(&bytes);
-    bytes.extend_from_slice(&sum.to_be_bytes());
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The last id of the page before, from a token made for `prefix`.
-pub(super) fn decode_token(token: &str, prefix: &str) -> Result<String> {
-    let bad = |reason: &str| Error::invalid_argument("page token", reason.to_owned());
-    let damaged = "it is damaged or was not made by list_ids: pass next_page as it was given";
-    if token.len() % 2 != 0 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad(damaged));
-    }
-    let bytes: Vec<u8> = (0..token.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&token[i..i + 2], 16).unwrap_or(0))
-        .collect();
-    if bytes.len() < 1 + 4 + 4 || bytes[0] != TOKEN_VERSION {
-        return Err(bad(damaged));
-    }
-    let (body, sum) = bytes.split_at(bytes.len() - 4);
-    if fnv32(body).to_be_bytes() != sum {
-        return Err(bad(damaged));
-    }
-    let length = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    let rest = &body[5..];
-    if length > rest.len() {
-        return Err(bad(damaged));
-    }
-    let (given_prefix, last) = rest.split_at(length);
-    if given_prefix != prefix.as_bytes() {
-        return Err(bad(
-            "it continues a listing with another prefix: pass the prefix it was made for",
-        ));
-    }
-    let last = String::from_utf8(last.to_vec()).map_err(|_| bad(damaged))?;
-    if check_actor_id(&last).is_err() || !last.starts_with(prefix) {
-        return Err(bad(damaged));
-    }
-    Ok(last)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,42 +78,6 @@ mod tests {
                     "{id:?} in {prefix:?}..{end:?}"
                 );
             }
-        }
-    }
-
-    #[test]
-    fn page_tokens_round_trip_and_reject_damage() {
-        let token = encode_token("room-", "room-17");
-        assert_eq!(decode_token(&token, "room-").unwrap(), "room-17");
-        assert_eq!(decode_token(&encode_token("", "é-1"), "").unwrap(), "é-1");
-        let wrong_prefix = decode_token(&token, "player-").unwrap_err();
-        assert!(
-            wrong_prefix.to_string().contains("another prefix"),
-            "{wrong_prefix}"
-        );
-        let mut flipped = token.clone().into_bytes();
-        let last = flipped.len() - 10;
-        flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
-        let flipped = String::from_utf8(flipped).unwrap();
-        for bad in [
-            "",
-            "zz",
-            "0",
-            &token[..token.len() - 2],
-            &flipped,
-            "01000000",
-        ] {
-            let err = decode_token(bad, "room-").unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    Error::InvalidArgument {
-                        what: "page token",
-                        ..
-                    }
-                ),
-                "{bad}: {err}"
-            );
         }
     }
 }

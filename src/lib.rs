@@ -198,7 +198,6 @@ mod config;
 mod config_file;
 mod error;
 mod expected;
-mod expiry;
 // The C ABI is the one module that needs `unsafe`: raw pointers from C and
 // `#[no_mangle]` exports. Every block carries a `SAFETY:` comment.
 #[cfg(feature = "ffi")]
@@ -225,7 +224,6 @@ pub use crate::config::{ConnectOptions, PoolerMode, SslMode};
 pub use crate::config_file::{ConnectionSource, StateConfig};
 pub use crate::error::{ConnectFailure, Error, ErrorKind, InvalidActorId, Result};
 pub use crate::expected::Expected;
-pub use crate::expiry::{Sweep, SweepOptions, MAX_SWEEP_BATCH};
 pub use crate::ident::quote_identifier;
 pub use crate::listener::{
     CallbackHandle, ChangeListener, ChangeListenerBuilder, ListenerHealth, Subscription,
@@ -238,8 +236,9 @@ pub use crate::partition::Partitioning;
 pub use crate::pool::{Pool, PoolOptions, PoolState};
 pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE, MAX_PARTITIONS};
 pub use crate::store::{
-    validate_actor_id, Batch, BatchResult, Raw, RetryPolicy, StateStore, StateStoreBuilder,
-    Versioned, WriteOptions, DEFAULT_MAX_STATE_SIZE, DEFAULT_OUTCOME_TIMEOUT,
+    validate_actor_id, Batch, BatchResult, Raw, RetryPolicy, StateStore, StateStoreBuilder, Sweep,
+    SweepOptions, Versioned, WriteOptions, DEFAULT_MAX_STATE_SIZE, DEFAULT_OUTCOME_TIMEOUT,
+    MAX_SWEEP_BATCH,
 };
 pub use crate::transfer::{ActorPage, ActorSummary, RestoreOutcome};
 

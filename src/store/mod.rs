@@ -12,7 +12,6 @@ use crate::codec::Codec;
 use crate::config::ConnectOptions;
 use crate::error::{Error, InvalidActorId, Result};
 use crate::expected::Expected;
-use crate::expiry::{ttl_micros, SweepOptions, Sweeper};
 use crate::group::{rounds, Combiner, Item};
 use crate::listener::{ChangeListener, ChangeListenerBuilder};
 use crate::outcome::{self, write_id, Landed, LostWriteCounters, LostWrites, Settled, Traces};
@@ -23,6 +22,7 @@ mod batch;
 mod builder;
 mod bulk;
 mod conditional;
+mod expiry;
 mod raw;
 mod transform;
 mod write;
@@ -31,9 +31,11 @@ use conditional::{
     live_deletes, load_versioned_on, many_if_on, settle_if, settle_many_if, write_if_on,
     Conditional,
 };
+use expiry::{ttl_micros, Sweeper};
 
 pub use batch::{Batch, BatchResult};
 pub use builder::{StateStoreBuilder, DEFAULT_OUTCOME_TIMEOUT};
+pub use expiry::{Sweep, SweepOptions, MAX_SWEEP_BATCH};
 pub use raw::Raw;
 pub use write::WriteOptions;
 

@@ -16,8 +16,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use super::StateStore;
 use crate::error::{Error, Result};
-use crate::store::StateStore;
 
 /// The sweepers' advisory lock: a fixed class and a hash of the quoted table
 /// name, so that each table has its own and none meets the migration lock

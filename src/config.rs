@@ -1,15 +1,14 @@
 //! Where and how to connect: connection strings, parts, the environment, TLS.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use postgres::config::{Host, SslMode as PgSslMode};
-use postgres::error::SqlState;
 
-use crate::error::{ConnectFailure, Error, Result};
+pub(crate) use crate::error::server::classify_connect;
+use crate::error::{Error, Result};
 
 mod conninfo;
 mod tls;
@@ -502,54 +501,6 @@ pub(crate) fn validate_identifier(what: &'static str, name: &str) -> Result<()> 
         ));
     }
     Ok(())
-}
-
-/// Works out why a connection attempt failed.
-pub(crate) fn classify_connect(e: &postgres::Error) -> ConnectFailure {
-    if let Some(code) = e.code() {
-        return match code {
-            c if *c == SqlState::INVALID_PASSWORD
-                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
-            {
-                ConnectFailure::AuthenticationFailed
-            }
-            c if *c == SqlState::TOO_MANY_CONNECTIONS => ConnectFailure::TooManyClients,
-            c if *c == SqlState::INVALID_CATALOG_NAME => ConnectFailure::DatabaseMissing,
-            c if *c == SqlState::CANNOT_CONNECT_NOW
-                || *c == SqlState::ADMIN_SHUTDOWN
-                || *c == SqlState::CRASH_SHUTDOWN =>
-            {
-                ConnectFailure::NotReady
-            }
-            _ => ConnectFailure::Other,
-        };
-    }
-    let mut source: Option<&(dyn StdError + 'static)> = Some(e);
-    let mut text = String::new();
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => return ConnectFailure::Refused,
-                std::io::ErrorKind::TimedOut => return ConnectFailure::Timeout,
-                _ => {}
-            }
-        }
-        if err.is::<native_tls::Error>() {
-            return ConnectFailure::Tls;
-        }
-        text.push_str(&err.to_string());
-        text.push(' ');
-        source = err.source();
-    }
-    if text.contains("password missing") || text.contains("authentication") {
-        ConnectFailure::AuthenticationFailed
-    } else if text.contains("TLS") {
-        ConnectFailure::Tls
-    } else if text.contains("timeout") {
-        ConnectFailure::Timeout
-    } else {
-        ConnectFailure::Other
-    }
 }
 
 #[cfg(test)]

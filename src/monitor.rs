@@ -6,16 +6,18 @@
 //! are built with the others in `schema.rs`.
 
 use std::fmt;
+use std::sync::LazyLock;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use fallible_iterator::FallibleIterator;
+use postgres::types::Type;
 
 use crate::change::PROBE_KEY;
 use crate::config::{classify_connect, listen_through_transaction_pooler, PoolerMode};
 use crate::error::{Error, Result};
 use crate::ident::quote_identifier;
-use crate::pool::{Connection, PoolState};
+use crate::pool::{Connection, PoolState, Sql};
 use crate::schema::{self, Layout};
 use crate::store::{to_u64, Failure, StateStore};
 
@@ -28,8 +30,8 @@ const LEAVES: &str = "\
 
 /// Per-table figures, from the statistics views, in one round trip; summed
 /// over the partitions of a partitioned table.
-fn table_figures() -> String {
-    format!(
+static TABLE_FIGURES: LazyLock<Sql> = LazyLock::new(|| {
+    let text = format!(
         "{LEAVES}, s AS (SELECT sum(n_tup_ins + n_tup_upd + n_tup_del)::INT8 AS writes, \
          sum(n_dead_tup)::INT8 AS dead, max(GREATEST(last_vacuum, last_autovacuum)) AS vacuumed, \
          max(last_autovacuum) AS autovacuumed, sum(n_tup_upd)::INT8 AS updates, \
@@ -43,31 +45,52 @@ fn table_figures() -> String {
          (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'), \
          current_setting('max_connections')::INT8, clock_timestamp(), \
          s.autovacuumed, s.updates, s.hot FROM s"
-    )
-}
+    );
+    Sql::new(text, &[Type::TEXT])
+});
 
 /// The write counter alone, for the start of a window.
-fn write_counter() -> String {
-    format!(
+static WRITE_COUNTER: LazyLock<Sql> = LazyLock::new(|| {
+    let text = format!(
         "{LEAVES} SELECT (SELECT sum(n_tup_ins + n_tup_upd + n_tup_del)::INT8 \
          FROM pg_stat_user_tables WHERE relid IN (SELECT relid FROM leaves)), clock_timestamp()"
-    )
-}
+    );
+    Sql::new(text, &[Type::TEXT])
+});
 
 /// Every other client session, to find those listening on the channel.
-const SESSIONS: &str = "\
-    SELECT pid, usename::TEXT, application_name, host(client_addr), state_change, query \
-    FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()";
+static SESSIONS: LazyLock<Sql> = LazyLock::new(|| {
+    Sql::new(
+        "SELECT pid, usename::TEXT, application_name, host(client_addr), state_change, query \
+         FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        &[],
+    )
+});
 
 /// Where pg_stat_statements is installed, and which column names the
 /// server's version uses (`mean_exec_time` from PostgreSQL 13 on).
-const STATEMENTS_EXTENSION: &str = "\
-    SELECT n.nspname::TEXT, current_setting('server_version_num')::INT4 >= 130000 \
-    FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
-    WHERE e.extname = 'pg_stat_statements'";
+static STATEMENTS_EXTENSION: LazyLock<Sql> = LazyLock::new(|| {
+    Sql::new(
+        "SELECT n.nspname::TEXT, current_setting('server_version_num')::INT4 >= 130000 \
+         FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace \
+         WHERE e.extname = 'pg_stat_statements'",
+        &[],
+    )
+});
+
+/// A notification sent by hand, to time a round trip.
+static NOTIFY: LazyLock<Sql> = LazyLock::new(|| {
+    Sql::new(
+        "SELECT pg_notify($1::TEXT, $2::TEXT)",
+        &[Type::TEXT, Type::TEXT],
+    )
+});
 
 /// Who and where this session is, and what it may do with the table.
-const SESSION_INFO: &str = "\
+static SESSION_INFO: LazyLock<Sql> =
+    LazyLock::new(|| Sql::new(SESSION_INFO_TEXT, &[Type::TEXT, Type::TEXT]));
+
+const SESSION_INFO_TEXT: &str = "\
     SELECT current_setting('server_version'), current_user::TEXT, current_database()::TEXT, \
     (SELECT CASE WHEN ssl THEN version || ' ' || cipher END FROM pg_stat_ssl \
      WHERE pid = pg_backend_pid()), \
@@ -311,9 +334,10 @@ impl StateStore {
         let channel = self.channel().to_owned();
         let bare_table = self.names().table.clone();
         let names = self.names().clone();
-        let figures = table_figures();
         let mut stats = self.call(true, |inner, c| {
-            let row = c.prepare(&figures)?.query_one(&mut c.client, &[&table])?;
+            let row = c
+                .prepare(&TABLE_FIGURES)?
+                .query_one(&mut c.client, &[&table])?;
             if !row.get::<_, bool>(0) {
                 return Err(Failure::Store(Error::SchemaMissing {
                     table: table.clone(),
@@ -325,7 +349,7 @@ impl StateStore {
             let tombstones = to_u64(tombstones.query_one(&mut c.client, &[])?.get(0));
             let mut listeners = Vec::new();
             let mut hidden_sessions = 0;
-            for session in c.prepare(SESSIONS)?.query(&mut c.client, &[])? {
+            for session in c.prepare(&SESSIONS)?.query(&mut c.client, &[])? {
                 let query: Option<String> = session.get(5);
                 match query.as_deref() {
                     Some(q) if is_listen_on(q, &channel) => listeners.push(ListenerSession {
@@ -391,9 +415,10 @@ impl StateStore {
             return self.stats();
         }
         let table = self.table();
-        let counter = write_counter();
         let (before, from): (Option<i64>, SystemTime) = self.call(true, |_, c| {
-            let row = c.prepare(&counter)?.query_one(&mut c.client, &[&table])?;
+            let row = c
+                .prepare(&WRITE_COUNTER)?
+                .query_one(&mut c.client, &[&table])?;
             Ok((row.get(0), row.get(1)))
         })?;
         thread::sleep(window);
@@ -419,7 +444,7 @@ impl StateStore {
         self.call(true, |inner, c| {
             let tombstones = inner.names.qualify(&inner.names.tombstones);
             let row = c
-                .prepare(SESSION_INFO)?
+                .prepare(&SESSION_INFO)?
                 .query_one(&mut c.client, &[&table, &tombstones])?;
             let missing = |first: usize, privileges: &[&'static str]| -> Vec<&'static str> {
                 privileges
@@ -480,7 +505,7 @@ impl StateStore {
         let channel = self.channel().to_owned();
         let start = Instant::now();
         self.call(false, |_, c| {
-            c.prepare("SELECT pg_notify($1::TEXT, $2::TEXT)")?
+            c.prepare(&NOTIFY)?
                 .execute(&mut c.client, &[&channel, &payload])?;
             Ok(())
         })?;
@@ -501,7 +526,7 @@ impl StateStore {
 /// The slowest statements mentioning `table`, or why there are none.
 fn slow_statements(c: &mut Connection, table: &str) -> Result<SlowStatements, postgres::Error> {
     let Some(extension) = c
-        .prepare(STATEMENTS_EXTENSION)?
+        .prepare(&STATEMENTS_EXTENSION)?
         .query_opt(&mut c.client, &[])?
     else {
         return Ok(SlowStatements::NotInstalled);
@@ -521,6 +546,7 @@ fn slow_statements(c: &mut Connection, table: &str) -> Result<SlowStatements, po
          ORDER BY {mean} DESC LIMIT $2::INT8",
         quote_identifier(&schema)
     );
+    let sql = Sql::once(sql, &[Type::TEXT, Type::INT8]);
     let found = c
         .prepare(&sql)
         .and_then(|st| st.query(&mut c.client, &[&table, &SLOW_STATEMENTS]));
@@ -551,15 +577,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_query_casts_each_parameter() {
+    fn every_query_declares_the_types_its_casts_name() {
         for sql in [
-            table_figures().as_str(),
-            write_counter().as_str(),
-            SESSIONS,
-            STATEMENTS_EXTENSION,
-            SESSION_INFO,
+            &*TABLE_FIGURES,
+            &*WRITE_COUNTER,
+            &*SESSIONS,
+            &*STATEMENTS_EXTENSION,
+            &*SESSION_INFO,
+            &*NOTIFY,
         ] {
-            assert!(crate::pool::param_types(sql).is_some(), "{sql}");
+            assert_eq!(
+                crate::pool::param_types(sql.text()).as_deref(),
+                Some(sql.types()),
+                "{sql:?}"
+            );
         }
     }
 

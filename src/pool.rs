@@ -4,28 +4,29 @@
 //! fault detection that re-checks idle connections only after a connection
 //! was seen to break.
 
-use std::collections::HashMap;
-use std::error::Error as StdError;
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use postgres::error::SqlState;
-use postgres::types::{ToSql, Type};
-use postgres::{Client, GenericClient, Row, Statement, Transaction};
+use postgres::types::Type;
+use postgres::Client;
 use r2d2::ManageConnection;
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
 use crate::config::{classify_connect, ConnectOptions, Dialer, PoolerMode};
-use crate::error::{ConnectFailure, Error, Result};
+use crate::error::{server, ConnectFailure, Error, Result};
 
 mod affinity;
+mod statement;
 mod watchdog;
 use affinity::{Parking, PARK_LIMIT};
+#[cfg(test)]
+pub(crate) use statement::param_types;
+use statement::StatementCache;
+pub(crate) use statement::{Prepared, Sql};
 use watchdog::{Watch, Watchdog};
 
 /// Pool settings. Every field has a documented default ([`PoolOptions::default`]).
@@ -207,8 +208,8 @@ pub(crate) struct Connection {
     pub backend: Option<Backend>,
     statements: StatementCache,
     /// Through a transaction-mode pooler: statements are sent unnamed, with
-    /// the parameter types their casts name, read once per text.
-    unnamed: Option<HashMap<Box<str>, Arc<[Type]>>>,
+    /// their declared parameter types, on every call.
+    unnamed: bool,
     verified_epoch: u64,
     broken: bool,
     /// Its entry at the call-timeout watchdog, when it has one.
@@ -216,249 +217,25 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// The statement for `sql`: prepared on first use and cached for the
-    /// life of the connection, or, through a transaction-mode pooler, the
-    /// text and its parameter types, to be sent unnamed on every call
-    /// (parse, bind and execute in one round trip).
-    pub fn prepare<'a>(&mut self, sql: &'a str) -> Result<Prepared<'a>, postgres::Error> {
-        if let Some(known) = &mut self.unnamed {
-            if let Some(types) = known.get(sql) {
-                return Ok(Prepared::Unnamed {
-                    sql,
-                    types: Arc::clone(types),
-                });
-            }
-            if let Some(types) = param_types(sql) {
-                let types: Arc<[Type]> = types.into();
-                known.insert(sql.into(), Arc::clone(&types));
-                return Ok(Prepared::Unnamed { sql, types });
-            }
-            // Every statement of this crate casts its parameters (a unit
-            // test checks): this is a bug, but a named statement still
-            // works wherever no transaction pooler is in the way.
-            log::warn!("a statement without parameter casts is sent as a named statement: {sql}");
+    /// `sql`, ready to run: prepared on first use and cached for the life
+    /// of the connection, or, through a transaction-mode pooler (and for a
+    /// statement made for one call), its text and declared parameter types,
+    /// sent unnamed on every call (parse, bind and execute in one round
+    /// trip).
+    pub fn prepare<'a>(&mut self, sql: &'a Sql) -> Result<Prepared<'a>, postgres::Error> {
+        if self.unnamed || !sql.is_cached() {
+            return Ok(Prepared::Unnamed {
+                sql: sql.text(),
+                types: sql.types(),
+            });
         }
         if let Some(statement) = self.statements.get(sql) {
             return Ok(Prepared::Named(statement.clone()));
         }
-        let statement = self.client.prepare(sql)?;
+        let statement = self.client.prepare_typed(sql.text(), sql.types())?;
         self.statements.insert(sql, statement.clone());
         Ok(Prepared::Named(statement))
     }
-}
-
-/// A connection's prepared statements, found by the address and length of
-/// their text and then compared with it. The store's statement texts live
-/// as long as the store, so the address finds them without hashing the
-/// text on every call; the comparison keeps a text that reuses the
-/// address of a dropped one from getting another's statement.
-#[derive(Default)]
-struct StatementCache {
-    by_address: HashMap<(usize, usize), Cached, BuildHasherDefault<AddressHasher>>,
-}
-
-/// A cached statement and its text.
-type Cached = (Box<str>, Statement);
-
-impl StatementCache {
-    fn key(sql: &str) -> (usize, usize) {
-        (sql.as_ptr() as usize, sql.len())
-    }
-
-    fn get(&self, sql: &str) -> Option<&Statement> {
-        match self.by_address.get(&Self::key(sql)) {
-            Some((text, statement)) if **text == *sql => Some(statement),
-            _ => None,
-        }
-    }
-
-    fn insert(&mut self, sql: &str, statement: Statement) {
-        self.by_address
-            .insert(Self::key(sql), (sql.into(), statement));
-    }
-
-    fn clear(&mut self) {
-        self.by_address.clear();
-    }
-}
-
-/// Hashes the integers of a [`StatementCache`] key: one multiply each, as
-/// in rustc's `FxHasher` (the key is an address, not attacker input).
-#[derive(Default)]
-struct AddressHasher(u64);
-
-impl Hasher for AddressHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.write_u64(u64::from(*byte));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-}
-
-/// A statement ready to run on a connection or on one of its transactions:
-/// the choke point through which every statement of the store goes.
-pub(crate) enum Prepared<'a> {
-    /// Prepared once and cached: each call is bind and execute.
-    Named(Statement),
-    /// Sent as an unnamed statement with its parameter types on every call.
-    Unnamed { sql: &'a str, types: Arc<[Type]> },
-}
-
-impl Prepared<'_> {
-    /// Runs the statement and returns its rows.
-    pub fn query(
-        &self,
-        client: &mut impl GenericClient,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, postgres::Error> {
-        match self {
-            Prepared::Named(statement) => client.query(statement, params),
-            Prepared::Unnamed { sql, types } => client.query_typed(sql, &typed(params, types)),
-        }
-    }
-
-    /// Runs the statement, which must return exactly one row.
-    pub fn query_one(
-        &self,
-        client: &mut impl GenericClient,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row, postgres::Error> {
-        match self {
-            Prepared::Named(statement) => client.query_one(statement, params),
-            Prepared::Unnamed { sql, types } => client.query_typed_one(sql, &typed(params, types)),
-        }
-    }
-
-    /// Runs the statement, which must return at most one row.
-    pub fn query_opt(
-        &self,
-        client: &mut impl GenericClient,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>, postgres::Error> {
-        match self {
-            Prepared::Named(statement) => client.query_opt(statement, params),
-            Prepared::Unnamed { sql, types } => client.query_typed_opt(sql, &typed(params, types)),
-        }
-    }
-
-    /// Runs the statement and returns how many rows it changed.
-    pub fn execute(
-        &self,
-        client: &mut impl GenericClient,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, postgres::Error> {
-        match self {
-            Prepared::Named(statement) => client.execute(statement, params),
-            Prepared::Unnamed { sql, types } => client.execute_typed(sql, &typed(params, types)),
-        }
-    }
-
-    /// Binds the statement to a portal of `transaction`, to read its rows a
-    /// batch at a time. (Unnamed, the text is prepared inside the
-    /// transaction, where even a transaction-mode pooler keeps one server
-    /// connection.)
-    pub fn bind(
-        &self,
-        transaction: &mut Transaction<'_>,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<postgres::Portal, postgres::Error> {
-        match self {
-            Prepared::Named(statement) => transaction.bind(statement, params),
-            Prepared::Unnamed { sql, .. } => transaction.bind(*sql, params),
-        }
-    }
-}
-
-/// Pairs parameters with their types for an unnamed statement.
-fn typed<'p>(
-    params: &[&'p (dyn ToSql + Sync)],
-    types: &[Type],
-) -> Vec<(&'p (dyn ToSql + Sync), Type)> {
-    params
-        .iter()
-        .zip(types.iter().cloned())
-        .map(|(param, ty)| (*param, ty))
-        .collect()
-}
-
-/// The parameter types of `sql`, read from the cast of each parameter's
-/// first appearance (`$1::VARCHAR`, `$2::BYTEA[]`): `None` when a parameter
-/// has no cast or names a type this crate does not send.
-pub(crate) fn param_types(sql: &str) -> Option<Vec<Type>> {
-    let mut types: Vec<Option<Type>> = Vec::new();
-    let bytes = sql.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] != b'$' {
-            i += 1;
-            continue;
-        }
-        let digits = bytes[i + 1..]
-            .iter()
-            .take_while(|b| b.is_ascii_digit())
-            .count();
-        if digits == 0 {
-            i += 1;
-            continue;
-        }
-        let n: usize = sql[i + 1..i + 1 + digits].parse().ok()?;
-        i += 1 + digits;
-        if n == 0 {
-            return None;
-        }
-        if types.len() < n {
-            types.resize(n, None);
-        }
-        let Some(rest) = sql[i..].strip_prefix("::") else {
-            continue;
-        };
-        let name_len = rest
-            .bytes()
-            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
-            .count();
-        let array = rest[name_len..].starts_with("[]");
-        if types[n - 1].is_none() {
-            types[n - 1] = Some(type_named(&rest[..name_len], array)?);
-        }
-    }
-    types.into_iter().collect()
-}
-
-/// The types this crate's statements cast their parameters to.
-fn type_named(name: &str, array: bool) -> Option<Type> {
-    let ty = match (name.to_ascii_uppercase().as_str(), array) {
-        ("VARCHAR", false) => Type::VARCHAR,
-        ("VARCHAR", true) => Type::VARCHAR_ARRAY,
-        ("TEXT", false) => Type::TEXT,
-        ("TEXT", true) => Type::TEXT_ARRAY,
-        ("BYTEA", false) => Type::BYTEA,
-        ("BYTEA", true) => Type::BYTEA_ARRAY,
-        ("BIGINT" | "INT8", false) => Type::INT8,
-        ("BIGINT" | "INT8", true) => Type::INT8_ARRAY,
-        ("INT" | "INTEGER" | "INT4", false) => Type::INT4,
-        ("INT" | "INTEGER" | "INT4", true) => Type::INT4_ARRAY,
-        ("OID", false) => Type::OID,
-        ("NAME", false) => Type::NAME,
-        ("BOOL" | "BOOLEAN", false) => Type::BOOL,
-        ("FLOAT8", false) => Type::FLOAT8,
-        ("TIMESTAMP", false) => Type::TIMESTAMP,
-        ("TIMESTAMP", true) => Type::TIMESTAMP_ARRAY,
-        ("TIMESTAMPTZ", false) => Type::TIMESTAMPTZ,
-        _ => return None,
-    };
-    Some(ty)
 }
 
 /// State shared by the pool handle and the r2d2 manager.
@@ -629,7 +406,7 @@ impl Opener {
             client: opened.client,
             backend: opened.backend,
             statements: StatementCache::default(),
-            unnamed: (self.pooler == PoolerMode::Transaction).then(HashMap::new),
+            unnamed: self.pooler == PoolerMode::Transaction,
             verified_epoch: self.shared.epoch.load(Ordering::Acquire),
             broken: false,
             watch: opened.watch,
@@ -678,7 +455,7 @@ fn server_not_up(error: &Error) -> bool {
             failure: ConnectFailure::Other,
             source: Some(e),
             ..
-        } => e.code().is_none() && (e.is_closed() || is_io(e)),
+        } => e.code().is_none() && (e.is_closed() || server::is_io(e)),
         _ => false,
     }
 }
@@ -1057,13 +834,8 @@ impl Pool {
     pub(crate) fn call_error(&self, conn: &mut Connection, e: postgres::Error) -> (Error, bool) {
         let lost = e.is_closed()
             || conn.client.is_closed()
-            || e.code().is_some_and(|c| {
-                *c == SqlState::ADMIN_SHUTDOWN
-                    || *c == SqlState::CRASH_SHUTDOWN
-                    || *c == SqlState::CANNOT_CONNECT_NOW
-                    || c.code().starts_with("08")
-            })
-            || e.as_db_error().is_none() && e.code().is_none() && is_io(&e);
+            || server::is_session_ended(&e)
+            || e.as_db_error().is_none() && e.code().is_none() && server::is_io(&e);
         if lost {
             log::warn!(
                 "connection to {} lost ({e}); idle connections will be checked before reuse",
@@ -1073,16 +845,12 @@ impl Pool {
             self.shared.epoch.fetch_add(1, Ordering::AcqRel);
             return (Error::ConnectionLost(Arc::new(e)), true);
         }
-        let error = match e.code() {
-            Some(c) if *c == SqlState::QUERY_CANCELED => Error::StatementTimeout,
+        let error = match () {
+            () if server::is_cancelled(&e) => Error::StatementTimeout,
             // A statement this connection prepared is gone, or one of its
             // names is taken: a transaction-mode pooler handed the call to
             // another server connection. Nothing was executed.
-            Some(c)
-                if conn.unnamed.is_none()
-                    && (*c == SqlState::INVALID_SQL_STATEMENT_NAME
-                        || *c == SqlState::DUPLICATE_PSTATEMENT) =>
-            {
+            () if !conn.unnamed && server::is_lost_statement(&e) => {
                 conn.statements.clear();
                 Error::invalid_config(format!(
                     "{}: the server lost a statement this connection prepared, as happens \
@@ -1092,7 +860,7 @@ impl Pool {
                         .map_or("prepared statement missing", |db| db.message())
                 ))
             }
-            Some(c) if is_notify_queue_full(c, &e) => {
+            () if server::is_notify_queue_full(&e) => {
                 // The server moves the queue's tail only when a notifying
                 // commit crosses a page, which a full queue never lets
                 // happen: once the session that held the queue back is
@@ -1111,19 +879,10 @@ impl Pool {
                 );
                 Error::NotificationQueueFull(e)
             }
-            _ => Error::Database(e),
+            () => Error::Database(e),
         };
         (error, false)
     }
-}
-
-/// PostgreSQL's "too many notifications in the NOTIFY queue", raised at
-/// commit. The code alone (program limit exceeded) also covers other
-/// limits, such as an over-long row; the message tells them apart.
-fn is_notify_queue_full(code: &SqlState, e: &postgres::Error) -> bool {
-    *code == SqlState::PROGRAM_LIMIT_EXCEEDED
-        && e.as_db_error()
-            .is_some_and(|db| db.message().contains("NOTIFY queue"))
 }
 
 /// How long a check of a connection that may have died waits for an answer.
@@ -1169,47 +928,6 @@ impl Drop for Checkout<'_> {
             // waits for it in r2d2.
             drop(self.parking.park(conn));
         }
-    }
-}
-
-fn is_io(e: &postgres::Error) -> bool {
-    let mut source: Option<&(dyn StdError + 'static)> = e.source();
-    while let Some(err) = source {
-        if err.is::<std::io::Error>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parameter_types_come_from_the_first_cast() {
-        assert_eq!(
-            param_types("SELECT $1::VARCHAR, $2::BYTEA[], $3::BIGINT, $2, $1").unwrap(),
-            [Type::VARCHAR, Type::BYTEA_ARRAY, Type::INT8]
-        );
-        assert_eq!(
-            param_types("SELECT set_config('x', $2::BIGINT::TEXT, true), $1::timestamp[]").unwrap(),
-            [Type::TIMESTAMP_ARRAY, Type::INT8]
-        );
-        assert_eq!(param_types("SELECT 1").unwrap(), []);
-        assert_eq!(
-            param_types("SELECT $1::NAME, $2::OID").unwrap(),
-            [Type::NAME, Type::OID]
-        );
-    }
-
-    #[test]
-    fn a_parameter_without_a_cast_has_no_type() {
-        assert_eq!(param_types("SELECT $1"), None);
-        assert_eq!(param_types("SELECT $2::TEXT"), None);
-        assert_eq!(param_types("SELECT $1::POINT"), None);
-        assert_eq!(param_types("SELECT $0::TEXT"), None);
     }
 }
 
@@ -1292,22 +1010,38 @@ mod affinity_tests {
     }
 
     #[test]
-    fn a_statement_text_at_a_reused_address_gets_its_own_statement() {
+    fn each_statement_is_prepared_once_per_connection_and_found_by_its_identity() {
         let pool = pool(1);
         let mut conn = pool.get().unwrap();
-        let run = |conn: &mut Checkout<'_>, sql: &str| -> i32 {
+        let run = |conn: &mut Checkout<'_>, sql: &Sql| -> i32 {
             let statement = conn.prepare(sql).unwrap();
             statement.query_one(&mut conn.client, &[]).unwrap().get(0)
         };
-        let mut sql = String::from("SELECT 1::INT4");
-        assert_eq!(run(&mut conn, &sql), 1);
-        assert_eq!(run(&mut conn, &sql), 1);
-        // The same address and length with another text, as when a store's
-        // statement text is dropped and another one takes its place.
-        sql.replace_range(7..8, "2");
-        assert_eq!(run(&mut conn, &sql), 2);
-        // The same text at another address.
-        assert_eq!(run(&mut conn, &sql.clone()), 2);
+        let count = |conn: &mut Checkout<'_>| -> i64 {
+            conn.client
+                .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+                .unwrap()
+                .get(0)
+        };
+        let before = count(&mut conn);
+        let one = Sql::new("SELECT 1::INT4", &[]);
+        let two = Sql::new("SELECT 2::INT4", &[]);
+        assert_eq!(run(&mut conn, &one), 1);
+        assert_eq!(run(&mut conn, &two), 2);
+        assert_eq!(run(&mut conn, &one), 1);
+        // A statement made again with the same text is another statement.
+        drop(one);
+        let again = Sql::new("SELECT 3::INT4", &[]);
+        assert_eq!(run(&mut conn, &again), 3);
+        assert_eq!(
+            count(&mut conn) - before,
+            3,
+            "one server statement per statement used"
+        );
+        // A statement for one call is never kept.
+        let once = Sql::once("SELECT 4::INT4", &[]);
+        assert_eq!(run(&mut conn, &once), 4);
+        assert_eq!(count(&mut conn) - before, 3);
     }
 
     #[test]

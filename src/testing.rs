@@ -413,15 +413,18 @@ fn find_bindir() -> io::Result<PathBuf> {
 pub fn point_statements(store: &StateStore) -> Vec<(&'static str, String)> {
     let sql = store.statements();
     vec![
-        ("load", sql.load.clone()),
-        ("load_versioned", sql.load_versioned.clone()),
-        ("exists", sql.exists.clone()),
-        ("sequence", sql.sequence.clone()),
-        ("save", sql.save.clone()),
-        ("save_if_absent", sql.save_if_absent.clone()),
-        ("save_if_sequence", sql.save_if_sequence.clone()),
-        ("save_with_sequence", sql.save_with_sequence.clone()),
-        ("delete", sql.delete.clone()),
+        ("load", sql.load.text().to_owned()),
+        ("load_versioned", sql.load_versioned.text().to_owned()),
+        ("exists", sql.exists.text().to_owned()),
+        ("sequence", sql.sequence.text().to_owned()),
+        ("save", sql.save.text().to_owned()),
+        ("save_if_absent", sql.save_if_absent.text().to_owned()),
+        ("save_if_sequence", sql.save_if_sequence.text().to_owned()),
+        (
+            "save_with_sequence",
+            sql.save_with_sequence.text().to_owned(),
+        ),
+        ("delete", sql.delete.text().to_owned()),
     ]
 }
 

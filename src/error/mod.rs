@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::expected::Expected;
 
 mod kind;
+pub(crate) mod server;
 
 pub use kind::ErrorKind;
 
@@ -433,8 +434,7 @@ impl fmt::Display for Error {
                      check the port, and check that pg_hba.conf allows this client"
                 ),
                 ConnectFailure::AuthenticationFailed => {
-                    let wrong_password = source.as_ref().and_then(|e| e.code())
-                        == Some(&postgres::error::SqlState::INVALID_PASSWORD);
+                    let wrong_password = source.as_ref().is_some_and(server::is_wrong_password);
                     write!(
                         f,
                         "{}authentication failed for user {user:?} at {target}: verify the \

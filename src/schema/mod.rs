@@ -3,13 +3,13 @@
 //! All SQL text is built here once per store from validated, quoted
 //! identifiers; no statement is ever assembled from user input per call.
 
-use postgres::error::SqlState;
+use postgres::types::Type;
 
 use crate::config::{validate_identifier, MAX_IDENTIFIER_BYTES};
 pub use crate::config::{DEFAULT_CHANNEL, DEFAULT_TABLE};
-use crate::error::{Error, Result};
+use crate::error::{server, Error, Result};
 use crate::ident::{fill_template, quote_identifier};
-use crate::pool::Connection;
+use crate::pool::{Connection, Sql};
 
 mod verify;
 
@@ -243,35 +243,35 @@ const KEY_ORDER: &str = "SELECT current_setting('server_encoding') = 'UTF8' AND 
 /// The SQL text of every operation for one table, built once per store.
 #[derive(Debug)]
 pub(crate) struct Statements {
-    pub save: String,
-    pub save_if_absent: String,
-    pub save_if_sequence: String,
-    pub save_with_sequence: String,
-    pub load: String,
-    pub load_versioned: String,
-    pub load_many: String,
-    pub load_cached: String,
-    pub load_many_ordered: String,
-    pub save_many: String,
-    pub save_many_if: String,
-    pub delete_many: String,
-    pub lock_many: String,
-    pub catch_up: String,
-    pub delete: String,
-    pub exists: String,
-    pub sequence: String,
-    pub list_page: String,
-    pub list_page_range: String,
-    pub count_prefix: String,
-    pub count_prefix_range: String,
-    pub count_tombstones: String,
-    pub scan_prefix: String,
-    pub scan_prefix_range: String,
-    pub key_order: String,
-    pub restore_many: String,
-    pub sweep: String,
-    pub purge_tombstones: String,
-    pub outcomes: String,
+    pub save: Sql,
+    pub save_if_absent: Sql,
+    pub save_if_sequence: Sql,
+    pub save_with_sequence: Sql,
+    pub load: Sql,
+    pub load_versioned: Sql,
+    pub load_many: Sql,
+    pub load_cached: Sql,
+    pub load_many_ordered: Sql,
+    pub save_many: Sql,
+    pub save_many_if: Sql,
+    pub delete_many: Sql,
+    pub lock_many: Sql,
+    pub catch_up: Sql,
+    pub delete: Sql,
+    pub exists: Sql,
+    pub sequence: Sql,
+    pub list_page: Sql,
+    pub list_page_range: Sql,
+    pub count_prefix: Sql,
+    pub count_prefix_range: Sql,
+    pub count_tombstones: Sql,
+    pub scan_prefix: Sql,
+    pub scan_prefix_range: Sql,
+    pub key_order: Sql,
+    pub restore_many: Sql,
+    pub sweep: Sql,
+    pub purge_tombstones: Sql,
+    pub outcomes: Sql,
 }
 
 impl Statements {
@@ -356,7 +356,7 @@ impl Statements {
             live("c.")
         );
         Statements {
-            save: format!(
+            save: Sql::new(format!(
                 "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
                  expires_at, recent_writes) \
                  SELECT $1::VARCHAR, $2::BYTEA, n.seq, {now}, {now}, {}, {} FROM {next} \
@@ -367,9 +367,9 @@ impl Statements {
                 ttl("$4"),
                 tag("$3::BIGINT", "n.seq", "n.tags"),
                 tag("$3::BIGINT", &bump, "t.recent_writes"),
-            ),
+            ), &[Type::VARCHAR, Type::BYTEA, Type::INT8, Type::INT8]),
             // An expired row is absent: replacing it is a create.
-            save_if_absent: format!(
+            save_if_absent: Sql::new(format!(
                 "WITH written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
                  created_at, expires_at, recent_writes) \
                  SELECT $1::VARCHAR, $2::BYTEA, n.seq, {now}, {now}, {}, {} FROM {next} \
@@ -381,8 +381,8 @@ impl Statements {
                 tag("$3::BIGINT", "n.seq", "n.tags"),
                 tag("$3::BIGINT", &bump, "t.recent_writes"),
                 expired("t.")
-            ),
-            save_if_sequence: format!(
+            ), &[Type::VARCHAR, Type::BYTEA, Type::INT8, Type::INT8]),
+            save_if_sequence: Sql::new(format!(
                 "WITH written AS (UPDATE {t} SET state = $2::BYTEA, sequence_number = sequence_number + 1, \
                  updated_at = {now}, expires_at = {}, recent_writes = {} \
                  WHERE actor_id = $1::VARCHAR AND sequence_number = $3::BIGINT AND {} \
@@ -390,8 +390,8 @@ impl Statements {
                 ttl("$5"),
                 tag("$4::BIGINT", "$3::BIGINT + 1", "recent_writes"),
                 live("")
-            ),
-            save_with_sequence: format!(
+            ), &[Type::VARCHAR, Type::BYTEA, Type::INT8, Type::INT8, Type::INT8]),
+            save_with_sequence: Sql::new(format!(
                 "WITH written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
                  created_at, expires_at, recent_writes) \
                  SELECT $1::VARCHAR, $2::BYTEA, $3::BIGINT, {now}, {now}, {}, {} FROM {next} \
@@ -405,34 +405,34 @@ impl Statements {
                 tag("$4::BIGINT", "$3::BIGINT", "n.tags"),
                 tag("$4::BIGINT", "EXCLUDED.sequence_number", "t.recent_writes"),
                 expired("t.")
-            ),
-            load: format!("SELECT state FROM {t} WHERE actor_id = $1::VARCHAR AND {}", live("")),
-            load_versioned: format!(
+            ), &[Type::VARCHAR, Type::BYTEA, Type::INT8, Type::INT8, Type::INT8]),
+            load: Sql::new(format!("SELECT state FROM {t} WHERE actor_id = $1::VARCHAR AND {}", live("")), &[Type::VARCHAR]),
+            load_versioned: Sql::new(format!(
                 "SELECT state, sequence_number, updated_at, created_at, expires_at FROM {t} \
                  WHERE actor_id = $1::VARCHAR AND {}",
                 live("")
-            ),
+            ), &[Type::VARCHAR]),
             // What a `StateCache` holds of each actor: it also keeps when
             // the state expires.
-            load_cached: format!(
+            load_cached: Sql::new(format!(
                 "SELECT actor_id::TEXT, state, sequence_number, expires_at FROM {t} \
                  WHERE actor_id = ANY($1::VARCHAR[]) AND {}",
                 live("")
-            ),
-            load_many: format!(
+            ), &[Type::VARCHAR_ARRAY]),
+            load_many: Sql::new(format!(
                 "SELECT actor_id, state, sequence_number, updated_at, created_at FROM {t} \
                  WHERE actor_id = ANY($1::VARCHAR[]) AND {}",
                 live("")
-            ),
-            load_many_ordered: format!(
+            ), &[Type::VARCHAR_ARRAY]),
+            load_many_ordered: Sql::new(format!(
                 "SELECT i.n, t.state, t.sequence_number, t.updated_at, t.created_at, t.expires_at \
                  FROM unnest($1::VARCHAR[]) WITH ORDINALITY AS i(id, n) \
                  JOIN {t} t ON t.actor_id = i.id AND {}",
                 live("t.")
-            ),
+            ), &[Type::VARCHAR_ARRAY]),
             // Rows are written in actor id order so that concurrent batches
             // lock them in one order and cannot deadlock.
-            save_many: format!(
+            save_many: Sql::new(format!(
                 "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
                  recent_writes) \
                  SELECT i.id, i.st, COALESCE(b.sequence_number, 0) + 1, {now}, {now}, {} \
@@ -443,10 +443,10 @@ impl Statements {
                  {renew}, expires_at = NULL, recent_writes = {tag_upsert} \
                  RETURNING actor_id::TEXT, sequence_number",
                 tag("i.w", "COALESCE(b.sequence_number, 0) + 1", "b.recent_writes")
-            ),
+            ), &[Type::VARCHAR_ARRAY, Type::BYTEA_ARRAY, Type::INT8_ARRAY]),
             // Per item: the new sequence number, or NULL and the sequence
             // number that blocked it. `expected` NULL means "absent".
-            save_many_if: format!(
+            save_many_if: Sql::new(format!(
                 "WITH input AS (SELECT * FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[], \
                  $4::BIGINT[]) AS i(id, st, expected, w)), \
                  locked AS (SELECT l.actor_id FROM {t} l JOIN input ON input.id = l.actor_id \
@@ -478,26 +478,26 @@ impl Statements {
                 ),
                 expired("t."),
                 live("c.")
-            ),
+            ), &[Type::VARCHAR_ARRAY, Type::BYTEA_ARRAY, Type::INT8_ARRAY, Type::INT8_ARRAY]),
             // A batch locks its existing rows in actor id order first, so
             // that batches over the same actors cannot deadlock.
-            lock_many: format!(
+            lock_many: Sql::new(format!(
                 "SELECT actor_id FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
                  ORDER BY actor_id FOR UPDATE"
-            ),
+            ), &[Type::VARCHAR_ARRAY]),
             // Each deleted id, and whether it was live: an expired row is
             // removed (and announced) too, but it did not exist any more.
-            delete_many: format!(
+            delete_many: Sql::new(format!(
                 "DELETE FROM {t} WHERE actor_id IN (SELECT l.actor_id FROM {t} l \
                  WHERE l.actor_id = ANY($1::VARCHAR[]) ORDER BY l.actor_id FOR UPDATE) \
                  AND {set_write_id} RETURNING actor_id::TEXT, {}",
                 live("")
-            ),
+            ), &[Type::VARCHAR_ARRAY, Type::INT8]),
             // The current version of each actor, or its tombstone when deleted:
             // what a listener announces after a gap instead of a resync.
             // An expired row is reported as deleted at the next number, as
             // the sweeper will announce it.
-            catch_up: format!(
+            catch_up: Sql::new(format!(
                 "SELECT actor_id::TEXT, sequence_number + CASE WHEN {e} THEN 1 ELSE 0 END, \
                  COALESCE({e}, false), \
                  EXTRACT(EPOCH FROM CASE WHEN {e} THEN expires_at ELSE updated_at END)::FLOAT8 \
@@ -508,37 +508,37 @@ impl Statements {
                  WHERE b.actor_id = ANY($1::VARCHAR[]) \
                  AND NOT EXISTS (SELECT 1 FROM {t} c WHERE c.actor_id = b.actor_id)",
                 e = expired("")
-            ),
-            delete: format!(
+            ), &[Type::VARCHAR_ARRAY]),
+            delete: Sql::new(format!(
                 "DELETE FROM {t} WHERE actor_id = $1::VARCHAR AND {set_write_id} RETURNING {}",
                 live("")
-            ),
-            exists: format!(
+            ), &[Type::VARCHAR, Type::INT8]),
+            exists: Sql::new(format!(
                 "SELECT EXISTS (SELECT 1 FROM {t} WHERE actor_id = $1::VARCHAR AND {})",
                 live("")
-            ),
-            sequence: format!(
+            ), &[Type::VARCHAR]),
+            sequence: Sql::new(format!(
                 "SELECT sequence_number FROM {t} WHERE actor_id = $1::VARCHAR AND {}",
                 live("")
-            ),
+            ), &[Type::VARCHAR]),
             // Keyset pages in the primary key's order: each page is one index
             // range scan, whatever the page. The first page starts after ''
             // (actor ids are never empty).
-            list_page: list_page(""),
-            list_page_range: list_page(&range(4)),
-            count_prefix: count_prefix(""),
-            count_prefix_range: count_prefix(&range(2)),
-            count_tombstones: format!("SELECT count(*) FROM {b}"),
-            scan_prefix: scan_prefix(""),
-            scan_prefix_range: scan_prefix(&range(2)),
-            key_order: KEY_ORDER.to_owned(),
+            list_page: Sql::new(list_page(""), &[Type::TEXT, Type::VARCHAR, Type::INT8]),
+            list_page_range: Sql::new(list_page(&range(4)), &[Type::TEXT, Type::VARCHAR, Type::INT8, Type::VARCHAR, Type::VARCHAR]),
+            count_prefix: Sql::new(count_prefix(""), &[Type::TEXT]),
+            count_prefix_range: Sql::new(count_prefix(&range(2)), &[Type::TEXT, Type::VARCHAR, Type::VARCHAR]),
+            count_tombstones: Sql::new(format!("SELECT count(*) FROM {b}"), &[]),
+            scan_prefix: Sql::new(scan_prefix(""), &[Type::TEXT]),
+            scan_prefix_range: Sql::new(scan_prefix(&range(2)), &[Type::TEXT, Type::VARCHAR, Type::VARCHAR]),
+            key_order: Sql::new(KEY_ORDER.to_owned(), &[Type::TEXT]),
             // Per item: whether it was written, else the stored version (and
             // whether its bytes are the ones given) or the tombstone that
             // blocked it. Timestamps given as NULL become now. A created row
             // carries an empty tag list, which marks it as the library's:
             // the trigger then refuses it if a delete committed meanwhile
             // left a tombstone at or above its number.
-            restore_many: format!(
+            restore_many: Sql::new(format!(
                 "WITH input AS (SELECT * FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[], \
                  $4::TIMESTAMP[], $5::TIMESTAMP[], $6::TIMESTAMP[]) AS i(id, st, seq, upd, crt, exp)), \
                  written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
@@ -554,7 +554,7 @@ impl Statements {
                  SELECT i.id::TEXT, w.actor_id IS NOT NULL, c.sequence_number, c.state = i.st, \
                  b.sequence_number FROM input i LEFT JOIN written w ON w.actor_id = i.id \
                  LEFT JOIN {t} c ON c.actor_id = i.id LEFT JOIN {b} b ON b.actor_id = i.id"
-            ),
+            ), &[Type::VARCHAR_ARRAY, Type::BYTEA_ARRAY, Type::INT8_ARRAY, Type::TIMESTAMP_ARRAY, Type::TIMESTAMP_ARRAY, Type::TIMESTAMP_ARRAY]),
             // Up to $1 expired rows, oldest first, skipping rows another
             // transaction holds; deleted through the trigger, so each is
             // announced and leaves a tombstone. The condition is checked
@@ -562,28 +562,28 @@ impl Statements {
             // One batch of old tombstones in key order, after the last id
             // of the batch before ($1); a batch shorter than the limit has
             // reached the end.
-            purge_tombstones: format!(
+            purge_tombstones: Sql::new(format!(
                 "WITH doomed AS (SELECT actor_id FROM {b} WHERE actor_id > $1::VARCHAR \
                  AND deleted_at < {now} - $2::INT8 * INTERVAL '1 microsecond' \
                  ORDER BY actor_id LIMIT $3::INT8 FOR UPDATE SKIP LOCKED), \
                  gone AS (DELETE FROM {b} g USING doomed d WHERE g.actor_id = d.actor_id \
                  RETURNING g.actor_id) \
                  SELECT count(*), max(actor_id)::TEXT FROM gone"
-            ),
-            sweep: format!(
+            ), &[Type::VARCHAR, Type::INT8, Type::INT8]),
+            sweep: Sql::new(format!(
                 "WITH gone AS (DELETE FROM {t} WHERE actor_id IN (SELECT e.actor_id FROM {t} e \
                  WHERE {} ORDER BY e.expires_at LIMIT $1::BIGINT FOR UPDATE SKIP LOCKED) AND {} \
                  RETURNING 1) SELECT count(*) FROM gone",
                 expired("e."),
                 expired("")
-            ),
+            ), &[Type::INT8]),
             // What a writer whose connection dropped reads back to learn
             // whether its write landed.
-            outcomes: format!(
+            outcomes: Sql::new(format!(
                 "SELECT i.id::TEXT, c.sequence_number, c.recent_writes, b.sequence_number, \
                  b.recent_writes, c.updated_at, c.created_at FROM unnest($1::VARCHAR[]) AS i(id) \
                  LEFT JOIN {t} c ON c.actor_id = i.id LEFT JOIN {b} b ON b.actor_id = i.id"
-            ),
+            ), &[Type::VARCHAR_ARRAY]),
         }
     }
 }
@@ -601,7 +601,7 @@ pub(crate) fn migrate(client: &mut postgres::Client, names: &Names) -> Result<Ve
 /// other errors pass through.
 pub(crate) fn privilege_error(error: Error, names: &Names, migrating: bool) -> Error {
     match error {
-        Error::Database(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+        Error::Database(e) if server::is_insufficient_privilege(&e) => {
             Error::InsufficientPrivilege {
                 migrating,
                 table: names.table_sql(),
@@ -836,10 +836,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_statement_casts_each_parameter() {
-        // Unnamed statements (through a transaction-mode pooler) take their
-        // parameter types from these casts. Destructured in full, so that a
-        // new statement cannot be left out of this test.
+    fn every_statement_declares_the_types_its_casts_name() {
+        // Unnamed statements (through a transaction-mode pooler) are sent
+        // with their declared types, which must be the ones their casts
+        // name. Destructured in full, so that a new statement cannot be
+        // left out of this test.
         let names = Names::new("game.rooms", "room_changes").unwrap();
         let Statements {
             save,
@@ -903,9 +904,10 @@ mod tests {
             ("sweep", sweep),
             ("purge_tombstones", purge_tombstones),
         ] {
-            assert!(
-                crate::pool::param_types(&sql).is_some(),
-                "{name} has a parameter without a cast: {sql}"
+            assert_eq!(
+                crate::pool::param_types(sql.text()).as_deref(),
+                Some(sql.types()),
+                "{name}: the declared parameter types are not the casts: {sql:?}"
             );
         }
     }

@@ -173,10 +173,11 @@ pub(crate) fn verify(conn: &mut Connection, names: &Names) -> Result<VerifyRepor
     let mut problems = Vec::new();
     let table_sql = names.table_sql();
     let row = conn
-        .prepare(
+        .prepare(&Sql::once(
             "SELECT c.oid, n.nspname::text FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1::TEXT)",
-        )
+            &[Type::TEXT],
+        ))
         .and_then(|st| st.query_opt(&mut conn.client, &[&table_sql]))
         .map_err(Error::Database)?;
     let Some(row) = row else {
@@ -187,10 +188,11 @@ pub(crate) fn verify(conn: &mut Connection, names: &Names) -> Result<VerifyRepor
     let schema: String = row.get(1);
 
     let columns: Vec<(String, String)> = conn
-        .prepare(
+        .prepare(&Sql::once(
             "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
              WHERE attrelid = $1::OID AND attnum > 0 AND NOT attisdropped",
-        )
+            &[Type::OID],
+        ))
         .and_then(|st| st.query(&mut conn.client, &[&oid]))
         .map_err(Error::Database)?
         .iter()
@@ -213,7 +215,10 @@ pub(crate) fn verify(conn: &mut Connection, names: &Names) -> Result<VerifyRepor
     // The schema is the catalog's: it may hold anything.
     let tombstones = names.in_schema(schema.clone()).qualify(&names.tombstones);
     let exists: bool = conn
-        .prepare("SELECT to_regclass($1::TEXT) IS NOT NULL")
+        .prepare(&Sql::once(
+            "SELECT to_regclass($1::TEXT) IS NOT NULL",
+            &[Type::TEXT],
+        ))
         .and_then(|st| st.query_one(&mut conn.client, &[&tombstones]))
         .map_err(Error::Database)?
         .get(0);
@@ -222,10 +227,11 @@ pub(crate) fn verify(conn: &mut Connection, names: &Names) -> Result<VerifyRepor
     }
 
     let source: Option<String> = conn
-        .prepare(
+        .prepare(&Sql::once(
             "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
              WHERE p.proname = $1::NAME AND n.nspname = $2::NAME",
-        )
+            &[Type::NAME, Type::NAME],
+        ))
         .and_then(|st| st.query_opt(&mut conn.client, &[&names.function, &schema]))
         .map_err(Error::Database)?
         .map(|r| r.get(0));
@@ -243,10 +249,11 @@ pub(crate) fn verify(conn: &mut Connection, names: &Names) -> Result<VerifyRepor
     }
 
     let trigger = conn
-        .prepare(
+        .prepare(&Sql::once(
             "SELECT t.tgenabled::text, t.tgtype::int4 FROM pg_trigger t \
              WHERE t.tgrelid = $1::OID AND t.tgname = $2::NAME AND NOT t.tgisinternal",
-        )
+            &[Type::OID, Type::NAME],
+        ))
         .and_then(|st| st.query_opt(&mut conn.client, &[&oid, &names.trigger]))
         .map_err(Error::Database)?;
     match trigger {
@@ -277,13 +284,14 @@ pub(crate) fn verify(conn: &mut Connection, names: &Names) -> Result<VerifyRepor
             // A partitioned table's trigger fires through its clone on each
             // partition, which can be disabled on its own.
             let silent = conn
-                .prepare(
-                    "SELECT format('%I.%I', n.nspname, c.relname) \
+                .prepare(&Sql::once(
+            "SELECT format('%I.%I', n.nspname, c.relname) \
                      FROM pg_partition_tree($1::OID::regclass) p \
                      JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
                      WHERE p.isleaf AND p.level > 0 AND NOT EXISTS (SELECT 1 FROM pg_trigger t \
                      WHERE t.tgrelid = c.oid AND t.tgname = $2::NAME AND t.tgenabled <> 'D') ORDER BY 1",
-                )
+            &[Type::OID, Type::NAME],
+        ))
                 .and_then(|st| st.query(&mut conn.client, &[&oid, &names.trigger]))
                 .map_err(Error::Database)?;
             for row in silent {

@@ -12,18 +12,25 @@
 //! leaves it held.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, LazyLock, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use postgres::types::Type;
+
 use super::StateStore;
 use crate::error::{Error, Result};
+use crate::pool::Sql;
 
 /// The sweepers' advisory lock: a fixed class and a hash of the quoted table
 /// name, so that each table has its own and none meets the migration lock
 /// (a single `bigint` key, another key space).
-const SWEEP_LOCK: &str =
-    "SELECT pg_try_advisory_xact_lock(hashtext('trebuchet sweep'), hashtext($1::TEXT))";
+static SWEEP_LOCK: LazyLock<Sql> = LazyLock::new(|| {
+    Sql::new(
+        "SELECT pg_try_advisory_xact_lock(hashtext('trebuchet sweep'), hashtext($1::TEXT))",
+        &[Type::TEXT],
+    )
+});
 
 /// Tombstones deleted per transaction by [`StateStore::purge_tombstones`].
 const PURGE_BATCH: i64 = 10_000;
@@ -256,7 +263,7 @@ impl StateStore {
         let limit = i64::from(batch_size);
         self.call(false, |inner, c| {
             let table = inner.names.table_sql();
-            let lock = c.prepare(SWEEP_LOCK)?;
+            let lock = c.prepare(&SWEEP_LOCK)?;
             let sweep = c.prepare(&inner.sql.sweep)?;
             let mut tx = c.client.transaction()?;
             if !lock.query_one(&mut tx, &[&table])?.get::<_, bool>(0) {

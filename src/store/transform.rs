@@ -2,6 +2,42 @@
 
 use super::*;
 
+/// How [`StateStore::transform`] retries after losing a race: up to
+/// `max_attempts` tries, sleeping a random time up to an exponentially
+/// growing bound (from `initial_backoff`, doubling, capped at `max_backoff`)
+/// between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts before [`Error::TooManyConflicts`] (default 100).
+    pub max_attempts: u32,
+    /// The first back-off bound (default 1 ms).
+    pub initial_backoff: Duration,
+    /// The largest back-off bound (default 100 ms).
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 100,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The pause before attempt `attempt + 1`: full jitter, so that
+    /// contenders spread out instead of colliding again in step.
+    pub(super) fn backoff(&self, attempt: u32) -> Duration {
+        let bound = self
+            .initial_backoff
+            .saturating_mul(1u32 << attempt.min(20))
+            .min(self.max_backoff);
+        bound.mul_f64(fastrand::f64())
+    }
+}
+
 impl StateStore {
     /// Atomically replaces an actor's state with `f(current)`, where
     /// `current` is `None` for a new actor, and returns what was written.

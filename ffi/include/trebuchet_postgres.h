@@ -15,16 +15,16 @@
 #include <stdint.h>
 
 /**
- * `expected_sequence` for `trebuchet_store_save_if`: the actor must not exist.
- * Sequence numbers start at 1, so 0 never names a version.
- */
-#define TREBUCHET_EXPECT_ABSENT 0
-
-/**
  * The size of `trebuchet_event.actor_id`: an actor id has at most 255
  * characters of at most 4 UTF-8 bytes, plus the terminating NUL.
  */
 #define TREBUCHET_ACTOR_ID_CAPACITY 1024
+
+/**
+ * `expected_sequence` for `trebuchet_store_save_if`: the actor must not exist.
+ * Sequence numbers start at 1, so 0 never names a version.
+ */
+#define TREBUCHET_EXPECT_ABSENT 0
 
 /**
  * What a call did. Every exported function returns one.
@@ -225,19 +225,6 @@ typedef struct trebuchet_store trebuchet_store;
 typedef struct trebuchet_subscription trebuchet_subscription;
 
 /**
- * A transform step: gets the current state (`exists` false and `current`
- * NULL for a new actor) and calls `trebuchet_output_set(next, ...)` with the
- * new one, then returns 0. Any other return value cancels the transform
- * (`TREBUCHET_CALLBACK_FAILED`, nothing written). The step may run more than
- * once when another writer wins a race; it must not unwind or `longjmp`.
- */
-typedef int32_t (*trebuchet_transform_fn)(void *user_data,
-                                          const uint8_t *current,
-                                          size_t current_len,
-                                          bool exists,
-                                          struct trebuchet_output *next);
-
-/**
  * One event from `trebuchet_subscription_next`. The caller owns the struct;
  * nothing in it needs freeing. The library only writes it, never reads it,
  * so what it held before does not matter.
@@ -269,178 +256,22 @@ typedef struct trebuchet_event {
   char actor_id[TREBUCHET_ACTOR_ID_CAPACITY];
 } trebuchet_event;
 
+/**
+ * A transform step: gets the current state (`exists` false and `current`
+ * NULL for a new actor) and calls `trebuchet_output_set(next, ...)` with the
+ * new one, then returns 0. Any other return value cancels the transform
+ * (`TREBUCHET_CALLBACK_FAILED`, nothing written). The step may run more than
+ * once when another writer wins a race; it must not unwind or `longjmp`.
+ */
+typedef int32_t (*trebuchet_transform_fn)(void *user_data,
+                                          const uint8_t *current,
+                                          size_t current_len,
+                                          bool exists,
+                                          struct trebuchet_output *next);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
-
-/**
- * Connects to PostgreSQL with a connection string (a `postgresql://` URL or
- * libpq `key=value` text). `table` and `channel` may be NULL for the
- * defaults (`actor_states`, `actor_state_changes`). Does not create the
- * schema: call `trebuchet_store_migrate`.
- *
- * On success `*store_out` is a new store; release it with `trebuchet_store_free`.
- *
- * # Safety
- *
- * Strings must be NUL-terminated; `store_out` must be writable.
- */
-enum trebuchet_status trebuchet_store_open(const char *url,
-                                           const char *table,
-                                           const char *channel,
-                                           struct trebuchet_store **store_out);
-
-/**
- * As `trebuchet_store_open`, with the connection from the environment:
- * `DATABASE_URL`, else `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_DATABASE`,
- * `POSTGRES_USER`, `POSTGRES_PASSWORD`.
- *
- * # Safety
- *
- * As `trebuchet_store_open`.
- */
-enum trebuchet_status trebuchet_store_open_env(const char *table,
-                                               const char *channel,
-                                               struct trebuchet_store **store_out);
-
-/**
- * Closes the store's connections, frees it and sets `*store` to NULL.
- * NULL, a pointer to NULL, or a handle of another kind: nothing happens.
- *
- * # Safety
- *
- * No other thread may be using the store.
- */
-void trebuchet_store_free(struct trebuchet_store **store);
-
-/**
- * Creates or upgrades the table, tombstones, function and trigger. Idempotent.
- *
- * # Safety
- *
- * `store` must be NULL or a live handle.
- */
-enum trebuchet_status trebuchet_store_migrate(const struct trebuchet_store *store);
-
-/**
- * Checks that the schema is complete. `TREBUCHET_SCHEMA_MISSING` when
- * anything is missing or wrong; the last error lists every problem.
- *
- * # Safety
- *
- * `store` must be NULL or a live handle.
- */
-enum trebuchet_status trebuchet_store_verify(const struct trebuchet_store *store);
-
-/**
- * Stores `len` bytes at `data` as the actor's state (`data` may be NULL
- * when `len` is 0). `sequence_out`, when not NULL, receives the new
- * sequence number.
- *
- * # Safety
- *
- * `actor_id` NUL-terminated; `data` readable for `len` bytes.
- */
-enum trebuchet_status trebuchet_store_save(const struct trebuchet_store *store,
-                                           const char *actor_id,
-                                           const uint8_t *data,
-                                           size_t len,
-                                           uint64_t *sequence_out);
-
-/**
- * Stores the state as `trebuchet_store_save` does, expiring `ttl_ms`
- * milliseconds from now: from then on it reads as absent, and the store's
- * sweeper (or the CLI's `sweep`) removes it, announcing a delete. A later
- * save without a time to live keeps the actor for good. `ttl_ms` runs from
- * 1 ms to 1,000 years (`TREBUCHET_INVALID_ARGUMENT` otherwise, and nothing
- * is written).
- *
- * # Safety
- *
- * As `trebuchet_store_save`.
- */
-enum trebuchet_status trebuchet_store_save_with_ttl(const struct trebuchet_store *store,
-                                                    const char *actor_id,
-                                                    const uint8_t *data,
-                                                    size_t len,
-                                                    uint64_t ttl_ms,
-                                                    uint64_t *sequence_out);
-
-/**
- * Stores the state only when the actor is at `expected_sequence`, or does
- * not exist when it is `TREBUCHET_EXPECT_ABSENT` (0). Otherwise
- * `TREBUCHET_CONFLICT`, nothing is written, the last error names both
- * versions, and `trebuchet_last_conflict_actual` gives the sequence
- * number found (0 when the actor does not exist) as a number.
- *
- * # Safety
- *
- * As `trebuchet_store_save`.
- */
-enum trebuchet_status trebuchet_store_save_if(const struct trebuchet_store *store,
-                                              const char *actor_id,
-                                              const uint8_t *data,
-                                              size_t len,
-                                              uint64_t expected_sequence,
-                                              uint64_t *sequence_out);
-
-/**
- * Loads the actor's state into a new buffer: `TREBUCHET_NOT_FOUND` when
- * it does not exist. Release the buffer with `trebuchet_buffer_free`.
- *
- * # Safety
- *
- * `actor_id` NUL-terminated; `buffer_out` writable.
- */
-enum trebuchet_status trebuchet_store_load(const struct trebuchet_store *store,
-                                           const char *actor_id,
-                                           struct trebuchet_buffer **buffer_out);
-
-/**
- * As `trebuchet_store_load`, also giving the state's sequence number.
- *
- * # Safety
- *
- * As `trebuchet_store_load`; `sequence_out` writable.
- */
-enum trebuchet_status trebuchet_store_load_versioned(const struct trebuchet_store *store,
-                                                     const char *actor_id,
-                                                     struct trebuchet_buffer **buffer_out,
-                                                     uint64_t *sequence_out);
-
-/**
- * Points `*data_out` and `*len_out` at the buffer's bytes, valid until the
- * buffer is freed. `*data_out` is not NULL even for an empty state.
- *
- * # Safety
- *
- * `buffer` NULL or live; out-pointers writable.
- */
-enum trebuchet_status trebuchet_buffer_get(const struct trebuchet_buffer *buffer,
-                                           const uint8_t **data_out,
-                                           size_t *len_out);
-
-/**
- * Frees a buffer and sets `*buffer` to NULL, so a second call on the same
- * variable does nothing. NULL and a pointer to NULL are fine.
- *
- * # Safety
- *
- * `buffer` NULL or the address of a buffer pointer.
- */
-void trebuchet_buffer_free(struct trebuchet_buffer **buffer);
-
-/**
- * Deletes the actor. `deleted_out`, when not NULL, receives whether it
- * existed.
- *
- * # Safety
- *
- * `actor_id` NUL-terminated.
- */
-enum trebuchet_status trebuchet_store_delete(const struct trebuchet_store *store,
-                                             const char *actor_id,
-                                             bool *deleted_out);
 
 /**
  * Saves `count` actors in one statement and one round trip: `actor_ids[i]`
@@ -495,65 +326,122 @@ enum trebuchet_status trebuchet_store_delete_many(const struct trebuchet_store *
                                                   bool *deleted_out);
 
 /**
- * Whether the actor exists.
+ * The message of the last failed call on the calling thread, or `""`
+ * when the last call succeeded. Never contains a password.
  *
- * # Safety
- *
- * `actor_id` NUL-terminated; `exists_out` writable.
+ * The pointer stays valid until the next `trebuchet_` call on this thread;
+ * copy the text to keep it. Never NULL.
  */
-enum trebuchet_status trebuchet_store_exists(const struct trebuchet_store *store,
-                                             const char *actor_id,
-                                             bool *exists_out);
+const char *trebuchet_last_error(void);
 
 /**
- * The actor's sequence number; `TREBUCHET_NOT_FOUND` when it does not exist.
+ * Whether the calling thread's last call failed with `TREBUCHET_CONFLICT`.
+ * If it did, `*actual_out` (when `actual_out` is not NULL) receives the
+ * sequence number the write found: the actor's current version, or 0
+ * (`TREBUCHET_EXPECT_ABSENT`) when the actor did not exist. Either way it
+ * is what a retry of `trebuchet_store_save_if` passes as
+ * `expected_sequence` after reading the state again. Otherwise returns
+ * false and leaves `*actual_out` untouched.
+ *
+ * Like `trebuchet_last_error`, it reads what the last other `trebuchet_`
+ * call on this thread left (this one, `trebuchet_last_error` and
+ * `trebuchet_status_name` change nothing), so read it right after the
+ * call that failed.
  *
  * # Safety
  *
- * `actor_id` NUL-terminated; `sequence_out` writable.
+ * `actual_out` must be NULL or writable.
  */
-enum trebuchet_status trebuchet_store_sequence(const struct trebuchet_store *store,
-                                               const char *actor_id,
-                                               uint64_t *sequence_out);
+bool trebuchet_last_conflict_actual(uint64_t *actual_out);
 
 /**
- * An atomic read-modify-write: `callback` gets the current bytes and sets
- * the new ones; when another writer wins the race it runs again on the
- * newer state. `user_data` is passed through untouched. `sequence_out`,
- * when not NULL, receives the sequence number written.
- *
- * # Safety
- *
- * `actor_id` NUL-terminated; `callback` must follow `trebuchet_transform_fn`.
+ * A constant name for a status (`"TREBUCHET_NOT_FOUND"`), for logs. Takes
+ * any `int`: a number this library does not know (from a newer header, or
+ * a caller in another language) gets `"TREBUCHET_UNKNOWN_STATUS"`. Never
+ * NULL; the string is static.
  */
-enum trebuchet_status trebuchet_store_transform(const struct trebuchet_store *store,
-                                                const char *actor_id,
-                                                trebuchet_transform_fn callback,
-                                                void *user_data,
-                                                uint64_t *sequence_out);
+const char *trebuchet_status_name(int status);
 
 /**
- * Sets the new state from inside a transform callback (copies the bytes).
- * A second call replaces the first.
+ * Starts a listener on the store's server and channel (one connection and
+ * one thread). Release it with `trebuchet_listener_free`.
  *
  * # Safety
  *
- * `next` must be the handle the callback received; `data` readable for `len` bytes.
+ * `store` NULL or live; `listener_out` writable.
  */
-enum trebuchet_status trebuchet_output_set(struct trebuchet_output *next,
-                                           const uint8_t *data,
-                                           size_t len);
+enum trebuchet_status trebuchet_listener_open(const struct trebuchet_store *store,
+                                              struct trebuchet_listener **listener_out);
+
+/**
+ * Subscribes to every actor's changes (`actor_id` NULL) or one actor's.
+ * Release the subscription (which unsubscribes) with
+ * `trebuchet_subscription_free`.
+ *
+ * # Safety
+ *
+ * `listener` NULL or live; `actor_id` NULL or NUL-terminated; `subscription_out` writable.
+ */
+enum trebuchet_status trebuchet_listener_subscribe(const struct trebuchet_listener *listener,
+                                                   const char *actor_id,
+                                                   struct trebuchet_subscription **subscription_out);
+
+/**
+ * Stops the listener's thread and closes its connection. Every
+ * subscription, including one another thread is waiting on, then returns
+ * `TREBUCHET_CLOSED`. Idempotent. The handle stays valid until freed.
+ *
+ * # Safety
+ *
+ * `listener` NULL or live.
+ */
+enum trebuchet_status trebuchet_listener_shutdown(const struct trebuchet_listener *listener);
+
+/**
+ * Shuts the listener down (as `trebuchet_listener_shutdown`), frees it and
+ * sets `*listener` to NULL. NULL and a pointer to NULL are fine.
+ * Subscriptions stay valid handles (they report `TREBUCHET_CLOSED`) and
+ * must still be freed.
+ *
+ * # Safety
+ *
+ * No other thread may be using the listener handle.
+ */
+void trebuchet_listener_free(struct trebuchet_listener **listener);
+
+/**
+ * Waits up to `timeout_ms` milliseconds (0: do not wait) for the next event
+ * and writes it to `*event_out`. `TREBUCHET_TIMEOUT` when none came,
+ * `TREBUCHET_CLOSED` once the listener has shut down.
+ *
+ * # Safety
+ *
+ * `subscription` NULL or live; `event_out` writable.
+ */
+enum trebuchet_status trebuchet_subscription_next(const struct trebuchet_subscription *subscription,
+                                                  uint32_t timeout_ms,
+                                                  struct trebuchet_event *event_out);
+
+/**
+ * Unsubscribes, frees the subscription and sets `*subscription` to NULL.
+ * NULL and a pointer to NULL are fine.
+ *
+ * # Safety
+ *
+ * No other thread may be waiting on the subscription.
+ */
+void trebuchet_subscription_free(struct trebuchet_subscription **subscription);
 
 /**
  * One page of the ids that start with `prefix` (NULL or `""` for all), in
  * the table's key order, at most `limit` of them. `page_token` is NULL for
  * the first page, then the token `trebuchet_id_page_next` gave for the
- * page before, with the same prefix. An id that exists from the first
+ * page before (the last id of that page), with the same prefix. An id that exists from the first
  * page to the last is listed exactly once, however the table changes in
  * between; expired actors are not listed.
  *
- * `TREBUCHET_INVALID_ARGUMENT` when `limit` is 0 or the token is damaged
- * or was made for another prefix (nothing is sent to the server). On
+ * `TREBUCHET_INVALID_ARGUMENT` when `limit` is 0 (nothing is sent to the
+ * server). On
  * success `*page_out` is a new page; release it with
  * `trebuchet_id_page_free`.
  *
@@ -629,111 +517,223 @@ enum trebuchet_status trebuchet_store_count_actors(const struct trebuchet_store 
                                                    uint64_t *count_out);
 
 /**
- * Starts a listener on the store's server and channel (one connection and
- * one thread). Release it with `trebuchet_listener_free`.
+ * Loads the actor's state into a new buffer: `TREBUCHET_NOT_FOUND` when
+ * it does not exist. Release the buffer with `trebuchet_buffer_free`.
  *
  * # Safety
  *
- * `store` NULL or live; `listener_out` writable.
+ * `actor_id` NUL-terminated; `buffer_out` writable.
  */
-enum trebuchet_status trebuchet_listener_open(const struct trebuchet_store *store,
-                                              struct trebuchet_listener **listener_out);
+enum trebuchet_status trebuchet_store_load(const struct trebuchet_store *store,
+                                           const char *actor_id,
+                                           struct trebuchet_buffer **buffer_out);
 
 /**
- * Subscribes to every actor's changes (`actor_id` NULL) or one actor's.
- * Release the subscription (which unsubscribes) with
- * `trebuchet_subscription_free`.
+ * As `trebuchet_store_load`, also giving the state's sequence number.
  *
  * # Safety
  *
- * `listener` NULL or live; `actor_id` NULL or NUL-terminated; `subscription_out` writable.
+ * As `trebuchet_store_load`; `sequence_out` writable.
  */
-enum trebuchet_status trebuchet_listener_subscribe(const struct trebuchet_listener *listener,
-                                                   const char *actor_id,
-                                                   struct trebuchet_subscription **subscription_out);
+enum trebuchet_status trebuchet_store_load_versioned(const struct trebuchet_store *store,
+                                                     const char *actor_id,
+                                                     struct trebuchet_buffer **buffer_out,
+                                                     uint64_t *sequence_out);
 
 /**
- * Stops the listener's thread and closes its connection. Every
- * subscription, including one another thread is waiting on, then returns
- * `TREBUCHET_CLOSED`. Idempotent. The handle stays valid until freed.
+ * Points `*data_out` and `*len_out` at the buffer's bytes, valid until the
+ * buffer is freed. `*data_out` is not NULL even for an empty state.
  *
  * # Safety
  *
- * `listener` NULL or live.
+ * `buffer` NULL or live; out-pointers writable.
  */
-enum trebuchet_status trebuchet_listener_shutdown(const struct trebuchet_listener *listener);
+enum trebuchet_status trebuchet_buffer_get(const struct trebuchet_buffer *buffer,
+                                           const uint8_t **data_out,
+                                           size_t *len_out);
 
 /**
- * Shuts the listener down (as `trebuchet_listener_shutdown`), frees it and
- * sets `*listener` to NULL. NULL and a pointer to NULL are fine.
- * Subscriptions stay valid handles (they report `TREBUCHET_CLOSED`) and
- * must still be freed.
+ * Frees a buffer and sets `*buffer` to NULL, so a second call on the same
+ * variable does nothing. NULL and a pointer to NULL are fine.
  *
  * # Safety
  *
- * No other thread may be using the listener handle.
+ * `buffer` NULL or the address of a buffer pointer.
  */
-void trebuchet_listener_free(struct trebuchet_listener **listener);
+void trebuchet_buffer_free(struct trebuchet_buffer **buffer);
 
 /**
- * Waits up to `timeout_ms` milliseconds (0: do not wait) for the next event
- * and writes it to `*event_out`. `TREBUCHET_TIMEOUT` when none came,
- * `TREBUCHET_CLOSED` once the listener has shut down.
+ * Connects to PostgreSQL with a connection string (a `postgresql://` URL or
+ * libpq `key=value` text). `table` and `channel` may be NULL for the
+ * defaults (`actor_states`, `actor_state_changes`). Does not create the
+ * schema: call `trebuchet_store_migrate`.
+ *
+ * On success `*store_out` is a new store; release it with `trebuchet_store_free`.
  *
  * # Safety
  *
- * `subscription` NULL or live; `event_out` writable.
+ * Strings must be NUL-terminated; `store_out` must be writable.
  */
-enum trebuchet_status trebuchet_subscription_next(const struct trebuchet_subscription *subscription,
-                                                  uint32_t timeout_ms,
-                                                  struct trebuchet_event *event_out);
+enum trebuchet_status trebuchet_store_open(const char *url,
+                                           const char *table,
+                                           const char *channel,
+                                           struct trebuchet_store **store_out);
 
 /**
- * Unsubscribes, frees the subscription and sets `*subscription` to NULL.
- * NULL and a pointer to NULL are fine.
+ * As `trebuchet_store_open`, with the connection from the environment:
+ * `DATABASE_URL`, else `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_DATABASE`,
+ * `POSTGRES_USER`, `POSTGRES_PASSWORD`.
  *
  * # Safety
  *
- * No other thread may be waiting on the subscription.
+ * As `trebuchet_store_open`.
  */
-void trebuchet_subscription_free(struct trebuchet_subscription **subscription);
+enum trebuchet_status trebuchet_store_open_env(const char *table,
+                                               const char *channel,
+                                               struct trebuchet_store **store_out);
 
 /**
- * The message of the last failed call on the calling thread, or `""`
- * when the last call succeeded. Never contains a password.
- *
- * The pointer stays valid until the next `trebuchet_` call on this thread;
- * copy the text to keep it. Never NULL.
- */
-const char *trebuchet_last_error(void);
-
-/**
- * Whether the calling thread's last call failed with `TREBUCHET_CONFLICT`.
- * If it did, `*actual_out` (when `actual_out` is not NULL) receives the
- * sequence number the write found: the actor's current version, or 0
- * (`TREBUCHET_EXPECT_ABSENT`) when the actor did not exist. Either way it
- * is what a retry of `trebuchet_store_save_if` passes as
- * `expected_sequence` after reading the state again. Otherwise returns
- * false and leaves `*actual_out` untouched.
- *
- * Like `trebuchet_last_error`, it reads what the last other `trebuchet_`
- * call on this thread left (this one, `trebuchet_last_error` and
- * `trebuchet_status_name` change nothing), so read it right after the
- * call that failed.
+ * Closes the store's connections, frees it and sets `*store` to NULL.
+ * NULL, a pointer to NULL, or a handle of another kind: nothing happens.
  *
  * # Safety
  *
- * `actual_out` must be NULL or writable.
+ * No other thread may be using the store.
  */
-bool trebuchet_last_conflict_actual(uint64_t *actual_out);
+void trebuchet_store_free(struct trebuchet_store **store);
 
 /**
- * A constant name for a status (`"TREBUCHET_NOT_FOUND"`), for logs. Takes
- * any `int`: a number this library does not know (from a newer header, or
- * a caller in another language) gets `"TREBUCHET_UNKNOWN_STATUS"`. Never
- * NULL; the string is static.
+ * Creates or upgrades the table, tombstones, function and trigger. Idempotent.
+ *
+ * # Safety
+ *
+ * `store` must be NULL or a live handle.
  */
-const char *trebuchet_status_name(int status);
+enum trebuchet_status trebuchet_store_migrate(const struct trebuchet_store *store);
+
+/**
+ * Checks that the schema is complete. `TREBUCHET_SCHEMA_MISSING` when
+ * anything is missing or wrong; the last error lists every problem.
+ *
+ * # Safety
+ *
+ * `store` must be NULL or a live handle.
+ */
+enum trebuchet_status trebuchet_store_verify(const struct trebuchet_store *store);
+
+/**
+ * Deletes the actor. `deleted_out`, when not NULL, receives whether it
+ * existed.
+ *
+ * # Safety
+ *
+ * `actor_id` NUL-terminated.
+ */
+enum trebuchet_status trebuchet_store_delete(const struct trebuchet_store *store,
+                                             const char *actor_id,
+                                             bool *deleted_out);
+
+/**
+ * Whether the actor exists.
+ *
+ * # Safety
+ *
+ * `actor_id` NUL-terminated; `exists_out` writable.
+ */
+enum trebuchet_status trebuchet_store_exists(const struct trebuchet_store *store,
+                                             const char *actor_id,
+                                             bool *exists_out);
+
+/**
+ * The actor's sequence number; `TREBUCHET_NOT_FOUND` when it does not exist.
+ *
+ * # Safety
+ *
+ * `actor_id` NUL-terminated; `sequence_out` writable.
+ */
+enum trebuchet_status trebuchet_store_sequence(const struct trebuchet_store *store,
+                                               const char *actor_id,
+                                               uint64_t *sequence_out);
+
+/**
+ * Stores `len` bytes at `data` as the actor's state (`data` may be NULL
+ * when `len` is 0). `sequence_out`, when not NULL, receives the new
+ * sequence number.
+ *
+ * # Safety
+ *
+ * `actor_id` NUL-terminated; `data` readable for `len` bytes.
+ */
+enum trebuchet_status trebuchet_store_save(const struct trebuchet_store *store,
+                                           const char *actor_id,
+                                           const uint8_t *data,
+                                           size_t len,
+                                           uint64_t *sequence_out);
+
+/**
+ * Stores the state as `trebuchet_store_save` does, expiring `ttl_ms`
+ * milliseconds from now: from then on it reads as absent, and the store's
+ * sweeper (or the CLI's `sweep`) removes it, announcing a delete. A later
+ * save without a time to live keeps the actor for good. `ttl_ms` runs from
+ * 1 ms to 1,000 years (`TREBUCHET_INVALID_ARGUMENT` otherwise, and nothing
+ * is written).
+ *
+ * # Safety
+ *
+ * As `trebuchet_store_save`.
+ */
+enum trebuchet_status trebuchet_store_save_with_ttl(const struct trebuchet_store *store,
+                                                    const char *actor_id,
+                                                    const uint8_t *data,
+                                                    size_t len,
+                                                    uint64_t ttl_ms,
+                                                    uint64_t *sequence_out);
+
+/**
+ * Stores the state only when the actor is at `expected_sequence`, or does
+ * not exist when it is `TREBUCHET_EXPECT_ABSENT` (0). Otherwise
+ * `TREBUCHET_CONFLICT`, nothing is written, the last error names both
+ * versions, and `trebuchet_last_conflict_actual` gives the sequence
+ * number found (0 when the actor does not exist) as a number.
+ *
+ * # Safety
+ *
+ * As `trebuchet_store_save`.
+ */
+enum trebuchet_status trebuchet_store_save_if(const struct trebuchet_store *store,
+                                              const char *actor_id,
+                                              const uint8_t *data,
+                                              size_t len,
+                                              uint64_t expected_sequence,
+                                              uint64_t *sequence_out);
+
+/**
+ * An atomic read-modify-write: `callback` gets the current bytes and sets
+ * the new ones; when another writer wins the race it runs again on the
+ * newer state. `user_data` is passed through untouched. `sequence_out`,
+ * when not NULL, receives the sequence number written.
+ *
+ * # Safety
+ *
+ * `actor_id` NUL-terminated; `callback` must follow `trebuchet_transform_fn`.
+ */
+enum trebuchet_status trebuchet_store_transform(const struct trebuchet_store *store,
+                                                const char *actor_id,
+                                                trebuchet_transform_fn callback,
+                                                void *user_data,
+                                                uint64_t *sequence_out);
+
+/**
+ * Sets the new state from inside a transform callback (copies the bytes).
+ * A second call replaces the first.
+ *
+ * # Safety
+ *
+ * `next` must be the handle the callback received; `data` readable for `len` bytes.
+ */
+enum trebuchet_status trebuchet_output_set(struct trebuchet_output *next,
+                                           const uint8_t *data,
+                                           size_t len);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -6,9 +6,11 @@
 //! Conventions, after rustls-ffi:
 //!
 //! - Handles (`trebuchet_store`, `trebuchet_listener`, `trebuchet_subscription`,
-//!   `trebuchet_buffer`, `trebuchet_id_page`) are opaque. Each starts with a tag, so passing one
+//!   `trebuchet_buffer`, `trebuchet_id_page`, `trebuchet_store_options`,
+//!   `trebuchet_write_options`, `trebuchet_batch`) are opaque. Each starts with a tag, so passing one
 //!   kind where another is expected fails with `TREBUCHET_WRONG_HANDLE`
-//!   instead of corrupting memory.
+//!   instead of corrupting memory. Options are handles with setters, not
+//!   structs C fills in, so they can grow without breaking old binaries.
 //! - Every function returns a [`trebuchet_status`] (except `_free`,
 //!   `trebuchet_last_error`, `trebuchet_last_conflict_actual` and
 //!   `trebuchet_status_name`). Status numbers never change. Out-parameters
@@ -20,7 +22,9 @@
 //! - No function takes an enum by value, and none reads an enum from memory
 //!   C wrote: C may put any `int` in an enum, which in Rust is undefined
 //!   behaviour. A status from C is an `int` (`trebuchet_status_name`);
-//!   enums only go out (return values, `trebuchet_event`).
+//!   enums only go out (return values, `trebuchet_event`,
+//!   `trebuchet_item_result`). Structs (`trebuchet_version`,
+//!   `trebuchet_pool_state`, the per-item results) only go out too.
 //! - `_free` functions take the *address* of the handle pointer, free it and
 //!   set the caller's pointer to NULL, so calling them twice on the same
 //!   variable is a no-op: a double free needs a second copy of the pointer,
@@ -36,11 +40,13 @@
 // C names (`trebuchet_store`), as C programs spell them, like rustls-ffi.
 #![allow(non_camel_case_types)]
 
+mod batch;
 mod bulk;
 mod error;
 mod handle;
 mod listener;
 mod listing;
+mod options;
 mod read;
 mod store;
 mod write;
@@ -50,6 +56,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crossbeam_channel::RecvTimeoutError;
 
+pub use self::batch::*;
 pub use self::bulk::*;
 use self::error::{boundary, error_status, fail};
 pub use self::error::{
@@ -61,6 +68,7 @@ use self::handle::{
 };
 pub use self::listener::*;
 pub use self::listing::*;
+pub use self::options::*;
 pub use self::read::*;
 pub use self::store::*;
 pub use self::write::*;

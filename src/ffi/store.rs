@@ -2,6 +2,7 @@
 //! that read no state: delete, exists, sequence.
 
 use super::*;
+use crate::StateStoreBuilder;
 
 /// A connected store: a pool of connections to one table. Thread-safe:
 /// share one handle between all threads; free it once none uses it.
@@ -9,13 +10,21 @@ pub struct trebuchet_store {
     _private: [u8; 0],
 }
 
-fn open(
-    url: Option<&str>,
-    table: Option<&str>,
-    channel: Option<&str>,
+/// Builds the store and writes it to `store_out`: the end of every open.
+pub(super) fn open(
+    builder: StateStoreBuilder,
     store_out: *mut *mut trebuchet_store,
 ) -> Result<trebuchet_status, trebuchet_status> {
     out_arg(store_out, "store_out")?;
+    let store = check(builder.build())?;
+    // SAFETY: checked non-NULL above; the caller passes a writable pointer.
+    unsafe { store_out.write(into_handle(Kind::Store, store)) };
+    Ok(TREBUCHET_OK)
+}
+
+/// A builder with a connection string, table and channel, each `None` for
+/// the default.
+fn builder(url: Option<&str>, table: Option<&str>, channel: Option<&str>) -> StateStoreBuilder {
     let mut builder = StateStore::builder();
     if let Some(url) = url {
         builder = builder.url(url);
@@ -26,10 +35,7 @@ fn open(
     if let Some(channel) = channel {
         builder = builder.channel(channel);
     }
-    let store = check(builder.build())?;
-    // SAFETY: checked non-NULL above; the caller passes a writable pointer.
-    unsafe { store_out.write(into_handle(Kind::Store, store)) };
-    Ok(TREBUCHET_OK)
+    builder
 }
 
 /// Connects to PostgreSQL with a connection string (a `postgresql://` URL or
@@ -54,7 +60,7 @@ pub unsafe extern "C" fn trebuchet_store_open(
         let url = unsafe { str_arg(url, "url") }?;
         let table = unsafe { opt_str_arg(table, "table") }?;
         let channel = unsafe { opt_str_arg(channel, "channel") }?;
-        open(Some(url), table, channel, store_out)
+        open(builder(Some(url), table, channel), store_out)
     })
 }
 
@@ -75,7 +81,7 @@ pub unsafe extern "C" fn trebuchet_store_open_env(
         // SAFETY: the caller passes NUL-terminated strings or NULL.
         let table = unsafe { opt_str_arg(table, "table") }?;
         let channel = unsafe { opt_str_arg(channel, "channel") }?;
-        open(None, table, channel, store_out)
+        open(builder(None, table, channel), store_out)
     })
 }
 
@@ -198,6 +204,58 @@ pub unsafe extern "C" fn trebuchet_store_sequence(
         };
         // SAFETY: checked non-NULL.
         unsafe { sequence_out.write(sequence) };
+        Ok(TREBUCHET_OK)
+    })
+}
+
+/// A snapshot of a store's connection pool, from
+/// `trebuchet_store_pool_state`. The counters run from the pool's
+/// creation. The caller owns the struct; the library only writes it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct trebuchet_pool_state {
+    /// Connections open, in use or idle.
+    pub connections: u32,
+    /// Connections open and idle.
+    pub idle: u32,
+    /// The most connections the pool opens
+    /// (`trebuchet_store_options_pool_size`).
+    pub max_size: u32,
+    /// Calls that found every connection in use and waited for one.
+    pub waits: u64,
+    /// The time those calls spent waiting, in microseconds, in total.
+    pub wait_time_us: u64,
+    /// Calls that waited for a connection in vain (`TREBUCHET_POOL_EXHAUSTED`
+    /// or `TREBUCHET_CONNECT_FAILED`).
+    pub timeouts: u64,
+}
+
+/// How many connections the store's pool holds, its maximum, and how often
+/// calls waited for one. Reads counters only: nothing is sent.
+///
+/// # Safety
+///
+/// `store` NULL or live; `state_out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn trebuchet_store_pool_state(
+    store: *const trebuchet_store,
+    state_out: *mut trebuchet_pool_state,
+) -> trebuchet_status {
+    run(|| {
+        // SAFETY: forwarded.
+        let store = unsafe { store_arg(store) }?;
+        out_arg(state_out, "state_out")?;
+        let state = store.pool().state();
+        let state = trebuchet_pool_state {
+            connections: state.connections,
+            idle: state.idle,
+            max_size: state.max_size,
+            waits: state.waits,
+            wait_time_us: u64::try_from(state.wait_time.as_micros()).unwrap_or(u64::MAX),
+            timeouts: state.timeouts,
+        };
+        // SAFETY: checked non-NULL.
+        unsafe { state_out.write(state) };
         Ok(TREBUCHET_OK)
     })
 }

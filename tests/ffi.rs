@@ -770,6 +770,11 @@ fn c_tests_pass_against_a_real_server() {
         "wrong_handles",
         "timeouts_and_changes",
         "shutdown_with_waiter",
+        "store_options",
+        "general_write",
+        "conditional_bulk",
+        "batches",
+        "versions",
     ] {
         assert!(stdout.contains(&format!("ok {name}\n")), "{stdout}");
     }

@@ -15,16 +15,16 @@
 #include <stdint.h>
 
 /**
- * `expected_sequence` for `trebuchet_store_save_if`: the actor must not exist.
- * Sequence numbers start at 1, so 0 never names a version.
- */
-#define TREBUCHET_EXPECT_ABSENT 0
-
-/**
  * The size of `trebuchet_event.actor_id`: an actor id has at most 255
  * characters of at most 4 UTF-8 bytes, plus the terminating NUL.
  */
 #define TREBUCHET_ACTOR_ID_CAPACITY 1024
+
+/**
+ * `expected_sequence` for `trebuchet_store_save_if`: the actor must not exist.
+ * Sequence numbers start at 1, so 0 never names a version.
+ */
+#define TREBUCHET_EXPECT_ABSENT 0
 
 /**
  * What a call did. Every exported function returns one.
@@ -78,8 +78,11 @@ typedef enum trebuchet_status {
   /**
    * An argument is out of range: an expected sequence number above
    * 2^63 - 1, a time to live under 1 ms or over 1,000 years, a page
-   * limit of 0 or an index past a page's end; or a page token that is
-   * damaged or was made for another prefix.
+   * limit of 0 or an index past a page's end, a pool size or timeout
+   * of 0, a results count that is not the batch's step count; write
+   * options that do not fit together; an actor given twice in one bulk
+   * call or batch; or a page token that is damaged or was made for
+   * another prefix.
    */
   TREBUCHET_INVALID_ARGUMENT = 106,
   /**
@@ -183,6 +186,19 @@ typedef enum trebuchet_resync_reason {
 } trebuchet_resync_reason;
 
 /**
+ * Saves, conditional saves and deletes over several actors, applied in one
+ * transaction, all or nothing, by `trebuchet_batch_commit`. Make one with
+ * `trebuchet_batch_new`, add steps with `trebuchet_batch_save`,
+ * `trebuchet_batch_save_if` and `trebuchet_batch_delete` (nothing is sent
+ * until the commit), and release it with `trebuchet_batch_free`.
+ *
+ * The batch keeps its store's connections alive: it may outlive the store
+ * handle it was made from. Thread-safe (a lock inside), but steps added
+ * from several threads at once land in no particular order.
+ */
+typedef struct trebuchet_batch trebuchet_batch;
+
+/**
  * Bytes the library allocated (a loaded state). Read them with
  * `trebuchet_buffer_get`; release with `trebuchet_buffer_free`. Immutable,
  * so it may be read from several threads.
@@ -217,6 +233,20 @@ typedef struct trebuchet_output trebuchet_output;
 typedef struct trebuchet_store trebuchet_store;
 
 /**
+ * Settings for `trebuchet_store_open_with`: the connection, the table and
+ * channel, the pool and the store's behaviour. Make one with
+ * `trebuchet_store_options_new` (every setting at its default), change
+ * what you need with the `trebuchet_store_options_` setters, open any
+ * number of stores from it, and release it with
+ * `trebuchet_store_options_free`; a store does not keep it.
+ *
+ * A setter that fails leaves the options as they were. The connection
+ * string, table and channel are checked when a store is opened.
+ * Thread-safe (a lock inside), though there is rarely a reason to share one.
+ */
+typedef struct trebuchet_store_options trebuchet_store_options;
+
+/**
  * A queue of events from a listener, for all actors or one. May be waited
  * on from any thread; threads waiting on the same subscription compete for
  * its events (each event goes to one of them). Must not be freed while
@@ -225,17 +255,83 @@ typedef struct trebuchet_store trebuchet_store;
 typedef struct trebuchet_subscription trebuchet_subscription;
 
 /**
- * A transform step: gets the current state (`exists` false and `current`
- * NULL for a new actor) and calls `trebuchet_output_set(next, ...)` with the
- * new one, then returns 0. Any other return value cancels the transform
- * (`TREBUCHET_CALLBACK_FAILED`, nothing written). The step may run more than
- * once when another writer wins a race; it must not unwind or `longjmp`.
+ * How `trebuchet_store_save_with` writes: a condition on the stored
+ * version, a time to live, or a sequence number of the caller's choosing.
+ * Make one with `trebuchet_write_options_new` (a plain save), add what the
+ * write needs with the setters (a later call of the same setter replaces
+ * the earlier one), use it for any number of writes, and release it with
+ * `trebuchet_write_options_free`. Combinations are checked when a write
+ * uses them. Thread-safe (a lock inside).
  */
-typedef int32_t (*trebuchet_transform_fn)(void *user_data,
-                                          const uint8_t *current,
-                                          size_t current_len,
-                                          bool exists,
-                                          struct trebuchet_output *next);
+typedef struct trebuchet_write_options trebuchet_write_options;
+
+/**
+ * What one step of a committed batch did, in the order the steps were
+ * added. The caller owns the array; the library only writes it.
+ */
+typedef struct trebuchet_step_result {
+  /**
+   * For a save step, the sequence number written; 0 for a delete step.
+   */
+  uint64_t sequence;
+  /**
+   * For a delete step, whether the actor existed; false for a save step.
+   */
+  bool deleted;
+} trebuchet_step_result;
+
+/**
+ * What one item of `trebuchet_store_save_many_if` came to. The caller
+ * owns the array; the library only writes it.
+ */
+typedef struct trebuchet_item_result {
+  /**
+   * `TREBUCHET_OK`: written. `TREBUCHET_CONFLICT`: not written, the
+   * actor was at another version. Any other status is this item's own
+   * error, for example `TREBUCHET_NOT_APPLIED` or
+   * `TREBUCHET_OUTCOME_UNKNOWN` after the connection broke.
+   */
+  enum trebuchet_status status;
+  /**
+   * For `TREBUCHET_OK`, the sequence number written; otherwise 0.
+   */
+  uint64_t sequence;
+  /**
+   * For `TREBUCHET_CONFLICT`, the sequence number found, 0
+   * (`TREBUCHET_EXPECT_ABSENT`) when the actor does not exist: what a
+   * retry expects after reading the state again. Otherwise 0.
+   */
+  uint64_t conflict_actual;
+} trebuchet_item_result;
+
+/**
+ * A stored state's version and timestamps, from
+ * `trebuchet_store_load_with_version` and
+ * `trebuchet_store_load_many_versioned`. Times are microseconds since the
+ * Unix epoch (UTC, from the server's clock), as `trebuchet_event`'s
+ * `timestamp_us`. The caller owns the struct; the library only writes it.
+ */
+typedef struct trebuchet_version {
+  /**
+   * The sequence number: 1 for the first save, one more per write. 0
+   * only in `trebuchet_store_load_many_versioned`, for an actor that
+   * does not exist.
+   */
+  uint64_t sequence;
+  /**
+   * When the state was last written.
+   */
+  int64_t updated_at_us;
+  /**
+   * When the actor was created (again, after a delete or an expiry).
+   */
+  int64_t created_at_us;
+  /**
+   * When the state expires, for one saved with a time to live; 0 for one
+   * kept for good.
+   */
+  int64_t expires_at_us;
+} trebuchet_version;
 
 /**
  * One event from `trebuchet_subscription_next`. The caller owns the struct;
@@ -269,178 +365,155 @@ typedef struct trebuchet_event {
   char actor_id[TREBUCHET_ACTOR_ID_CAPACITY];
 } trebuchet_event;
 
+/**
+ * A snapshot of a store's connection pool, from
+ * `trebuchet_store_pool_state`. The counters run from the pool's
+ * creation. The caller owns the struct; the library only writes it.
+ */
+typedef struct trebuchet_pool_state {
+  /**
+   * Connections open, in use or idle.
+   */
+  uint32_t connections;
+  /**
+   * Connections open and idle.
+   */
+  uint32_t idle;
+  /**
+   * The most connections the pool opens
+   * (`trebuchet_store_options_pool_size`).
+   */
+  uint32_t max_size;
+  /**
+   * Calls that found every connection in use and waited for one.
+   */
+  uint64_t waits;
+  /**
+   * The time those calls spent waiting, in microseconds, in total.
+   */
+  uint64_t wait_time_us;
+  /**
+   * Calls that waited for a connection in vain (`TREBUCHET_POOL_EXHAUSTED`
+   * or `TREBUCHET_CONNECT_FAILED`).
+   */
+  uint64_t timeouts;
+} trebuchet_pool_state;
+
+/**
+ * A transform step: gets the current state (`exists` false and `current`
+ * NULL for a new actor) and calls `trebuchet_output_set(next, ...)` with the
+ * new one, then returns 0. Any other return value cancels the transform
+ * (`TREBUCHET_CALLBACK_FAILED`, nothing written). The step may run more than
+ * once when another writer wins a race; it must not unwind or `longjmp`.
+ */
+typedef int32_t (*trebuchet_transform_fn)(void *user_data,
+                                          const uint8_t *current,
+                                          size_t current_len,
+                                          bool exists,
+                                          struct trebuchet_output *next);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
 
 /**
- * Connects to PostgreSQL with a connection string (a `postgresql://` URL or
- * libpq `key=value` text). `table` and `channel` may be NULL for the
- * defaults (`actor_states`, `actor_state_changes`). Does not create the
- * schema: call `trebuchet_store_migrate`.
- *
- * On success `*store_out` is a new store; release it with `trebuchet_store_free`.
+ * Makes an empty batch on `store`. Release it with `trebuchet_batch_free`.
  *
  * # Safety
  *
- * Strings must be NUL-terminated; `store_out` must be writable.
+ * `store` NULL or live; `batch_out` writable.
  */
-enum trebuchet_status trebuchet_store_open(const char *url,
-                                           const char *table,
-                                           const char *channel,
-                                           struct trebuchet_store **store_out);
+enum trebuchet_status trebuchet_batch_new(const struct trebuchet_store *store,
+                                          struct trebuchet_batch **batch_out);
 
 /**
- * As `trebuchet_store_open`, with the connection from the environment:
- * `DATABASE_URL`, else `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_DATABASE`,
- * `POSTGRES_USER`, `POSTGRES_PASSWORD`.
+ * Frees a batch, sending nothing, and sets `*batch` to NULL. NULL and a
+ * pointer to NULL are fine.
  *
  * # Safety
  *
- * As `trebuchet_store_open`.
+ * `batch` NULL or the address of a batch pointer; no other thread may be
+ * using it.
  */
-enum trebuchet_status trebuchet_store_open_env(const char *table,
-                                               const char *channel,
-                                               struct trebuchet_store **store_out);
+void trebuchet_batch_free(struct trebuchet_batch **batch);
 
 /**
- * Closes the store's connections, frees it and sets `*store` to NULL.
- * NULL, a pointer to NULL, or a handle of another kind: nothing happens.
+ * Adds a step that saves the `len` bytes at `data` (copied; `data` may be
+ * NULL when `len` is 0) as the actor's state.
  *
  * # Safety
  *
- * No other thread may be using the store.
+ * `batch` NULL or live; `actor_id` NUL-terminated; `data` readable for
+ * `len` bytes.
  */
-void trebuchet_store_free(struct trebuchet_store **store);
-
-/**
- * Creates or upgrades the table, tombstones, function and trigger. Idempotent.
- *
- * # Safety
- *
- * `store` must be NULL or a live handle.
- */
-enum trebuchet_status trebuchet_store_migrate(const struct trebuchet_store *store);
-
-/**
- * Checks that the schema is complete. `TREBUCHET_SCHEMA_MISSING` when
- * anything is missing or wrong; the last error lists every problem.
- *
- * # Safety
- *
- * `store` must be NULL or a live handle.
- */
-enum trebuchet_status trebuchet_store_verify(const struct trebuchet_store *store);
-
-/**
- * Stores `len` bytes at `data` as the actor's state (`data` may be NULL
- * when `len` is 0). `sequence_out`, when not NULL, receives the new
- * sequence number.
- *
- * # Safety
- *
- * `actor_id` NUL-terminated; `data` readable for `len` bytes.
- */
-enum trebuchet_status trebuchet_store_save(const struct trebuchet_store *store,
+enum trebuchet_status trebuchet_batch_save(struct trebuchet_batch *batch,
                                            const char *actor_id,
                                            const uint8_t *data,
-                                           size_t len,
-                                           uint64_t *sequence_out);
+                                           size_t len);
 
 /**
- * Stores the state as `trebuchet_store_save` does, expiring `ttl_ms`
- * milliseconds from now: from then on it reads as absent, and the store's
- * sweeper (or the CLI's `sweep`) removes it, announcing a delete. A later
- * save without a time to live keeps the actor for good. `ttl_ms` runs from
- * 1 ms to 1,000 years (`TREBUCHET_INVALID_ARGUMENT` otherwise, and nothing
- * is written).
+ * Adds a step that saves the bytes only when the actor is at
+ * `expected_sequence` (`TREBUCHET_EXPECT_ABSENT`, 0: when it does not
+ * exist). When it is not, the whole batch fails at the commit with
+ * `TREBUCHET_CONFLICT`.
  *
  * # Safety
  *
- * As `trebuchet_store_save`.
+ * As `trebuchet_batch_save`.
  */
-enum trebuchet_status trebuchet_store_save_with_ttl(const struct trebuchet_store *store,
-                                                    const char *actor_id,
-                                                    const uint8_t *data,
-                                                    size_t len,
-                                                    uint64_t ttl_ms,
-                                                    uint64_t *sequence_out);
-
-/**
- * Stores the state only when the actor is at `expected_sequence`, or does
- * not exist when it is `TREBUCHET_EXPECT_ABSENT` (0). Otherwise
- * `TREBUCHET_CONFLICT`, nothing is written, the last error names both
- * versions, and `trebuchet_last_conflict_actual` gives the sequence
- * number found (0 when the actor does not exist) as a number.
- *
- * # Safety
- *
- * As `trebuchet_store_save`.
- */
-enum trebuchet_status trebuchet_store_save_if(const struct trebuchet_store *store,
+enum trebuchet_status trebuchet_batch_save_if(struct trebuchet_batch *batch,
                                               const char *actor_id,
                                               const uint8_t *data,
                                               size_t len,
-                                              uint64_t expected_sequence,
-                                              uint64_t *sequence_out);
+                                              uint64_t expected_sequence);
 
 /**
- * Loads the actor's state into a new buffer: `TREBUCHET_NOT_FOUND` when
- * it does not exist. Release the buffer with `trebuchet_buffer_free`.
+ * Adds a step that deletes the actor (one that does not exist is not an
+ * error: its result says so).
  *
  * # Safety
  *
- * `actor_id` NUL-terminated; `buffer_out` writable.
+ * `batch` NULL or live; `actor_id` NUL-terminated.
  */
-enum trebuchet_status trebuchet_store_load(const struct trebuchet_store *store,
-                                           const char *actor_id,
-                                           struct trebuchet_buffer **buffer_out);
+enum trebuchet_status trebuchet_batch_delete(struct trebuchet_batch *batch,
+                                             const char *actor_id);
 
 /**
- * As `trebuchet_store_load`, also giving the state's sequence number.
+ * How many steps the batch holds: the length `trebuchet_batch_commit`
+ * wants for its results.
  *
  * # Safety
  *
- * As `trebuchet_store_load`; `sequence_out` writable.
+ * `batch` NULL or live; `count_out` writable.
  */
-enum trebuchet_status trebuchet_store_load_versioned(const struct trebuchet_store *store,
-                                                     const char *actor_id,
-                                                     struct trebuchet_buffer **buffer_out,
-                                                     uint64_t *sequence_out);
+enum trebuchet_status trebuchet_batch_count(const struct trebuchet_batch *batch,
+                                            size_t *count_out);
 
 /**
- * Points `*data_out` and `*len_out` at the buffer's bytes, valid until the
- * buffer is freed. `*data_out` is not NULL even for an empty state.
+ * Applies every step in one transaction, all or nothing. When
+ * `results_out` is not NULL, `results_out[i]` receives what step `i` did
+ * (the sequence number a save wrote, whether a delete found the actor),
+ * and `count` must be the batch's step count (`trebuchet_batch_count`);
+ * otherwise `TREBUCHET_INVALID_ARGUMENT` and nothing is sent. An empty
+ * batch commits nothing and succeeds.
+ *
+ * On success the batch is empty again, ready for new steps. On an error
+ * nothing is applied, `results_out` is untouched and the batch keeps its
+ * steps (commit again after `TREBUCHET_NOT_APPLIED`, or free it):
+ * `TREBUCHET_CONFLICT` for the first failed `trebuchet_batch_save_if`,
+ * with `trebuchet_last_conflict_actual` giving the number found and the
+ * last error naming the actor; `TREBUCHET_INVALID_ARGUMENT` for an actor
+ * given twice or an expected number above 2^63 - 1;
+ * `TREBUCHET_STATE_TOO_LARGE`; connection and database statuses.
  *
  * # Safety
  *
- * `buffer` NULL or live; out-pointers writable.
+ * `batch` NULL or live; `results_out` NULL or writable for `count`
+ * elements.
  */
-enum trebuchet_status trebuchet_buffer_get(const struct trebuchet_buffer *buffer,
-                                           const uint8_t **data_out,
-                                           size_t *len_out);
-
-/**
- * Frees a buffer and sets `*buffer` to NULL, so a second call on the same
- * variable does nothing. NULL and a pointer to NULL are fine.
- *
- * # Safety
- *
- * `buffer` NULL or the address of a buffer pointer.
- */
-void trebuchet_buffer_free(struct trebuchet_buffer **buffer);
-
-/**
- * Deletes the actor. `deleted_out`, when not NULL, receives whether it
- * existed.
- *
- * # Safety
- *
- * `actor_id` NUL-terminated.
- */
-enum trebuchet_status trebuchet_store_delete(const struct trebuchet_store *store,
-                                             const char *actor_id,
-                                             bool *deleted_out);
+enum trebuchet_status trebuchet_batch_commit(struct trebuchet_batch *batch,
+                                             size_t count,
+                                             struct trebuchet_step_result *results_out);
 
 /**
  * Saves `count` actors in one statement and one round trip: `actor_ids[i]`
@@ -495,65 +568,171 @@ enum trebuchet_status trebuchet_store_delete_many(const struct trebuchet_store *
                                                   bool *deleted_out);
 
 /**
- * Whether the actor exists.
+ * Saves `count` actors in one statement, each only when it is at
+ * `expected_sequences[i]` (`TREBUCHET_EXPECT_ABSENT`, 0: when it does not
+ * exist); otherwise as `trebuchet_store_save_many`. A conflict on one item
+ * does not stop the others: `results_out[i]` says what became of item `i`,
+ * with the sequence number written, or, for a conflict, the number found
+ * as data.
+ *
+ * Returns `TREBUCHET_OK` when every item has its result, whether written
+ * or not (`trebuchet_last_conflict_actual` then reports nothing: each
+ * result carries its own). Fails, writing nothing and leaving
+ * `results_out` untouched, for bad input (an id given twice or an
+ * expected number above 2^63 - 1 is `TREBUCHET_INVALID_ARGUMENT`) and
+ * for connection and database errors. `count` 0 does nothing.
  *
  * # Safety
  *
- * `actor_id` NUL-terminated; `exists_out` writable.
+ * As `trebuchet_store_save_many`; `expected_sequences` holds `count`
+ * elements and `results_out` is writable for `count` elements (both NULL
+ * when `count` is 0).
  */
-enum trebuchet_status trebuchet_store_exists(const struct trebuchet_store *store,
-                                             const char *actor_id,
-                                             bool *exists_out);
+enum trebuchet_status trebuchet_store_save_many_if(const struct trebuchet_store *store,
+                                                   size_t count,
+                                                   const char *const *actor_ids,
+                                                   const uint8_t *const *data,
+                                                   const size_t *lens,
+                                                   const uint64_t *expected_sequences,
+                                                   struct trebuchet_item_result *results_out);
 
 /**
- * The actor's sequence number; `TREBUCHET_NOT_FOUND` when it does not exist.
+ * As `trebuchet_store_load_many`, also writing each actor's sequence
+ * number and timestamps to `versions_out[i]`: all zero (sequence 0) for an
+ * actor that does not exist, whose buffer is NULL. `buffers_out` may be
+ * NULL when only the versions are wanted; otherwise release each buffer
+ * with `trebuchet_buffer_free`. On an error nothing is written and no
+ * buffer is made.
  *
  * # Safety
  *
- * `actor_id` NUL-terminated; `sequence_out` writable.
+ * `actor_ids` holds `count` NUL-terminated ids (NULL when `count` is 0);
+ * `versions_out` is writable for `count` elements, and `buffers_out`
+ * NULL or writable for `count` elements.
  */
-enum trebuchet_status trebuchet_store_sequence(const struct trebuchet_store *store,
-                                               const char *actor_id,
-                                               uint64_t *sequence_out);
+enum trebuchet_status trebuchet_store_load_many_versioned(const struct trebuchet_store *store,
+                                                          size_t count,
+                                                          const char *const *actor_ids,
+                                                          struct trebuchet_buffer **buffers_out,
+                                                          struct trebuchet_version *versions_out);
 
 /**
- * An atomic read-modify-write: `callback` gets the current bytes and sets
- * the new ones; when another writer wins the race it runs again on the
- * newer state. `user_data` is passed through untouched. `sequence_out`,
- * when not NULL, receives the sequence number written.
+ * The message of the last failed call on the calling thread, or `""`
+ * when the last call succeeded. Never contains a password.
  *
- * # Safety
- *
- * `actor_id` NUL-terminated; `callback` must follow `trebuchet_transform_fn`.
+ * The pointer stays valid until the next `trebuchet_` call on this thread;
+ * copy the text to keep it. Never NULL.
  */
-enum trebuchet_status trebuchet_store_transform(const struct trebuchet_store *store,
-                                                const char *actor_id,
-                                                trebuchet_transform_fn callback,
-                                                void *user_data,
-                                                uint64_t *sequence_out);
+const char *trebuchet_last_error(void);
 
 /**
- * Sets the new state from inside a transform callback (copies the bytes).
- * A second call replaces the first.
+ * Whether the calling thread's last call failed with `TREBUCHET_CONFLICT`.
+ * If it did, `*actual_out` (when `actual_out` is not NULL) receives the
+ * sequence number the write found: the actor's current version, or 0
+ * (`TREBUCHET_EXPECT_ABSENT`) when the actor did not exist. Either way it
+ * is what a retry of `trebuchet_store_save_if` passes as
+ * `expected_sequence` after reading the state again. Otherwise returns
+ * false and leaves `*actual_out` untouched.
+ *
+ * Like `trebuchet_last_error`, it reads what the last other `trebuchet_`
+ * call on this thread left (this one, `trebuchet_last_error` and
+ * `trebuchet_status_name` change nothing), so read it right after the
+ * call that failed.
  *
  * # Safety
  *
- * `next` must be the handle the callback received; `data` readable for `len` bytes.
+ * `actual_out` must be NULL or writable.
  */
-enum trebuchet_status trebuchet_output_set(struct trebuchet_output *next,
-                                           const uint8_t *data,
-                                           size_t len);
+bool trebuchet_last_conflict_actual(uint64_t *actual_out);
+
+/**
+ * A constant name for a status (`"TREBUCHET_NOT_FOUND"`), for logs. Takes
+ * any `int`: a number this library does not know (from a newer header, or
+ * a caller in another language) gets `"TREBUCHET_UNKNOWN_STATUS"`. Never
+ * NULL; the string is static.
+ */
+const char *trebuchet_status_name(int status);
+
+/**
+ * Starts a listener on the store's server and channel (one connection and
+ * one thread). Release it with `trebuchet_listener_free`.
+ *
+ * # Safety
+ *
+ * `store` NULL or live; `listener_out` writable.
+ */
+enum trebuchet_status trebuchet_listener_open(const struct trebuchet_store *store,
+                                              struct trebuchet_listener **listener_out);
+
+/**
+ * Subscribes to every actor's changes (`actor_id` NULL) or one actor's.
+ * Release the subscription (which unsubscribes) with
+ * `trebuchet_subscription_free`.
+ *
+ * # Safety
+ *
+ * `listener` NULL or live; `actor_id` NULL or NUL-terminated; `subscription_out` writable.
+ */
+enum trebuchet_status trebuchet_listener_subscribe(const struct trebuchet_listener *listener,
+                                                   const char *actor_id,
+                                                   struct trebuchet_subscription **subscription_out);
+
+/**
+ * Stops the listener's thread and closes its connection. Every
+ * subscription, including one another thread is waiting on, then returns
+ * `TREBUCHET_CLOSED`. Idempotent. The handle stays valid until freed.
+ *
+ * # Safety
+ *
+ * `listener` NULL or live.
+ */
+enum trebuchet_status trebuchet_listener_shutdown(const struct trebuchet_listener *listener);
+
+/**
+ * Shuts the listener down (as `trebuchet_listener_shutdown`), frees it and
+ * sets `*listener` to NULL. NULL and a pointer to NULL are fine.
+ * Subscriptions stay valid handles (they report `TREBUCHET_CLOSED`) and
+ * must still be freed.
+ *
+ * # Safety
+ *
+ * No other thread may be using the listener handle.
+ */
+void trebuchet_listener_free(struct trebuchet_listener **listener);
+
+/**
+ * Waits up to `timeout_ms` milliseconds (0: do not wait) for the next event
+ * and writes it to `*event_out`. `TREBUCHET_TIMEOUT` when none came,
+ * `TREBUCHET_CLOSED` once the listener has shut down.
+ *
+ * # Safety
+ *
+ * `subscription` NULL or live; `event_out` writable.
+ */
+enum trebuchet_status trebuchet_subscription_next(const struct trebuchet_subscription *subscription,
+                                                  uint32_t timeout_ms,
+                                                  struct trebuchet_event *event_out);
+
+/**
+ * Unsubscribes, frees the subscription and sets `*subscription` to NULL.
+ * NULL and a pointer to NULL are fine.
+ *
+ * # Safety
+ *
+ * No other thread may be waiting on the subscription.
+ */
+void trebuchet_subscription_free(struct trebuchet_subscription **subscription);
 
 /**
  * One page of the ids that start with `prefix` (NULL or `""` for all), in
  * the table's key order, at most `limit` of them. `page_token` is NULL for
  * the first page, then the token `trebuchet_id_page_next` gave for the
- * page before, with the same prefix. An id that exists from the first
+ * page before (the last id of that page), with the same prefix. An id that exists from the first
  * page to the last is listed exactly once, however the table changes in
  * between; expired actors are not listed.
  *
- * `TREBUCHET_INVALID_ARGUMENT` when `limit` is 0 or the token is damaged
- * or was made for another prefix (nothing is sent to the server). On
+ * `TREBUCHET_INVALID_ARGUMENT` when `limit` is 0 (nothing is sent to the
+ * server). On
  * success `*page_out` is a new page; release it with
  * `trebuchet_id_page_free`.
  *
@@ -629,111 +808,539 @@ enum trebuchet_status trebuchet_store_count_actors(const struct trebuchet_store 
                                                    uint64_t *count_out);
 
 /**
- * Starts a listener on the store's server and channel (one connection and
- * one thread). Release it with `trebuchet_listener_free`.
+ * Makes store options with every setting at its default: the connection
+ * from the environment (as `trebuchet_store_open_env`), table
+ * `actor_states`, channel `actor_state_changes`, a pool of at most 10
+ * connections, a 10 s connect timeout and 10 s wait for a free
+ * connection, no statement or call timeout, group commit on, a 10 s
+ * outcome timeout, no migration. Release them with
+ * `trebuchet_store_options_free`.
  *
  * # Safety
  *
- * `store` NULL or live; `listener_out` writable.
+ * `options_out` writable.
  */
-enum trebuchet_status trebuchet_listener_open(const struct trebuchet_store *store,
-                                              struct trebuchet_listener **listener_out);
+enum trebuchet_status trebuchet_store_options_new(struct trebuchet_store_options **options_out);
 
 /**
- * Subscribes to every actor's changes (`actor_id` NULL) or one actor's.
- * Release the subscription (which unsubscribes) with
- * `trebuchet_subscription_free`.
+ * Frees store options and sets `*options` to NULL. NULL and a pointer to
+ * NULL are fine. Stores opened from them are not affected.
  *
  * # Safety
  *
- * `listener` NULL or live; `actor_id` NULL or NUL-terminated; `subscription_out` writable.
+ * `options` NULL or the address of an options pointer; no other thread
+ * may be using them.
  */
-enum trebuchet_status trebuchet_listener_subscribe(const struct trebuchet_listener *listener,
-                                                   const char *actor_id,
-                                                   struct trebuchet_subscription **subscription_out);
+void trebuchet_store_options_free(struct trebuchet_store_options **options);
 
 /**
- * Stops the listener's thread and closes its connection. Every
- * subscription, including one another thread is waiting on, then returns
- * `TREBUCHET_CLOSED`. Idempotent. The handle stays valid until freed.
+ * The connection string (a `postgresql://` URL or libpq `key=value`
+ * text), copied; NULL goes back to the environment (`DATABASE_URL`, else
+ * `POSTGRES_HOST`, ...). Checked when a store is opened
+ * (`TREBUCHET_INVALID_CONFIG`, a message without the password).
  *
  * # Safety
  *
- * `listener` NULL or live.
+ * `options` NULL or live; `url` NULL or NUL-terminated.
  */
-enum trebuchet_status trebuchet_listener_shutdown(const struct trebuchet_listener *listener);
+enum trebuchet_status trebuchet_store_options_url(struct trebuchet_store_options *options,
+                                                  const char *url);
 
 /**
- * Shuts the listener down (as `trebuchet_listener_shutdown`), frees it and
- * sets `*listener` to NULL. NULL and a pointer to NULL are fine.
- * Subscriptions stay valid handles (they report `TREBUCHET_CLOSED`) and
- * must still be freed.
+ * The table, optionally schema-qualified (`"game.rooms"`), copied; NULL
+ * for the default `actor_states`. Checked when a store is opened.
  *
  * # Safety
  *
- * No other thread may be using the listener handle.
+ * `options` NULL or live; `table` NULL or NUL-terminated.
  */
-void trebuchet_listener_free(struct trebuchet_listener **listener);
+enum trebuchet_status trebuchet_store_options_table(struct trebuchet_store_options *options,
+                                                    const char *table);
 
 /**
- * Waits up to `timeout_ms` milliseconds (0: do not wait) for the next event
- * and writes it to `*event_out`. `TREBUCHET_TIMEOUT` when none came,
- * `TREBUCHET_CLOSED` once the listener has shut down.
+ * The notification channel, copied; NULL for the default
+ * `actor_state_changes`. Checked when a store is opened.
  *
  * # Safety
  *
- * `subscription` NULL or live; `event_out` writable.
+ * `options` NULL or live; `channel` NULL or NUL-terminated.
  */
-enum trebuchet_status trebuchet_subscription_next(const struct trebuchet_subscription *subscription,
-                                                  uint32_t timeout_ms,
-                                                  struct trebuchet_event *event_out);
+enum trebuchet_status trebuchet_store_options_channel(struct trebuchet_store_options *options,
+                                                      const char *channel);
 
 /**
- * Unsubscribes, frees the subscription and sets `*subscription` to NULL.
- * NULL and a pointer to NULL are fine.
+ * The most connections the store's pool opens (default 10); each is a
+ * server backend. `TREBUCHET_INVALID_ARGUMENT` for 0.
  *
  * # Safety
  *
- * No other thread may be waiting on the subscription.
+ * `options` NULL or live.
  */
-void trebuchet_subscription_free(struct trebuchet_subscription **subscription);
+enum trebuchet_status trebuchet_store_options_pool_size(struct trebuchet_store_options *options,
+                                                        uint32_t pool_size);
 
 /**
- * The message of the last failed call on the calling thread, or `""`
- * when the last call succeeded. Never contains a password.
- *
- * The pointer stays valid until the next `trebuchet_` call on this thread;
- * copy the text to keep it. Never NULL.
- */
-const char *trebuchet_last_error(void);
-
-/**
- * Whether the calling thread's last call failed with `TREBUCHET_CONFLICT`.
- * If it did, `*actual_out` (when `actual_out` is not NULL) receives the
- * sequence number the write found: the actor's current version, or 0
- * (`TREBUCHET_EXPECT_ABSENT`) when the actor did not exist. Either way it
- * is what a retry of `trebuchet_store_save_if` passes as
- * `expected_sequence` after reading the state again. Otherwise returns
- * false and leaves `*actual_out` untouched.
- *
- * Like `trebuchet_last_error`, it reads what the last other `trebuchet_`
- * call on this thread left (this one, `trebuchet_last_error` and
- * `trebuchet_status_name` change nothing), so read it right after the
- * call that failed.
+ * The time allowed to establish one connection, in milliseconds (default
+ * 10 s; from 1 to 2^31 - 1).
  *
  * # Safety
  *
- * `actual_out` must be NULL or writable.
+ * `options` NULL or live.
  */
-bool trebuchet_last_conflict_actual(uint64_t *actual_out);
+enum trebuchet_status trebuchet_store_options_connect_timeout_ms(struct trebuchet_store_options *options,
+                                                                 uint64_t timeout_ms);
 
 /**
- * A constant name for a status (`"TREBUCHET_NOT_FOUND"`), for logs. Takes
- * any `int`: a number this library does not know (from a newer header, or
- * a caller in another language) gets `"TREBUCHET_UNKNOWN_STATUS"`. Never
- * NULL; the string is static.
+ * How long a call waits for a free pooled connection before it fails
+ * with `TREBUCHET_POOL_EXHAUSTED`, in milliseconds (default 10 s; from 1
+ * to 2^31 - 1).
+ *
+ * # Safety
+ *
+ * `options` NULL or live.
  */
-const char *trebuchet_status_name(int status);
+enum trebuchet_status trebuchet_store_options_pool_timeout_ms(struct trebuchet_store_options *options,
+                                                              uint64_t timeout_ms);
+
+/**
+ * The server-side `statement_timeout` of every pooled connection, in
+ * milliseconds; 0 for none (the default). A statement over it fails with
+ * `TREBUCHET_STATEMENT_TIMEOUT`. At most 2^31 - 1. Not with a
+ * transaction-mode pooler (opening then fails with
+ * `TREBUCHET_INVALID_CONFIG`).
+ *
+ * # Safety
+ *
+ * `options` NULL or live.
+ */
+enum trebuchet_status trebuchet_store_options_statement_timeout_ms(struct trebuchet_store_options *options,
+                                                                   uint64_t timeout_ms);
+
+/**
+ * The longest a call may hold a pooled connection, in milliseconds; 0
+ * for no limit (the default). Past it the pool closes the connection and
+ * the call fails with a connection status, instead of waiting for a
+ * server or network that stopped answering (a write then finds out
+ * whether it landed, within the outcome timeout). Enforced on Linux for
+ * TCP connections. At most 2^31 - 1.
+ *
+ * # Safety
+ *
+ * `options` NULL or live.
+ */
+enum trebuchet_status trebuchet_store_options_call_timeout_ms(struct trebuchet_store_options *options,
+                                                              uint64_t timeout_ms);
+
+/**
+ * How long opening waits for a server that is not up yet, in
+ * milliseconds, retrying a refused connection or a server still starting
+ * (default: not at all; from 1 to 2^31 - 1).
+ *
+ * # Safety
+ *
+ * `options` NULL or live.
+ */
+enum trebuchet_status trebuchet_store_options_wait_for_server_ms(struct trebuchet_store_options *options,
+                                                                 uint64_t wait_ms);
+
+/**
+ * Group commit (default on): concurrent plain and conditional saves on
+ * the store are combined into one statement and one commit, each caller
+ * still getting its own result. Off gives every call a commit of its own.
+ *
+ * # Safety
+ *
+ * `options` NULL or live.
+ */
+enum trebuchet_status trebuchet_store_options_group_commit(struct trebuchet_store_options *options,
+                                                           bool enabled);
+
+/**
+ * How long a write whose connection broke keeps trying to find out
+ * whether it was applied, in milliseconds (default 10 s; from 1 to
+ * 2^31 - 1): within it the write returns its result or
+ * `TREBUCHET_NOT_APPLIED`, past it `TREBUCHET_OUTCOME_UNKNOWN`.
+ *
+ * # Safety
+ *
+ * `options` NULL or live.
+ */
+enum trebuchet_status trebuchet_store_options_outcome_timeout_ms(struct trebuchet_store_options *options,
+                                                                 uint64_t timeout_ms);
+
+/**
+ * Whether opening also creates or upgrades the schema, as
+ * `trebuchet_store_migrate` does (default off).
+ *
+ * # Safety
+ *
+ * `options` NULL or live.
+ */
+enum trebuchet_status trebuchet_store_options_migrate(struct trebuchet_store_options *options,
+                                                      bool migrate);
+
+/**
+ * Opens a store as `options` say (NULL: every default, as
+ * `trebuchet_store_open_env` with NULL table and channel). The options
+ * are read, not kept: free them whenever you like.
+ *
+ * `TREBUCHET_INVALID_CONFIG` for a malformed connection string, a bad
+ * table or channel name or settings that do not fit together, before
+ * anything is contacted; then the statuses of connecting and, with
+ * `trebuchet_store_options_migrate`, of migrating. On success
+ * `*store_out` is a new store; release it with `trebuchet_store_free`.
+ *
+ * # Safety
+ *
+ * `options` NULL or live; `store_out` writable.
+ */
+enum trebuchet_status trebuchet_store_open_with(const struct trebuchet_store_options *options,
+                                                struct trebuchet_store **store_out);
+
+/**
+ * Loads the actor's state into a new buffer: `TREBUCHET_NOT_FOUND` when
+ * it does not exist. Release the buffer with `trebuchet_buffer_free`.
+ *
+ * # Safety
+ *
+ * `actor_id` NUL-terminated; `buffer_out` writable.
+ */
+enum trebuchet_status trebuchet_store_load(const struct trebuchet_store *store,
+                                           const char *actor_id,
+                                           struct trebuchet_buffer **buffer_out);
+
+/**
+ * As `trebuchet_store_load`, also giving the state's sequence number.
+ *
+ * # Safety
+ *
+ * As `trebuchet_store_load`; `sequence_out` writable.
+ */
+enum trebuchet_status trebuchet_store_load_versioned(const struct trebuchet_store *store,
+                                                     const char *actor_id,
+                                                     struct trebuchet_buffer **buffer_out,
+                                                     uint64_t *sequence_out);
+
+/**
+ * As `trebuchet_store_load`, also writing the state's sequence number and
+ * timestamps to `*version_out` (which `trebuchet_store_load_versioned`
+ * does not give): when it was last written, created, and when it expires
+ * (0: never). `TREBUCHET_NOT_FOUND` when the actor does not exist or has
+ * expired, and then neither output is written.
+ *
+ * # Safety
+ *
+ * As `trebuchet_store_load`; `version_out` writable.
+ */
+enum trebuchet_status trebuchet_store_load_with_version(const struct trebuchet_store *store,
+                                                        const char *actor_id,
+                                                        struct trebuchet_buffer **buffer_out,
+                                                        struct trebuchet_version *version_out);
+
+/**
+ * Points `*data_out` and `*len_out` at the buffer's bytes, valid until the
+ * buffer is freed. `*data_out` is not NULL even for an empty state.
+ *
+ * # Safety
+ *
+ * `buffer` NULL or live; out-pointers writable.
+ */
+enum trebuchet_status trebuchet_buffer_get(const struct trebuchet_buffer *buffer,
+                                           const uint8_t **data_out,
+                                           size_t *len_out);
+
+/**
+ * Frees a buffer and sets `*buffer` to NULL, so a second call on the same
+ * variable does nothing. NULL and a pointer to NULL are fine.
+ *
+ * # Safety
+ *
+ * `buffer` NULL or the address of a buffer pointer.
+ */
+void trebuchet_buffer_free(struct trebuchet_buffer **buffer);
+
+/**
+ * Connects to PostgreSQL with a connection string (a `postgresql://` URL or
+ * libpq `key=value` text). `table` and `channel` may be NULL for the
+ * defaults (`actor_states`, `actor_state_changes`). Does not create the
+ * schema: call `trebuchet_store_migrate`.
+ *
+ * On success `*store_out` is a new store; release it with `trebuchet_store_free`.
+ *
+ * # Safety
+ *
+ * Strings must be NUL-terminated; `store_out` must be writable.
+ */
+enum trebuchet_status trebuchet_store_open(const char *url,
+                                           const char *table,
+                                           const char *channel,
+                                           struct trebuchet_store **store_out);
+
+/**
+ * As `trebuchet_store_open`, with the connection from the environment:
+ * `DATABASE_URL`, else `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_DATABASE`,
+ * `POSTGRES_USER`, `POSTGRES_PASSWORD`.
+ *
+ * # Safety
+ *
+ * As `trebuchet_store_open`.
+ */
+enum trebuchet_status trebuchet_store_open_env(const char *table,
+                                               const char *channel,
+                                               struct trebuchet_store **store_out);
+
+/**
+ * Closes the store's connections, frees it and sets `*store` to NULL.
+ * NULL, a pointer to NULL, or a handle of another kind: nothing happens.
+ *
+ * # Safety
+ *
+ * No other thread may be using the store.
+ */
+void trebuchet_store_free(struct trebuchet_store **store);
+
+/**
+ * Creates or upgrades the table, tombstones, function and trigger. Idempotent.
+ *
+ * # Safety
+ *
+ * `store` must be NULL or a live handle.
+ */
+enum trebuchet_status trebuchet_store_migrate(const struct trebuchet_store *store);
+
+/**
+ * Checks that the schema is complete. `TREBUCHET_SCHEMA_MISSING` when
+ * anything is missing or wrong; the last error lists every problem.
+ *
+ * # Safety
+ *
+ * `store` must be NULL or a live handle.
+ */
+enum trebuchet_status trebuchet_store_verify(const struct trebuchet_store *store);
+
+/**
+ * Deletes the actor. `deleted_out`, when not NULL, receives whether it
+ * existed.
+ *
+ * # Safety
+ *
+ * `actor_id` NUL-terminated.
+ */
+enum trebuchet_status trebuchet_store_delete(const struct trebuchet_store *store,
+                                             const char *actor_id,
+                                             bool *deleted_out);
+
+/**
+ * Whether the actor exists.
+ *
+ * # Safety
+ *
+ * `actor_id` NUL-terminated; `exists_out` writable.
+ */
+enum trebuchet_status trebuchet_store_exists(const struct trebuchet_store *store,
+                                             const char *actor_id,
+                                             bool *exists_out);
+
+/**
+ * The actor's sequence number; `TREBUCHET_NOT_FOUND` when it does not exist.
+ *
+ * # Safety
+ *
+ * `actor_id` NUL-terminated; `sequence_out` writable.
+ */
+enum trebuchet_status trebuchet_store_sequence(const struct trebuchet_store *store,
+                                               const char *actor_id,
+                                               uint64_t *sequence_out);
+
+/**
+ * How many connections the store's pool holds, its maximum, and how often
+ * calls waited for one. Reads counters only: nothing is sent.
+ *
+ * # Safety
+ *
+ * `store` NULL or live; `state_out` writable.
+ */
+enum trebuchet_status trebuchet_store_pool_state(const struct trebuchet_store *store,
+                                                 struct trebuchet_pool_state *state_out);
+
+/**
+ * Makes write options for a plain save: no condition, no time to live,
+ * the next sequence number. Release them with
+ * `trebuchet_write_options_free`.
+ *
+ * # Safety
+ *
+ * `options_out` writable.
+ */
+enum trebuchet_status trebuchet_write_options_new(struct trebuchet_write_options **options_out);
+
+/**
+ * Frees write options and sets `*options` to NULL. NULL and a pointer to
+ * NULL are fine.
+ *
+ * # Safety
+ *
+ * `options` NULL or the address of an options pointer; no other thread
+ * may be using them.
+ */
+void trebuchet_write_options_free(struct trebuchet_write_options **options);
+
+/**
+ * Writes only when the actor does not exist (an expired actor counts as
+ * absent); otherwise `TREBUCHET_CONFLICT`, as `trebuchet_store_save_if`
+ * with `TREBUCHET_EXPECT_ABSENT`.
+ *
+ * # Safety
+ *
+ * `options` NULL or live.
+ */
+enum trebuchet_status trebuchet_write_options_expect_absent(struct trebuchet_write_options *options);
+
+/**
+ * Writes only when the actor is at `expected_sequence`
+ * (`TREBUCHET_EXPECT_ABSENT`, 0: when it does not exist); otherwise
+ * `TREBUCHET_CONFLICT`, as `trebuchet_store_save_if`. A number above
+ * 2^63 - 1 fails the write with `TREBUCHET_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ *
+ * `options` NULL or live.
+ */
+enum trebuchet_status trebuchet_write_options_expect_sequence(struct trebuchet_write_options *options,
+                                                              uint64_t expected_sequence);
+
+/**
+ * Gives the state a time to live of `ttl_ms` milliseconds, as
+ * `trebuchet_store_save_with_ttl`: it reads as absent once that has
+ * passed, and the sweeper deletes it later, announcing a delete. From
+ * 1 ms to 1,000 years; the write fails with `TREBUCHET_INVALID_ARGUMENT`
+ * otherwise. Writes with a time to live are not group-committed.
+ *
+ * # Safety
+ *
+ * `options` NULL or live.
+ */
+enum trebuchet_status trebuchet_write_options_ttl_ms(struct trebuchet_write_options *options,
+                                                     uint64_t ttl_ms);
+
+/**
+ * Writes at `sequence` instead of the next number, for moving actors
+ * between stores. It must be above the stored number (and a deleted
+ * actor's last one); otherwise `TREBUCHET_CONFLICT`, with
+ * `trebuchet_last_conflict_actual` giving the stored number. Cannot be
+ * combined with an expectation (the write fails with
+ * `TREBUCHET_INVALID_ARGUMENT`): the number is the condition.
+ *
+ * # Safety
+ *
+ * `options` NULL or live.
+ */
+enum trebuchet_status trebuchet_write_options_sequence(struct trebuchet_write_options *options,
+                                                       uint64_t sequence);
+
+/**
+ * Stores the state as `options` say (NULL: a plain save, as
+ * `trebuchet_store_save`): the one general write, of which
+ * `trebuchet_store_save`, `trebuchet_store_save_if` and
+ * `trebuchet_store_save_with_ttl` are short forms. `sequence_out`, when
+ * not NULL, receives the sequence number written.
+ *
+ * `TREBUCHET_CONFLICT` when the options' condition or sequence number does
+ * not hold: nothing is written, and `trebuchet_last_conflict_actual` gives
+ * the number found (0 when the actor does not exist).
+ * `TREBUCHET_INVALID_ARGUMENT` for options that do not fit together or are
+ * out of range; nothing is sent.
+ *
+ * # Safety
+ *
+ * As `trebuchet_store_save`; `options` NULL or live.
+ */
+enum trebuchet_status trebuchet_store_save_with(const struct trebuchet_store *store,
+                                                const char *actor_id,
+                                                const uint8_t *data,
+                                                size_t len,
+                                                const struct trebuchet_write_options *options,
+                                                uint64_t *sequence_out);
+
+/**
+ * Stores `len` bytes at `data` as the actor's state (`data` may be NULL
+ * when `len` is 0). `sequence_out`, when not NULL, receives the new
+ * sequence number.
+ *
+ * # Safety
+ *
+ * `actor_id` NUL-terminated; `data` readable for `len` bytes.
+ */
+enum trebuchet_status trebuchet_store_save(const struct trebuchet_store *store,
+                                           const char *actor_id,
+                                           const uint8_t *data,
+                                           size_t len,
+                                           uint64_t *sequence_out);
+
+/**
+ * Stores the state as `trebuchet_store_save` does, expiring `ttl_ms`
+ * milliseconds from now: from then on it reads as absent, and the store's
+ * sweeper (or the CLI's `sweep`) removes it, announcing a delete. A later
+ * save without a time to live keeps the actor for good. `ttl_ms` runs from
+ * 1 ms to 1,000 years (`TREBUCHET_INVALID_ARGUMENT` otherwise, and nothing
+ * is written).
+ *
+ * # Safety
+ *
+ * As `trebuchet_store_save`.
+ */
+enum trebuchet_status trebuchet_store_save_with_ttl(const struct trebuchet_store *store,
+                                                    const char *actor_id,
+                                                    const uint8_t *data,
+                                                    size_t len,
+                                                    uint64_t ttl_ms,
+                                                    uint64_t *sequence_out);
+
+/**
+ * Stores the state only when the actor is at `expected_sequence`, or does
+ * not exist when it is `TREBUCHET_EXPECT_ABSENT` (0). Otherwise
+ * `TREBUCHET_CONFLICT`, nothing is written, the last error names both
+ * versions, and `trebuchet_last_conflict_actual` gives the sequence
+ * number found (0 when the actor does not exist) as a number.
+ *
+ * # Safety
+ *
+ * As `trebuchet_store_save`.
+ */
+enum trebuchet_status trebuchet_store_save_if(const struct trebuchet_store *store,
+                                              const char *actor_id,
+                                              const uint8_t *data,
+                                              size_t len,
+                                              uint64_t expected_sequence,
+                                              uint64_t *sequence_out);
+
+/**
+ * An atomic read-modify-write: `callback` gets the current bytes and sets
+ * the new ones; when another writer wins the race it runs again on the
+ * newer state. `user_data` is passed through untouched. `sequence_out`,
+ * when not NULL, receives the sequence number written.
+ *
+ * # Safety
+ *
+ * `actor_id` NUL-terminated; `callback` must follow `trebuchet_transform_fn`.
+ */
+enum trebuchet_status trebuchet_store_transform(const struct trebuchet_store *store,
+                                                const char *actor_id,
+                                                trebuchet_transform_fn callback,
+                                                void *user_data,
+                                                uint64_t *sequence_out);
+
+/**
+ * Sets the new state from inside a transform callback (copies the bytes).
+ * A second call replaces the first.
+ *
+ * # Safety
+ *
+ * `next` must be the handle the callback received; `data` readable for `len` bytes.
+ */
+enum trebuchet_status trebuchet_output_set(struct trebuchet_output *next,
+                                           const uint8_t *data,
+                                           size_t len);
 
 #ifdef __cplusplus
 }  // extern "C"

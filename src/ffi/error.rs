@@ -38,8 +38,11 @@ pub enum trebuchet_status {
     TREBUCHET_STATE_TOO_LARGE = 105,
     /// An argument is out of range: an expected sequence number above
     /// 2^63 - 1, a time to live under 1 ms or over 1,000 years, a page
-    /// limit of 0 or an index past a page's end; or a page token that is
-    /// damaged or was made for another prefix.
+    /// limit of 0 or an index past a page's end, a pool size or timeout
+    /// of 0, a results count that is not the batch's step count; write
+    /// options that do not fit together; an actor given twice in one bulk
+    /// call or batch; or a page token that is damaged or was made for
+    /// another prefix.
     TREBUCHET_INVALID_ARGUMENT = 106,
     /// A conditional write found another version than the expected one.
     TREBUCHET_CONFLICT = 200,
@@ -181,10 +184,10 @@ pub(crate) fn fail(status: trebuchet_status, message: impl Into<String>) -> treb
     status
 }
 
-/// Records the error's message (which never holds a password) and maps it
-/// to a status.
-pub(crate) fn error_status(error: &Error) -> trebuchet_status {
-    let status = match error {
+/// The status of a library error, without recording anything: for the
+/// per-item results of the bulk calls, and for [`error_status`].
+pub(crate) fn status_of(error: &Error) -> trebuchet_status {
+    match error {
         Error::InvalidActorId(_) => TREBUCHET_INVALID_ACTOR_ID,
         Error::InvalidConnectionString { .. }
         | Error::InvalidConfig { .. }
@@ -207,12 +210,23 @@ pub(crate) fn error_status(error: &Error) -> trebuchet_status {
         | Error::InsufficientPrivilege { .. }
         | Error::NotificationQueueFull(_) => TREBUCHET_DATABASE,
         _ => TREBUCHET_OTHER,
-    };
-    let conflict_actual = match error {
+    }
+}
+
+/// For a conflict, the sequence number the write found (0 when the actor
+/// did not exist); `None` for any other error.
+pub(crate) fn conflict_actual_of(error: &Error) -> Option<u64> {
+    match error {
         Error::Conflict { actual, .. } => Some(actual.unwrap_or(0)),
         Error::StaleSequence { current, .. } => Some(current.unwrap_or(0)),
         _ => None,
-    };
+    }
+}
+
+/// Records the error's message (which never holds a password) and, for a
+/// conflict, the number found; maps the error to a status.
+pub(crate) fn error_status(error: &Error) -> trebuchet_status {
+    let status = status_of(error);
     // C has no error chain: the message carries the cause these two give
     // only as their source.
     let message = match (error, std::error::Error::source(error)) {
@@ -222,6 +236,7 @@ pub(crate) fn error_status(error: &Error) -> trebuchet_status {
         _ => error.to_string(),
     };
     fail(status, message);
+    let conflict_actual = conflict_actual_of(error);
     LAST_ERROR.with(|last| last.borrow_mut().conflict_actual = conflict_actual);
     status
 }

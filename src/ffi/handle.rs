@@ -15,6 +15,9 @@ pub(crate) enum Kind {
     Buffer = 0x7472_6562_4255_4646,
     Output = 0x7472_6562_4f55_5450,
     IdPage = 0x7472_6562_5041_4745,
+    StoreOptions = 0x7472_6562_534f_5054,
+    WriteOptions = 0x7472_6562_574f_5054,
+    Batch = 0x7472_6562_4254_4348,
 }
 
 /// A handle's layout: the tag, then the value. `repr(C)` puts the tag at
@@ -110,6 +113,9 @@ impl Kind {
             Kind::Buffer => "trebuchet_buffer",
             Kind::Output => "trebuchet_output",
             Kind::IdPage => "trebuchet_id_page",
+            Kind::StoreOptions => "trebuchet_store_options",
+            Kind::WriteOptions => "trebuchet_write_options",
+            Kind::Batch => "trebuchet_batch",
         }
     }
 }

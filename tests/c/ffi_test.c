@@ -2,7 +2,8 @@
  * The C ABI from C: NULL arguments, invalid UTF-8, double frees, wrong
  * handle kinds, status names, timeouts, shutdown with a waiting subscriber,
  * conditional saves and the conflict's actual sequence number, transforms,
- * bulk calls and listing. Built and run by tests/ffi.rs:
+ * bulk calls, listing, store and write options, conditional bulk saves,
+ * batches and versioned loads. Built and run by tests/ffi.rs:
  *
  *   ffi_test URL TABLE CHANNEL
  *
@@ -394,6 +395,126 @@ static void shutdown_with_waiter(trebuchet_store *store) {
   printf("ok shutdown_with_waiter\n");
 }
 
+/* A store opened from options on the same table and channel, with a pool of
+ * two connections; the options are freed before the store is used. */
+static void store_options(const char *url, const char *table, const char *channel) {
+  trebuchet_store_options *options = NULL;
+  EXPECT(trebuchet_store_options_new(&options), TREBUCHET_OK);
+  EXPECT(trebuchet_store_options_url(options, url), TREBUCHET_OK);
+  EXPECT(trebuchet_store_options_table(options, table), TREBUCHET_OK);
+  EXPECT(trebuchet_store_options_channel(options, channel), TREBUCHET_OK);
+  EXPECT(trebuchet_store_options_pool_size(options, 2), TREBUCHET_OK);
+  EXPECT(trebuchet_store_options_pool_size(options, 0), TREBUCHET_INVALID_ARGUMENT);
+  EXPECT(trebuchet_store_options_pool_size(NULL, 2), TREBUCHET_NULL_ARGUMENT);
+  EXPECT(trebuchet_store_options_statement_timeout_ms(options, 30000), TREBUCHET_OK);
+  EXPECT(trebuchet_store_options_group_commit(options, false), TREBUCHET_OK);
+  EXPECT(trebuchet_store_options_migrate(options, true), TREBUCHET_OK);
+  trebuchet_store *store = NULL;
+  EXPECT(trebuchet_store_open_with(options, &store), TREBUCHET_OK);
+  trebuchet_store_options_free(&options);
+  CHECK(options == NULL);
+  trebuchet_store_options_free(&options);
+  trebuchet_pool_state pool;
+  EXPECT(trebuchet_store_pool_state(store, &pool), TREBUCHET_OK);
+  CHECK(pool.max_size == 2);
+  uint64_t sequence = 0;
+  EXPECT(trebuchet_store_save(store, "c-options", (const uint8_t *)"o", 1, &sequence), TREBUCHET_OK);
+  CHECK(sequence == 1);
+  trebuchet_store_free(&store);
+  printf("ok store_options\n");
+}
+
+/* One write with options: a create, then an update with a time to live. */
+static void general_write(trebuchet_store *store) {
+  trebuchet_write_options *options = NULL;
+  EXPECT(trebuchet_write_options_new(&options), TREBUCHET_OK);
+  EXPECT(trebuchet_write_options_expect_absent(options), TREBUCHET_OK);
+  uint64_t sequence = 0, actual = 99;
+  EXPECT(trebuchet_store_save_with(store, "c-with", (const uint8_t *)"a", 1, options, &sequence),
+         TREBUCHET_OK);
+  CHECK(sequence == 1);
+  EXPECT(trebuchet_store_save_with(store, "c-with", (const uint8_t *)"a", 1, options, &sequence),
+         TREBUCHET_CONFLICT);
+  CHECK(trebuchet_last_conflict_actual(&actual) && actual == 1);
+  EXPECT(trebuchet_write_options_expect_sequence(options, 1), TREBUCHET_OK);
+  EXPECT(trebuchet_write_options_ttl_ms(options, 60000), TREBUCHET_OK);
+  EXPECT(trebuchet_store_save_with(store, "c-with", (const uint8_t *)"b", 1, options, &sequence),
+         TREBUCHET_OK);
+  CHECK(sequence == 2);
+  EXPECT(trebuchet_store_save_with(store, "c-with", (const uint8_t *)"c", 1, NULL, &sequence),
+         TREBUCHET_OK);
+  CHECK(sequence == 3);
+  EXPECT(trebuchet_write_options_ttl_ms(NULL, 1), TREBUCHET_NULL_ARGUMENT);
+  trebuchet_write_options_free(&options);
+  CHECK(options == NULL);
+  trebuchet_write_options_free(NULL);
+  printf("ok general_write\n");
+}
+
+/* Conditional bulk saves: one item conflicts, the others are written. */
+static void conditional_bulk(trebuchet_store *store) {
+  const char *ids[] = {"c-if-1", "c-if-2"};
+  const uint8_t *data[] = {(const uint8_t *)"a", (const uint8_t *)"b"};
+  size_t lens[] = {1, 1};
+  uint64_t absent[] = {TREBUCHET_EXPECT_ABSENT, TREBUCHET_EXPECT_ABSENT};
+  trebuchet_item_result results[2];
+  EXPECT(trebuchet_store_save_many_if(store, 2, ids, data, lens, absent, results), TREBUCHET_OK);
+  CHECK(results[0].status == TREBUCHET_OK && results[0].sequence == 1);
+  CHECK(results[1].status == TREBUCHET_OK && results[1].sequence == 1);
+  uint64_t expected[] = {1, 5};
+  EXPECT(trebuchet_store_save_many_if(store, 2, ids, data, lens, expected, results), TREBUCHET_OK);
+  CHECK(results[0].status == TREBUCHET_OK && results[0].sequence == 2);
+  CHECK(results[1].status == TREBUCHET_CONFLICT && results[1].conflict_actual == 1);
+  EXPECT(trebuchet_store_save_many_if(store, 2, ids, data, lens, expected, NULL),
+         TREBUCHET_NULL_ARGUMENT);
+  printf("ok conditional_bulk\n");
+}
+
+/* A batch of a conditional save, a save and a delete, then a failed one. */
+static void batches(trebuchet_store *store) {
+  EXPECT(trebuchet_store_save(store, "c-batch-1", (const uint8_t *)"x", 1, NULL), TREBUCHET_OK);
+  EXPECT(trebuchet_store_save(store, "c-batch-gone", (const uint8_t *)"x", 1, NULL), TREBUCHET_OK);
+  trebuchet_batch *batch = NULL;
+  EXPECT(trebuchet_batch_new(store, &batch), TREBUCHET_OK);
+  EXPECT(trebuchet_batch_save_if(batch, "c-batch-1", (const uint8_t *)"y", 1, 1), TREBUCHET_OK);
+  EXPECT(trebuchet_batch_save(batch, "c-batch-2", (const uint8_t *)"z", 1), TREBUCHET_OK);
+  EXPECT(trebuchet_batch_delete(batch, "c-batch-gone"), TREBUCHET_OK);
+  size_t count = 0;
+  EXPECT(trebuchet_batch_count(batch, &count), TREBUCHET_OK);
+  CHECK(count == 3);
+  trebuchet_step_result results[3];
+  EXPECT(trebuchet_batch_commit(batch, count, results), TREBUCHET_OK);
+  CHECK(results[0].sequence == 2 && results[1].sequence == 1);
+  CHECK(results[2].sequence == 0 && results[2].deleted);
+  EXPECT(trebuchet_batch_save_if(batch, "c-batch-1", (const uint8_t *)"w", 1, 1), TREBUCHET_OK);
+  uint64_t actual = 0;
+  EXPECT(trebuchet_batch_commit(batch, 0, NULL), TREBUCHET_CONFLICT);
+  CHECK(trebuchet_last_conflict_actual(&actual) && actual == 2);
+  trebuchet_batch_free(&batch);
+  CHECK(batch == NULL);
+  trebuchet_batch_free(&batch);
+  printf("ok batches\n");
+}
+
+/* Versions and timestamps, one actor and several. */
+static void versions(trebuchet_store *store) {
+  EXPECT(trebuchet_store_save_with_ttl(store, "c-version", (const uint8_t *)"v", 1, 60000, NULL),
+         TREBUCHET_OK);
+  trebuchet_buffer *buffer = NULL;
+  trebuchet_version version;
+  EXPECT(trebuchet_store_load_with_version(store, "c-version", &buffer, &version), TREBUCHET_OK);
+  CHECK(version.sequence == 1);
+  CHECK(version.created_at_us > 0 && version.created_at_us <= version.updated_at_us);
+  CHECK(version.expires_at_us > version.updated_at_us);
+  trebuchet_buffer_free(&buffer);
+  const char *asked[] = {"c-nobody", "c-version"};
+  trebuchet_version found[2];
+  EXPECT(trebuchet_store_load_many_versioned(store, 2, asked, NULL, found), TREBUCHET_OK);
+  CHECK(found[0].sequence == 0 && found[0].updated_at_us == 0);
+  CHECK(found[1].sequence == 1 && found[1].expires_at_us == version.expires_at_us);
+  printf("ok versions\n");
+}
+
 int main(int argc, char **argv) {
   if (argc != 4) {
     fprintf(stderr, "usage: %s URL TABLE CHANNEL\n", argv[0]);
@@ -421,6 +542,11 @@ int main(int argc, char **argv) {
   wrong_handles(store, listener);
   timeouts_and_changes(store, listener);
   shutdown_with_waiter(store);
+  store_options(argv[1], argv[2], argv[3]);
+  general_write(store);
+  conditional_bulk(store);
+  batches(store);
+  versions(store);
 
   trebuchet_listener_free(&listener);
   trebuchet_store_free(&store);

@@ -125,7 +125,11 @@ pub enum Error {
     },
     /// A sequence number does not fit PostgreSQL's `BIGINT`.
     SequenceOutOfRange(u64),
-    /// A bulk write or batch names the same actor more than once.
+    /// A bulk write ([`StateStore::save_many`](crate::StateStore::save_many),
+    /// [`save_many_if`](crate::StateStore::save_many_if),
+    /// [`restore_many_bytes`](crate::StateStore::restore_many_bytes)) names
+    /// the same actor more than once. A [`Batch`](crate::Batch) may: its
+    /// steps run in order.
     DuplicateActorId {
         /// The repeated actor.
         actor_id: String,
@@ -382,8 +386,8 @@ impl fmt::Display for Error {
             }
             Error::DuplicateActorId { actor_id } => write!(
                 f,
-                "actor {actor_id:?} appears more than once in one bulk write or batch: \
-                 write each actor once per call"
+                "actor {actor_id:?} appears more than once in one bulk write: \
+                 write each actor once per call, or use a batch, whose steps run in order"
             ),
             Error::Encode(e) => write!(f, "could not encode state: {e}"),
             Error::Decode { actor_id, .. } => write!(

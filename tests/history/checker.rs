@@ -22,6 +22,15 @@
 //!   superseded before they were invoked and not created after they
 //!   returned, of the right kind (the conflict's actual version, which is
 //!   not the expected one; an absent version for a failed delete).
+//! - **Batches.** A batch's steps on one actor run in order at numbers that
+//!   follow one another: when it committed, each save is one above the step
+//!   before it, a delete after a save takes the number between (which the
+//!   checker learns as a delete), and a delete finds the actor exactly when
+//!   an earlier step left it saved. A failed condition after earlier steps
+//!   on its actor reports the version those steps made (rolled back with
+//!   the batch): absent after a delete, even one that found nothing; after
+//!   saves, a number that, counted back over them, lands on a version the
+//!   actor could have been in.
 //! - **Outcomes.** A write reported not applied (or failed on a conflict)
 //!   never shows up as a value anyone reads; an unknown outcome may fill
 //!   any number not otherwise accounted for.
@@ -165,6 +174,8 @@ struct Actor<'h, 'o> {
     /// (returned, number) of operations with a number, by `returned`, with
     /// the running maximum of the number.
     finished: Vec<(u64, u64)>,
+    /// This actor's steps of each batch, in order.
+    batches: BTreeMap<u64, Vec<&'h Op>>,
     /// (invoked, bound) by `invoked`, with the running minimum from the end:
     /// no version created after `invoked` is at or below `bound`... the
     /// highest number a version existing before `invoked` can have.
@@ -181,9 +192,19 @@ impl<'h, 'o> Actor<'h, 'o> {
         out: &'o mut Violations,
     ) -> Actor<'h, 'o> {
         let ops: Vec<&Op> = history.ops.iter().filter(|op| op.actor == actor).collect();
+        let mut batches: BTreeMap<u64, Vec<&Op>> = BTreeMap::new();
+        for op in &ops {
+            if let Some(at) = op.batch {
+                batches.entry(at.batch).or_default().push(op);
+            }
+        }
+        for steps in batches.values_mut() {
+            steps.sort_by_key(|op| op.batch.map(|at| at.step));
+        }
         let mut this = Actor {
             actor,
             ops,
+            batches,
             writers,
             versions: BTreeMap::new(),
             top: 0,
@@ -192,6 +213,7 @@ impl<'h, 'o> Actor<'h, 'o> {
             out,
         };
         this.collect_writes();
+        this.collect_batches();
         this.collect_feeds(history, table);
         this.collect_reads();
         this.index_times();
@@ -219,6 +241,182 @@ impl<'h, 'o> Actor<'h, 'o> {
                 }
                 self.versions
                     .insert(sequence, (Kind::Saved(op.call.value()), Some(op)));
+            }
+        }
+    }
+
+    /// What the batches that committed say: each actor's steps follow one
+    /// another, and a delete that found the actor sits at the number between
+    /// the steps around it.
+    fn collect_batches(&mut self) {
+        /// What the steps so far left the actor in.
+        #[derive(Clone, Copy)]
+        enum Left {
+            /// Nothing yet: as before the batch.
+            Nothing,
+            Saved(u64),
+            Deleted(u64),
+            /// Deleted by a first step that found it, at a number not known.
+            DeletedHere,
+            /// Absent at a number not known: a first step did not find it.
+            Absent,
+        }
+        let batches: Vec<Vec<&Op>> = self.batches.values().cloned().collect();
+        for steps in batches {
+            let committed = steps
+                .iter()
+                .all(|op| matches!(op.outcome, Outcome::Written { .. } | Outcome::Deleted(_)));
+            if !committed {
+                continue;
+            }
+            let mut left = Left::Nothing;
+            for op in steps {
+                let wrong = match (&op.outcome, left) {
+                    (Outcome::Written { sequence, .. }, before) => {
+                        let wrong = match before {
+                            Left::Saved(p) | Left::Deleted(p) if *sequence != p + 1 => {
+                                Some(format!(
+                                    "a step wrote number {sequence} after its batch's step at {p}"
+                                ))
+                            }
+                            Left::DeletedHere if *sequence < 2 => Some(format!(
+                                "a step wrote number {sequence} after a delete of its batch \
+                                 that found the actor"
+                            )),
+                            Left::DeletedHere => {
+                                let description = self.out.op(op);
+                                self.learn(sequence - 1, Kind::Deleted, || {
+                                    format!("the batch of {description} deleted it")
+                                });
+                                None
+                            }
+                            _ => None,
+                        };
+                        left = Left::Saved(*sequence);
+                        wrong
+                    }
+                    (Outcome::Deleted(true), Left::Saved(p)) => {
+                        let description = self.out.op(op);
+                        self.learn(p + 1, Kind::Deleted, || format!("{description} took it"));
+                        left = Left::Deleted(p + 1);
+                        None
+                    }
+                    (Outcome::Deleted(true), Left::Nothing) => {
+                        left = Left::DeletedHere;
+                        None
+                    }
+                    (Outcome::Deleted(true), _) => Some(
+                        "a delete found the actor an earlier step of its batch had deleted"
+                            .to_owned(),
+                    ),
+                    (Outcome::Deleted(false), Left::Saved(p)) => Some(format!(
+                        "a delete did not find the actor an earlier step of its batch saved at {p}"
+                    )),
+                    (Outcome::Deleted(false), Left::Nothing) => {
+                        left = Left::Absent;
+                        None
+                    }
+                    _ => None,
+                };
+                if let Some(wrong) = wrong {
+                    let what = format!("{wrong} {}", self.out.op(op));
+                    self.flag(what);
+                }
+            }
+        }
+    }
+
+    /// The steps of `op`'s batch on this actor before it.
+    fn earlier_steps(&self, op: &Op) -> Vec<&'h Op> {
+        let Some(at) = op.batch else {
+            return Vec::new();
+        };
+        self.batches[&at.batch]
+            .iter()
+            .filter(|other| other.batch.is_some_and(|o| o.step < at.step))
+            .copied()
+            .collect()
+    }
+
+    /// A conflict after earlier steps of its batch on the actor: the version
+    /// it reports is the one they made, which was rolled back with the
+    /// batch. Says what is wrong with it, if anything.
+    fn conflict_after(
+        &self,
+        earlier: &[&Op],
+        actual: Option<u64>,
+        from: u64,
+        to: u64,
+    ) -> Option<String> {
+        let absent = |k: u64, kind: Option<Kind>| k == 0 || !matches!(kind, Some(Kind::Saved(_)));
+        let after_delete = earlier
+            .last()
+            .is_some_and(|op| matches!(op.call, Call::Delete));
+        let first_save = earlier
+            .iter()
+            .position(|op| !matches!(op.call, Call::Delete));
+        match (first_save, actual) {
+            // After a delete the actor is absent for the rest of its batch.
+            (_, None) if after_delete => None,
+            (_, Some(k)) if after_delete => Some(format!(
+                "a conflict after a delete of its batch reported number {k}"
+            )),
+            // Deletes only: covered above.
+            (None, _) => None,
+            (Some(_), None) => {
+                Some("a conflict after a save of its batch reported the actor absent".to_owned())
+            }
+            (Some(p), Some(k)) => {
+                // From the first save on, each save wrote, and each delete
+                // right after a save; at numbers that follow one another.
+                let writes: Vec<bool> = earlier
+                    .iter()
+                    .enumerate()
+                    .map(|(q, op)| {
+                        q >= p
+                            && (!matches!(op.call, Call::Delete)
+                                || !matches!(earlier[q - 1].call, Call::Delete))
+                    })
+                    .collect();
+                let wrote = writes.iter().filter(|w| **w).count() as u64;
+                if k < wrote {
+                    return Some(format!(
+                        "a conflict reported number {k} after {wrote} writes of its batch"
+                    ));
+                }
+                for (q, op) in earlier.iter().enumerate().skip(p) {
+                    if let Call::SaveIf {
+                        expected: Some(e), ..
+                    } = op.call
+                    {
+                        let later = writes[q + 1..].iter().filter(|w| **w).count() as u64;
+                        let at = e + 1 + later;
+                        if at != k {
+                            return Some(format!(
+                                "a conflict reported number {k}, but an earlier step of its \
+                                 batch expecting {e} puts it at {at}"
+                            ));
+                        }
+                    }
+                }
+                let first = k + 1 - wrote;
+                let met = if p > 0 {
+                    // Before the batch: absent just below its first save
+                    // (its deletes found nothing), or saved two below (the
+                    // first delete took the number between).
+                    self.any_version(from, to, |n, kind| {
+                        (n + 1 == first && absent(n, kind))
+                            || (n + 2 == first && n > 0 && !matches!(kind, Some(Kind::Deleted)))
+                    })
+                } else {
+                    self.any_version(from, to, |n, _| n + 1 == first)
+                };
+                (!met).then(|| {
+                    format!(
+                        "a conflict reported number {k}, but its batch's first save at {first} \
+                         is not above a version in {from}..={to}"
+                    )
+                })
             }
         }
     }
@@ -510,9 +708,13 @@ impl<'h, 'o> Actor<'h, 'o> {
                 Call::SaveIf { expected, .. } => Some(expected),
                 _ => None,
             };
+            let earlier = self.earlier_steps(op);
             let wrong = match &op.outcome {
                 Outcome::Conflict { actual } if expected == Some(*actual) => {
                     Some("a conflict reported the expected version".to_owned())
+                }
+                Outcome::Conflict { actual } if !earlier.is_empty() => {
+                    self.conflict_after(&earlier, *actual, from, to)
                 }
                 Outcome::Conflict { actual: Some(k) } => {
                     (!self.any_version(from, to, |n, kind| {

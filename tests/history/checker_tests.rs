@@ -2,7 +2,7 @@
 //! to find is found, and legal histories pass.
 
 use crate::checker::check;
-use crate::record::{Call, Feed, History, Op, Outcome, Seen};
+use crate::record::{BatchStep, Call, Feed, History, Op, Outcome, Seen};
 
 const T: &str = "public.t";
 
@@ -37,12 +37,27 @@ impl H {
             outcome,
             invoked,
             returned,
+            batch: None,
         });
         self
     }
 
     fn save(&mut self, value: u64, sequence: u64) -> &mut Self {
         self.op("a", Call::Save { value }, written(sequence))
+    }
+
+    /// A batch of steps on actor `a`, sharing one time slot.
+    fn batch(&mut self, steps: Vec<(Call, Outcome)>) -> &mut Self {
+        self.clock += 10;
+        let (invoked, id) = (self.clock, self.clock);
+        for (step, (call, outcome)) in steps.into_iter().enumerate() {
+            self.at(invoked, invoked + 5, "a", call, outcome);
+            self.history.ops.last_mut().unwrap().batch = Some(BatchStep {
+                batch: id,
+                step: step as u32,
+            });
+        }
+        self
     }
 
     fn feed(&mut self, events: Vec<Seen>) -> &mut Self {
@@ -344,4 +359,153 @@ fn a_value_read_from_another_actor_is_found() {
     h.save(1, 1)
         .op("b", Call::Load, Outcome::Read(Some(((1, None), 1))));
     h.fails("wrote to another actor");
+}
+
+fn save_if(value: u64, expected: Option<u64>) -> Call {
+    Call::SaveIf { value, expected }
+}
+
+#[test]
+fn a_batch_that_writes_an_actor_several_times_passes() {
+    let mut h = H::default();
+    h.save(1, 1)
+        .batch(vec![
+            (Call::Save { value: 2 }, written(2)),
+            (Call::Delete, Outcome::Deleted(true)),
+            (Call::Delete, Outcome::Deleted(false)),
+            (save_if(3, None), written(4)),
+            (save_if(4, Some(4)), written(5)),
+        ])
+        .batch(vec![
+            (Call::Delete, Outcome::Deleted(true)),
+            (Call::Save { value: 5 }, written(7)),
+        ])
+        .op("a", Call::Load, Outcome::Read(Some(((5, None), 7))))
+        .feed(vec![
+            change(1, false),
+            change(2, false),
+            change(3, true),
+            change(4, false),
+            change(5, false),
+            change(6, true),
+            change(7, false),
+        ]);
+    h.passes();
+}
+
+#[test]
+fn a_batch_whose_steps_skip_a_number_is_found() {
+    let mut h = H::default();
+    h.save(1, 1).batch(vec![
+        (Call::Save { value: 2 }, written(2)),
+        (Call::Save { value: 3 }, written(4)),
+    ]);
+    h.fails("a step wrote number 4 after its batch's step at 2");
+}
+
+#[test]
+fn a_batch_delete_that_misses_its_batchs_save_is_found() {
+    let mut h = H::default();
+    h.save(1, 1).batch(vec![
+        (Call::Save { value: 2 }, written(2)),
+        (Call::Delete, Outcome::Deleted(false)),
+    ]);
+    h.fails("a delete did not find the actor an earlier step of its batch saved at 2");
+    let mut h = H::default();
+    h.save(1, 1).batch(vec![
+        (Call::Delete, Outcome::Deleted(true)),
+        (Call::Delete, Outcome::Deleted(true)),
+    ]);
+    h.fails("a delete found the actor an earlier step of its batch had deleted");
+}
+
+#[test]
+fn the_number_a_batch_delete_took_is_known() {
+    // Saved at 2 and then deleted: 3 is a delete, which a feed cannot call
+    // a save, and a leading delete sits just below the save after it.
+    let mut h = H::default();
+    h.save(1, 1)
+        .batch(vec![
+            (Call::Save { value: 2 }, written(2)),
+            (Call::Delete, Outcome::Deleted(true)),
+        ])
+        .feed(vec![change(3, false)]);
+    h.fails("number 3 was known as Deleted");
+    let mut h = H::default();
+    h.save(1, 1)
+        .batch(vec![
+            (Call::Delete, Outcome::Deleted(true)),
+            (Call::Save { value: 2 }, written(3)),
+        ])
+        .feed(vec![change(2, false)]);
+    h.fails("number 2 was known as Deleted");
+}
+
+#[test]
+fn a_conflict_on_what_its_batch_made_passes() {
+    let mut h = H::default();
+    // The earlier save would have written 2; the condition expected 1.
+    h.save(1, 1)
+        .batch(vec![
+            (Call::Save { value: 2 }, Outcome::NotApplied),
+            (save_if(3, Some(1)), Outcome::Conflict { actual: Some(2) }),
+        ])
+        // After a delete the actor is absent, though it was saved throughout.
+        .batch(vec![
+            (Call::Delete, Outcome::NotApplied),
+            (save_if(4, Some(1)), Outcome::Conflict { actual: None }),
+        ])
+        // A delete that found it, then a save two above.
+        .batch(vec![
+            (Call::Delete, Outcome::NotApplied),
+            (Call::Save { value: 5 }, Outcome::NotApplied),
+            (save_if(6, None), Outcome::Conflict { actual: Some(3) }),
+        ])
+        .op("a", Call::Load, Outcome::Read(Some(((1, None), 1))));
+    h.passes();
+}
+
+#[test]
+fn a_conflict_that_does_not_fit_its_batch_is_found() {
+    let conflict = |steps: Vec<(Call, Outcome)>, needle: &str| {
+        let mut h = H::default();
+        h.save(1, 1).batch(steps);
+        h.fails(needle);
+    };
+    conflict(
+        vec![
+            (Call::Save { value: 2 }, Outcome::NotApplied),
+            (save_if(3, Some(1)), Outcome::Conflict { actual: Some(5) }),
+        ],
+        "its batch's first save at 5 is not above a version",
+    );
+    conflict(
+        vec![
+            (Call::Save { value: 2 }, Outcome::NotApplied),
+            (save_if(3, Some(1)), Outcome::Conflict { actual: None }),
+        ],
+        "a conflict after a save of its batch reported the actor absent",
+    );
+    conflict(
+        vec![
+            (Call::Save { value: 2 }, Outcome::NotApplied),
+            (Call::Delete, Outcome::NotApplied),
+            (save_if(3, Some(1)), Outcome::Conflict { actual: Some(3) }),
+        ],
+        "a conflict after a delete of its batch reported number 3",
+    );
+    conflict(
+        vec![
+            (Call::Delete, Outcome::NotApplied),
+            (save_if(3, None), Outcome::Conflict { actual: Some(1) }),
+        ],
+        "a conflict after a delete of its batch reported number 1",
+    );
+    conflict(
+        vec![
+            (save_if(2, Some(1)), Outcome::NotApplied),
+            (save_if(3, Some(7)), Outcome::Conflict { actual: Some(3) }),
+        ],
+        "an earlier step of its batch expecting 1 puts it at 2",
+    );
 }

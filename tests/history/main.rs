@@ -112,9 +112,11 @@ fn random_histories_are_linearizable() {
 
 /// Prints the outcome; on violations saves the history and fails.
 fn report(history: &History, violations: &[String], seed: Option<u64>) {
+    let (batches, repeated, committed) = history.batch_counts();
     eprintln!(
-        "history: {} operations {:?}, {} subscriber events, errors of unknown outcome {:?}, \
-         {} violations",
+        "history: {} operations {:?}, {batches} batches ({repeated} naming an actor more than \
+         once, {committed} of those committed), {} subscriber events, errors of unknown outcome \
+         {:?}, {} violations",
         history.ops.len(),
         history.counts(),
         history.feeds.iter().map(|f| f.events.len()).sum::<usize>(),
@@ -234,6 +236,7 @@ fn run(seed: u64, seconds: u64) -> (History, String) {
             outcome: Outcome::Read(found.map(|v| (v.value, v.sequence))),
             invoked,
             returned: now(),
+            batch: None,
         });
     }
     // The run did what it is meant to.
@@ -242,6 +245,11 @@ fn run(seed: u64, seconds: u64) -> (History, String) {
     for via in workload::CALLS {
         assert!(vias.contains(via), "no {via} ran: {vias:?}");
     }
+    let (_, _, repeated_committed) = history.batch_counts();
+    assert!(
+        repeated_committed > 0,
+        "no batch that named an actor more than once committed"
+    );
     for feed in &history.feeds {
         assert!(
             !feed.events.is_empty(),

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 /// the one write that produced it.
 pub type Value = (u64, Option<u64>);
 
-/// One call on one actor. A bulk write or a batch is recorded as one `Op`
-/// per actor, all with the call's times.
+/// One call on one actor. A bulk write is recorded as one `Op` per actor,
+/// a batch as one per step, all with the call's times.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Call {
     /// An unconditional save of the value with this id.
@@ -59,6 +59,15 @@ pub enum Outcome {
     Unknown,
 }
 
+/// Where a step of a batch stands in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchStep {
+    /// The batch, unique across processes (a value id).
+    pub batch: u64,
+    /// The step's place in the batch, from 0.
+    pub step: u32,
+}
+
 /// One recorded operation on one actor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Op {
@@ -73,6 +82,10 @@ pub struct Op {
     pub invoked: u64,
     /// Nanoseconds since the Unix epoch, taken just after it returned.
     pub returned: u64,
+    /// For a step of a batch, which one: a batch's steps share its times,
+    /// and each actor's run in the order of the steps.
+    #[serde(default)]
+    pub batch: Option<BatchStep>,
 }
 
 /// What a subscriber received.
@@ -114,6 +127,34 @@ impl History {
         for (kind, n) in other.errors {
             *self.errors.entry(kind).or_default() += n;
         }
+    }
+
+    /// Batches: in all, those that named an actor more than once, and of
+    /// those the ones that committed.
+    pub fn batch_counts(&self) -> (usize, usize, usize) {
+        let mut batches: BTreeMap<u64, Vec<&Op>> = BTreeMap::new();
+        for op in &self.ops {
+            if let Some(at) = op.batch {
+                batches.entry(at.batch).or_default().push(op);
+            }
+        }
+        let repeated: Vec<&Vec<&Op>> = batches
+            .values()
+            .filter(|steps| {
+                let actors: std::collections::BTreeSet<&str> =
+                    steps.iter().map(|op| op.actor.as_str()).collect();
+                actors.len() < steps.len()
+            })
+            .collect();
+        let committed = repeated
+            .iter()
+            .filter(|steps| {
+                steps
+                    .iter()
+                    .all(|op| matches!(op.outcome, Outcome::Written { .. } | Outcome::Deleted(_)))
+            })
+            .count();
+        (batches.len(), repeated.len(), committed)
     }
 
     /// Operations by outcome kind, for the summary line.

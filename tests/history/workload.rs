@@ -1,12 +1,12 @@
 //! One thread's share of a history: random calls of every kind of write on a
 //! handful of actors, each recorded with its outcome and times.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use trebuchet_postgres::{BatchResult, Error, Expected, StateCache, StateStore};
 
-use crate::record::{now, Call, Op, Outcome, Value};
+use crate::record::{now, BatchStep, Call, Op, Outcome, Value};
 
 /// The actors every process writes.
 pub fn actors() -> Vec<String> {
@@ -126,6 +126,19 @@ impl<'a> Workload<'a> {
     }
 
     fn record(&mut self, via: &str, actor: &str, call: Call, outcome: Outcome, invoked: u64) {
+        self.record_step(via, actor, call, outcome, invoked, None);
+    }
+
+    /// [`record`](Self::record) for a step of a batch.
+    fn record_step(
+        &mut self,
+        via: &str,
+        actor: &str,
+        call: Call,
+        outcome: Outcome,
+        invoked: u64,
+        batch: Option<BatchStep>,
+    ) {
         match &outcome {
             Outcome::Written { sequence, .. } => {
                 self.known.insert(actor.to_owned(), *sequence);
@@ -147,6 +160,7 @@ impl<'a> Workload<'a> {
             outcome,
             invoked,
             returned: now(),
+            batch,
         });
     }
 
@@ -298,35 +312,94 @@ impl<'a> Workload<'a> {
         result.map(drop).map_err(drop)
     }
 
-    /// A batch of saves, conditional saves and deletes on distinct actors.
+    /// A batch of saves, conditional saves and deletes on two or three
+    /// actors: usually with some of them named more than once, sometimes
+    /// each once. A condition is mostly the version the earlier steps
+    /// should have left (as this thread last saw the actor), sometimes a
+    /// near miss.
     fn batch(&mut self, invoked: u64) -> Result<(), ()> {
+        let actors = self.some_actors();
+        let once = self.rng.u8(..3) == 0;
+        let steps = if once {
+            actors.len()
+        } else {
+            self.rng.usize(2..=6)
+        };
+        // What the earlier steps should have left: saved at a number,
+        // absent, or not known.
+        let mut predicted: HashMap<&str, Option<Option<u64>>> = actors
+            .iter()
+            .map(|id| (id.as_str(), self.known.get(id).map(|n| Some(*n))))
+            .collect();
+        // A conflict names its actor and condition: each pair once, so that
+        // it names one step.
+        let mut conditions = HashSet::new();
         let mut calls = Vec::new();
         let mut batch = self.store.batch();
-        for id in self.some_actors() {
+        for step in 0..steps {
+            let id = if once {
+                &actors[step]
+            } else {
+                &actors[self.rng.usize(..actors.len())]
+            };
             let value = self.value();
             let state: Value = (value, None);
-            let call = match self.rng.u8(..3) {
+            let before = predicted[id.as_str()];
+            let mut kind = self.rng.u8(..3);
+            let expected = match before {
+                Some(Some(n)) if self.rng.u8(..5) == 0 => {
+                    Expected::Sequence(n.saturating_sub(1).max(1))
+                }
+                Some(Some(n)) => Expected::Sequence(n),
+                Some(None) => Expected::Absent,
+                None => self.expected(id),
+            };
+            if kind == 1 && !conditions.insert((id.clone(), condition(expected))) {
+                kind = 0;
+            }
+            let (call, after) = match kind {
                 0 => {
-                    batch = batch.save(&id, &state);
-                    Call::Save { value }
+                    batch = batch.save(id, &state);
+                    (Call::Save { value }, before.flatten().map(|n| Some(n + 1)))
                 }
                 1 => {
-                    let expected = self.expected(&id);
-                    batch = batch.save_if(&id, &state, expected);
-                    Call::SaveIf {
+                    batch = batch.save_if(id, &state, expected);
+                    let after = match expected {
+                        Expected::Sequence(n) => Some(Some(n + 1)),
+                        Expected::Absent => None,
+                    };
+                    let call = Call::SaveIf {
                         value,
                         expected: condition(expected),
-                    }
+                    };
+                    (call, after)
                 }
                 _ => {
-                    batch = batch.delete(&id);
-                    Call::Delete
+                    batch = batch.delete(id);
+                    (Call::Delete, Some(None))
                 }
             };
-            calls.push((id, call));
+            predicted.insert(id.as_str(), after);
+            calls.push((id.clone(), call));
         }
         let result = batch.commit();
-        for (i, (id, call)) in calls.into_iter().enumerate() {
+        // The step a conflict is about.
+        let conflicted = match &result {
+            Err(Error::Conflict {
+                actor_id, expected, ..
+            }) => Some(
+                calls
+                    .iter()
+                    .position(|(id, call)| {
+                        id == actor_id
+                            && matches!(call, Call::SaveIf { expected: e, .. } if *e == condition(*expected))
+                    })
+                    .expect("a conflict names a conditional step of its batch"),
+            ),
+            _ => None,
+        };
+        let id_of_batch = self.value();
+        for (i, (id, call)) in calls.iter().enumerate() {
             let outcome = match &result {
                 Ok(results) => match results[i] {
                     BatchResult::Saved(sequence) => Outcome::Written {
@@ -336,11 +409,24 @@ impl<'a> Workload<'a> {
                     BatchResult::Deleted(found) => Outcome::Deleted(found),
                     ref other => panic!("unexpected batch result {other:?}"),
                 },
-                // The conflict is this actor's; the others were rolled back.
-                Err(Error::Conflict { actor_id, .. }) if *actor_id != id => Outcome::NotApplied,
+                // The conflict is this step's; the others were rolled back.
+                Err(Error::Conflict { actual, .. }) if conflicted == Some(i) => {
+                    Outcome::Conflict { actual: *actual }
+                }
+                Err(Error::Conflict { .. }) => Outcome::NotApplied,
                 Err(e) => self.failed(e),
             };
-            self.record("batch", &id, call, outcome, invoked);
+            let step = BatchStep {
+                batch: id_of_batch,
+                step: i as u32,
+            };
+            let in_batch = matches!(outcome, Outcome::Conflict { .. })
+                && calls[..i].iter().any(|(other, _)| other == id);
+            self.record_step("batch", id, call.clone(), outcome, invoked, Some(step));
+            if in_batch {
+                // It found a version an earlier step made, which was rolled back.
+                self.known.remove(id);
+            }
         }
         result.map(drop).map_err(drop)
     }

@@ -236,9 +236,9 @@ pub use crate::partition::Partitioning;
 pub use crate::pool::{Pool, PoolOptions, PoolState};
 pub use crate::schema::{Problem, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE, MAX_PARTITIONS};
 pub use crate::store::{
-    validate_actor_id, Batch, BatchResult, Raw, RetryPolicy, StateStore, StateStoreBuilder, Sweep,
-    SweepOptions, Versioned, WriteOptions, DEFAULT_MAX_STATE_SIZE, DEFAULT_OUTCOME_TIMEOUT,
-    MAX_SWEEP_BATCH,
+    validate_actor_id, Batch, BatchResult, Raw, RawBatch, RetryPolicy, StateStore,
+    StateStoreBuilder, Sweep, SweepOptions, Versioned, WriteOptions, DEFAULT_MAX_STATE_SIZE,
+    DEFAULT_OUTCOME_TIMEOUT, MAX_SWEEP_BATCH,
 };
 pub use crate::transfer::{ActorPage, ActorSummary, RestoreOutcome};
 

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use trebuchet_postgres::testing::TestDatabase;
-use trebuchet_postgres::{Error, ErrorKind, Expected, WriteOptions};
+use trebuchet_postgres::{BatchResult, Error, ErrorKind, Expected, WriteOptions};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -211,6 +211,23 @@ fn the_raw_view_reads_and_writes_bytes_as_stored() {
         .unwrap();
     assert_eq!(results[0].as_ref().unwrap(), &2);
     assert!(results[1].as_ref().unwrap_err().is_conflict());
+
+    let steps = raw
+        .batch()
+        .save("e", b"e1")
+        .save_if("e", b"e2", Expected::Sequence(1))
+        .delete("c")
+        .commit()
+        .unwrap();
+    assert_eq!(
+        steps,
+        vec![
+            BatchResult::Saved(1),
+            BatchResult::Saved(2),
+            BatchResult::Deleted(true)
+        ]
+    );
+    assert_eq!(raw.load("e").unwrap().as_deref(), Some(&b"e2"[..]));
 }
 
 #[test]

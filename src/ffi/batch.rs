@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use super::write::expected_from;
 use super::*;
-use crate::{Batch, BatchResult};
+use crate::{BatchResult, RawBatch};
 
 /// Saves, conditional saves and deletes over several actors, applied in one
 /// transaction, all or nothing, by `trebuchet_batch_commit`. Make one with
@@ -41,20 +41,22 @@ struct BatchSteps {
 
 /// The batch that applies `steps`: the one place this module speaks the
 /// store's batch API.
-fn to_batch<'s>(store: &'s StateStore, steps: &[Step]) -> Batch<'s> {
-    steps.iter().fold(store.batch(), |batch, step| match step {
-        Step::Save {
-            id,
-            bytes,
-            expected: None,
-        } => batch.save_bytes(id, bytes),
-        Step::Save {
-            id,
-            bytes,
-            expected: Some(expected),
-        } => batch.save_bytes_if(id, bytes, *expected),
-        Step::Delete { id } => batch.delete(id),
-    })
+fn to_batch<'s>(store: &'s StateStore, steps: &[Step]) -> RawBatch<'s> {
+    steps
+        .iter()
+        .fold(store.raw().batch(), |batch, step| match step {
+            Step::Save {
+                id,
+                bytes,
+                expected: None,
+            } => batch.save(id, bytes),
+            Step::Save {
+                id,
+                bytes,
+                expected: Some(expected),
+            } => batch.save_if(id, bytes, *expected),
+            Step::Delete { id } => batch.delete(id),
+        })
 }
 
 /// What one step of a committed batch did, in the order the steps were

@@ -36,7 +36,7 @@ use conditional::{
 };
 use expiry::{ttl_micros, Sweeper};
 
-pub use batch::{Batch, BatchResult};
+pub use batch::{Batch, BatchResult, RawBatch};
 pub use builder::{StateStoreBuilder, DEFAULT_OUTCOME_TIMEOUT};
 pub(crate) use call::Failure;
 use call::{is_transient, Written};

@@ -6,9 +6,11 @@ use std::collections::HashSet;
 use super::*;
 
 mod plan;
+mod raw;
 mod settle;
 
 use plan::{plan, Kind, Op, Plan, Statement, Step};
+pub use raw::RawBatch;
 
 /// What one step of a committed [`Batch`] did, in the order added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,16 +120,6 @@ impl<'s> Batch<'s> {
     pub fn save_if<T: Serialize + ?Sized>(self, id: &str, state: &T, expected: Expected) -> Self {
         let bytes = self.store.encode(state);
         self.push_save(id, bytes, Some(expected))
-    }
-
-    /// [`save`](Self::save) with raw bytes.
-    pub fn save_bytes(self, id: &str, state: &[u8]) -> Self {
-        self.push_save(id, Ok(state.to_vec()), None)
-    }
-
-    /// [`save_if`](Self::save_if) with raw bytes.
-    pub fn save_bytes_if(self, id: &str, state: &[u8], expected: Expected) -> Self {
-        self.push_save(id, Ok(state.to_vec()), Some(expected))
     }
 
     /// Deletes the actor (a missing actor is not an error).

@@ -2,7 +2,10 @@
 
 use std::fmt;
 
+use postgres::types::Type;
+
 use super::*;
+use crate::pool::Sql;
 
 /// One thing `verify` found missing or wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]

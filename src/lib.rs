@@ -189,6 +189,9 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, clippy::all)]
 #![deny(unsafe_code)]
+// docs.rs builds with `--cfg docsrs` on nightly: show which feature each
+// gated item needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cache;
 mod change;
@@ -201,6 +204,7 @@ mod expected;
 // The C ABI is the one module that needs `unsafe`: raw pointers from C and
 // `#[no_mangle]` exports. Every block carries a `SAFETY:` comment.
 #[cfg(feature = "ffi")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ffi")))]
 #[allow(unsafe_code)]
 pub mod ffi;
 mod group;
@@ -213,6 +217,7 @@ mod pool;
 mod schema;
 mod store;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 mod transfer;
 
@@ -221,6 +226,7 @@ pub use crate::change::{Change, ChangeKind, Event, MalformedPayload, ResyncReaso
 pub use crate::codec::Codec;
 pub use crate::config::{ConnectOptions, PoolerMode, SslMode};
 #[cfg(feature = "config-file")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config-file")))]
 pub use crate::config_file::{ConnectionSource, StateConfig};
 pub use crate::error::{ConnectFailure, Error, ErrorKind, InvalidActorId, Result};
 pub use crate::expected::Expected;

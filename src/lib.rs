@@ -3,7 +3,12 @@
 //!
 //! A synchronous, blocking library: no `async`, no runtime to start. Every
 //! handle is `Send + Sync` and cheap to clone; share one [`StateStore`]
-//! between all threads of a program.
+//! between all threads of a program. It stores state as the Swift
+//! `TrebuchetPostgreSQL` module does (same table, columns, channel and
+//! notification payload), so Rust and Swift instances can share one database.
+//!
+//! The sections below introduce each concept; the [`guide`] has a chapter
+//! for each, with the details, the caveats and the measurements.
 //!
 //! # Quick start
 //!
@@ -34,6 +39,8 @@
 //! `POSTGRES_HOST`, `POSTGRES_PORT`, `POSTGRES_DATABASE`, `POSTGRES_USER`,
 //! `POSTGRES_PASSWORD`). TLS follows libpq's `sslmode` meanings ([`SslMode`]).
 //! A [`Pool`] can be shared by several stores, for example one per table.
+//! Behind PgBouncer, declare it ([`PoolerMode`]). More in
+//! [`guide::connecting`].
 //!
 //! # Versions and conflicts
 //!
@@ -42,7 +49,11 @@
 //! [`StateStore::save_if`] writes only when the stored version is the one
 //! expected ([`Expected`]) and otherwise fails with [`Error::Conflict`], which
 //! names both. [`StateStore::transform`] is an atomic read-modify-write built on
-//! it, retrying with jittered back-off.
+//! it, retrying with jittered back-off. [`StateStore::save_with`] takes
+//! [`WriteOptions`]: a condition, a time to live, a sequence number of the
+//! caller's choosing. When a connection breaks after a write was sent, the
+//! store finds out whether it landed ([`Error::NotApplied`],
+//! [`Error::OutcomeUnknown`]). More in [`guide::operations`].
 //!
 //! # Bulk writes, batches and group commit
 //!
@@ -61,7 +72,7 @@
 //! [`Change`] out to [`Subscription`]s, each with its own bounded queue. After
 //! any gap (a lost connection, a full queue) a subscriber receives
 //! [`Event::Resync`] before anything newer. A [`StateCache`] keeps decoded
-//! states fresh from it.
+//! states fresh from it. More in [`guide::change_feed`].
 //!
 //! ```no_run
 //! use trebuchet_postgres::{Event, StateStore};
@@ -83,7 +94,7 @@
 //! Typed states go through a [`Codec`]: CBOR by default, or JSON that matches
 //! Swift's `JSONEncoder` for tables shared with Swift instances.
 //! [`StateStore::raw`] gives the same verbs on stored bytes, bypassing the
-//! codec.
+//! codec. More in [`guide::encoding`].
 //!
 //! # Schema
 //!
@@ -92,7 +103,8 @@
 //! a trigger that notifies `actor_state_changes` with the seed's JSON payload
 //! (`actorID`, `sequenceNumber`, `timestamp`) plus `op`. [`StateStore::verify`]
 //! reports what is missing. `sql/schema.sql` holds the same SQL for the default
-//! names.
+//! names. More, with the grants a least-privileged role needs, in
+//! [`guide::schema`].
 //!
 //! # Configuration file
 //!
@@ -101,6 +113,7 @@
 //! `connectionString: ${DATABASE_URL}`, plus `table`, `channel`, `poolSize`,
 //! `sslmode`, `sslrootcert`, `codec`) and builds the store and the listener
 //! from it. The file's other keys belong to other tools and are ignored.
+//! More in [`guide::config_file`].
 //!
 //! ```no_run
 //! let store = trebuchet_postgres::StateConfig::from_file("trebuchet.yaml")?.store()?;
@@ -116,7 +129,7 @@
 //! and [`StateStore::notify_round_trip`] check a deployment as the seed's
 //! Troubleshooting section does. Without SQL, [`Pool::state`] tells a pool's
 //! connections and waits, and [`ChangeListener::health`] a listener's
-//! connection and counters.
+//! connection and counters. More in [`guide::monitoring`].
 //!
 //! # Whole tables
 //!
@@ -124,7 +137,7 @@
 //! [`Raw::for_each`] walks every actor from one snapshot (an
 //! export), and [`Raw::restore_many`] writes actors back with
 //! their own sequence numbers and timestamps (an import that never replaces a
-//! newer version and can run twice).
+//! newer version and can run twice). More in [`guide::listing`].
 //!
 //! # Expiry
 //!
@@ -133,7 +146,8 @@
 //! everywhere, and [`StateStore::sweep_expired`] (or a sweeper thread from
 //! [`StateStoreBuilder::expiry_sweeper`], or `trebuchet-postgres sweep` from
 //! cron) deletes it in batches, announcing each removal as a delete. At most
-//! one sweeper works on a table at a time across all processes.
+//! one sweeper works on a table at a time across all processes. More in
+//! [`guide::expiry`].
 //!
 //! ```no_run
 //! # use std::time::Duration;
@@ -150,17 +164,19 @@
 //! `actor_id`; [`StateStore::partition_table`] converts an existing table
 //! without losing anything. Every operation, the change feed and `verify`
 //! work the same on it, and every statement on one actor touches one
-//! partition. [`StateStore::list_actors`] pages through ids, resumable
-//! from the last id of a page. The README covers autovacuum settings for a table this busy, and
-//! running it on a distributed PostgreSQL engine.
+//! partition. [`guide::large_tables`] covers autovacuum settings and HOT
+//! updates for a table this busy, and [`guide::design`] running it on a
+//! distributed PostgreSQL engine.
 //!
 //! # Errors
 //!
-//! One error type, [`Error`]. Bad input (actor ids, table and channel names,
+//! One error type, [`Error`], with its category as a small `Copy`
+//! [`ErrorKind`]. Bad input (actor ids, table and channel names,
 //! oversized states, malformed connection strings) is rejected before anything is
 //! sent. Messages say what to do, and never contain a password. Every name in
 //! SQL text, checked or read back from the catalog (an index, the schema
-//! a table was found in), is quoted by [`quote_identifier`].
+//! a table was found in), is quoted by [`quote_identifier`]. What the common
+//! messages mean: [`guide::errors`].
 //!
 //! # Threads
 //!
@@ -174,21 +190,32 @@
 //! own, so that a server that stops answering cannot hold them past their
 //! timeouts.
 //!
+//! # Testing
+//!
+//! The `testing` feature gives your tests a real throwaway PostgreSQL
+//! (the `testing` module), started from the system's `initdb`/`pg_ctl`, or
+//! the server named by `TEST_DATABASE_URL` or `DATABASE_URL`. More in
+//! [`guide::testing`].
+//!
 //! # Features
 //!
 //! - `config-file` (default): [`StateConfig`], through the `saphyr` YAML parser.
+//! - `testing`: the `testing` module, a throwaway PostgreSQL cluster for
+//!   tests and examples, started from the system's `initdb`/`pg_ctl`.
 //! - `ffi`: the C ABI in the `ffi` module (the only place with `unsafe`).
 //!   The C library itself (`cdylib` and `staticlib`) is built by the
-//!   `trebuchet-postgres-ffi` package in `ffi/`, so Rust users never build it.
+//!   `trebuchet-postgres-ffi` package in `ffi/`, so Rust users never build
+//!   it; `ffi/README.md` is its guide.
 //!
 //! The `trebuchet-postgres` command-line program is the
 //! `trebuchet-postgres-cli` package in `cli/`: depending on the library
-//! builds none of its dependencies.
-//! - `testing`: the `testing` module, a throwaway PostgreSQL cluster for tests and examples,
-//!   started from the system's `initdb`/`pg_ctl`.
+//! builds none of its dependencies. `cli/README.md` is its reference.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, clippy::all)]
 #![deny(unsafe_code)]
+// docs.rs builds with `--cfg docsrs` on nightly: show which feature each
+// gated item needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cache;
 mod change;
@@ -201,9 +228,11 @@ mod expected;
 // The C ABI is the one module that needs `unsafe`: raw pointers from C and
 // `#[no_mangle]` exports. Every block carries a `SAFETY:` comment.
 #[cfg(feature = "ffi")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ffi")))]
 #[allow(unsafe_code)]
 pub mod ffi;
 mod group;
+pub mod guide;
 mod ident;
 mod listener;
 mod monitor;
@@ -213,6 +242,7 @@ mod pool;
 mod schema;
 mod store;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 mod transfer;
 
@@ -221,6 +251,7 @@ pub use crate::change::{Change, ChangeKind, Event, MalformedPayload, ResyncReaso
 pub use crate::codec::Codec;
 pub use crate::config::{ConnectOptions, PoolerMode, SslMode};
 #[cfg(feature = "config-file")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config-file")))]
 pub use crate::config_file::{ConnectionSource, StateConfig};
 pub use crate::error::{ConnectFailure, Error, ErrorKind, InvalidActorId, Result};
 pub use crate::expected::Expected;

@@ -153,7 +153,7 @@ pub enum Error {
         actual: Option<u64>,
     },
     /// An explicit sequence number was not above the stored one
-    /// ([`StateStore::save_with_sequence`](crate::StateStore::save_with_sequence)).
+    /// ([`WriteOptions::sequence`](crate::WriteOptions::sequence)).
     StaleSequence {
         /// The actor written to.
         actor_id: String,

@@ -20,7 +20,7 @@
 //!   PostgreSQL's 100)
 //! - `--without-seed-indexes`: drop the seed's indexes on `updated_at` and
 //!   `sequence_number`, which every save changes, so that saves can be HOT
-//!   updates (see the README's "Maintenance")
+//!   updates (see the guide's "Large tables", `trebuchet_postgres::guide::large_tables`)
 //! - `--async-commit`: measure with `synchronous_commit = off`, so that a
 //!   write's latency is the server's work rather than the disk's flush
 //! - `--server-setting KEY=VALUE`: a `postgresql.conf` setting for the

@@ -97,7 +97,7 @@ impl StateStore {
     /// changed). The table is analyzed afterwards.
     ///
     /// Writes wait for the whole copy: on a large table run it when writes
-    /// can pause (the README gives measured times). It refuses a table with
+    /// can pause (`examples/README.md` gives measured times). It refuses a table with
     /// foreign keys or row-level security, which the copy would lose, and
     /// one whose trigger is missing (run [`migrate`](Self::migrate) first);
     /// a view on the table makes the drop fail and the conversion roll back.

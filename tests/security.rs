@@ -409,7 +409,7 @@ fn expect_insufficient_privilege<T: Debug>(
     }
 }
 
-/// The README's grants: SELECT, INSERT, UPDATE and DELETE on the table,
+/// The grants of the guide's "Least privilege" (`guide::schema`): SELECT, INSERT, UPDATE and DELETE on the table,
 /// SELECT, INSERT and UPDATE on its tombstone table, USAGE on the schema.
 /// With them and nothing more, every operation and the listener work, and
 /// `migrate` fails with a typed error that says what to do.

@@ -1,6 +1,6 @@
 /*
  * trebuchet-postgres: actor state in PostgreSQL, kept in sync through
- * LISTEN/NOTIFY. The C ABI; see the README's "C quick start".
+ * LISTEN/NOTIFY. The C ABI; see ffi/README.md.
  *
  * Link with -ltrebuchet_postgres_c (built by `cargo build -p trebuchet-postgres-ffi`).
  */

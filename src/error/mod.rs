@@ -509,7 +509,7 @@ impl fmt::Display for Error {
                         "insufficient privilege on {table}: {refused} (SQLSTATE 42501); \
                          GRANT SELECT, INSERT, UPDATE, DELETE ON {table} and \
                          GRANT SELECT, INSERT, UPDATE ON {tombstones} to the role, with \
-                         USAGE on their schema (README, \"Least privilege\")"
+                         USAGE on their schema (crate docs, guide::schema, \"Least privilege\")"
                     )
                 }
             }

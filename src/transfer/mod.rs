@@ -15,7 +15,7 @@ mod pages;
 
 use pages::prefix_end;
 
-/// Rows fetched per round trip by [`StateStore::for_each_bytes`].
+/// Rows fetched per round trip by [`Raw::for_each`].
 const SCAN_BATCH: i32 = 500;
 
 /// One actor in a listing: its id, version and stored size.

@@ -58,6 +58,14 @@ impl StateStore {
     /// The table's layout now: `Some(n)` for `n` hash partitions by
     /// `actor_id`, `None` for a plain table.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// if store.partitions()?.is_none() {
+    ///     store.partition_table(16)?; // a plain table so far
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Error::SchemaMissing`] when the table does not exist;

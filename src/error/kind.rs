@@ -47,6 +47,22 @@ pub enum ErrorKind {
 impl Error {
     /// What kind of error this is, to act on without matching every
     /// variant: see [`ErrorKind`].
+    ///
+    /// ```
+    /// use trebuchet_postgres::{Error, ErrorKind};
+    ///
+    /// fn advice(e: &Error) -> &'static str {
+    ///     match e.kind() {
+    ///         ErrorKind::InvalidInput => "fix the input",
+    ///         ErrorKind::Connection | ErrorKind::NotApplied => "try again later",
+    ///         ErrorKind::SchemaMissing => "run migrate",
+    ///         _ => "report it",
+    ///     }
+    /// }
+    /// let err = trebuchet_postgres::validate_actor_id("").unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    /// assert_eq!(advice(&err), "fix the input");
+    /// ```
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::InvalidConnectionString { .. }

@@ -127,7 +127,7 @@ pub enum Error {
     SequenceOutOfRange(u64),
     /// A bulk write ([`StateStore::save_many`](crate::StateStore::save_many),
     /// [`save_many_if`](crate::StateStore::save_many_if),
-    /// [`restore_many_bytes`](crate::StateStore::restore_many_bytes)) names
+    /// [`Raw::restore_many`](crate::Raw::restore_many)) names
     /// the same actor more than once. A [`Batch`](crate::Batch) may: its
     /// steps run in order.
     DuplicateActorId {
@@ -271,12 +271,37 @@ impl Error {
     /// version than it expected (see `expected` and `actual` there).
     /// [`Error::StaleSequence`] and [`Error::TooManyConflicts`] have kinds
     /// of their own.
+    ///
+    /// ```
+    /// use trebuchet_postgres::{Error, Expected};
+    ///
+    /// // What `save_if` returns when another writer got there first.
+    /// let err = Error::Conflict {
+    ///     actor_id: "room-1".into(),
+    ///     expected: Expected::Sequence(3),
+    ///     actual: Some(5),
+    /// };
+    /// assert!(err.is_conflict());
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     r#"conflict on actor "room-1": expected sequence 3, found sequence 5"#
+    /// );
+    /// // A spent retry budget is not.
+    /// let err = Error::TooManyConflicts { actor_id: "room-1".into(), attempts: 100 };
+    /// assert!(!err.is_conflict());
+    /// ```
     pub fn is_conflict(&self) -> bool {
         matches!(self, Error::Conflict { .. })
     }
 
     /// True when the input was rejected before anything reached the database
     /// ([`ErrorKind::InvalidInput`]).
+    ///
+    /// ```
+    /// let err = trebuchet_postgres::validate_actor_id("").unwrap_err();
+    /// assert!(err.is_invalid_input());
+    /// assert_eq!(err.to_string(), "invalid actor id: actor id is empty");
+    /// ```
     pub fn is_invalid_input(&self) -> bool {
         self.kind() == ErrorKind::InvalidInput
     }
@@ -285,6 +310,15 @@ impl Error {
     /// connection (including [`Error::NotApplied`] and
     /// [`Error::OutcomeUnknown`]) and pool exhaustion. Retrying later may
     /// succeed.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use trebuchet_postgres::Error;
+    ///
+    /// let err = Error::PoolExhausted { max_size: 16, waited: Duration::from_secs(30) };
+    /// assert!(err.is_connection()); // worth a retry later
+    /// assert!(!Error::StatementTimeout.is_connection());
+    /// ```
     pub fn is_connection(&self) -> bool {
         matches!(
             self.kind(),
@@ -294,17 +328,54 @@ impl Error {
 
     /// True for [`Error::NotApplied`]: a write whose connection broke was
     /// found not to have been applied.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let seq = match store.save("room-1", &1u32) {
+    ///     // As if the call had never been made: make it again.
+    ///     Err(e) if e.is_not_applied() => store.save("room-1", &1u32)?,
+    ///     other => other?,
+    /// };
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn is_not_applied(&self) -> bool {
         matches!(self, Error::NotApplied { .. })
     }
 
     /// True for [`Error::OutcomeUnknown`]: whether the write was applied
     /// could not be found out.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// match store.save("room-1", &1u32) {
+    ///     Ok(seq) => println!("saved at {seq}"),
+    ///     // Maybe written, maybe not: read the actor before deciding.
+    ///     Err(e) if e.is_outcome_unknown() => {
+    ///         println!("room-1 is now {:?}", store.load::<u32>("room-1")?);
+    ///     }
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn is_outcome_unknown(&self) -> bool {
         matches!(self, Error::OutcomeUnknown { .. })
     }
 
     /// The SQLSTATE code when the server reported the error.
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::postgres::error::SqlState;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// match store.save("room-1", &1u32) {
+    ///     Err(e) if e.sql_state() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) => {
+    ///         eprintln!("connected to a standby: point the store at the primary");
+    ///     }
+    ///     other => {
+    ///         other?;
+    ///     }
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn sql_state(&self) -> Option<&postgres::error::SqlState> {
         match self {
             Error::Connect {

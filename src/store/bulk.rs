@@ -6,6 +6,16 @@ impl StateStore {
     /// Loads several actors in one query. The result has one entry per id, in
     /// the order given: the state, or `None` for an actor that does not exist.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let ids = ["room-1", "room-2", "room-404"];
+    /// let rooms: Vec<Option<Vec<String>>> = store.load_many(&ids)?;
+    /// for (id, players) in ids.iter().zip(rooms) {
+    ///     println!("{id}: {players:?}"); // None for room-404
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidActorId`] for any bad id (nothing is sent);
@@ -25,6 +35,23 @@ impl StateStore {
     /// [`load_many`](Self::load_many) with each actor's sequence number and
     /// timestamps: one entry per id, in the order given, `None` for an
     /// actor that does not exist.
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::Expected;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// // Read two counters, then write both back unless either changed meanwhile.
+    /// let found = store.load_many_versioned::<u64, _>(&["hits-a", "hits-b"])?;
+    /// let items: Vec<_> = ["hits-a", "hits-b"]
+    ///     .iter()
+    ///     .zip(found)
+    ///     .map(|(id, v)| match v {
+    ///         Some(v) => (*id, v.value + 1, Expected::Sequence(v.sequence)),
+    ///         None => (*id, 1, Expected::Absent),
+    ///     })
+    ///     .collect();
+    /// store.save_many_if(&items)?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -49,6 +76,16 @@ impl StateStore {
     /// announced on the channel. All or nothing: the statement commits as a
     /// whole.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let seqs = store.save_many(&[
+    ///     ("room-1", vec!["alice"]),
+    ///     ("room-2", vec!["bob", "carol"]),
+    /// ])?;
+    /// assert_eq!(seqs.len(), 2); // one number per actor, in order
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Error::DuplicateActorId`] when an actor appears twice; otherwise as
@@ -66,6 +103,23 @@ impl StateStore {
     /// item, in the order given: the new sequence number, or
     /// [`Error::Conflict`] for that item alone; a conflict on one item does
     /// not stop the others.
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::Expected;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let results = store.save_many_if(&[
+    ///     ("room-1", 10u32, Expected::Absent),
+    ///     ("room-2", 20u32, Expected::Sequence(4)),
+    /// ])?;
+    /// for result in results {
+    ///     match result {
+    ///         Ok(seq) => println!("saved at {seq}"),
+    ///         Err(e) if e.is_conflict() => println!("{e}"), // this item only
+    ///         Err(e) => return Err(e),
+    ///     }
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -87,6 +141,14 @@ impl StateStore {
     /// Deletes several actors in one statement and returns, in the order
     /// given, whether each existed. Every delete is announced and leaves a
     /// tombstone, as [`delete`](Self::delete) does.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let existed = store.delete_many(&["room-1", "room-2"])?;
+    /// let gone = existed.iter().filter(|&&e| e).count();
+    /// println!("deleted {gone} of 2");
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -144,6 +206,14 @@ impl StateStore {
 impl Raw<'_> {
     /// [`StateStore::load_many`] returning the stored bytes.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let found = store.raw().load_many(&["blob-1", "blob-2"])?;
+    /// let total: usize = found.iter().flatten().map(Vec::len).sum();
+    /// println!("{total} bytes in all");
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// As [`StateStore::load_many`], without decoding.
@@ -156,6 +226,22 @@ impl Raw<'_> {
     }
 
     /// [`StateStore::load_many_versioned`] returning the stored bytes.
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::StateStore;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let archive = StateStore::builder().table("archive").build()?;
+    /// // Copy two actors with their sequence numbers and timestamps.
+    /// let ids = ["room-1", "room-2"];
+    /// let found = store.raw().load_many_versioned(&ids)?;
+    /// let items: Vec<_> = ids
+    ///     .iter()
+    ///     .zip(found)
+    ///     .filter_map(|(id, v)| Some((*id, v?)))
+    ///     .collect();
+    /// archive.raw().restore_many(&items)?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -193,6 +279,13 @@ impl Raw<'_> {
     }
 
     /// [`StateStore::save_many`] with stored bytes.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let seqs = store.raw().save_many(&[("blob-1", vec![1u8]), ("blob-2", vec![2, 3])])?;
+    /// assert_eq!(seqs.len(), 2);
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -237,6 +330,21 @@ impl Raw<'_> {
     }
 
     /// [`StateStore::save_many_if`] with stored bytes.
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::Expected;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let results = store.raw().save_many_if(&[
+    ///     ("blob-1", vec![1u8], Expected::Absent),
+    ///     ("blob-2", vec![2u8], Expected::Sequence(3)),
+    /// ])?;
+    /// let conflicts = results
+    ///     .iter()
+    ///     .filter(|r| matches!(r, Err(e) if e.is_conflict()))
+    ///     .count();
+    /// println!("{conflicts} not written");
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///

@@ -222,11 +222,31 @@ pub(crate) fn check_actor_id(id: &str) -> Result<()> {
 
 impl StateStore {
     /// A builder with every default.
+    ///
+    /// ```no_run
+    /// use trebuchet_postgres::{Codec, StateStore};
+    ///
+    /// let store = StateStore::builder()
+    ///     .url("postgresql://app@localhost/trebuchet")
+    ///     .table("game.rooms")
+    ///     .codec(Codec::Json)
+    ///     .migrate(true)
+    ///     .build()?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn builder() -> StateStoreBuilder {
         StateStoreBuilder::new()
     }
 
     /// Connects with a connection string and every other default.
+    ///
+    /// ```no_run
+    /// use trebuchet_postgres::StateStore;
+    ///
+    /// let store = StateStore::connect("postgresql://app@localhost:5432/trebuchet")?;
+    /// store.migrate()?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -236,6 +256,13 @@ impl StateStore {
     }
 
     /// Connects as the environment says ([`ConnectOptions::from_env`]).
+    ///
+    /// ```no_run
+    /// // DATABASE_URL, or POSTGRES_HOST, POSTGRES_PORT, POSTGRES_DATABASE, ...
+    /// let store = trebuchet_postgres::StateStore::from_env()?;
+    /// store.migrate()?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -254,21 +281,67 @@ impl StateStore {
     }
 
     /// The pool this store uses, to share with other stores.
+    ///
+    /// ```no_run
+    /// use trebuchet_postgres::StateStore;
+    ///
+    /// let rooms = StateStore::from_env()?;
+    /// // A second table on the same connections.
+    /// let sessions = StateStore::builder()
+    ///     .pool(rooms.pool().clone())
+    ///     .table("sessions")
+    ///     .build()?;
+    /// println!("{} connections open", rooms.pool().state().connections);
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
     }
 
     /// The quoted, qualified table name.
+    ///
+    /// ```no_run
+    /// let store = trebuchet_postgres::StateStore::builder().table("game.rooms").build()?;
+    /// assert_eq!(store.table(), r#""game"."rooms""#);
+    /// // Safe to put into SQL text of your own as it is.
+    /// let recent = format!(
+    ///     "SELECT actor_id FROM {} ORDER BY updated_at DESC LIMIT 10",
+    ///     store.table()
+    /// );
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn table(&self) -> String {
         self.inner.names.table_sql()
     }
 
     /// The channel the table's trigger notifies.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// assert_eq!(store.channel(), "actor_state_changes"); // the default
+    /// // Another program hears every change with `LISTEN actor_state_changes`.
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn channel(&self) -> &str {
         &self.inner.names.channel
     }
 
     /// The codec for typed states.
+    ///
+    /// ```no_run
+    /// # use std::ops::ControlFlow;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// // Decode what a walk over stored bytes finds, as `load` would.
+    /// let codec = store.codec();
+    /// store.raw().for_each("room-", |id, v| {
+    ///     match codec.decode::<Vec<String>>(&v.value) {
+    ///         Ok(players) => println!("{id}: {players:?}"),
+    ///         Err(e) => eprintln!("{id}: {e}"),
+    ///     }
+    ///     ControlFlow::Continue(())
+    /// })?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn codec(&self) -> Codec {
         self.inner.codec
     }
@@ -278,6 +351,17 @@ impl StateStore {
     /// after a reconnect. Set another URL on it to listen through a
     /// different route (LISTEN needs a session, not PgBouncer's transaction
     /// mode).
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// // Writes go through a pooler; LISTEN goes to the server itself.
+    /// let listener = store
+    ///     .listener_builder()
+    ///     .url("postgresql://app@db-primary:5432/trebuchet")
+    ///     .build()?;
+    /// let room = listener.subscribe_actor("room-1");
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn listener_builder(&self) -> ChangeListenerBuilder {
         ChangeListener::builder()
             .connect_options(self.inner.pool.connect_options().clone())
@@ -291,6 +375,18 @@ impl StateStore {
 
     /// Starts a [`ChangeListener`] on this store's server and channel.
     ///
+    /// ```no_run
+    /// # use trebuchet_postgres::Event;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let listener = store.listener()?;
+    /// let room = listener.subscribe_actor("room-1");
+    /// store.save("room-1", &vec!["alice"])?;
+    /// if let Ok(Event::Change(c)) = room.recv() {
+    ///     println!("room-1 is now at sequence {}", c.sequence);
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// As [`ChangeListenerBuilder::build`].
@@ -303,6 +399,14 @@ impl StateStore {
     /// run it at once (they take turns on an advisory lock). Returns the
     /// migration versions this call applied (empty when up to date).
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let applied = store.migrate()?;
+    /// println!("applied migrations {applied:?}");
+    /// assert!(store.migrate()?.is_empty()); // up to date now
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// Connection errors, or [`Error::InsufficientPrivilege`] when the role
@@ -314,6 +418,14 @@ impl StateStore {
 
     /// The SQL that [`migrate`](Self::migrate) runs for this store's table
     /// and channel, to review or apply by hand.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let sql = store.migration_sql();
+    /// assert!(sql.contains("CREATE TABLE IF NOT EXISTS"));
+    /// println!("{sql}");
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn migration_sql(&self) -> String {
         self.inner.names.migration_sql()
     }
@@ -321,6 +433,15 @@ impl StateStore {
     /// Checks the table, columns, tombstone table, notification function and
     /// trigger, and reports each problem with its fix: the seed's
     /// "Notifications Not Received" checklist.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let report = store.verify()?;
+    /// if !report.is_ok() {
+    ///     eprintln!("{report}"); // one line per problem, each with its fix
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -332,6 +453,15 @@ impl StateStore {
 
     /// How the writes whose connection broke mid-write turned out, since
     /// the store was built. Reads counters only: no round trip.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let lost = store.lost_writes();
+    /// if lost.unknown > 0 {
+    ///     eprintln!("{} writes may or may not have been applied", lost.unknown);
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn lost_writes(&self) -> LostWrites {
         self.inner.lost_writes.snapshot()
     }

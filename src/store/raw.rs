@@ -32,6 +32,15 @@ impl fmt::Debug for Raw<'_> {
 
 impl StateStore {
     /// This store's verbs on stored bytes, bypassing the codec ([`Raw`]).
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// // Copy an actor without knowing its type.
+    /// if let Some(bytes) = store.raw().load("room-1")? {
+    ///     store.raw().save("room-1-copy", &bytes)?;
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn raw(&self) -> Raw<'_> {
         Raw { store: self }
     }
@@ -39,6 +48,13 @@ impl StateStore {
 
 impl Raw<'_> {
     /// [`StateStore::save`] with stored bytes.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let seq = store.raw().save("blob-1", b"\x01\x02\x03")?;
+    /// assert!(seq >= 1);
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -48,6 +64,17 @@ impl Raw<'_> {
     }
 
     /// [`StateStore::save_if`] with stored bytes.
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::Expected;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let raw = store.raw();
+    /// let seq = raw.save_if("blob-1", b"v1", Expected::Absent)?; // creates it
+    /// let err = raw.save_if("blob-1", b"v1", Expected::Absent).unwrap_err();
+    /// assert!(err.is_conflict());
+    /// raw.save_if("blob-1", b"v2", Expected::Sequence(seq))?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -59,6 +86,16 @@ impl Raw<'_> {
 
     /// [`StateStore::save_with`] with stored bytes.
     ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use trebuchet_postgres::WriteOptions;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// // A rendered page, kept for an hour.
+    /// let ttl = Duration::from_secs(3600);
+    /// store.raw().save_with("page-home", b"<html>...</html>", WriteOptions::new().ttl(ttl))?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// As [`StateStore::save_with`].
@@ -67,6 +104,15 @@ impl Raw<'_> {
     }
 
     /// [`StateStore::load`] returning the stored bytes.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// match store.raw().load("blob-1")? {
+    ///     Some(bytes) => println!("{} bytes", bytes.len()),
+    ///     None => println!("no such actor"),
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -80,6 +126,15 @@ impl Raw<'_> {
     }
 
     /// [`StateStore::load_versioned`] returning the stored bytes.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// if let Some(v) = store.raw().load_versioned("blob-1")? {
+    ///     println!("{} bytes at sequence {}", v.value.len(), v.sequence);
+    ///     println!("expires at {:?}", v.expires_at); // None: kept for good
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///

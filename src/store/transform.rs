@@ -50,6 +50,14 @@ impl StateStore {
     /// new state. It runs while the attempt holds a pooled connection: keep
     /// it short.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// // A counter from which no concurrent increment is lost.
+    /// let v = store.transform("visits", |n: Option<u64>| n.unwrap_or(0) + 1)?;
+    /// println!("visit {} at sequence {}", v.value, v.sequence);
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Error::TooManyConflicts`] after [`RetryPolicy::max_attempts`]
@@ -148,6 +156,22 @@ impl Raw<'_> {
 
     /// [`StateStore::try_transform`] on stored bytes: an error from `f`
     /// ends the call without writing.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// // Append to a log kept as bytes, but never past 1 KiB.
+    /// type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    /// let v = store.raw().try_transform("log-1", |current| -> Result<Vec<u8>, BoxError> {
+    ///     let mut log = current.unwrap_or_default().to_vec();
+    ///     if log.len() >= 1024 {
+    ///         return Err("log is full".into()); // nothing is written
+    ///     }
+    ///     log.push(b'+');
+    ///     Ok(log)
+    /// })?;
+    /// println!("{} bytes at sequence {}", v.value.len(), v.sequence);
+    /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    /// ```
     ///
     /// # Errors
     ///

@@ -5,8 +5,9 @@ use std::time::SystemTime;
 /// A stored state with its version and timestamps.
 ///
 /// Every read that returns versions returns this, typed or as bytes
-/// ([`Raw`]); [`Raw::restore_many`] takes it back. More fields may come
-/// (hence `#[non_exhaustive]`): build one with [`new`](Self::new).
+/// ([`Raw`](crate::Raw)); [`Raw::restore_many`](crate::Raw::restore_many)
+/// takes it back. More fields may come (hence `#[non_exhaustive]`): build
+/// one with [`new`](Self::new).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Versioned<T> {
@@ -19,13 +20,14 @@ pub struct Versioned<T> {
     /// When the actor was created (UTC, from the server's clock).
     pub created_at: SystemTime,
     /// When it expires (UTC, from the server's clock), for a state saved
-    /// with a time to live ([`WriteOptions::ttl`]); `None` for one kept for good.
+    /// with a time to live ([`WriteOptions::ttl`](crate::WriteOptions::ttl));
+    /// `None` for one kept for good.
     pub expires_at: Option<SystemTime>,
 }
 
 impl<T> Versioned<T> {
-    /// A version of `value` without expiry, for [`Raw::restore_many`] and
-    /// for tests.
+    /// A version of `value` without expiry, for
+    /// [`Raw::restore_many`](crate::Raw::restore_many) and for tests.
     ///
     /// ```
     /// use std::time::{Duration, SystemTime};

@@ -158,6 +158,14 @@ impl StateStore {
     /// whole table otherwise: then, or for `""`, a large table takes a
     /// while.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let rooms = store.count_actors("room-")?;
+    /// let all = store.count_actors("")?;
+    /// println!("{rooms} rooms among {all} actors");
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// Connection and database errors; [`Error::SchemaMissing`] before

@@ -109,6 +109,18 @@ impl<'s> Batch<'s> {
     }
 
     /// Saves `state` unconditionally.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// // Two rooms created together, or neither.
+    /// let results = store
+    ///     .batch()
+    ///     .save("room-1", &vec!["alice"])
+    ///     .save("room-2", &vec!["bob"])
+    ///     .commit()?;
+    /// assert_eq!(results.len(), 2);
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn save<T: Serialize + ?Sized>(self, id: &str, state: &T) -> Self {
         let bytes = self.store.encode(state);
         self.push_save(id, bytes, None)
@@ -117,12 +129,40 @@ impl<'s> Batch<'s> {
     /// Saves `state` when the actor's version, as the earlier steps of the
     /// batch left it, is what `expected` says; otherwise the whole batch
     /// fails with [`Error::Conflict`].
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::Expected;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// // Take a seat only if nobody holds it; otherwise the booking is not saved either.
+    /// let booked = store
+    ///     .batch()
+    ///     .save_if("seat-12", &"alice", Expected::Absent)
+    ///     .save("booking-77", &"seat-12")
+    ///     .commit();
+    /// match booked {
+    ///     Ok(_) => println!("booked"),
+    ///     Err(e) if e.is_conflict() => println!("seat-12 is taken"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn save_if<T: Serialize + ?Sized>(self, id: &str, state: &T, expected: Expected) -> Self {
         let bytes = self.store.encode(state);
         self.push_save(id, bytes, Some(expected))
     }
 
     /// Deletes the actor (a missing actor is not an error).
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::BatchResult;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// // Close a room: the room and its chat log go together.
+    /// let results = store.batch().delete("room-1").delete("chat-room-1").commit()?;
+    /// if results[0] == BatchResult::Deleted(false) {
+    ///     println!("room-1 was already gone");
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn delete(mut self, id: &str) -> Self {
         self.steps.push(Step {
             id: id.to_owned(),
@@ -135,6 +175,19 @@ impl<'s> Batch<'s> {
     /// returns what each did, in that order: [`BatchResult::Saved`] with
     /// the number a save produced, [`BatchResult::Deleted`] saying whether
     /// a delete found the actor at that step.
+    ///
+    /// ```no_run
+    /// # use trebuchet_postgres::BatchResult;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// for result in store.batch().save("k1", &1u32).delete("k2").commit()? {
+    ///     match result {
+    ///         BatchResult::Saved(seq) => println!("saved at {seq}"),
+    ///         BatchResult::Deleted(existed) => println!("deleted (existed: {existed})"),
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///

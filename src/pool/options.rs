@@ -77,7 +77,7 @@ impl PoolOptions {
 
     /// How long an idle connection is kept (default 10 min). A returned
     /// connection stays with the thread that used it for one to two
-    /// seconds first (see [`Pool`]); the timeout counts from then.
+    /// seconds first (see [`Pool`](crate::Pool)); the timeout counts from then.
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.idle_timeout = timeout;
         self
@@ -89,7 +89,7 @@ impl PoolOptions {
         self
     }
 
-    /// How long [`Pool::new`] keeps trying to make its first connection
+    /// How long [`Pool::new`](crate::Pool::new) keeps trying to make its first connection
     /// while the server is not up yet (default `None`: fail at once).
     ///
     /// For programs that may start before their database, as containers
@@ -125,7 +125,7 @@ impl PoolOptions {
     /// it; the calls after it fail within
     /// [`connection_timeout`](Self::connection_timeout), since new
     /// connections time out too (after the connect timeout of
-    /// [`ConnectOptions::connect_timeout`]).
+    /// [`ConnectOptions::connect_timeout`](crate::ConnectOptions::connect_timeout)).
     ///
     /// Enforced on Linux, for connections over TCP: the pool closes the
     /// socket, which the driver does not expose, after finding it in

@@ -324,7 +324,8 @@ impl LibrarySql {
                 live("")
             ),
             load_versioned: format!(
-                "SELECT state, sequence_number, updated_at, created_at FROM {t} WHERE actor_id = $1::VARCHAR AND {}",
+                "SELECT state, sequence_number, updated_at, created_at, expires_at FROM {t} \
+                 WHERE actor_id = $1::VARCHAR AND {}",
                 live("")
             ),
             load_many: format!(

@@ -55,6 +55,16 @@ impl StateStore {
     /// and its tombstone table:
     /// the first things to check when something fails.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let info = store.connection_info()?;
+    /// println!("{} as {} on {}", info.server_version, info.user, info.database);
+    /// if !info.missing_privileges.is_empty() {
+    ///     eprintln!("missing on the table: {}", info.missing_privileges.join(", "));
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// Connection and database errors.

@@ -33,6 +33,16 @@ impl StateStore {
     /// (the seed's Swift adapter) see a payload without an `actorID` and
     /// should ignore it.
     ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// match store.notify_round_trip(Duration::from_secs(5))? {
+    ///     Some(rtt) => println!("notifications arrive in {rtt:?}"),
+    ///     None => eprintln!("no notification within 5 s: check the channel and LISTEN"),
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Error::Connect`] when the listening connection cannot be opened;

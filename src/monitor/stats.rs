@@ -229,6 +229,16 @@ impl StateStore {
     /// Backends report their counts about once a second (idle ones within
     /// ten), so use a window of several seconds for a steady figure.
     ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// let stats = store.stats_over(Duration::from_secs(5))?;
+    /// if let Some(rate) = stats.writes_per_second {
+    ///     println!("{rate:.0} writes/s over the last 5 s, {} actors", stats.actors);
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// As [`stats`](Self::stats).

@@ -10,11 +10,13 @@ use postgres::config::{Host, SslMode as PgSslMode};
 pub(crate) use crate::error::server::classify_connect;
 use crate::error::{Error, Result};
 
+mod connect;
 mod conninfo;
 mod identifier;
 mod pooler;
 mod tls;
 
+pub(crate) use connect::{within_timeout, Abandoned};
 pub(crate) use identifier::{validate_identifier, MAX_IDENTIFIER_BYTES};
 pub use identifier::{DEFAULT_CHANNEL, DEFAULT_TABLE};
 pub(crate) use pooler::listen_through_transaction_pooler;

@@ -6,9 +6,8 @@
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use postgres::types::Type;
@@ -16,7 +15,9 @@ use postgres::Client;
 use r2d2::ManageConnection;
 use scheduled_thread_pool::{OnPoolDropBehavior, ScheduledThreadPool};
 
-use crate::config::{classify_connect, ConnectOptions, Dialer, PoolerMode};
+use crate::config::{
+    classify_connect, within_timeout, Abandoned, ConnectOptions, Dialer, PoolerMode,
+};
 use crate::error::{server, ConnectFailure, Error, Result};
 
 mod affinity;
@@ -91,7 +92,7 @@ struct Shared {
     /// A connection made while constructing the pool, handed out first.
     spare: Mutex<Option<Opened>>,
     /// Connects given up on that have not ended yet.
-    abandoned_connects: AtomicUsize,
+    abandoned_connects: Abandoned,
     /// Bounds calls, with a `call_timeout`.
     watchdog: Option<Arc<Watchdog>>,
     /// Check-outs that found every connection in use and waited.
@@ -210,7 +211,7 @@ impl Pool {
             epoch: AtomicU64::new(0),
             last_error: Mutex::new(None),
             spare: Mutex::new(None),
-            abandoned_connects: AtomicUsize::new(0),
+            abandoned_connects: Abandoned::new(options.max_size as usize),
             watchdog,
             waits: AtomicU64::new(0),
             wait_micros: AtomicU64::new(0),
@@ -224,7 +225,6 @@ impl Pool {
             statement_timeout: options.statement_timeout,
             pooler,
             ports,
-            max_size: options.max_size,
             shared: Arc::clone(&shared),
         });
         let first = open_first(&opener, options.wait_for_server)?;

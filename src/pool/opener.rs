@@ -24,7 +24,6 @@ pub(super) struct Opener {
     pub(super) connect_timeout: Option<Duration>,
     /// The server's ports, to find a new connection's socket.
     pub(super) ports: Arc<[u16]>,
-    pub(super) max_size: u32,
     pub(super) shared: Arc<Shared>,
 }
 
@@ -35,7 +34,8 @@ impl Opener {
     /// pool's thread, or `Pool::new`) for as long as it stays silent. So the
     /// connect runs on a helper thread, given up on at the timeout; it ends
     /// by itself when the peer answers or the socket dies, and drops its
-    /// connection. At most `max_size` such connects are left running.
+    /// connection. At most the pool's size of such connects are left
+    /// running (see `config::within_timeout`).
     pub(super) fn open(self: &Arc<Self>) -> Result<Opened> {
         let Some(limit) = self.connect_timeout else {
             return self.open_here();
@@ -46,58 +46,14 @@ impl Opener {
             user: self.shared.user.clone(),
             source: None,
         };
-        let abandoned = &self.shared.abandoned_connects;
-        if abandoned.load(Ordering::Acquire) >= self.max_size as usize {
-            return Err(timed_out());
-        }
-        // Whoever moves it from WAITING first decides: the helper
-        // delivers, or the caller gives up and the helper counts itself out
-        // when it ends.
-        const WAITING: u8 = 0;
-        const DELIVERED: u8 = 1;
-        const ABANDONED: u8 = 2;
-        let outcome = Arc::new(AtomicU8::new(WAITING));
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let (opener, helper_outcome) = (Arc::clone(self), Arc::clone(&outcome));
-        thread::Builder::new()
-            .name("trebuchet-connect".into())
-            .spawn(move || {
-                let opened = opener.open_here();
-                let decided = helper_outcome.compare_exchange(
-                    WAITING,
-                    DELIVERED,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-                match decided {
-                    Ok(_) => drop(tx.send(opened)),
-                    Err(_) => {
-                        opener
-                            .shared
-                            .abandoned_connects
-                            .fetch_sub(1, Ordering::AcqRel);
-                    }
-                }
-            })
-            .map_err(Error::thread_start("a connect thread"))?;
-        match rx.recv_timeout(limit) {
-            Ok(opened) => opened,
-            Err(_) => {
-                abandoned.fetch_add(1, Ordering::AcqRel);
-                let gave_up = outcome.compare_exchange(
-                    WAITING,
-                    ABANDONED,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-                if gave_up.is_ok() {
-                    return Err(timed_out());
-                }
-                // Delivered just now: take it.
-                abandoned.fetch_sub(1, Ordering::AcqRel);
-                rx.recv().unwrap_or_else(|_| Err(timed_out()))
-            }
-        }
+        let opener = Arc::clone(self);
+        within_timeout(
+            limit,
+            &self.shared.abandoned_connects,
+            "trebuchet-connect",
+            timed_out,
+            move || opener.open_here(),
+        )
     }
 
     /// Connects, applies the session settings and learns which server

@@ -2,6 +2,7 @@
 //! how statements are kept.
 
 use std::sync::mpsc;
+use std::thread;
 
 use super::*;
 use crate::testing::TestDatabase;

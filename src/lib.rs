@@ -226,7 +226,8 @@ pub use crate::expected::Expected;
 pub use crate::expiry::{Sweep, SweepOptions, MAX_SWEEP_BATCH};
 pub use crate::ident::quote_identifier;
 pub use crate::listener::{
-    CallbackHandle, ChangeListener, ChangeListenerBuilder, ListenerHealth, Subscription,
+    CallbackHandle, ChangeListener, ChangeListenerBuilder, EventBatch, Events, ListenerHealth,
+    Subscription,
 };
 pub use crate::monitor::{
     ConnectionInfo, ListenerSession, SlowStatement, SlowStatements, StoreStats,

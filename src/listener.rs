@@ -3,16 +3,14 @@
 //! with back-off, and an explicit `Resync` after every gap.
 
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{
-    Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError, TrySendError,
-};
+use crossbeam_channel::{Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError};
 use fallible_iterator::FallibleIterator;
 use postgres::{Client, SimpleQueryMessage};
 
@@ -37,6 +35,15 @@ const RECONNECT_CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
 /// Filtered subscriptions with at most this many actors in all get exact
 /// catch-up after a reconnect; beyond it they get a `Resync`.
 const MAX_CATCH_UP_IDS: usize = 10_000;
+
+/// The most notifications the listener takes in before it fans them out.
+/// It takes only what the driver has already received, so a lone change goes
+/// out at once, while a flood reaches each subscriber as one message per
+/// batch rather than one per change: a channel operation (and possibly a
+/// thread wake-up) per subscriber per change is what capped fan-out. A batch
+/// is also at most a quarter of a queue's capacity, so that a subscriber
+/// that keeps up is never handed more at once than its queue holds.
+const MAX_BATCH: usize = 256;
 
 /// Configures a [`ChangeListener`]. Obtain one with
 /// [`ChangeListener::builder`] or
@@ -114,9 +121,13 @@ impl ChangeListenerBuilder {
         self
     }
 
-    /// The queue capacity of each subscription (default 1,024). A
-    /// subscriber whose queue is full loses events and receives
+    /// The queue capacity of each subscription, in events (default 1,024).
+    /// A subscriber whose queue is full loses events and receives
     /// `Event::Resync(ResyncReason::Lagged)` once it has room again.
+    ///
+    /// Changes that arrive together reach a subscriber in batches of at
+    /// most a quarter of the capacity (and at most 256); a batch that finds
+    /// less room delivers its first events and drops the rest.
     pub fn queue_capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
@@ -218,6 +229,8 @@ impl ChangeListenerBuilder {
             last_error: Mutex::new(None),
             shutdown: AtomicBool::new(false),
             capacity: self.capacity,
+            lagged: Arc::new([Event::Resync(ResyncReason::Lagged)]),
+            reconnected: Arc::new([Event::Resync(ResyncReason::Reconnected)]),
         });
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         let worker = Worker {
@@ -280,8 +293,11 @@ pub struct ListenerHealth {
 /// One subscriber's end at the listener.
 struct Sink {
     /// Unbounded underneath, so that an idle subscription costs no queue
-    /// memory; `capacity` bounds it, and only the listener thread sends.
-    tx: Sender<Event>,
+    /// memory; `capacity` bounds the events in it (counted in `queued`),
+    /// and only the listener thread sends.
+    tx: Sender<EventBatch>,
+    /// Events sent and not yet handed out, shared with the subscription.
+    queued: Arc<AtomicUsize>,
     capacity: usize,
     filter: Option<HashSet<String>>,
     /// A resync owed to this subscriber, delivered before anything else.
@@ -296,61 +312,102 @@ impl Sink {
         self.filter.as_ref().is_none_or(|f| f.contains(actor_id))
     }
 
-    /// Delivers `event`, never blocking. Returns false when the subscriber
-    /// is gone.
-    fn offer(&mut self, event: Event, stats: &Stats) -> bool {
-        if !self.settle() {
+    /// Whether a filtered subscriber takes `change`: one of its actors, newer
+    /// than what it was given of that actor. Records it as given.
+    fn takes(&mut self, change: &Change) -> bool {
+        if !self.wants(&change.actor_id) {
             return false;
         }
-        if let Event::Change(change) = &event {
-            if self.filter.is_some() {
-                if self
-                    .last
-                    .get(&change.actor_id)
-                    .is_some_and(|&seen| seen >= change.sequence)
-                {
-                    return true;
-                }
-                self.last.insert(change.actor_id.clone(), change.sequence);
-            }
+        if self
+            .last
+            .get(&change.actor_id)
+            .is_some_and(|&seen| seen >= change.sequence)
+        {
+            return false;
         }
-        if self.owed.is_some() {
-            stats.dropped.fetch_add(1, Ordering::Relaxed);
-            return true;
+        self.last.insert(change.actor_id.clone(), change.sequence);
+        true
+    }
+
+    /// The events of `batch` this subscriber takes: every one for an
+    /// unfiltered subscriber (the batch itself, shared), or those
+    /// [`takes`](Self::takes) picks, which may be none.
+    fn pick(&mut self, batch: &Arc<[Event]>) -> Option<Arc<[Event]>> {
+        if self.filter.is_none() {
+            return Some(Arc::clone(batch));
         }
-        match self.send(event) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-                self.owed = Some(ResyncReason::Lagged);
-                true
-            }
-            Err(TrySendError::Disconnected(_)) => false,
+        let mine: Vec<Event> = batch
+            .iter()
+            .filter(|event| match event {
+                Event::Change(change) => self.takes(change),
+                Event::Resync(_) => true,
+            })
+            .cloned()
+            .collect();
+        (!mine.is_empty()).then(|| mine.into())
+    }
+
+    /// Delivers `events` in order, never blocking: after any resync it is
+    /// owed, as many as its queue has room for; the rest are dropped and a
+    /// resync is owed. Returns false when the subscriber is gone.
+    fn offer(&mut self, events: Arc<[Event]>, shared: &Shared) -> bool {
+        if !self.settle(shared) {
+            return false;
         }
+        let len = events.len();
+        let fits = if self.owed.is_some() {
+            0
+        } else {
+            len.min(self.room())
+        };
+        if fits > 0 && !self.send(events, fits) {
+            return false;
+        }
+        if fits < len {
+            shared
+                .stats
+                .dropped
+                .fetch_add((len - fits) as u64, Ordering::Relaxed);
+            self.owe(ResyncReason::Lagged);
+        }
+        true
     }
 
     /// Tries to deliver an owed resync. Returns false when the subscriber is
     /// gone.
-    fn settle(&mut self) -> bool {
+    fn settle(&mut self, shared: &Shared) -> bool {
         let Some(reason) = self.owed else {
             return true;
         };
-        match self.send(Event::Resync(reason)) {
-            Ok(()) => {
-                self.owed = None;
-                true
-            }
-            Err(TrySendError::Full(_)) => true,
-            Err(TrySendError::Disconnected(_)) => false,
+        if self.room() == 0 {
+            return true;
         }
+        if !self.send(shared.resync(reason), 1) {
+            return false;
+        }
+        self.owed = None;
+        true
     }
 
-    /// Sends without ever blocking; a queue at its capacity is full.
-    fn send(&self, event: Event) -> std::result::Result<(), TrySendError<Event>> {
-        if self.tx.len() >= self.capacity {
-            return Err(TrySendError::Full(event));
-        }
-        self.tx.try_send(event)
+    /// How many more events the queue holds.
+    fn room(&self) -> usize {
+        self.capacity
+            .saturating_sub(self.queued.load(Ordering::Acquire))
+    }
+
+    /// Sends the first `len` of `events`, counted as queued until the
+    /// subscriber has taken them. Returns false when the subscriber is gone.
+    fn send(&self, events: Arc<[Event]>, len: usize) -> bool {
+        self.queued.fetch_add(len, Ordering::AcqRel);
+        let batch = EventBatch {
+            events,
+            next: 0,
+            end: len,
+            queued: Arc::clone(&self.queued),
+        };
+        // Unbounded: fails only when the subscription is gone (the batch,
+        // dropped, takes its count back).
+        self.tx.try_send(batch).is_ok()
     }
 
     fn owe(&mut self, reason: ResyncReason) {
@@ -372,11 +429,21 @@ struct Shared {
     last_error: Mutex<Option<String>>,
     shutdown: AtomicBool,
     capacity: usize,
+    /// One resync event of each reason, shared by every subscriber owed it.
+    lagged: Arc<[Event]>,
+    reconnected: Arc<[Event]>,
 }
 
 impl Shared {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn resync(&self, reason: ResyncReason) -> Arc<[Event]> {
+        Arc::clone(match reason {
+            ResyncReason::Lagged => &self.lagged,
+            ResyncReason::Reconnected => &self.reconnected,
+        })
     }
 
     fn set_error(&self, error: String) {
@@ -601,6 +668,8 @@ impl Worker {
         // Whether some subscriber is owed a resync it had no room for.
         let mut owed = false;
         let mut heard = Instant::now();
+        let limit = (self.shared.capacity / 4).clamp(1, MAX_BATCH);
+        let mut batch = Vec::with_capacity(limit);
         while !self.stopping() {
             if heard.elapsed() >= self.heartbeat_interval {
                 return Listened::Quiet;
@@ -611,15 +680,28 @@ impl Worker {
             match first {
                 Ok(Some(n)) => {
                     heard = Instant::now();
-                    owed = self.receive(&n).unwrap_or(owed);
-                    // Then whatever is already buffered, without waiting,
-                    // but never past a shutdown: under a flood the buffer
-                    // never runs dry.
+                    self.receive(&n, &mut batch);
+                    // Then, in batches, whatever the driver holds already
+                    // and whatever the socket has, without waiting, but
+                    // never past a shutdown: under a flood the buffer never
+                    // runs dry. A lone change goes out without a read.
                     let mut notifications = client.notifications();
-                    let mut buffered = notifications.iter();
-                    while !self.stopping() {
-                        match buffered.next() {
-                            Ok(Some(n)) => owed = self.receive(&n).unwrap_or(owed),
+                    loop {
+                        while batch.len() < limit && !notifications.is_empty() && !self.stopping() {
+                            // Buffered: taken without reading the socket.
+                            match notifications.iter().next() {
+                                Ok(Some(n)) => self.receive(&n, &mut batch),
+                                _ => break,
+                            }
+                        }
+                        if self.stopping() {
+                            return Listened::Ended;
+                        }
+                        if !batch.is_empty() {
+                            owed = self.fan_out(batch.drain(..).collect());
+                        }
+                        match notifications.iter().next() {
+                            Ok(Some(n)) => self.receive(&n, &mut batch),
                             Ok(None) => break,
                             Err(e) => {
                                 self.lost(e);
@@ -699,23 +781,22 @@ impl Worker {
         }
     }
 
-    /// Parses and fans out one notification. Returns whether a resync is
-    /// still owed, or `None` for a round-trip probe (skipped) or a malformed
-    /// payload (counted and logged).
-    fn receive(&self, n: &postgres::Notification) -> Option<bool> {
+    /// Parses one notification into `batch`. Skips a round-trip probe, a
+    /// change of another table, and a malformed payload (counted and
+    /// logged).
+    fn receive(&self, n: &postgres::Notification, batch: &mut Vec<Event>) {
         self.shared.stats.received.fetch_add(1, Ordering::Relaxed);
         if is_probe(n.payload()) {
             // A round-trip check by `notify_round_trip`, not a change.
-            return None;
+            return;
         }
         match Change::from_payload(n.payload()) {
             // Another table's change on a shared channel.
-            Ok(change) if !self.conn.table.admits(&change) => None,
-            Ok(change) => Some(self.fan_out(change)),
+            Ok(change) if !self.conn.table.admits(&change) => {}
+            Ok(change) => batch.push(Event::Change(Arc::new(change))),
             Err(e) => {
                 self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 self.malformed_log.note(n.channel(), &e);
-                None
             }
         }
     }
@@ -735,20 +816,20 @@ impl Worker {
         self.shared.set_error("connection closed".into());
     }
 
-    /// Delivers `change` to every interested subscriber; removes the ones
-    /// that are gone. Returns whether some subscriber is still owed a resync.
-    fn fan_out(&self, change: Change) -> bool {
-        let mut registry = self.shared.registry();
-        let stats = &self.shared.stats;
+    /// Delivers a batch of changes, in order, to every interested
+    /// subscriber: one message per subscriber, holding the batch itself
+    /// (shared) or, for a filtered subscriber, the changes it takes. Removes
+    /// the subscribers that are gone. Returns whether some subscriber is
+    /// still owed a resync.
+    fn fan_out(&self, batch: Arc<[Event]>) -> bool {
+        let shared = &*self.shared;
+        let mut registry = shared.registry();
         let mut owed = false;
         registry.sinks.retain(|_, sink| {
-            if !sink.wants(&change.actor_id) {
-                return sink.settle() && {
-                    owed |= sink.owed.is_some();
-                    true
-                };
-            }
-            let alive = sink.offer(Event::Change(change.clone()), stats);
+            let alive = match sink.pick(&batch) {
+                Some(events) => sink.offer(events, shared),
+                None => sink.settle(shared),
+            };
             owed |= sink.owed.is_some();
             alive
         });
@@ -756,10 +837,11 @@ impl Worker {
     }
 
     fn settle_all(&self) -> bool {
-        let mut registry = self.shared.registry();
+        let shared = &*self.shared;
+        let mut registry = shared.registry();
         let mut owed = false;
         registry.sinks.retain(|_, sink| {
-            let alive = sink.settle();
+            let alive = sink.settle(shared);
             owed |= sink.owed.is_some();
             alive
         });
@@ -846,35 +928,39 @@ impl Worker {
     /// After a gap: filtered subscribers get the current versions of their
     /// actors where that is cheap (`current`); everyone else gets a `Resync`.
     fn catch_up(&self, found: Option<CatchUp>) {
-        let mut registry = self.shared.registry();
-        let stats = &self.shared.stats;
-        registry
-            .sinks
-            .retain(|_, sink| match (&sink.filter, &found) {
+        let shared = &*self.shared;
+        let mut registry = shared.registry();
+        registry.sinks.retain(|_, sink| {
+            let moved: Option<Vec<Event>> = match (&sink.filter, &found) {
                 // A subscription made while the query ran was not asked
                 // about: it gets a resync.
                 (Some(filter), Some(found))
                     if filter.iter().all(|id| found.queried.contains(id)) =>
                 {
-                    let moved: Vec<Change> = filter
+                    let current: Vec<Arc<Change>> = filter
                         .iter()
                         .filter_map(|id| found.current.get(id))
-                        .filter(|c| {
-                            sink.last
-                                .get(&c.actor_id)
-                                .is_none_or(|&seen| seen < c.sequence)
-                        })
                         .cloned()
                         .collect();
-                    moved
-                        .into_iter()
-                        .all(|change| sink.offer(Event::Change(change), stats))
+                    Some(
+                        current
+                            .into_iter()
+                            .filter(|change| sink.takes(change))
+                            .map(Event::Change)
+                            .collect(),
+                    )
                 }
-                _ => {
+                _ => None,
+            };
+            match moved {
+                Some(moved) if moved.is_empty() => sink.settle(shared),
+                Some(moved) => sink.offer(moved.into(), shared),
+                None => {
                     sink.owe(ResyncReason::Reconnected);
-                    sink.settle()
+                    sink.settle(shared)
                 }
-            });
+            }
+        });
     }
 }
 
@@ -894,7 +980,7 @@ fn catch_up_ids(shared: &Shared) -> Vec<String> {
 /// version (or tombstone) of those that exist or existed.
 struct CatchUp {
     queried: HashSet<String>,
-    current: HashMap<String, Change>,
+    current: HashMap<String, Arc<Change>>,
 }
 
 /// Reads the current versions of `ids`, or `None` when catch-up is not
@@ -929,7 +1015,7 @@ fn catch_up_query(
                         },
                         table: table.clone(),
                     };
-                    (id, change)
+                    (id, Arc::new(change))
                 })
                 .collect(),
         }),
@@ -1070,6 +1156,7 @@ impl ChangeListener {
     fn add(&self, filter: Option<HashSet<String>>) -> Subscription {
         let shared = &self.handle.shared;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let queued = Arc::new(AtomicUsize::new(0));
         let mut registry = shared.registry();
         let id = registry.next_id;
         registry.next_id += 1;
@@ -1078,6 +1165,7 @@ impl ChangeListener {
                 id,
                 Sink {
                     tx,
+                    queued: Arc::clone(&queued),
                     capacity: shared.capacity,
                     filter,
                     owed: None,
@@ -1088,6 +1176,8 @@ impl ChangeListener {
         Subscription {
             id,
             rx,
+            pending: Mutex::new(VecDeque::new()),
+            queued,
             shared: Arc::clone(shared),
         }
     }
@@ -1134,13 +1224,25 @@ impl ChangeListener {
 
 /// A stream of [`Event`]s from a [`ChangeListener`], with its own bounded
 /// queue. Dropping it unsubscribes. Once the listener shuts down, the
-/// receiving methods report disconnection and iteration ends.
+/// receiving methods report disconnection (after the events still queued)
+/// and iteration ends.
 ///
-/// Works with `crossbeam_channel::select!` through
-/// [`receiver`](Self::receiver).
+/// The listener hands changes over in batches, one channel message per batch
+/// (whatever arrived together, shared by every subscriber), and the
+/// receiving methods ([`recv`](Self::recv), [`recv_timeout`](Self::recv_timeout),
+/// [`try_recv`](Self::try_recv), [`iter`](Self::iter)) give them out one by
+/// one. Works with `crossbeam_channel::select!` through
+/// [`receiver`](Self::receiver), whose messages are those batches.
+///
+/// Meant for one reader at a time: two threads receiving from one
+/// subscription compete for its events.
 pub struct Subscription {
     id: u64,
-    rx: Receiver<Event>,
+    rx: Receiver<EventBatch>,
+    /// What is left of batches the receiving methods have started on.
+    pending: Mutex<VecDeque<EventBatch>>,
+    /// Events in the queue, as the listener counts them.
+    queued: Arc<AtomicUsize>,
     shared: Arc<Shared>,
 }
 
@@ -1148,7 +1250,7 @@ impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
             .field("id", &self.id)
-            .field("queued", &self.rx.len())
+            .field("queued", &self.queued.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -1158,9 +1260,17 @@ impl Subscription {
     ///
     /// # Errors
     ///
-    /// [`RecvError`] once the listener has shut down.
+    /// [`RecvError`] once the listener has shut down and every queued event
+    /// has been received.
     pub fn recv(&self) -> std::result::Result<Event, RecvError> {
-        self.rx.recv()
+        loop {
+            if let Some(event) = self.next_pending() {
+                return Ok(event);
+            }
+            if let Some(event) = self.start(self.rx.recv()?) {
+                return Ok(event);
+            }
+        }
     }
 
     /// Waits for the next event at most `timeout`.
@@ -1168,9 +1278,22 @@ impl Subscription {
     /// # Errors
     ///
     /// [`RecvTimeoutError::Timeout`], or `Disconnected` once the listener
-    /// has shut down.
+    /// has shut down and every queued event has been received.
     pub fn recv_timeout(&self, timeout: Duration) -> std::result::Result<Event, RecvTimeoutError> {
-        self.rx.recv_timeout(timeout)
+        if let Some(event) = self.next_pending() {
+            return Ok(event);
+        }
+        let Some(deadline) = Instant::now().checked_add(timeout) else {
+            return self.recv().map_err(|_| RecvTimeoutError::Disconnected);
+        };
+        loop {
+            if let Some(event) = self.start(self.rx.recv_deadline(deadline)?) {
+                return Ok(event);
+            }
+            if let Some(event) = self.next_pending() {
+                return Ok(event);
+            }
+        }
     }
 
     /// The next event if one is queued.
@@ -1178,20 +1301,89 @@ impl Subscription {
     /// # Errors
     ///
     /// [`TryRecvError::Empty`], or `Disconnected` once the listener has
-    /// shut down.
+    /// shut down and every queued event has been received.
     pub fn try_recv(&self) -> std::result::Result<Event, TryRecvError> {
-        self.rx.try_recv()
+        loop {
+            if let Some(event) = self.next_pending() {
+                return Ok(event);
+            }
+            if let Some(event) = self.start(self.rx.try_recv()?) {
+                return Ok(event);
+            }
+        }
     }
 
     /// A blocking iterator that ends when the listener shuts down.
-    pub fn iter(&self) -> crossbeam_channel::Iter<'_, Event> {
-        self.rx.iter()
+    pub fn iter(&self) -> Events<'_> {
+        Events { subscription: self }
     }
 
-    /// The underlying receiver, for `select!`. Do not clone it to share:
-    /// clones compete for events, they do not each get every event.
-    pub fn receiver(&self) -> &Receiver<Event> {
+    /// The underlying receiver, for `select!` and for reading batches: each
+    /// message is an [`EventBatch`], the events that arrived together, in
+    /// order (iterate it, or read it in place with
+    /// [`EventBatch::as_slice`], the cheapest way to follow a busy channel
+    /// with many subscribers). Do not clone it to share: clones compete for
+    /// batches, they do not each get every batch.
+    ///
+    /// Use either the receiver or the receiving methods of a subscription,
+    /// not both: the receiving methods keep the rest of a batch they have
+    /// started on, and the receiver's next batch comes after those events.
+    ///
+    /// ```no_run
+    /// use trebuchet_postgres::crossbeam_channel::{self, select};
+    /// use trebuchet_postgres::{Event, StateStore};
+    ///
+    /// let store = StateStore::connect("postgresql://localhost/trebuchet")?;
+    /// let listener = store.listener()?;
+    /// let changes = listener.subscribe();
+    /// let (_stop_tx, stop) = crossbeam_channel::bounded::<()>(1);
+    /// loop {
+    ///     select! {
+    ///         recv(changes.receiver()) -> batch => match batch {
+    ///             Ok(batch) => {
+    ///                 for event in batch {
+    ///                     if let Event::Change(c) = event {
+    ///                         println!("{} is now at {}", c.actor_id, c.sequence);
+    ///                     }
+    ///                 }
+    ///             }
+    ///             Err(_) => break, // the listener shut down
+    ///         },
+    ///         recv(stop) -> _ => break,
+    ///     }
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    pub fn receiver(&self) -> &Receiver<EventBatch> {
         &self.rx
+    }
+
+    /// The next event of a batch already started on.
+    fn next_pending(&self) -> Option<Event> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(batch) = pending.front_mut() {
+            let event = batch.next();
+            if batch.len() == 0 {
+                // Done with: its events leave the queue's count.
+                pending.pop_front();
+            }
+            if event.is_some() {
+                return event;
+            }
+        }
+        None
+    }
+
+    /// The first event of a batch just received; keeps the rest.
+    fn start(&self, mut batch: EventBatch) -> Option<Event> {
+        let event = batch.next();
+        if batch.len() > 0 {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_back(batch);
+        }
+        event
     }
 
     /// Runs `callback` for each event on a new thread.
@@ -1216,12 +1408,23 @@ impl Subscription {
         E: FnOnce() + Send + 'static,
     {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+        // Asked to stop, or the handle is gone.
+        fn stopped(stop: &Receiver<()>) -> bool {
+            !matches!(stop.try_recv(), Err(TryRecvError::Empty))
+        }
         let thread = thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || loop {
                 crossbeam_channel::select! {
-                    recv(self.rx) -> event => match event {
-                        Ok(event) => callback(event),
+                    recv(self.rx) -> batch => match batch {
+                        Ok(batch) => {
+                            for event in batch {
+                                if stopped(&stop_rx) {
+                                    return;
+                                }
+                                callback(event);
+                            }
+                        }
                         Err(_) => {
                             on_end();
                             break;
@@ -1240,10 +1443,99 @@ impl Subscription {
 
 impl<'a> IntoIterator for &'a Subscription {
     type Item = Event;
-    type IntoIter = crossbeam_channel::Iter<'a, Event>;
+    type IntoIter = Events<'a>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.rx.iter()
+        self.iter()
+    }
+}
+
+/// A blocking iterator over a [`Subscription`]'s events, from
+/// [`Subscription::iter`]; it ends when the listener shuts down.
+#[derive(Debug)]
+pub struct Events<'a> {
+    subscription: &'a Subscription,
+}
+
+impl Iterator for Events<'_> {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        self.subscription.recv().ok()
+    }
+}
+
+/// Events that reached one subscription together, in order: a message of
+/// [`Subscription::receiver`]. Iterate it for the events, or read them in
+/// place with [`as_slice`](Self::as_slice).
+///
+/// The changes of a batch are shared: every subscriber that receives the
+/// batch holds the same allocation. Its events count towards the
+/// subscription's queue capacity until the batch is dropped.
+pub struct EventBatch {
+    events: Arc<[Event]>,
+    next: usize,
+    end: usize,
+    /// The subscription's count of queued events, which holds `end` of them
+    /// for this batch until it is dropped.
+    queued: Arc<AtomicUsize>,
+}
+
+impl fmt::Debug for EventBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(&self.events[self.next..self.end])
+            .finish()
+    }
+}
+
+impl EventBatch {
+    /// The events not yet taken, borrowed. Iterating the batch gives owned
+    /// events, each a clone of a shared `Arc`, which many subscribers on
+    /// several cores make contend; reading the events in place does not.
+    ///
+    /// ```no_run
+    /// use trebuchet_postgres::{Event, StateStore};
+    ///
+    /// let store = StateStore::connect("postgresql://localhost/trebuchet")?;
+    /// let listener = store.listener()?;
+    /// let changes = listener.subscribe();
+    /// while let Ok(batch) = changes.receiver().recv() {
+    ///     for event in batch.as_slice() {
+    ///         match event {
+    ///             Event::Change(c) => println!("{} is now at {}", c.actor_id, c.sequence),
+    ///             Event::Resync(_) => println!("missed changes: reload everything"),
+    ///             _ => {}
+    ///         }
+    ///     }
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    pub fn as_slice(&self) -> &[Event] {
+        &self.events[self.next..self.end]
+    }
+}
+
+impl Iterator for EventBatch {
+    type Item = Event;
+
+    fn next(&mut self) -> Option<Event> {
+        let event = self.events[self.next..self.end].first()?.clone();
+        self.next += 1;
+        Some(event)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.end - self.next;
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for EventBatch {}
+
+impl Drop for EventBatch {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.end, Ordering::AcqRel);
     }
 }
 

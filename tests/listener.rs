@@ -20,8 +20,8 @@ use trebuchet_postgres::crossbeam_channel::{self, select, RecvTimeoutError, TryR
 use trebuchet_postgres::postgres::config::Host;
 use trebuchet_postgres::testing::{StopMode, TestCluster, TestDatabase, TestSchema};
 use trebuchet_postgres::{
-    Change, ChangeKind, ChangeListener, ConnectFailure, ConnectOptions, Error, Event, PoolOptions,
-    ResyncReason, StateCache, StateStore, Subscription,
+    Change, ChangeKind, ChangeListener, ConnectFailure, ConnectOptions, Error, Event, EventBatch,
+    PoolOptions, ResyncReason, StateCache, StateStore, Subscription,
 };
 
 use common::assert_recent;
@@ -97,7 +97,7 @@ fn next(sub: &Subscription, order: &mut Order) -> Event {
 
 /// The next event, which must be a change.
 #[track_caller]
-fn next_change(sub: &Subscription, order: &mut Order) -> Change {
+fn next_change(sub: &Subscription, order: &mut Order) -> Arc<Change> {
     match next(sub, order) {
         Event::Change(c) => c,
         other => panic!("{}: expected a change, got {other:?}", order.who),
@@ -112,7 +112,7 @@ fn expect_change(
     actor: &str,
     sequence: u64,
     kind: ChangeKind,
-) -> Change {
+) -> Arc<Change> {
     let c = next_change(sub, order);
     assert_eq!(
         (c.actor_id.as_str(), c.sequence, c.kind),
@@ -713,10 +713,9 @@ fn slow_subscriber_lags_alone_then_gets_a_lagged_resync() {
     assert_eq!(after.len(), 2, "{events:?}");
     assert_eq!(after[0], Event::Resync(ResyncReason::Lagged), "{events:?}");
     assert!(
-        matches!(
-            &after[1],
-            Event::Resync(ResyncReason::Lagged) | Event::Change(Change { sequence: 51, .. })
-        ),
+        matches!(&after[1], Event::Resync(ResyncReason::Lagged))
+            || matches!(&after[1], Event::Change(c) if c.sequence == 51
+            ),
         "after the lost changes: one lagged resync, then the newer change \
          or (when it was lost too) another lagged resync: {events:?}"
     );
@@ -1069,6 +1068,132 @@ fn a_thousand_subscribers_all_receive_and_unsubscribe() {
     expect_change(&last, &mut Order::new("last"), "many", 7, ChangeKind::Saved);
 }
 
+/// Queues `count` notifications of actor `actor` (numbers `1..=count`) on
+/// `schema`'s channel with one statement: they reach the listener together.
+fn burst(schema: &TestSchema, actor: &str, count: i64) {
+    schema
+        .client()
+        .unwrap()
+        .execute(
+            "SELECT count(pg_notify($1, json_build_object('actorID', $2::TEXT, \
+             'sequenceNumber', g, 'timestamp', 1764000000, 'op', 'save')::TEXT)) \
+             FROM generate_series(1, $3::BIGINT) g",
+            &[&schema.channel(), &actor, &count],
+        )
+        .unwrap();
+}
+
+#[test]
+fn subscribers_share_each_change_and_get_bursts_in_order() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let listener = store.listener().unwrap();
+    let first = listener.subscribe();
+    let second = listener.subscribe();
+    let burst_only = listener.subscribe_actor("burst");
+    let other_only = listener.subscribe_actor("other");
+
+    burst(&schema, "burst", 2_000);
+    store.save("other", &1u32).unwrap();
+    let (mut o1, mut o2, mut ob) = (
+        Order::new("first"),
+        Order::new("second"),
+        Order::new("burst only"),
+    );
+    for n in 1..=2_000 {
+        let a = expect_change(&first, &mut o1, "burst", n, ChangeKind::Saved);
+        let b = expect_change(&second, &mut o2, "burst", n, ChangeKind::Saved);
+        expect_change(&burst_only, &mut ob, "burst", n, ChangeKind::Saved);
+        // One allocation per change, whoever receives it.
+        assert!(Arc::ptr_eq(&a, &b), "change {n} was copied per subscriber");
+    }
+    for (sub, order) in [(&first, &mut o1), (&second, &mut o2)] {
+        expect_change(sub, order, "other", 1, ChangeKind::Saved);
+    }
+    expect_change(
+        &other_only,
+        &mut Order::new("other only"),
+        "other",
+        1,
+        ChangeKind::Saved,
+    );
+    assert_eq!(burst_only.try_recv(), Err(TryRecvError::Empty));
+    let health = listener.health();
+    assert_eq!((health.received, health.dropped), (2_001, 0), "{health:?}");
+}
+
+/// Read through `receiver()`: batches of at most a quarter of the queue,
+/// in order, whose events can be read in place.
+#[test]
+fn batches_are_at_most_a_quarter_of_the_queue_and_read_in_place() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let listener = store
+        .listener_builder()
+        .queue_capacity(400)
+        .build()
+        .unwrap();
+    let sub = listener.subscribe();
+
+    burst(&schema, "burst", 300);
+    let mut order = Order::new("batch reader");
+    let mut sizes = Vec::new();
+    let mut next = 1;
+    while next <= 300 {
+        let mut batch = sub.receiver().recv_timeout(WAIT).expect("a batch");
+        sizes.push(batch.len());
+        assert!((1..=100).contains(&batch.len()), "{sizes:?}");
+        let rest = batch.len() - 1;
+        let first = batch.next().expect("one event");
+        assert_eq!(batch.as_slice().len(), rest);
+        for event in std::iter::once(&first).chain(batch.as_slice()) {
+            order.see(event);
+            match event {
+                Event::Change(c) => assert_eq!((c.actor_id.as_str(), c.sequence), ("burst", next)),
+                other => panic!("unexpected {other:?}"),
+            }
+            next += 1;
+        }
+    }
+    expect_quiet(&sub, "batch reader");
+    assert_eq!(listener.health().dropped, 0);
+    eprintln!("batch sizes: {sizes:?}");
+}
+
+/// A burst larger than the queue: the first changes up to its capacity,
+/// then a lagged resync, then the changes that came after.
+#[test]
+fn a_burst_beyond_the_queue_keeps_its_head_and_then_resyncs() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let listener = store.listener_builder().queue_capacity(10).build().unwrap();
+    let sub = listener.subscribe();
+    let probe = listener.subscribe_actor("after");
+
+    burst(&schema, "burst", 500);
+    store.save("after", &1u32).unwrap();
+    // The save comes after the burst: once the probe has it, the listener
+    // has dealt with the whole burst.
+    expect_change(
+        &probe,
+        &mut Order::new("probe"),
+        "after",
+        1,
+        ChangeKind::Saved,
+    );
+    let health = listener.health();
+    assert_eq!(health.dropped, 490 + 1, "{health:?}");
+
+    let mut order = Order::new("subscriber");
+    for n in 1..=10 {
+        expect_change(&sub, &mut order, "burst", n, ChangeKind::Saved);
+    }
+    assert_eq!(next(&sub, &mut order), Event::Resync(ResyncReason::Lagged));
+    expect_quiet(&sub, "subscriber");
+    store.save("after", &2u32).unwrap();
+    expect_change(&sub, &mut order, "after", 2, ChangeKind::Saved);
+}
+
 // ----- 10. the state cache -------------------------------------------------
 
 #[test]
@@ -1252,17 +1377,25 @@ fn select_works_with_a_subscription_and_another_channel() {
     let (tx, rx) = crossbeam_channel::unbounded::<&'static str>();
     let mut order = Order::new("subscriber");
 
+    /// The one event of a batch received through `select!`.
+    #[track_caller]
+    fn only(batch: Result<EventBatch, crossbeam_channel::RecvError>) -> Event {
+        let events: Vec<Event> = batch.expect("listener alive").collect();
+        assert_eq!(events.len(), 1, "{events:?}");
+        events.into_iter().next().unwrap()
+    }
+
     tx.send("other").unwrap();
     select! {
-        recv(sub.receiver()) -> event => panic!("unexpected event {event:?}"),
+        recv(sub.receiver()) -> batch => panic!("unexpected events {batch:?}"),
         recv(rx) -> message => assert_eq!(message, Ok("other")),
         default(WAIT) => panic!("select! saw nothing"),
     }
 
     store.save("sel", &1u32).unwrap();
     select! {
-        recv(sub.receiver()) -> event => {
-            let event = event.expect("listener alive");
+        recv(sub.receiver()) -> batch => {
+            let event = only(batch);
             order.see(&event);
             assert!(
                 matches!(&event, Event::Change(c) if c.actor_id == "sel" && c.sequence == 1),
@@ -1279,8 +1412,8 @@ fn select_works_with_a_subscription_and_another_channel() {
     let (mut got_change, mut got_message) = (false, false);
     for _ in 0..2 {
         select! {
-            recv(sub.receiver()) -> event => {
-                let event = event.expect("listener alive");
+            recv(sub.receiver()) -> batch => {
+                let event = only(batch);
                 order.see(&event);
                 assert!(matches!(&event, Event::Change(c) if c.sequence == 2), "{event:?}");
                 got_change = true;
@@ -1297,7 +1430,7 @@ fn select_works_with_a_subscription_and_another_channel() {
     // After shutdown the subscription's arm reports disconnection.
     listener.shutdown();
     select! {
-        recv(sub.receiver()) -> event => assert!(event.is_err(), "{event:?}"),
+        recv(sub.receiver()) -> batch => assert!(batch.is_err(), "{batch:?}"),
         default(WAIT) => panic!("select! did not see the shutdown"),
     }
 }

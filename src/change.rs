@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-/// Whether an actor was written or deleted.
+use crate::error::InvalidActorId;
+
+/// Whether an actor was written or deleted, or announced without a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ChangeKind {
@@ -15,6 +17,19 @@ pub enum ChangeKind {
     Saved,
     /// Deleted. Its sequence number is one above the last save.
     Deleted,
+    /// Announced without a write
+    /// ([`ChangeListener::announce`](crate::ChangeListener::announce), the
+    /// payload's `op` is `"announce"`): reload the actor.
+    ///
+    /// Not a new version. Its sequence number is the actor's number when it
+    /// was announced (a deleted actor's tombstone number, 0 when the actor
+    /// never existed or the announcing listener knows no table), which a
+    /// subscriber may have seen already, and which a write committed
+    /// meanwhile may have passed. Subscribers receive it whatever numbers
+    /// they have seen, it does not count as seen, and a
+    /// [`StateCache`](crate::StateCache) reads the actor again even at a
+    /// number it holds.
+    Announced,
 }
 
 /// One actor's state changed.
@@ -326,6 +341,27 @@ const MAX_REASON_CHARS: usize = 160;
 /// The longest actor id the table holds, in characters.
 const MAX_ACTOR_ID_CHARS: usize = 255;
 
+/// The payload's `op` of an announce.
+pub(crate) const ANNOUNCE_OP: &str = "announce";
+
+/// Whether the table can hold `id`: not empty, at most 255 characters, no
+/// NUL (the rules of [`validate_actor_id`](crate::validate_actor_id)).
+pub(crate) fn check_actor_id(id: &str) -> Result<(), InvalidActorId> {
+    if id.is_empty() {
+        return Err(InvalidActorId::Empty);
+    }
+    if id.len() > MAX_ACTOR_ID_CHARS {
+        let chars = id.chars().count();
+        if chars > MAX_ACTOR_ID_CHARS {
+            return Err(InvalidActorId::TooLong { chars });
+        }
+    }
+    if id.contains('\0') {
+        return Err(InvalidActorId::ContainsNul);
+    }
+    Ok(())
+}
+
 impl MalformedPayload {
     fn new(mut reason: String) -> MalformedPayload {
         if let Some((cut, _)) = reason.char_indices().nth(MAX_REASON_CHARS) {
@@ -347,8 +383,10 @@ impl std::error::Error for MalformedPayload {}
 impl Change {
     /// Parses the trigger's JSON payload: `actorID`, `sequenceNumber`,
     /// `timestamp` (seconds since the Unix epoch, UTC) and, when present,
-    /// `op` (`"save"` or `"delete"`). Payloads written by the seed's own
-    /// trigger (no `op`) are saves.
+    /// `op` (`"save"`, `"delete"`, or `"announce"` from
+    /// [`ChangeListener::announce`](crate::ChangeListener::announce)) and
+    /// `table`. Payloads written by the seed's own trigger (no `op`) are
+    /// saves.
     ///
     /// # Errors
     ///
@@ -368,18 +406,20 @@ impl Change {
                 serde_json::from_str(payload).map_err(|e| MalformedPayload::new(e.to_string()))?
             }
         };
-        if p.actor_id.is_empty() {
-            return Err(MalformedPayload::new("empty actorID".into()));
-        }
         // The ids the table can hold, as `validate_actor_id` checks them.
-        if p.actor_id.len() > MAX_ACTOR_ID_CHARS && p.actor_id.chars().count() > MAX_ACTOR_ID_CHARS
-        {
-            return Err(MalformedPayload::new(format!(
-                "actorID longer than {MAX_ACTOR_ID_CHARS} characters"
-            )));
-        }
-        if p.actor_id.contains('\0') {
-            return Err(MalformedPayload::new("actorID contains NUL".into()));
+        match check_actor_id(&p.actor_id) {
+            Ok(()) => {}
+            Err(InvalidActorId::Empty) => {
+                return Err(MalformedPayload::new("empty actorID".into()))
+            }
+            Err(InvalidActorId::ContainsNul) => {
+                return Err(MalformedPayload::new("actorID contains NUL".into()))
+            }
+            Err(_) => {
+                return Err(MalformedPayload::new(format!(
+                    "actorID longer than {MAX_ACTOR_ID_CHARS} characters"
+                )))
+            }
         }
         let sequence = u64::try_from(p.sequence_number).map_err(|_| {
             MalformedPayload::new(format!("negative sequenceNumber {}", p.sequence_number))
@@ -387,6 +427,7 @@ impl Change {
         let kind = match p.op.as_deref() {
             None | Some("save") | Some("insert") | Some("update") => ChangeKind::Saved,
             Some("delete") => ChangeKind::Deleted,
+            Some(ANNOUNCE_OP) => ChangeKind::Announced,
             Some(other) => return Err(MalformedPayload::new(format!("unknown op {other:?}"))),
         };
         let timestamp = match p.timestamp {
@@ -447,6 +488,15 @@ mod tests {
             c.timestamp,
             SystemTime::UNIX_EPOCH + Duration::from_secs_f64(1764000000.5)
         );
+    }
+
+    #[test]
+    fn parses_announces() {
+        let c = Change::from_payload(
+            r#"{"actorID":"a","sequenceNumber":0,"timestamp":1,"op":"announce"}"#,
+        )
+        .unwrap();
+        assert_eq!((c.kind, c.sequence), (ChangeKind::Announced, 0));
     }
 
     #[test]

@@ -15,7 +15,8 @@ use fallible_iterator::FallibleIterator;
 use postgres::{Client, SimpleQueryMessage};
 
 use crate::change::{
-    is_probe, Change, ChangeKind, Event, MalformedPayload, ResyncReason, TableFilter,
+    check_actor_id, is_probe, Change, ChangeKind, Event, MalformedPayload, ResyncReason,
+    TableFilter,
 };
 use crate::config::{
     classify_connect, listen_through_transaction_pooler, validate_identifier, ConnectOptions,
@@ -222,6 +223,7 @@ impl ChangeListenerBuilder {
             table: Arc::new(TableFilter::new(table)),
         };
         let client = conn.connect_within_timeout()?;
+        let catch_up_sql: Option<Arc<str>> = self.catch_up_sql.map(Into::into);
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
             stats: Stats::default(),
@@ -235,8 +237,8 @@ impl ChangeListenerBuilder {
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         let worker = Worker {
             shared: Arc::clone(&shared),
-            conn,
-            catch_up_sql: self.catch_up_sql,
+            conn: conn.clone(),
+            catch_up_sql: catch_up_sql.clone(),
             wake: wake_rx,
             initial_backoff: self.initial_backoff,
             max_backoff: self.max_backoff,
@@ -255,6 +257,8 @@ impl ChangeListenerBuilder {
                 thread: Mutex::new(Some(thread)),
                 channel: self.channel,
                 target,
+                conn,
+                catch_up_sql,
             }),
         })
     }
@@ -313,10 +317,14 @@ impl Sink {
     }
 
     /// Whether a filtered subscriber takes `change`: one of its actors, newer
-    /// than what it was given of that actor. Records it as given.
+    /// than what it was given of that actor, or an announce (not a version).
+    /// Records a version as given.
     fn takes(&mut self, change: &Change) -> bool {
         if !self.wants(&change.actor_id) {
             return false;
+        }
+        if change.kind == ChangeKind::Announced {
+            return true;
         }
         if self
             .last
@@ -461,26 +469,44 @@ struct Connector {
 }
 
 impl Connector {
+    /// A connection error as [`Error::Connect`].
+    fn connect_error(&self, e: postgres::Error) -> Error {
+        Error::Connect {
+            failure: classify_connect(&e),
+            target: self.target.clone(),
+            user: self
+                .dialer
+                .config
+                .get_user()
+                .unwrap_or("postgres")
+                .to_owned(),
+            source: Some(e),
+        }
+    }
+
+    /// Opens a connection, with `timeout` as its connect timeout when given.
+    fn dial(&self, timeout: Option<Duration>) -> Result<Client> {
+        let mut dialer = self.dialer.clone();
+        if let Some(timeout) = timeout {
+            dialer.config.connect_timeout(timeout);
+        }
+        dialer.connect().map_err(|e| self.connect_error(e))
+    }
+
     /// Connects, runs `check` on the new connection, then `LISTEN`s.
     fn connect(
         &self,
         timeout: Option<Duration>,
         check: impl FnOnce(&mut Client) -> Result<()>,
     ) -> Result<Client> {
-        let mut dialer = self.dialer.clone();
-        if let Some(timeout) = timeout {
-            dialer.config.connect_timeout(timeout);
-        }
-        let connect_error = |e: postgres::Error| Error::Connect {
-            failure: classify_connect(&e),
-            target: self.target.clone(),
-            user: dialer.config.get_user().unwrap_or("postgres").to_owned(),
-            source: Some(e),
-        };
-        let mut client = dialer.connect().map_err(connect_error)?;
+        let mut client = self.dial(timeout)?;
         check(&mut client)?;
-        self.table.resolve(&mut client).map_err(connect_error)?;
-        client.batch_execute(&self.listen).map_err(connect_error)?;
+        self.table
+            .resolve(&mut client)
+            .map_err(|e| self.connect_error(e))?;
+        client
+            .batch_execute(&self.listen)
+            .map_err(|e| self.connect_error(e))?;
         Ok(client)
     }
 
@@ -544,15 +570,25 @@ impl Connector {
     /// helper thread, which ends by itself (dropping its connection) when
     /// the peer answers or the socket dies.
     fn connect_within_timeout(&self) -> Result<Client> {
+        self.within_connect_timeout(Connector::connect_refusing_transaction_poolers)
+    }
+
+    /// Runs `work` (which connects) within the configured connect timeout,
+    /// on a helper thread when there is one, as
+    /// [`connect_within_timeout`](Self::connect_within_timeout) does.
+    fn within_connect_timeout<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connector) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let Some(&limit) = self.dialer.config.get_connect_timeout() else {
-            return self.connect_refusing_transaction_poolers();
+            return work(self);
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
         let conn = self.clone();
         thread::Builder::new()
             .name("trebuchet-listener-connect".into())
             .spawn(move || {
-                let _ = tx.send(conn.connect_refusing_transaction_poolers());
+                let _ = tx.send(work(&conn));
             })
             .map_err(Error::thread_start("the listener's connect thread"))?;
         rx.recv_timeout(limit).unwrap_or_else(|_| {
@@ -575,7 +611,7 @@ impl Connector {
 struct Worker {
     shared: Arc<Shared>,
     conn: Connector,
-    catch_up_sql: Option<String>,
+    catch_up_sql: Option<Arc<str>>,
     wake: Receiver<()>,
     initial_backoff: Duration,
     max_backoff: Duration,
@@ -992,32 +1028,10 @@ fn catch_up_query(
     table: Option<String>,
 ) -> Option<CatchUp> {
     let sql = sql.filter(|_| (1..=MAX_CATCH_UP_IDS).contains(&ids.len()))?;
-    match client.query(sql, &[&ids]) {
-        Ok(rows) => Some(CatchUp {
+    match current_versions(client, sql, ids, table) {
+        Ok(current) => Some(CatchUp {
             queried: ids.iter().cloned().collect(),
-            current: rows
-                .iter()
-                .map(|row| {
-                    let id: String = row.get(0);
-                    let sequence: i64 = row.get(1);
-                    let deleted: bool = row.get(2);
-                    let seconds: f64 = row.get(3);
-                    let change = Change {
-                        actor_id: id.clone(),
-                        sequence: u64::try_from(sequence).unwrap_or(0),
-                        timestamp: SystemTime::UNIX_EPOCH
-                            // An 'infinity' timestamp must not end the thread.
-                            + Duration::try_from_secs_f64(seconds).unwrap_or_default(),
-                        kind: if deleted {
-                            ChangeKind::Deleted
-                        } else {
-                            ChangeKind::Saved
-                        },
-                        table: table.clone(),
-                    };
-                    (id, Arc::new(change))
-                })
-                .collect(),
+            current,
         }),
         Err(e) => {
             log::warn!("catch-up query failed, sending resync instead: {e}");
@@ -1026,12 +1040,84 @@ fn catch_up_query(
     }
 }
 
+/// The current version (or tombstone) of those of `ids` that exist or
+/// existed, through the store's catch-up query `sql`.
+fn current_versions(
+    client: &mut Client,
+    sql: &str,
+    ids: &[String],
+    table: Option<String>,
+) -> std::result::Result<HashMap<String, Arc<Change>>, postgres::Error> {
+    let rows = client.query(sql, &[&ids])?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let id: String = row.get(0);
+            let sequence: i64 = row.get(1);
+            let deleted: bool = row.get(2);
+            let seconds: f64 = row.get(3);
+            let change = Change {
+                actor_id: id.clone(),
+                sequence: u64::try_from(sequence).unwrap_or(0),
+                timestamp: SystemTime::UNIX_EPOCH
+                    // An 'infinity' timestamp must not end the thread.
+                    + Duration::try_from_secs_f64(seconds).unwrap_or_default(),
+                kind: if deleted {
+                    ChangeKind::Deleted
+                } else {
+                    ChangeKind::Saved
+                },
+                table: table.clone(),
+            };
+            (id, Arc::new(change))
+        })
+        .collect())
+}
+
+/// Sends an announce of `actor_id` on a connection of its own: reads the
+/// actor's number through the catch-up query when there is one, then
+/// notifies, with the server's clock as the timestamp.
+fn announce(
+    conn: &Connector,
+    channel: &str,
+    catch_up_sql: Option<&str>,
+    actor_id: &str,
+) -> Result<()> {
+    let mut client = conn.dial(None)?;
+    let sequence = match catch_up_sql {
+        Some(sql) => current_versions(&mut client, sql, &[actor_id.to_owned()], None)
+            .map_err(Error::Database)?
+            .get(actor_id)
+            .map_or(0, |c| c.sequence),
+        None => 0,
+    };
+    let sequence = i64::try_from(sequence).map_err(|_| Error::SequenceOutOfRange(sequence))?;
+    client
+        .execute(
+            ANNOUNCE_SQL,
+            &[&channel, &actor_id, &sequence, &conn.table.table()],
+        )
+        .map_err(Error::Database)?;
+    Ok(())
+}
+
+/// Notifies `$1` of an announce of actor `$2` at number `$3` in table `$4`
+/// (a `NULL` table leaves the key out), with the seed's keys.
+const ANNOUNCE_SQL: &str = "SELECT pg_notify($1::TEXT, json_strip_nulls(json_build_object( \
+     'actorID', $2::TEXT, 'sequenceNumber', $3::BIGINT, \
+     'timestamp', EXTRACT(EPOCH FROM clock_timestamp()), \
+     'op', 'announce', 'table', $4::TEXT))::TEXT)";
+
 struct Handle {
     shared: Arc<Shared>,
     wake: Sender<()>,
     thread: Mutex<Option<JoinHandle<()>>>,
     channel: String,
     target: String,
+    /// Opens the short-lived connections of [`ChangeListener::announce`].
+    conn: Connector,
+    /// The store's catch-up query, which reads an announced actor's number.
+    catch_up_sql: Option<Arc<str>>,
 }
 
 impl Handle {
@@ -1212,6 +1298,59 @@ impl ChangeListener {
             malformed: shared.stats.malformed.load(Ordering::Relaxed),
             subscribers: shared.registry().sinks.len(),
         }
+    }
+
+    /// Announces a change of `actor_id` without a write, so that everyone
+    /// listening on the channel reloads the actor, as the Swift adapter's
+    /// `notify` does: a payload with the seed's keys (`actorID`,
+    /// `sequenceNumber`, `timestamp`), `"op": "announce"`, and the
+    /// listener's table when it knows it. It reaches the subscribers of
+    /// every listener on the channel, in this process and others, this
+    /// listener's own too, as a change of kind [`ChangeKind::Announced`],
+    /// delivered whatever numbers a subscriber has seen; a
+    /// [`StateCache`](crate::StateCache) holding the actor reads it again.
+    ///
+    /// Use it after changing a state by a path that does not fire the
+    /// table's trigger (a bulk load, a restore, a hand-made fix), or to
+    /// have peers reload for a reason of your own.
+    ///
+    /// The announced number is the actor's number at that moment (its
+    /// tombstone's when it is deleted, 0 when it never existed), read
+    /// through the store's catch-up query for a listener from
+    /// [`StateStore::listener`](crate::StateStore::listener); 0 for a
+    /// listener without a store. It is not a new version (see
+    /// [`ChangeKind::Announced`]).
+    ///
+    /// Sends on a short-lived connection of its own (the listener's
+    /// connection belongs to its thread, which may be waiting on the
+    /// server or reconnecting), within the connect timeout when one is
+    /// set; also after [`shutdown`](Self::shutdown).
+    ///
+    /// ```no_run
+    /// use trebuchet_postgres::StateStore;
+    ///
+    /// let store = StateStore::connect("postgresql://localhost/trebuchet")?;
+    /// let listener = store.listener()?;
+    /// // ... the state of "room-1" was changed without its trigger ...
+    /// listener.announce("room-1")?; // every peer reloads room-1
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidActorId`] for an id the table cannot hold, before
+    /// anything is sent; [`Error::Connect`] when the connection cannot be
+    /// opened (or not within the connect timeout); [`Error::Database`] when
+    /// the server refuses the read or the notification.
+    pub fn announce(&self, actor_id: &str) -> Result<()> {
+        check_actor_id(actor_id).map_err(Error::InvalidActorId)?;
+        let handle = &self.handle;
+        let channel = handle.channel.clone();
+        let catch_up_sql = handle.catch_up_sql.clone();
+        let actor_id = actor_id.to_owned();
+        handle.conn.within_connect_timeout(move |conn| {
+            announce(conn, &channel, catch_up_sql.as_deref(), &actor_id)
+        })
     }
 
     /// Stops and joins the thread and closes the connection; every

@@ -253,8 +253,9 @@ impl<T: DeserializeOwned> Core<T> {
 /// caller's.
 ///
 /// Cheap to clone; the updating thread stops when the last clone is dropped.
-/// The cache keeps its listener running; if the listener is shut down
-/// explicitly, the cache empties itself and every `get` reads the store.
+/// The cache keeps its listener running (through its subscription); if the
+/// listener is shut down explicitly, the cache empties itself and every `get`
+/// reads the store.
 ///
 /// ```no_run
 /// use trebuchet_postgres::{StateCache, StateStore};
@@ -270,11 +271,10 @@ pub struct StateCache<T> {
     feed: Arc<Feed>,
 }
 
-/// Keeps the listener alive and the updating thread running for as long as
-/// a cache exists.
+/// Keeps the updating thread running for as long as a cache exists; its
+/// subscription keeps the listener running.
 struct Feed {
     _handler: CallbackHandle,
-    _listener: ChangeListener,
 }
 
 impl<T> Clone for StateCache<T> {
@@ -332,10 +332,7 @@ where
         )?;
         Ok(StateCache {
             core,
-            feed: Arc::new(Feed {
-                _handler: handler,
-                _listener: listener.clone(),
-            }),
+            feed: Arc::new(Feed { _handler: handler }),
         })
     }
 

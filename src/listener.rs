@@ -1155,10 +1155,14 @@ impl Drop for Handle {
 /// subscription filtered to known actors of a listener made from a store,
 /// the current version of each of its actors that it has not seen yet.
 ///
-/// Cheap to clone. Dropping the last clone (or calling
-/// [`shutdown`](Self::shutdown)) stops and joins the thread promptly (within
-/// about a second, also while it waits for notifications or a server), closes
-/// the connection, and ends every subscription.
+/// Cheap to clone. The thread runs as long as a clone of the listener or a
+/// [`Subscription`] from it exists (including the subscriptions inside
+/// [`on_change`](Self::on_change) callbacks and [`StateCache`](crate::StateCache)s):
+/// a subscription may outlive every clone and still receive changes, through
+/// reconnects too. Dropping the last of them stops and joins the thread
+/// promptly (within about a second, also while it waits for notifications or
+/// a server) and closes the connection. [`shutdown`](Self::shutdown) stops it
+/// at once, whatever still holds it, and ends every subscription.
 ///
 /// ```no_run
 /// use trebuchet_postgres::{Event, StateStore};
@@ -1264,13 +1268,14 @@ impl ChangeListener {
             rx,
             pending: Mutex::new(VecDeque::new()),
             queued,
-            shared: Arc::clone(shared),
+            handle: Arc::clone(&self.handle),
         }
     }
 
     /// Runs `callback` for every event on a thread of its own (never on the
     /// listener's thread), until the returned handle is dropped or the
-    /// listener shuts down.
+    /// listener shuts down. Its subscription keeps the listener running
+    /// until then.
     ///
     /// # Errors
     ///
@@ -1353,18 +1358,25 @@ impl ChangeListener {
         })
     }
 
-    /// Stops and joins the thread and closes the connection; every
-    /// subscription then ends. Idempotent; also done when the last clone is
-    /// dropped.
+    /// Stops and joins the thread and closes the connection, even while
+    /// subscriptions exist; every subscription then ends (after the events
+    /// already queued). Idempotent; also done when the last clone and the
+    /// last subscription are dropped.
     pub fn shutdown(&self) {
         self.handle.stop();
     }
 }
 
 /// A stream of [`Event`]s from a [`ChangeListener`], with its own bounded
-/// queue. Dropping it unsubscribes. Once the listener shuts down, the
-/// receiving methods report disconnection (after the events still queued)
-/// and iteration ends.
+/// queue. Dropping it unsubscribes.
+///
+/// It keeps its listener running: the listener's thread and connection stay
+/// up (reconnecting as needed) while a subscription exists, even when every
+/// clone of the [`ChangeListener`] is gone, and dropping the last
+/// subscription of a listener without clones stops and joins its thread.
+/// Once the listener shuts down ([`ChangeListener::shutdown`]), the receiving
+/// methods report disconnection (after the events still queued) and
+/// iteration ends.
 ///
 /// The listener hands changes over in batches, one channel message per batch
 /// (whatever arrived together, shared by every subscriber), and the
@@ -1382,7 +1394,8 @@ pub struct Subscription {
     pending: Mutex<VecDeque<EventBatch>>,
     /// Events in the queue, as the listener counts them.
     queued: Arc<AtomicUsize>,
-    shared: Arc<Shared>,
+    /// Keeps the listener running.
+    handle: Arc<Handle>,
 }
 
 impl fmt::Debug for Subscription {
@@ -1680,7 +1693,8 @@ impl Drop for EventBatch {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.shared.registry().sinks.remove(&self.id);
+        self.handle.shared.registry().sinks.remove(&self.id);
+        // Then the handle goes: when it was the last, the listener stops.
     }
 }
 

@@ -738,7 +738,8 @@ fn slow_subscriber_lags_alone_then_gets_a_lagged_resync() {
 #[derive(Debug, Clone, Copy)]
 enum Stop {
     Shutdown,
-    DropLastClone,
+    /// Drop every clone of the listener, then its last subscription.
+    DropLastHandle,
 }
 
 /// Runs `stop` on a thread of its own and waits for it to return, failing
@@ -761,8 +762,8 @@ fn stops_within_bound(what: &str, stop: impl FnOnce() + Send + 'static) {
 /// Stops a listener as `how` says, idle or while a writer saves in a loop,
 /// and checks that it stops (the call returns with the thread joined while
 /// nothing else would wake the listener: no heartbeat, and a writer that
-/// keeps saving until then), ends its subscriptions and closes its
-/// connection.
+/// keeps saving until then), ends its subscriptions (or drops the last one)
+/// and closes its connection.
 fn stops_promptly(schema: &TestSchema, store: &StateStore, how: Stop, busy: bool) {
     let app = unique_app_name("stop");
     let mut options = schema.connect_options();
@@ -807,25 +808,36 @@ fn stops_promptly(schema: &TestSchema, store: &StateStore, how: Stop, busy: bool
     }
 
     // Another thread waits on the subscription: it drains what is queued,
-    // then sees the disconnection.
+    // then sees the disconnection, or, told to, drops the subscription.
+    let what = format!("{how:?} (busy: {busy})");
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    let waiter = thread::spawn(move || {
-        let mut drained = 0u64;
-        let outcome = loop {
-            match sub.recv() {
-                Ok(event) => {
-                    order.see(&event);
-                    drained += 1;
+    let (drop_tx, drop_rx) = crossbeam_channel::bounded::<()>(1);
+    let waiter = {
+        let what = what.clone();
+        thread::spawn(move || {
+            let mut drained = 0u64;
+            loop {
+                select! {
+                    recv(sub.receiver()) -> batch => match batch {
+                        Ok(batch) => {
+                            for event in batch {
+                                order.see(&event);
+                                drained += 1;
+                            }
+                        }
+                        Err(_) => break,
+                    },
+                    recv(drop_rx) -> _ => {
+                        stops_within_bound(&what, move || drop(sub));
+                        break;
+                    }
                 }
-                Err(e) => break e,
             }
-        };
-        let _ = done_tx.send(drained);
-        outcome
-    });
+            let _ = done_tx.send(drained);
+        })
+    };
 
     let clone = listener.clone();
-    let what = format!("{how:?} (busy: {busy})");
     match how {
         Stop::Shutdown => {
             stops_within_bound(&what, move || listener.shutdown());
@@ -839,19 +851,23 @@ fn stops_promptly(schema: &TestSchema, store: &StateStore, how: Stop, busy: bool
                 Err(TryRecvError::Disconnected)
             );
         }
-        Stop::DropLastClone => {
+        Stop::DropLastHandle => {
             drop(listener);
             // Another clone keeps it running.
             let health = clone.health();
             assert!(health.connected, "{health:?}");
             assert_eq!(health.subscribers, 1, "{health:?}");
-            stops_within_bound(&what, move || drop(clone));
+            // So does the subscription, once the clones are gone.
+            drop(clone);
+            listener_backend(&mut admin, &app);
+            // Dropping it, the last handle, stops the listener.
+            drop_tx.send(()).unwrap();
         }
     }
 
     done_rx
-        .recv_timeout(WAIT)
-        .unwrap_or_else(|_| panic!("recv() did not end after {what}"));
+        .recv_timeout(STOP_WAIT + WAIT)
+        .unwrap_or_else(|_| panic!("the subscription did not end after {what}"));
     waiter.join().expect("waiter");
     stop_writer.store(true, Ordering::Relaxed);
     if let Some(writer) = writer {
@@ -873,11 +889,11 @@ fn shutdown_stops_promptly_idle_and_busy() {
 }
 
 #[test]
-fn dropping_the_last_clone_stops_promptly_idle_and_busy() {
+fn dropping_the_last_handle_stops_promptly_idle_and_busy() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    stops_promptly(&schema, &store, Stop::DropLastClone, false);
-    stops_promptly(&schema, &store, Stop::DropLastClone, true);
+    stops_promptly(&schema, &store, Stop::DropLastHandle, false);
+    stops_promptly(&schema, &store, Stop::DropLastHandle, true);
 }
 
 /// Shutdown while the listener works through a flood of notifications.
@@ -970,6 +986,90 @@ fn shutdown_is_prompt_under_a_flood_of_notifications() {
         WAIT,
         || backends(&mut admin, &app).is_empty(),
     );
+}
+
+/// A subscription keeps its listener running after every handle of the
+/// listener is gone: it still receives changes, and the listener still
+/// reconnects for it. Dropping it, the last of them, stops the thread and
+/// closes the connection.
+#[test]
+fn a_subscription_keeps_its_listener_running_after_every_handle_is_dropped() {
+    let _alone = exclusive();
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let app = unique_app_name("owned");
+    let listener = named_listener(
+        &schema,
+        &store,
+        &app,
+        (Duration::from_millis(50), Duration::from_millis(250)),
+    );
+    let sub = listener.subscribe();
+    let callback_seen = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&callback_seen);
+    let callback = listener
+        .on_change(move |event| {
+            if let Event::Change(c) = event {
+                seen.store(c.sequence, Ordering::Release);
+            }
+        })
+        .unwrap();
+    let clone = listener.clone();
+    drop(listener);
+    drop(clone);
+
+    let mut order = Order::new("subscriber");
+    store.save("owned", &1u32).unwrap();
+    expect_change(&sub, &mut order, "owned", 1, ChangeKind::Saved);
+    let mut admin = schema.client().unwrap();
+    let pid = listener_backend(&mut admin, &app);
+
+    // It still reconnects, for the subscription alone.
+    terminate(&mut admin, pid);
+    match next(&sub, &mut order) {
+        Event::Resync(ResyncReason::Reconnected) => {}
+        other => panic!("expected a resync after the reconnect, got {other:?}"),
+    }
+    store.save("owned", &2u32).unwrap();
+    expect_change(&sub, &mut order, "owned", 2, ChangeKind::Saved);
+    common::wait_until("the callback sees the second change", WAIT, || {
+        callback_seen.load(Ordering::Acquire) == 2
+    });
+
+    // The callback's subscription keeps it running too.
+    stops_within_bound("dropping a subscription while a callback runs", move || {
+        drop(sub)
+    });
+    listener_backend(&mut admin, &app);
+    store.save("owned", &3u32).unwrap();
+    common::wait_until("the callback sees the third change", WAIT, || {
+        callback_seen.load(Ordering::Acquire) == 3
+    });
+
+    // The last one: dropping it stops and joins the thread, which closes
+    // the connection.
+    stops_within_bound("dropping the last subscription", move || drop(callback));
+    common::wait_until(
+        "the listener's backend leaves pg_stat_activity",
+        WAIT,
+        || backends(&mut admin, &app).is_empty(),
+    );
+}
+
+/// A cache made from a listener that is dropped at once keeps following
+/// writes: its subscription keeps the listener running.
+#[test]
+fn a_cache_keeps_a_listener_no_one_else_holds_running() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let cache: StateCache<u64> = StateCache::new(&store, &store.listener().unwrap()).unwrap();
+    store.save("followed", &1u64).unwrap();
+    assert_eq!(cache.get("followed").unwrap().as_deref(), Some(&1));
+    store.save("followed", &2u64).unwrap();
+    common::wait_until("the cache sees the second write", WAIT, || {
+        cache.sequence("followed") == Some(2)
+    });
+    assert_eq!(cache.get("followed").unwrap().as_deref(), Some(&2));
 }
 
 /// Shutdown while a reconnect waits on a server that accepted the TCP

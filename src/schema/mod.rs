@@ -11,8 +11,10 @@ use crate::error::{Error, Result};
 use crate::ident::{fill_template, quote_identifier};
 use crate::pool::Connection;
 
+mod catch_up;
 mod verify;
 
+pub(crate) use catch_up::{ActorVersion, CatchUpQuery};
 pub(crate) use verify::verify;
 pub use verify::{Problem, VerifyReport};
 
@@ -256,7 +258,7 @@ pub(crate) struct Statements {
     pub save_many_if: String,
     pub delete_many: String,
     pub lock_many: String,
-    pub catch_up: String,
+    pub catch_up: CatchUpQuery,
     pub delete: String,
     pub exists: String,
     pub sequence: String,
@@ -495,10 +497,12 @@ impl Statements {
             // what a listener announces after a gap instead of a resync.
             // An expired row is reported as deleted at the next number, as
             // the sweeper will announce it.
-            catch_up: format!(
-                "SELECT actor_id::TEXT, sequence_number + CASE WHEN {e} THEN 1 ELSE 0 END, \
-                 COALESCE({e}, false), \
+            catch_up: CatchUpQuery::new(format!(
+                "SELECT actor_id::TEXT AS actor_id, \
+                 sequence_number + CASE WHEN {e} THEN 1 ELSE 0 END AS sequence_number, \
+                 COALESCE({e}, false) AS deleted, \
                  EXTRACT(EPOCH FROM CASE WHEN {e} THEN expires_at ELSE updated_at END)::FLOAT8 \
+                 AS at_epoch \
                  FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
                  UNION ALL \
                  SELECT b.actor_id::TEXT, b.sequence_number, true, \
@@ -506,7 +510,7 @@ impl Statements {
                  WHERE b.actor_id = ANY($1::VARCHAR[]) \
                  AND NOT EXISTS (SELECT 1 FROM {t} c WHERE c.actor_id = b.actor_id)",
                 e = expired("")
-            ),
+            )),
             delete: format!(
                 "DELETE FROM {t} WHERE actor_id = $1::VARCHAR AND {set_write_id} RETURNING {}",
                 live("")
@@ -884,7 +888,7 @@ mod tests {
             ("save_many_if", save_many_if),
             ("delete_many", delete_many),
             ("lock_many", lock_many),
-            ("catch_up", catch_up),
+            ("catch_up", catch_up.sql().to_owned()),
             ("delete", delete),
             ("exists", exists),
             ("sequence", sequence),

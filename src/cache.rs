@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
 
-use crate::change::Event;
+use crate::change::{ChangeKind, Event};
 use crate::error::Result;
 use crate::listener::{CallbackHandle, ChangeListener};
 use crate::store::{to_u64, StateStore};
@@ -28,8 +28,10 @@ enum Slot<T> {
         expires: Option<SystemTime>,
     },
     /// A `get` is loading it; `announced` is the highest sequence number
-    /// announced meanwhile.
-    Loading { announced: u64 },
+    /// announced meanwhile, and `announces` counts the announces without a
+    /// write ([`ChangeKind::Announced`]), which ask for a read again whatever
+    /// their number.
+    Loading { announced: u64, announces: u64 },
 }
 
 /// One actor as the cache reads it: the state, its sequence number and
@@ -50,6 +52,14 @@ impl<T> Slot<T> {
                 expires,
             },
             None => Slot::absent(0),
+        }
+    }
+
+    /// A slot for an actor a `get` starts loading.
+    fn loading() -> Self {
+        Slot::Loading {
+            announced: 0,
+            announces: 0,
         }
     }
 
@@ -127,15 +137,24 @@ impl<T: DeserializeOwned> Core<T> {
     fn apply(&self, event: Event) {
         match event {
             Event::Change(change) => {
+                // An announce is no new version: the actor is read again
+                // whatever number it carries.
+                let announce = change.kind == ChangeKind::Announced;
                 {
                     let mut slots = self.write();
                     match slots.get_mut(&change.actor_id) {
                         None => return,
-                        Some(Slot::Loading { announced }) => {
+                        Some(Slot::Loading { announces, .. }) if announce => {
+                            *announces += 1;
+                            return;
+                        }
+                        Some(Slot::Loading { announced, .. }) => {
                             *announced = (*announced).max(change.sequence);
                             return;
                         }
-                        Some(Slot::Ready { sequence, .. }) if *sequence >= change.sequence => {
+                        Some(Slot::Ready { sequence, .. })
+                            if !announce && *sequence >= change.sequence =>
+                        {
                             return
                         }
                         Some(_) => {}
@@ -145,20 +164,23 @@ impl<T: DeserializeOwned> Core<T> {
                 // that may connect may NOTIFY the channel, and a forged
                 // delete with a huge sequence number would otherwise empty
                 // the slot and hide every later change.
-                self.reload(&change.actor_id);
+                self.reload(&change.actor_id, announce);
             }
             Event::Resync(_) => self.reload_all(),
         }
     }
 
-    /// Reads one actor again after it was announced.
-    fn reload(&self, id: &str) {
+    /// Reads one actor again after it was announced: keeps what it read when
+    /// it is newer than what is held, or, after an announce without a
+    /// write, not older.
+    fn reload(&self, id: &str, announce: bool) {
         match self.read_one(id) {
             Ok(loaded) => {
                 let sequence = loaded.as_ref().map_or(0, |(_, s, _)| *s);
                 let mut slots = self.write();
                 if let Some(slot @ Slot::Ready { .. }) = slots.get_mut(id) {
-                    if matches!(slot, Slot::Ready { sequence: s, .. } if *s < sequence || loaded.is_none())
+                    if matches!(slot, Slot::Ready { sequence: s, .. }
+                        if *s < sequence || (announce && *s == sequence) || loaded.is_none())
                     {
                         *slot = Slot::ready(loaded);
                     }
@@ -231,8 +253,9 @@ impl<T: DeserializeOwned> Core<T> {
 /// caller's.
 ///
 /// Cheap to clone; the updating thread stops when the last clone is dropped.
-/// The cache keeps its listener running; if the listener is shut down
-/// explicitly, the cache empties itself and every `get` reads the store.
+/// The cache keeps its listener running (through its subscription); if the
+/// listener is shut down explicitly, the cache empties itself and every `get`
+/// reads the store.
 ///
 /// ```no_run
 /// use trebuchet_postgres::{StateCache, StateStore};
@@ -248,11 +271,10 @@ pub struct StateCache<T> {
     feed: Arc<Feed>,
 }
 
-/// Keeps the listener alive and the updating thread running for as long as
-/// a cache exists.
+/// Keeps the updating thread running for as long as a cache exists; its
+/// subscription keeps the listener running.
 struct Feed {
     _handler: CallbackHandle,
-    _listener: ChangeListener,
 }
 
 impl<T> Clone for StateCache<T> {
@@ -310,10 +332,7 @@ where
         )?;
         Ok(StateCache {
             core,
-            feed: Arc::new(Feed {
-                _handler: handler,
-                _listener: listener.clone(),
-            }),
+            feed: Arc::new(Feed { _handler: handler }),
         })
     }
 
@@ -335,7 +354,9 @@ where
         let mut newest = None;
         for _ in 0..MAX_CHASES {
             let generation = self.core.generation.load(Ordering::Acquire);
-            {
+            // The announces without a write so far: one that comes while
+            // this load reads may not be in what it reads.
+            let announces_before = {
                 let mut slots = self.core.write();
                 match slots.get(id) {
                     Some(slot @ Slot::Ready { .. }) => {
@@ -344,14 +365,16 @@ where
                         }
                         // Expired by this machine's clock: the store says
                         // whether it still exists.
-                        slots.insert(id.to_owned(), Slot::Loading { announced: 0 });
+                        slots.insert(id.to_owned(), Slot::loading());
+                        0
                     }
-                    Some(Slot::Loading { .. }) => {}
+                    Some(Slot::Loading { announces, .. }) => *announces,
                     None => {
-                        slots.insert(id.to_owned(), Slot::Loading { announced: 0 });
+                        slots.insert(id.to_owned(), Slot::loading());
+                        0
                     }
                 }
-            }
+            };
             let loaded = match self.core.read_one(id) {
                 Ok(loaded) => loaded,
                 Err(e) => {
@@ -371,9 +394,12 @@ where
                 {
                     return Ok(held.fresh().cloned().flatten());
                 }
-                Some(Slot::Loading { announced })
-                    if *announced > sequence
-                        || self.core.generation.load(Ordering::Acquire) != generation =>
+                Some(Slot::Loading {
+                    announced,
+                    announces,
+                }) if *announced > sequence
+                    || *announces != announces_before
+                    || self.core.generation.load(Ordering::Acquire) != generation =>
                 {
                     newest = Some(loaded);
                     continue;

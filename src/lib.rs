@@ -257,7 +257,8 @@ pub use crate::error::{ConnectFailure, Error, ErrorKind, InvalidActorId, Result}
 pub use crate::expected::Expected;
 pub use crate::ident::quote_identifier;
 pub use crate::listener::{
-    CallbackHandle, ChangeListener, ChangeListenerBuilder, ListenerHealth, Subscription,
+    CallbackHandle, ChangeListener, ChangeListenerBuilder, EventBatch, Events, ListenerHealth,
+    Subscription,
 };
 pub use crate::monitor::{
     ConnectionInfo, ListenerSession, SlowStatement, SlowStatements, StoreStats,

@@ -255,7 +255,9 @@ fn a_listener_hears_each_actors_changes_in_order() {
     let mut heard = Vec::new();
     for _ in 0..6 {
         match all.recv_timeout(Duration::from_secs(60)) {
-            Ok(trebuchet_postgres::Event::Change(c)) => heard.push((c.actor_id, c.sequence)),
+            Ok(trebuchet_postgres::Event::Change(c)) => {
+                heard.push((c.actor_id.clone(), c.sequence))
+            }
             other => panic!("expected a change, got {other:?}"),
         }
     }

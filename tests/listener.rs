@@ -20,8 +20,8 @@ use trebuchet_postgres::crossbeam_channel::{self, select, RecvTimeoutError, TryR
 use trebuchet_postgres::postgres::config::Host;
 use trebuchet_postgres::testing::{StopMode, TestCluster, TestDatabase, TestSchema};
 use trebuchet_postgres::{
-    Change, ChangeKind, ChangeListener, ConnectFailure, ConnectOptions, Error, Event, PoolOptions,
-    ResyncReason, StateCache, StateStore, Subscription,
+    Change, ChangeKind, ChangeListener, ConnectFailure, ConnectOptions, Error, Event, EventBatch,
+    PoolOptions, ResyncReason, StateCache, StateStore, Subscription,
 };
 
 use common::assert_recent;
@@ -97,7 +97,7 @@ fn next(sub: &Subscription, order: &mut Order) -> Event {
 
 /// The next event, which must be a change.
 #[track_caller]
-fn next_change(sub: &Subscription, order: &mut Order) -> Change {
+fn next_change(sub: &Subscription, order: &mut Order) -> Arc<Change> {
     match next(sub, order) {
         Event::Change(c) => c,
         other => panic!("{}: expected a change, got {other:?}", order.who),
@@ -112,7 +112,7 @@ fn expect_change(
     actor: &str,
     sequence: u64,
     kind: ChangeKind,
-) -> Change {
+) -> Arc<Change> {
     let c = next_change(sub, order);
     assert_eq!(
         (c.actor_id.as_str(), c.sequence, c.kind),
@@ -713,10 +713,9 @@ fn slow_subscriber_lags_alone_then_gets_a_lagged_resync() {
     assert_eq!(after.len(), 2, "{events:?}");
     assert_eq!(after[0], Event::Resync(ResyncReason::Lagged), "{events:?}");
     assert!(
-        matches!(
-            &after[1],
-            Event::Resync(ResyncReason::Lagged) | Event::Change(Change { sequence: 51, .. })
-        ),
+        matches!(&after[1], Event::Resync(ResyncReason::Lagged))
+            || matches!(&after[1], Event::Change(c) if c.sequence == 51
+            ),
         "after the lost changes: one lagged resync, then the newer change \
          or (when it was lost too) another lagged resync: {events:?}"
     );
@@ -739,7 +738,8 @@ fn slow_subscriber_lags_alone_then_gets_a_lagged_resync() {
 #[derive(Debug, Clone, Copy)]
 enum Stop {
     Shutdown,
-    DropLastClone,
+    /// Drop every clone of the listener, then its last subscription.
+    DropLastHandle,
 }
 
 /// Runs `stop` on a thread of its own and waits for it to return, failing
@@ -762,8 +762,8 @@ fn stops_within_bound(what: &str, stop: impl FnOnce() + Send + 'static) {
 /// Stops a listener as `how` says, idle or while a writer saves in a loop,
 /// and checks that it stops (the call returns with the thread joined while
 /// nothing else would wake the listener: no heartbeat, and a writer that
-/// keeps saving until then), ends its subscriptions and closes its
-/// connection.
+/// keeps saving until then), ends its subscriptions (or drops the last one)
+/// and closes its connection.
 fn stops_promptly(schema: &TestSchema, store: &StateStore, how: Stop, busy: bool) {
     let app = unique_app_name("stop");
     let mut options = schema.connect_options();
@@ -808,25 +808,36 @@ fn stops_promptly(schema: &TestSchema, store: &StateStore, how: Stop, busy: bool
     }
 
     // Another thread waits on the subscription: it drains what is queued,
-    // then sees the disconnection.
+    // then sees the disconnection, or, told to, drops the subscription.
+    let what = format!("{how:?} (busy: {busy})");
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-    let waiter = thread::spawn(move || {
-        let mut drained = 0u64;
-        let outcome = loop {
-            match sub.recv() {
-                Ok(event) => {
-                    order.see(&event);
-                    drained += 1;
+    let (drop_tx, drop_rx) = crossbeam_channel::bounded::<()>(1);
+    let waiter = {
+        let what = what.clone();
+        thread::spawn(move || {
+            let mut drained = 0u64;
+            loop {
+                select! {
+                    recv(sub.receiver()) -> batch => match batch {
+                        Ok(batch) => {
+                            for event in batch {
+                                order.see(&event);
+                                drained += 1;
+                            }
+                        }
+                        Err(_) => break,
+                    },
+                    recv(drop_rx) -> _ => {
+                        stops_within_bound(&what, move || drop(sub));
+                        break;
+                    }
                 }
-                Err(e) => break e,
             }
-        };
-        let _ = done_tx.send(drained);
-        outcome
-    });
+            let _ = done_tx.send(drained);
+        })
+    };
 
     let clone = listener.clone();
-    let what = format!("{how:?} (busy: {busy})");
     match how {
         Stop::Shutdown => {
             stops_within_bound(&what, move || listener.shutdown());
@@ -840,19 +851,23 @@ fn stops_promptly(schema: &TestSchema, store: &StateStore, how: Stop, busy: bool
                 Err(TryRecvError::Disconnected)
             );
         }
-        Stop::DropLastClone => {
+        Stop::DropLastHandle => {
             drop(listener);
             // Another clone keeps it running.
             let health = clone.health();
             assert!(health.connected, "{health:?}");
             assert_eq!(health.subscribers, 1, "{health:?}");
-            stops_within_bound(&what, move || drop(clone));
+            // So does the subscription, once the clones are gone.
+            drop(clone);
+            listener_backend(&mut admin, &app);
+            // Dropping it, the last handle, stops the listener.
+            drop_tx.send(()).unwrap();
         }
     }
 
     done_rx
-        .recv_timeout(WAIT)
-        .unwrap_or_else(|_| panic!("recv() did not end after {what}"));
+        .recv_timeout(STOP_WAIT + WAIT)
+        .unwrap_or_else(|_| panic!("the subscription did not end after {what}"));
     waiter.join().expect("waiter");
     stop_writer.store(true, Ordering::Relaxed);
     if let Some(writer) = writer {
@@ -874,11 +889,11 @@ fn shutdown_stops_promptly_idle_and_busy() {
 }
 
 #[test]
-fn dropping_the_last_clone_stops_promptly_idle_and_busy() {
+fn dropping_the_last_handle_stops_promptly_idle_and_busy() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    stops_promptly(&schema, &store, Stop::DropLastClone, false);
-    stops_promptly(&schema, &store, Stop::DropLastClone, true);
+    stops_promptly(&schema, &store, Stop::DropLastHandle, false);
+    stops_promptly(&schema, &store, Stop::DropLastHandle, true);
 }
 
 /// Shutdown while the listener works through a flood of notifications.
@@ -971,6 +986,90 @@ fn shutdown_is_prompt_under_a_flood_of_notifications() {
         WAIT,
         || backends(&mut admin, &app).is_empty(),
     );
+}
+
+/// A subscription keeps its listener running after every handle of the
+/// listener is gone: it still receives changes, and the listener still
+/// reconnects for it. Dropping it, the last of them, stops the thread and
+/// closes the connection.
+#[test]
+fn a_subscription_keeps_its_listener_running_after_every_handle_is_dropped() {
+    let _alone = exclusive();
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let app = unique_app_name("owned");
+    let listener = named_listener(
+        &schema,
+        &store,
+        &app,
+        (Duration::from_millis(50), Duration::from_millis(250)),
+    );
+    let sub = listener.subscribe();
+    let callback_seen = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&callback_seen);
+    let callback = listener
+        .on_change(move |event| {
+            if let Event::Change(c) = event {
+                seen.store(c.sequence, Ordering::Release);
+            }
+        })
+        .unwrap();
+    let clone = listener.clone();
+    drop(listener);
+    drop(clone);
+
+    let mut order = Order::new("subscriber");
+    store.save("owned", &1u32).unwrap();
+    expect_change(&sub, &mut order, "owned", 1, ChangeKind::Saved);
+    let mut admin = schema.client().unwrap();
+    let pid = listener_backend(&mut admin, &app);
+
+    // It still reconnects, for the subscription alone.
+    terminate(&mut admin, pid);
+    match next(&sub, &mut order) {
+        Event::Resync(ResyncReason::Reconnected) => {}
+        other => panic!("expected a resync after the reconnect, got {other:?}"),
+    }
+    store.save("owned", &2u32).unwrap();
+    expect_change(&sub, &mut order, "owned", 2, ChangeKind::Saved);
+    common::wait_until("the callback sees the second change", WAIT, || {
+        callback_seen.load(Ordering::Acquire) == 2
+    });
+
+    // The callback's subscription keeps it running too.
+    stops_within_bound("dropping a subscription while a callback runs", move || {
+        drop(sub)
+    });
+    listener_backend(&mut admin, &app);
+    store.save("owned", &3u32).unwrap();
+    common::wait_until("the callback sees the third change", WAIT, || {
+        callback_seen.load(Ordering::Acquire) == 3
+    });
+
+    // The last one: dropping it stops and joins the thread, which closes
+    // the connection.
+    stops_within_bound("dropping the last subscription", move || drop(callback));
+    common::wait_until(
+        "the listener's backend leaves pg_stat_activity",
+        WAIT,
+        || backends(&mut admin, &app).is_empty(),
+    );
+}
+
+/// A cache made from a listener that is dropped at once keeps following
+/// writes: its subscription keeps the listener running.
+#[test]
+fn a_cache_keeps_a_listener_no_one_else_holds_running() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let cache: StateCache<u64> = StateCache::new(&store, &store.listener().unwrap()).unwrap();
+    store.save("followed", &1u64).unwrap();
+    assert_eq!(cache.get("followed").unwrap().as_deref(), Some(&1));
+    store.save("followed", &2u64).unwrap();
+    common::wait_until("the cache sees the second write", WAIT, || {
+        cache.sequence("followed") == Some(2)
+    });
+    assert_eq!(cache.get("followed").unwrap().as_deref(), Some(&2));
 }
 
 /// Shutdown while a reconnect waits on a server that accepted the TCP
@@ -1067,6 +1166,132 @@ fn a_thousand_subscribers_all_receive_and_unsubscribe() {
     let last = listener.subscribe();
     store.save("many", &7u64).unwrap();
     expect_change(&last, &mut Order::new("last"), "many", 7, ChangeKind::Saved);
+}
+
+/// Queues `count` notifications of actor `actor` (numbers `1..=count`) on
+/// `schema`'s channel with one statement: they reach the listener together.
+fn burst(schema: &TestSchema, actor: &str, count: i64) {
+    schema
+        .client()
+        .unwrap()
+        .execute(
+            "SELECT count(pg_notify($1, json_build_object('actorID', $2::TEXT, \
+             'sequenceNumber', g, 'timestamp', 1764000000, 'op', 'save')::TEXT)) \
+             FROM generate_series(1, $3::BIGINT) g",
+            &[&schema.channel(), &actor, &count],
+        )
+        .unwrap();
+}
+
+#[test]
+fn subscribers_share_each_change_and_get_bursts_in_order() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let listener = store.listener().unwrap();
+    let first = listener.subscribe();
+    let second = listener.subscribe();
+    let burst_only = listener.subscribe_actor("burst");
+    let other_only = listener.subscribe_actor("other");
+
+    burst(&schema, "burst", 2_000);
+    store.save("other", &1u32).unwrap();
+    let (mut o1, mut o2, mut ob) = (
+        Order::new("first"),
+        Order::new("second"),
+        Order::new("burst only"),
+    );
+    for n in 1..=2_000 {
+        let a = expect_change(&first, &mut o1, "burst", n, ChangeKind::Saved);
+        let b = expect_change(&second, &mut o2, "burst", n, ChangeKind::Saved);
+        expect_change(&burst_only, &mut ob, "burst", n, ChangeKind::Saved);
+        // One allocation per change, whoever receives it.
+        assert!(Arc::ptr_eq(&a, &b), "change {n} was copied per subscriber");
+    }
+    for (sub, order) in [(&first, &mut o1), (&second, &mut o2)] {
+        expect_change(sub, order, "other", 1, ChangeKind::Saved);
+    }
+    expect_change(
+        &other_only,
+        &mut Order::new("other only"),
+        "other",
+        1,
+        ChangeKind::Saved,
+    );
+    assert_eq!(burst_only.try_recv(), Err(TryRecvError::Empty));
+    let health = listener.health();
+    assert_eq!((health.received, health.dropped), (2_001, 0), "{health:?}");
+}
+
+/// Read through `receiver()`: batches of at most a quarter of the queue,
+/// in order, whose events can be read in place.
+#[test]
+fn batches_are_at_most_a_quarter_of_the_queue_and_read_in_place() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let listener = store
+        .listener_builder()
+        .queue_capacity(400)
+        .build()
+        .unwrap();
+    let sub = listener.subscribe();
+
+    burst(&schema, "burst", 300);
+    let mut order = Order::new("batch reader");
+    let mut sizes = Vec::new();
+    let mut next = 1;
+    while next <= 300 {
+        let mut batch = sub.receiver().recv_timeout(WAIT).expect("a batch");
+        sizes.push(batch.len());
+        assert!((1..=100).contains(&batch.len()), "{sizes:?}");
+        let rest = batch.len() - 1;
+        let first = batch.next().expect("one event");
+        assert_eq!(batch.as_slice().len(), rest);
+        for event in std::iter::once(&first).chain(batch.as_slice()) {
+            order.see(event);
+            match event {
+                Event::Change(c) => assert_eq!((c.actor_id.as_str(), c.sequence), ("burst", next)),
+                other => panic!("unexpected {other:?}"),
+            }
+            next += 1;
+        }
+    }
+    expect_quiet(&sub, "batch reader");
+    assert_eq!(listener.health().dropped, 0);
+    eprintln!("batch sizes: {sizes:?}");
+}
+
+/// A burst larger than the queue: the first changes up to its capacity,
+/// then a lagged resync, then the changes that came after.
+#[test]
+fn a_burst_beyond_the_queue_keeps_its_head_and_then_resyncs() {
+    let schema = TestDatabase::shared().schema();
+    let store = schema.store();
+    let listener = store.listener_builder().queue_capacity(10).build().unwrap();
+    let sub = listener.subscribe();
+    let probe = listener.subscribe_actor("after");
+
+    burst(&schema, "burst", 500);
+    store.save("after", &1u32).unwrap();
+    // The save comes after the burst: once the probe has it, the listener
+    // has dealt with the whole burst.
+    expect_change(
+        &probe,
+        &mut Order::new("probe"),
+        "after",
+        1,
+        ChangeKind::Saved,
+    );
+    let health = listener.health();
+    assert_eq!(health.dropped, 490 + 1, "{health:?}");
+
+    let mut order = Order::new("subscriber");
+    for n in 1..=10 {
+        expect_change(&sub, &mut order, "burst", n, ChangeKind::Saved);
+    }
+    assert_eq!(next(&sub, &mut order), Event::Resync(ResyncReason::Lagged));
+    expect_quiet(&sub, "subscriber");
+    store.save("after", &2u32).unwrap();
+    expect_change(&sub, &mut order, "after", 2, ChangeKind::Saved);
 }
 
 // ----- 10. the state cache -------------------------------------------------
@@ -1252,17 +1477,25 @@ fn select_works_with_a_subscription_and_another_channel() {
     let (tx, rx) = crossbeam_channel::unbounded::<&'static str>();
     let mut order = Order::new("subscriber");
 
+    /// The one event of a batch received through `select!`.
+    #[track_caller]
+    fn only(batch: Result<EventBatch, crossbeam_channel::RecvError>) -> Event {
+        let events: Vec<Event> = batch.expect("listener alive").collect();
+        assert_eq!(events.len(), 1, "{events:?}");
+        events.into_iter().next().unwrap()
+    }
+
     tx.send("other").unwrap();
     select! {
-        recv(sub.receiver()) -> event => panic!("unexpected event {event:?}"),
+        recv(sub.receiver()) -> batch => panic!("unexpected events {batch:?}"),
         recv(rx) -> message => assert_eq!(message, Ok("other")),
         default(WAIT) => panic!("select! saw nothing"),
     }
 
     store.save("sel", &1u32).unwrap();
     select! {
-        recv(sub.receiver()) -> event => {
-            let event = event.expect("listener alive");
+        recv(sub.receiver()) -> batch => {
+            let event = only(batch);
             order.see(&event);
             assert!(
                 matches!(&event, Event::Change(c) if c.actor_id == "sel" && c.sequence == 1),
@@ -1279,8 +1512,8 @@ fn select_works_with_a_subscription_and_another_channel() {
     let (mut got_change, mut got_message) = (false, false);
     for _ in 0..2 {
         select! {
-            recv(sub.receiver()) -> event => {
-                let event = event.expect("listener alive");
+            recv(sub.receiver()) -> batch => {
+                let event = only(batch);
                 order.see(&event);
                 assert!(matches!(&event, Event::Change(c) if c.sequence == 2), "{event:?}");
                 got_change = true;
@@ -1297,7 +1530,7 @@ fn select_works_with_a_subscription_and_another_channel() {
     // After shutdown the subscription's arm reports disconnection.
     listener.shutdown();
     select! {
-        recv(sub.receiver()) -> event => assert!(event.is_err(), "{event:?}"),
+        recv(sub.receiver()) -> batch => assert!(batch.is_err(), "{batch:?}"),
         default(WAIT) => panic!("select! did not see the shutdown"),
     }
 }

@@ -748,7 +748,7 @@ fn hostile_actor_ids_round_trip_as_data() {
         match next_event(&all) {
             Event::Change(c) => {
                 assert!(ids.contains(&c.actor_id), "unknown actor {:?}", c.actor_id);
-                announced.insert(c.actor_id, c.sequence);
+                announced.insert(c.actor_id.clone(), c.sequence);
             }
             other => panic!("{other:?}"),
         }

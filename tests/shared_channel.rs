@@ -23,7 +23,7 @@ fn store_on(schema: &TestSchema, table: &str) -> StateStore {
 #[track_caller]
 fn next_change(sub: &Subscription) -> Change {
     match sub.recv_timeout(WAIT).expect("no change arrived") {
-        Event::Change(c) => c,
+        Event::Change(c) => std::sync::Arc::unwrap_or_clone(c),
         other => panic!("expected a change, got {other:?}"),
     }
 }

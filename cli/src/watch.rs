@@ -92,7 +92,7 @@ pub fn watch(settings: &Settings, args: &Watch) -> Result<(), Failure> {
                 json_line(
                     &mut out,
                     &Line::Change {
-                        actor_id: change.actor_id,
+                        actor_id: change.actor_id.clone(),
                         sequence: change.sequence,
                         op,
                         timestamp: timestamp(change.timestamp),

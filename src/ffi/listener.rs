@@ -227,7 +227,11 @@ fn to_c_event(event: &Event) -> trebuchet_event {
     match event {
         Event::Change(change) => {
             out.kind = match change.kind {
-                ChangeKind::Saved => trebuchet_event_kind::TREBUCHET_EVENT_SAVED,
+                // An announce without a write asks for a reload, as a
+                // save does; the C ABI has no kind of its own for it yet.
+                ChangeKind::Saved | ChangeKind::Announced => {
+                    trebuchet_event_kind::TREBUCHET_EVENT_SAVED
+                }
                 ChangeKind::Deleted => trebuchet_event_kind::TREBUCHET_EVENT_DELETED,
             };
             out.sequence = change.sequence;

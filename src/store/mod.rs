@@ -370,7 +370,7 @@ impl StateStore {
                 Some(schema) => format!("{schema}.{}", self.inner.names.table),
                 None => self.inner.names.table.clone(),
             })
-            .catch_up_sql(self.inner.sql.catch_up.text().to_owned())
+            .catch_up_sql(self.inner.sql.catch_up.clone())
     }
 
     /// Starts a [`ChangeListener`] on this store's server and channel.

@@ -5,7 +5,7 @@
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fallible_iterator::FallibleIterator;
@@ -304,7 +304,12 @@ pub fn unique(prefix: &str) -> String {
 /// Asserts that the next event, within 60 s, is a change of `actor` to
 /// `sequence` of `kind`, and returns it.
 #[track_caller]
-pub fn expect_change(sub: &Subscription, actor: &str, sequence: u64, kind: ChangeKind) -> Change {
+pub fn expect_change(
+    sub: &Subscription,
+    actor: &str,
+    sequence: u64,
+    kind: ChangeKind,
+) -> Arc<Change> {
     match sub.recv_timeout(Duration::from_secs(60)) {
         Ok(Event::Change(c)) => {
             assert_eq!(

@@ -33,10 +33,10 @@ impl Recorder {
             loop {
                 match subscription.recv_timeout(Duration::from_millis(50)) {
                     Ok(Event::Change(c)) => feed.events.push(Seen::Change {
-                        actor: c.actor_id,
+                        actor: c.actor_id.clone(),
                         sequence: c.sequence,
                         deleted: c.kind == trebuchet_postgres::ChangeKind::Deleted,
-                        table: c.table,
+                        table: c.table.clone(),
                     }),
                     Ok(Event::Resync(_)) => feed.events.push(Seen::Resync),
                     Ok(_) => {}

@@ -13,7 +13,7 @@ use super::worker::{MalformedLog, Worker};
 use super::{ChangeListener, Handle, Shared, Stats};
 use crate::change::{Event, ResyncReason, TableFilter};
 use crate::config::{
-    listen_through_transaction_pooler, validate_identifier, ConnectOptions, PoolerMode,
+    listen_through_transaction_pooler, validate_identifier, Abandoned, ConnectOptions, PoolerMode,
     DEFAULT_CHANNEL,
 };
 use crate::error::{Error, Result};
@@ -214,6 +214,9 @@ impl ChangeListenerBuilder {
             target: target.clone(),
             listen: format!("LISTEN {}", quote_identifier(&self.channel)),
             table: Arc::new(TableFilter::new(table)),
+            // The listener connects once at a time: a few connects left
+            // hanging on a silent server are enough.
+            abandoned: Arc::new(Abandoned::new(4)),
         };
         let client = conn.connect_within_timeout()?;
         let shared = Arc::new(Shared {

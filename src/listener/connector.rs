@@ -9,7 +9,9 @@ use std::time::Duration;
 use postgres::{Client, SimpleQueryMessage};
 
 use crate::change::TableFilter;
-use crate::config::{classify_connect, listen_through_transaction_pooler, Dialer};
+use crate::config::{
+    classify_connect, listen_through_transaction_pooler, within_timeout, Abandoned, Dialer,
+};
 use crate::error::{ConnectFailure, Error, Result};
 
 /// Opens the listener's connection.
@@ -21,6 +23,8 @@ pub(super) struct Connector {
     /// The `LISTEN` statement.
     pub(super) listen: String,
     pub(super) table: Arc<TableFilter>,
+    /// Connects given up on at the timeout that have not ended yet.
+    pub(super) abandoned: Arc<Abandoned>,
 }
 
 impl Connector {
@@ -138,26 +142,24 @@ impl Connector {
         let Some(&limit) = self.dialer.config.get_connect_timeout() else {
             return work(self);
         };
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let timed_out = || Error::Connect {
+            failure: ConnectFailure::Timeout,
+            target: self.target.clone(),
+            user: self
+                .dialer
+                .config
+                .get_user()
+                .unwrap_or("postgres")
+                .to_owned(),
+            source: None,
+        };
         let conn = self.clone();
-        thread::Builder::new()
-            .name("trebuchet-listener-connect".into())
-            .spawn(move || {
-                let _ = tx.send(work(&conn));
-            })
-            .map_err(Error::thread_start("the listener's connect thread"))?;
-        rx.recv_timeout(limit).unwrap_or_else(|_| {
-            Err(Error::Connect {
-                failure: ConnectFailure::Timeout,
-                target: self.target.clone(),
-                user: self
-                    .dialer
-                    .config
-                    .get_user()
-                    .unwrap_or("postgres")
-                    .to_owned(),
-                source: None,
-            })
-        })
+        within_timeout(
+            limit,
+            &self.abandoned,
+            "trebuchet-listener-connect",
+            timed_out,
+            move || work(&conn),
+        )
     }
 }

@@ -30,8 +30,13 @@ pub(super) struct Connector {
 impl Connector {
     /// A connection error as [`Error::Connect`].
     fn connect_error(&self, e: postgres::Error) -> Error {
+        self.failed(classify_connect(&e), Some(e))
+    }
+
+    /// [`Error::Connect`] for this connector's target and user.
+    fn failed(&self, failure: ConnectFailure, source: Option<postgres::Error>) -> Error {
         Error::Connect {
-            failure: classify_connect(&e),
+            failure,
             target: self.target.clone(),
             user: self
                 .dialer
@@ -39,7 +44,7 @@ impl Connector {
                 .get_user()
                 .unwrap_or("postgres")
                 .to_owned(),
-            source: Some(e),
+            source,
         }
     }
 
@@ -142,17 +147,7 @@ impl Connector {
         let Some(&limit) = self.dialer.config.get_connect_timeout() else {
             return work(self);
         };
-        let timed_out = || Error::Connect {
-            failure: ConnectFailure::Timeout,
-            target: self.target.clone(),
-            user: self
-                .dialer
-                .config
-                .get_user()
-                .unwrap_or("postgres")
-                .to_owned(),
-            source: None,
-        };
+        let timed_out = || self.failed(ConnectFailure::Timeout, None);
         let conn = self.clone();
         within_timeout(
             limit,

@@ -303,6 +303,15 @@ where
     /// A cache over `store`, updated by `listener` (which must listen on the
     /// store's channel, as [`StateStore::listener`] does).
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// use trebuchet_postgres::StateCache;
+    /// let rooms: StateCache<Vec<String>> = StateCache::new(&store, &listener)?;
+    /// let players = rooms.get("room-1")?; // loads once, then kept fresh by the listener
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// When the updating thread cannot be started.
@@ -339,6 +348,16 @@ where
     /// The actor's state, or `None` when it does not exist. Loads it from
     /// the store the first time; afterwards returns the held value without a
     /// round trip.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// # let rooms: trebuchet_postgres::StateCache<Vec<String>> = trebuchet_postgres::StateCache::new(&store, &listener)?;
+    /// if let Some(players) = rooms.get("room-1")? {
+    ///     println!("{} players", players.len()); // an Arc<Vec<String>>, no copy
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -425,6 +444,15 @@ where
     /// The sequence number of the held version, without a round trip
     /// (`None` when the actor is not held, does not exist, or has expired
     /// by this machine's clock).
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// # let rooms: trebuchet_postgres::StateCache<u32> = trebuchet_postgres::StateCache::new(&store, &listener)?;
+    /// rooms.get("room-1")?;
+    /// println!("held at {:?}", rooms.sequence("room-1"));
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn sequence(&self, id: &str) -> Option<u64> {
         match self.core.read().get(id) {
             Some(
@@ -439,16 +467,44 @@ where
     }
 
     /// Whether the cache holds the actor (present or known absent).
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// # let rooms: trebuchet_postgres::StateCache<u32> = trebuchet_postgres::StateCache::new(&store, &listener)?;
+    /// if !rooms.contains("room-1") {
+    ///     rooms.get("room-1")?; // the first get loads it
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn contains(&self, id: &str) -> bool {
         matches!(self.core.read().get(id), Some(Slot::Ready { .. }))
     }
 
     /// Stops holding the actor; the next `get` loads it again.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// # let rooms: trebuchet_postgres::StateCache<u32> = trebuchet_postgres::StateCache::new(&store, &listener)?;
+    /// rooms.forget("room-1"); // the next get asks the store again
+    /// assert!(!rooms.contains("room-1"));
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn forget(&self, id: &str) {
         self.core.write().remove(id);
     }
 
     /// How many actors are held.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// # let rooms: trebuchet_postgres::StateCache<u32> = trebuchet_postgres::StateCache::new(&store, &listener)?;
+    /// rooms.get("room-1")?;
+    /// println!("{} actors held", rooms.len());
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn len(&self) -> usize {
         self.core
             .read()
@@ -458,6 +514,14 @@ where
     }
 
     /// Whether no actor is held.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// # let rooms: trebuchet_postgres::StateCache<u32> = trebuchet_postgres::StateCache::new(&store, &listener)?;
+    /// assert!(rooms.is_empty()); // nothing is held until asked for
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -183,11 +183,28 @@ impl fmt::Debug for ChangeListener {
 
 impl ChangeListener {
     /// A builder with every default.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use trebuchet_postgres::ChangeListener;
+    /// let listener = ChangeListener::builder()
+    ///     .url("postgresql://postgres@localhost/trebuchet")
+    ///     .queue_capacity(4096)
+    ///     .heartbeat(Duration::from_secs(10), Duration::from_secs(5))
+    ///     .build()?;
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn builder() -> ChangeListenerBuilder {
         ChangeListenerBuilder::new()
     }
 
     /// Listens on `actor_state_changes` through a connection string.
+    ///
+    /// ```no_run
+    /// let listener = trebuchet_postgres::ChangeListener::connect("postgresql://postgres@localhost/trebuchet")?;
+    /// assert_eq!(listener.channel(), "actor_state_changes");
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -197,21 +214,56 @@ impl ChangeListener {
     }
 
     /// The channel listened on.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// assert_eq!(listener.channel(), store.channel());
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn channel(&self) -> &str {
         &self.handle.channel
     }
 
     /// Every change on the channel.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// let everything = listener.subscribe();
+    /// store.save("room-1", &1u32)?;
+    /// println!("{:?}", everything.recv());
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn subscribe(&self) -> Subscription {
         self.add(None)
     }
 
     /// Changes of one actor.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// let room = listener.subscribe_actor("room-1");
+    /// store.save("room-2", &1u32)?; // not this subscription's
+    /// store.save("room-1", &1u32)?;
+    /// println!("{:?}", room.recv()); // the change of room-1
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn subscribe_actor(&self, actor_id: impl Into<String>) -> Subscription {
         self.add(Some(std::iter::once(actor_id.into()).collect()))
     }
 
     /// Changes of a set of actors.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// let lobby = listener.subscribe_actors(["room-1", "room-2"]);
+    /// store.save("room-2", &1u32)?;
+    /// println!("{:?}", lobby.recv());
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn subscribe_actors<I, S>(&self, actor_ids: I) -> Subscription
     where
         I: IntoIterator<Item = S>,
@@ -229,6 +281,15 @@ impl ChangeListener {
     /// listener shuts down. Its subscription keeps the listener running
     /// until then.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// let handle = listener.on_change(|event| println!("{event:?}"))?;
+    /// store.save("room-1", &1u32)?;
+    /// drop(handle); // stops the callback
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// When the thread cannot be started.
@@ -240,6 +301,14 @@ impl ChangeListener {
     }
 
     /// The connection state and counters.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// let health = listener.health();
+    /// println!("connected: {}, {} reconnects, {} received", health.connected, health.reconnects, health.received);
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn health(&self) -> ListenerHealth {
         let shared = &self.handle.shared;
         ListenerHealth {
@@ -315,6 +384,15 @@ impl ChangeListener {
     /// subscriptions exist; every subscription then ends (after the events
     /// already queued). Idempotent; also done when the last clone and the
     /// last subscription are dropped.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// let changes = listener.subscribe();
+    /// listener.shutdown(); // stops the thread now, for every clone
+    /// assert!(changes.recv().is_err());
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn shutdown(&self) {
         self.handle.stop();
     }

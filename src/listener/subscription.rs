@@ -82,6 +82,20 @@ impl Subscription {
 
     /// Waits for the next event.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// use trebuchet_postgres::Event;
+    /// let changes = listener.subscribe();
+    /// match changes.recv() {
+    ///     Ok(Event::Change(change)) => println!("{} is at {}", change.actor_id, change.sequence),
+    ///     Ok(Event::Resync(reason)) => println!("reload everything: {reason:?}"),
+    ///     Ok(_) => {}
+    ///     Err(_) => println!("the listener has shut down"),
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`RecvError`] once the listener has shut down and every queued event
@@ -98,6 +112,17 @@ impl Subscription {
     }
 
     /// Waits for the next event at most `timeout`.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// # use std::time::Duration;
+    /// let changes = listener.subscribe_actor("room-1");
+    /// if let Ok(event) = changes.recv_timeout(Duration::from_secs(1)) {
+    ///     println!("{event:?}");
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -122,6 +147,16 @@ impl Subscription {
 
     /// The next event if one is queued.
     ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// let changes = listener.subscribe();
+    /// while let Ok(event) = changes.try_recv() {
+    ///     println!("{event:?}"); // whatever is queued, without waiting
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`TryRecvError::Empty`], or `Disconnected` once the listener has
@@ -138,6 +173,18 @@ impl Subscription {
     }
 
     /// A blocking iterator that ends when the listener shuts down.
+    ///
+    /// ```no_run
+    /// # let store = trebuchet_postgres::StateStore::from_env()?;
+    /// # let listener = store.listener()?;
+    /// use trebuchet_postgres::Event;
+    /// for event in listener.subscribe().iter() {
+    ///     if let Event::Change(change) = event {
+    ///         println!("{} is at {}", change.actor_id, change.sequence);
+    ///     }
+    /// }
+    /// # Ok::<(), trebuchet_postgres::Error>(())
+    /// ```
     pub fn iter(&self) -> Events<'_> {
         Events { subscription: self }
     }

@@ -4,8 +4,8 @@
 
 use super::catch_up;
 use super::connector::Connector;
+use super::query::CatchUpQuery;
 use crate::error::{Error, Result};
-use crate::schema::CatchUpQuery;
 
 /// Sends an announce of `actor_id` on a connection of its own: reads the
 /// actor's number through the catch-up query when there is one, then

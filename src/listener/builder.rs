@@ -8,6 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use super::connector::Connector;
+use super::query::CatchUpQuery;
 use super::sink::Registry;
 use super::worker::{MalformedLog, Worker};
 use super::{ChangeListener, Handle, Shared, Stats};
@@ -18,7 +19,6 @@ use crate::config::{
 };
 use crate::error::{Error, Result};
 use crate::ident::quote_identifier;
-use crate::schema::CatchUpQuery;
 
 /// Configures a [`ChangeListener`]. Obtain one with
 /// [`ChangeListener::builder`] or

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use postgres::Client;
 
+use super::query::{ActorVersion, CatchUpQuery};
 use super::Shared;
 use crate::change::{Change, ChangeKind, Event, ResyncReason};
-use crate::schema::{ActorVersion, CatchUpQuery};
 
 /// Filtered subscriptions with at most this many actors in all get exact
 /// catch-up after a reconnect; beyond it they get a `Resync`.

@@ -12,6 +12,7 @@ mod announce;
 mod builder;
 mod catch_up;
 mod connector;
+mod query;
 mod sink;
 mod subscription;
 mod worker;
@@ -25,11 +26,11 @@ use std::thread::{self, JoinHandle};
 use crossbeam_channel::Sender;
 
 pub use builder::ChangeListenerBuilder;
+pub(crate) use query::CatchUpQuery;
 pub use subscription::{CallbackHandle, EventBatch, Events, Subscription};
 
 use crate::change::{check_actor_id, Event, ResyncReason};
 use crate::error::{Error, Result};
-use crate::schema::CatchUpQuery;
 use connector::Connector;
 use sink::Registry;
 

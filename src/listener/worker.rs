@@ -14,11 +14,11 @@ use postgres::Client;
 
 use super::catch_up;
 use super::connector::Connector;
+use super::query::CatchUpQuery;
 use super::sink::{fan_out, settle_all};
 use super::Shared;
 use crate::change::{is_probe, Change, Event, MalformedPayload};
 use crate::error::Error;
-use crate::schema::CatchUpQuery;
 
 /// How long the listener thread waits for a notification before it looks at
 /// its other duties (shutdown, owed resyncs). Bounds shutdown latency.

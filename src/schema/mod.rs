@@ -9,11 +9,9 @@ use crate::error::{server, Error, Result};
 use crate::ident::{fill_template, quote_identifier};
 use crate::pool::Connection;
 
-mod catch_up;
 mod statements;
 mod verify;
 
-pub(crate) use catch_up::{ActorVersion, CatchUpQuery};
 pub(crate) use statements::Statements;
 pub(crate) use verify::verify;
 pub use verify::{Problem, VerifyReport};

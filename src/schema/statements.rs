@@ -4,7 +4,7 @@
 
 use postgres::types::Type;
 
-use super::{CatchUpQuery, Names};
+use super::Names;
 use crate::pool::Sql;
 
 /// Whether the table's actor ids sort in code point order, so that the ids
@@ -44,7 +44,7 @@ pub(crate) struct Statements {
     pub save_many_if: Sql,
     pub delete_many: Sql,
     pub lock_many: Sql,
-    pub catch_up: CatchUpQuery,
+    pub catch_up: Sql,
     pub delete: Sql,
     pub exists: Sql,
     pub sequence: Sql,
@@ -285,7 +285,7 @@ impl Statements {
             // what a listener announces after a gap instead of a resync.
             // An expired row is reported as deleted at the next number, as
             // the sweeper will announce it.
-            catch_up: CatchUpQuery::new(format!(
+            catch_up: Sql::new(format!(
                 "SELECT actor_id::TEXT AS actor_id, \
                  sequence_number + CASE WHEN {e} THEN 1 ELSE 0 END AS sequence_number, \
                  COALESCE({e}, false) AS deleted, \
@@ -298,7 +298,7 @@ impl Statements {
                  WHERE b.actor_id = ANY($1::VARCHAR[]) \
                  AND NOT EXISTS (SELECT 1 FROM {t} c WHERE c.actor_id = b.actor_id)",
                 e = expired("")
-            )),
+            ), &[Type::VARCHAR_ARRAY]),
             delete: Sql::new(format!(
                 "DELETE FROM {t} WHERE actor_id = $1::VARCHAR AND {set_write_id} RETURNING {}",
                 live("")
@@ -434,7 +434,7 @@ mod tests {
             ("save_many_if", save_many_if),
             ("delete_many", delete_many),
             ("lock_many", lock_many),
-            ("catch_up", Sql::new(catch_up.sql(), &[Type::VARCHAR_ARRAY])),
+            ("catch_up", catch_up),
             ("delete", delete),
             ("exists", exists),
             ("sequence", sequence),

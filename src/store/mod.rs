@@ -13,7 +13,7 @@ use crate::config::ConnectOptions;
 use crate::error::{Error, InvalidActorId, Result};
 use crate::expected::Expected;
 use crate::group::{rounds, Combiner, Item};
-use crate::listener::{ChangeListener, ChangeListenerBuilder};
+use crate::listener::{CatchUpQuery, ChangeListener, ChangeListenerBuilder};
 use crate::outcome::{self, write_id, Landed, LostWriteCounters, LostWrites, Settled, Traces};
 use crate::pool::{Connection, Pool, PoolOptions};
 use crate::schema::{self, Names, Statements, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
@@ -370,7 +370,7 @@ impl StateStore {
                 Some(schema) => format!("{schema}.{}", self.inner.names.table),
                 None => self.inner.names.table.clone(),
             })
-            .catch_up_sql(self.inner.sql.catch_up.clone())
+            .catch_up_sql(CatchUpQuery::new(self.inner.sql.catch_up.text()))
     }
 
     /// Starts a [`ChangeListener`] on this store's server and channel.

@@ -1,4 +1,5 @@
-//! The catch-up query, typed: the current version of a set of actors.
+//! The catch-up query, typed: the current version of a set of actors. The
+//! store hands its text to the listeners it builds.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -33,14 +34,8 @@ impl CatchUpQuery {
     /// A query of `sql`, which takes the ids as `$1` (`VARCHAR[]`) and
     /// returns the columns `actor_id` (`TEXT`), `sequence_number`
     /// (`BIGINT`), `deleted` (`BOOLEAN`) and `at_epoch` (`FLOAT8`, seconds).
-    pub(super) fn new(sql: String) -> CatchUpQuery {
+    pub(crate) fn new(sql: &str) -> CatchUpQuery {
         CatchUpQuery { sql: sql.into() }
-    }
-
-    /// The SQL text, for the tests of every statement.
-    #[cfg(test)]
-    pub(super) fn sql(&self) -> &str {
-        &self.sql
     }
 
     /// The current version of those of `ids` that exist or existed, in no

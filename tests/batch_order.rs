@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::thread;
 use std::time::Duration;
 
 use common::expect_change;
-use trebuchet_postgres::testing::{ProxyRequest, TcpProxy, TestCluster, TestDatabase};
-use trebuchet_postgres::{BatchResult, ChangeKind, Error, Expected, PoolOptions, StateStore};
+use trebuchet_postgres::testing::{ProxyRequest, TestDatabase};
+use trebuchet_postgres::{BatchResult, ChangeKind, Error, Expected, StateStore};
 
 use BatchResult::{Deleted, Saved};
 
@@ -374,77 +373,30 @@ fn a_create_after_a_delete_that_found_nothing_does_not_write_over_an_actor_creat
 
 // ----- lost replies -------------------------------------------------------------
 
-/// One cluster for the cut tests of this file; each test has its own proxy
-/// and table.
-fn cluster() -> &'static TestCluster {
-    static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| TestCluster::start().expect("start a throwaway cluster"))
+use common::cut::Rig;
+
+/// Runs `op` on `rig`'s store with the connection cut at its commit:
+/// `after` the server committed (the reply is lost), or before the commit
+/// reached it.
+fn cut_at_commit<T>(rig: &Rig, after: bool, op: impl FnOnce(&StateStore) -> T) -> T {
+    if after {
+        rig.after(ProxyRequest::Commit, 1, op)
+    } else {
+        rig.before(ProxyRequest::Commit, 1, op)
+    }
 }
 
-struct Rig {
-    proxy: TcpProxy,
-    /// Through the proxy, one connection, so that the cut hits it.
-    store: StateStore,
-    /// Straight to the server, to look at the rows.
-    direct: StateStore,
-}
-
-impl Rig {
-    fn new(table: &str) -> Rig {
-        let cluster = cluster();
-        let builder = |options| {
-            StateStore::builder()
-                .connect_options(options)
-                .table(table)
-                .channel(table)
-                .group_commit(false)
-        };
-        let direct = builder(cluster.connect_options())
-            .migrate(true)
-            .build()
-            .expect("direct store");
-        let proxy = TcpProxy::start(cluster.port()).expect("proxy");
-        let mut options = cluster.connect_options();
-        options.port(proxy.port());
-        let store = builder(options)
+/// A rig whose store waits long for a lost write's outcome.
+fn rig(table: &str) -> Rig {
+    Rig::with(table, |b| {
+        b.group_commit(false)
             .outcome_timeout(Duration::from_secs(120))
-            .pool_options(PoolOptions::default().max_size(1).min_idle(Some(0)))
-            .build()
-            .expect("store through the proxy");
-        Rig {
-            proxy,
-            store,
-            direct,
-        }
-    }
-
-    /// Runs `op` with the connection cut at its commit: `after` the server
-    /// committed (the reply is lost), or before the commit reached it.
-    fn cut_at_commit<T>(&self, after: bool, op: impl FnOnce(&StateStore) -> T) -> T {
-        // The store's one connection is open, so the cut lands on the batch.
-        self.store.exists("warm-up").unwrap();
-        let cuts = self.proxy.cuts();
-        if after {
-            self.proxy.cut_after(ProxyRequest::Commit);
-        } else {
-            self.proxy.cut_before(ProxyRequest::Commit);
-        }
-        let result = op(&self.store);
-        assert_eq!(self.proxy.cuts(), cuts + 1, "the cut happened");
-        result
-    }
-
-    fn version(&self, id: &str) -> Option<(u32, u64)> {
-        self.direct
-            .load_versioned::<u32>(id)
-            .unwrap()
-            .map(|v| (v.value, v.sequence))
-    }
+    })
 }
 
 #[test]
 fn a_lost_reply_at_commit_of_a_batch_with_repeated_actors_is_settled_exactly() {
-    let rig = Rig::new("cut_batch_order");
+    let rig = rig("cut_batch_order");
     rig.direct.save("a", &0u32).unwrap();
     rig.direct.save("gone", &0u32).unwrap();
     rig.direct.save("c", &0u32).unwrap();
@@ -488,7 +440,7 @@ fn a_lost_reply_at_commit_of_a_batch_with_repeated_actors_is_settled_exactly() {
     ];
 
     // The reply is lost, but it committed: the tags say what each step did.
-    let results = rig.cut_at_commit(true, batch).unwrap();
+    let results = cut_at_commit(&rig, true, batch).unwrap();
     assert_eq!(results, expected);
     assert_eq!(rig.version("a"), Some((4, 4)));
     assert_eq!(rig.version("gone"), None);
@@ -499,16 +451,15 @@ fn a_lost_reply_at_commit_of_a_batch_with_repeated_actors_is_settled_exactly() {
     assert_eq!(rig.store.lost_writes().applied, 1);
 
     // The commit never reached the server: not applied, nothing changed.
-    let err = rig
-        .cut_at_commit(false, |s| {
-            s.batch()
-                .save("a", &7u32)
-                .delete("a")
-                .save("a", &8u32)
-                .save("b", &7u32)
-                .commit()
-        })
-        .unwrap_err();
+    let err = cut_at_commit(&rig, false, |s| {
+        s.batch()
+            .save("a", &7u32)
+            .delete("a")
+            .save("a", &8u32)
+            .save("b", &7u32)
+            .commit()
+    })
+    .unwrap_err();
     assert!(err.is_not_applied(), "{err:?}");
     assert_eq!(rig.version("a"), Some((4, 4)));
     assert_eq!(rig.version("b"), Some((3, 3)));
@@ -518,13 +469,12 @@ fn a_lost_reply_at_commit_of_a_batch_with_repeated_actors_is_settled_exactly() {
 
 #[test]
 fn a_lost_reply_of_a_batch_of_deletes_only_is_settled() {
-    let rig = Rig::new("cut_batch_deletes");
+    let rig = rig("cut_batch_deletes");
     rig.direct.save("a", &0u32).unwrap();
-    let results = rig
-        .cut_at_commit(true, |s| {
-            s.batch().delete("a").delete("a").delete("nobody").commit()
-        })
-        .unwrap();
+    let results = cut_at_commit(&rig, true, |s| {
+        s.batch().delete("a").delete("a").delete("nobody").commit()
+    })
+    .unwrap();
     assert_eq!(results, vec![Deleted(true), Deleted(false), Deleted(false)]);
     assert_eq!(rig.version("a"), None);
 }
@@ -534,7 +484,7 @@ const PUSHES: u32 = 70;
 
 #[test]
 fn a_lost_batch_whose_repeated_actor_was_written_over_since_is_unknown() {
-    let rig = Rig::new("pushed_batch_order");
+    let rig = rig("pushed_batch_order");
     rig.direct.save("a", &0u32).unwrap();
     rig.direct.save("b", &0u32).unwrap();
     // The store's connection is open; new ones are refused until the other

@@ -8,99 +8,15 @@ mod common;
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use trebuchet_postgres::testing::{ProxyRequest, StopMode, TcpProxy, TestCluster};
 use trebuchet_postgres::{
-    BatchResult, Error, Expected, PoolOptions, RetryPolicy, StateStore, StateStoreBuilder,
-    WriteOptions,
+    BatchResult, Error, Expected, PoolOptions, RetryPolicy, StateStore, WriteOptions,
 };
 
-/// One cluster for the cut tests of this file; each test has its own proxy
-/// and table.
-fn cluster() -> &'static TestCluster {
-    static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| TestCluster::start().expect("start a throwaway cluster"))
-}
-
-struct Rig {
-    proxy: TcpProxy,
-    /// Through the proxy, one connection, so that the cut hits it.
-    store: StateStore,
-    /// Straight to the server, to look at the rows.
-    direct: StateStore,
-}
-
-impl Rig {
-    fn new(table: &str) -> Rig {
-        Self::with(table, |b| b.group_commit(false))
-    }
-
-    fn with(table: &str, configure: impl FnOnce(StateStoreBuilder) -> StateStoreBuilder) -> Rig {
-        let cluster = cluster();
-        let direct = StateStore::builder()
-            .connect_options(cluster.connect_options())
-            .table(table)
-            .channel(table)
-            .group_commit(false)
-            .migrate(true)
-            .build()
-            .expect("direct store");
-        let proxy = TcpProxy::start(cluster.port()).expect("proxy");
-        let mut options = cluster.connect_options();
-        options.port(proxy.port());
-        let store = configure(
-            StateStore::builder()
-                .connect_options(options)
-                .table(table)
-                .channel(table)
-                .pool_options(PoolOptions::default().max_size(1).min_idle(Some(0))),
-        )
-        .build()
-        .expect("store through the proxy");
-        Rig {
-            proxy,
-            store,
-            direct,
-        }
-    }
-
-    /// Runs `op` with the connection cut right after the `nth` matching
-    /// request was answered.
-    fn after<T>(&self, request: ProxyRequest, nth: usize, op: impl FnOnce(&StateStore) -> T) -> T {
-        self.warm();
-        let cuts = self.proxy.cuts();
-        self.proxy.cut_after_nth(request, nth);
-        let result = op(&self.store);
-        assert_eq!(self.proxy.cuts(), cuts + 1, "the cut happened");
-        result
-    }
-
-    /// Runs `op` with the `nth` matching request dropped before the server
-    /// saw it.
-    fn before<T>(&self, request: ProxyRequest, nth: usize, op: impl FnOnce(&StateStore) -> T) -> T {
-        self.warm();
-        let cuts = self.proxy.cuts();
-        self.proxy.cut_before_nth(request, nth);
-        let result = op(&self.store);
-        assert_eq!(self.proxy.cuts(), cuts + 1, "the cut happened");
-        result
-    }
-
-    /// Makes sure the store's one connection is open, so that a cut lands
-    /// on the operation and not on the set-up of a new connection.
-    fn warm(&self) {
-        self.store.exists("warm-up").unwrap();
-    }
-
-    fn version(&self, id: &str) -> Option<(u32, u64)> {
-        self.direct
-            .load_versioned::<u32>(id)
-            .unwrap()
-            .map(|v| (v.value, v.sequence))
-    }
-}
+use common::cut::Rig;
 
 #[track_caller]
 fn assert_not_applied<T: std::fmt::Debug>(result: Result<T, Error>) {

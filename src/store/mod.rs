@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::codec::Codec;
 use crate::config::ConnectOptions;
-use crate::error::{Error, InvalidActorId, Result};
+use crate::error::{Error, Result};
 use crate::expected::Expected;
 use crate::group::{rounds, Combiner, Item};
 use crate::listener::{CatchUpQuery, ChangeListener, ChangeListenerBuilder};
@@ -205,19 +205,7 @@ pub fn validate_actor_id(id: &str) -> Result<()> {
 
 /// Rejects ids the table cannot hold, before any round trip.
 pub(crate) fn check_actor_id(id: &str) -> Result<()> {
-    if id.is_empty() {
-        return Err(Error::InvalidActorId(InvalidActorId::Empty));
-    }
-    if id.len() > 255 {
-        let chars = id.chars().count();
-        if chars > 255 {
-            return Err(Error::InvalidActorId(InvalidActorId::TooLong { chars }));
-        }
-    }
-    if id.contains('\0') {
-        return Err(Error::InvalidActorId(InvalidActorId::ContainsNul));
-    }
-    Ok(())
+    crate::change::check_actor_id(id).map_err(Error::InvalidActorId)
 }
 
 impl StateStore {
@@ -496,6 +484,7 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::InvalidActorId;
 
     #[test]
     fn actor_ids_are_checked() {

@@ -65,12 +65,9 @@ impl<T> Versioned<T> {
     /// assert_eq!(v.value, 20);
     /// ```
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Versioned<U> {
-        Versioned {
-            value: f(self.value),
-            sequence: self.sequence,
-            updated_at: self.updated_at,
-            created_at: self.created_at,
-            expires_at: self.expires_at,
+        match self.try_map(|value| Ok::<U, std::convert::Infallible>(f(value))) {
+            Ok(mapped) => mapped,
+            Err(never) => match never {},
         }
     }
 

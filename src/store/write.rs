@@ -108,9 +108,10 @@ impl StateStore {
         options: WriteOptions,
     ) -> Result<u64> {
         check_actor_id(id)?;
-        options.check()?;
+        let ttl = options.check()?;
+        // `encode` checks the size.
         let bytes = self.encode(state)?;
-        self.write_bytes(id, &bytes, options)
+        self.write_checked(id, &bytes, options, ttl)
     }
 
     /// Writes stored bytes as `options` say: the one path behind every
@@ -119,6 +120,18 @@ impl StateStore {
         check_actor_id(id)?;
         self.check_size(state)?;
         let ttl = options.check()?;
+        self.write_checked(id, state, options, ttl)
+    }
+
+    /// [`write_bytes`](Self::write_bytes) after its checks; `ttl` in
+    /// microseconds, from [`WriteOptions::check`].
+    fn write_checked(
+        &self,
+        id: &str,
+        state: &[u8],
+        options: WriteOptions,
+        ttl: Option<i64>,
+    ) -> Result<u64> {
         if let Some(sequence) = options.sequence {
             return self.save_at(id, state, sequence, ttl).map(|()| sequence);
         }

@@ -13,6 +13,7 @@ use postgres::{Client, NoTls};
 use trebuchet_postgres::testing::{TestCluster, TestDatabase};
 use trebuchet_postgres::{Change, ChangeKind, Event, Subscription};
 
+pub mod cut;
 pub mod tls;
 
 /// The time zone the "wrong time zone" tests put their sessions in: far

@@ -187,6 +187,95 @@ fn a_store_opened_with_options_uses_its_table_channel_and_pool() {
     }
 }
 
+#[test]
+fn an_announce_reaches_subscribers_as_its_own_kind_with_the_current_number() {
+    let schema = TestDatabase::shared().schema();
+    let mut options = options_for(&schema, "rooms");
+    let mut store = null_mut();
+    // SAFETY: valid handles, strings and out-pointers throughout.
+    unsafe {
+        ok(trebuchet_store_options_migrate(options, true));
+        ok(trebuchet_store_open_with(options, &mut store));
+        trebuchet_store_options_free(&mut options);
+        let mut sequence = 0;
+        for _ in 0..2 {
+            ok(trebuchet_store_save(
+                store,
+                c"room-1".as_ptr(),
+                b"hi".as_ptr(),
+                2,
+                &mut sequence,
+            ));
+        }
+        assert_eq!(sequence, 2);
+        let mut listener = null_mut();
+        let mut subscription = null_mut();
+        ok(trebuchet_listener_open(store, &mut listener));
+        ok(trebuchet_listener_subscribe(
+            listener,
+            null(),
+            &mut subscription,
+        ));
+
+        // Bad ids are refused and nothing is sent.
+        fails(
+            trebuchet_listener_announce(listener, null()),
+            TREBUCHET_NULL_ARGUMENT,
+            "actor_id",
+        );
+        fails(
+            trebuchet_listener_announce(listener, c"".as_ptr()),
+            TREBUCHET_INVALID_ACTOR_ID,
+            "empty",
+        );
+        ok(trebuchet_listener_announce(listener, c"room-1".as_ptr()));
+        ok(trebuchet_listener_announce(listener, c"nobody".as_ptr()));
+
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let mut event = std::mem::MaybeUninit::<trebuchet_event>::uninit();
+            ok(trebuchet_subscription_next(
+                subscription,
+                30_000,
+                event.as_mut_ptr(),
+            ));
+            let event = event.assume_init();
+            let id = CStr::from_ptr(event.actor_id.as_ptr())
+                .to_str()
+                .unwrap()
+                .to_owned();
+            seen.push((event.kind, id, event.sequence));
+        }
+        assert_eq!(
+            seen,
+            [
+                (
+                    trebuchet_event_kind::TREBUCHET_EVENT_ANNOUNCED,
+                    "room-1".to_owned(),
+                    2
+                ),
+                (
+                    trebuchet_event_kind::TREBUCHET_EVENT_ANNOUNCED,
+                    "nobody".to_owned(),
+                    0
+                ),
+            ]
+        );
+        // An announce writes nothing.
+        let mut client = schema.client().unwrap();
+        let row = client
+            .query_one(
+                &format!("SELECT max(sequence_number) FROM {}.rooms", schema.name()),
+                &[],
+            )
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0), 2);
+        trebuchet_subscription_free(&mut subscription);
+        trebuchet_listener_free(&mut listener);
+        trebuchet_store_free(&mut store);
+    }
+}
+
 /// What the nested call in [`call_from_inside`] came back with.
 struct Nested {
     store: *const trebuchet_store,

@@ -87,6 +87,7 @@ pub fn watch(settings: &Settings, args: &Watch) -> Result<(), Failure> {
                 changes += 1;
                 let op = match change.kind {
                     ChangeKind::Deleted => "delete",
+                    ChangeKind::Announced => "announce",
                     _ => "save",
                 };
                 json_line(

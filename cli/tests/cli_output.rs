@@ -162,7 +162,8 @@ fn watch_prints_each_change_on_one_json_line() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
     let dir = tempfile::tempdir().unwrap();
-    let count = IDS.len().to_string();
+    // Every save, then one announce.
+    let count = (IDS.len() + 1).to_string();
     let mut watch = command(
         &dir,
         &schema,
@@ -191,16 +192,27 @@ fn watch_prints_each_change_on_one_json_line() {
     for (id, _) in IDS {
         store.save(id, &1u8).unwrap();
     }
+    let (announced, _) = IDS[0];
+    store.listener().unwrap().announce(announced).unwrap();
     let status = wait_for_exit(&mut watch, Duration::from_secs(30));
     assert!(status.success(), "watch ended with {status}");
     let mut stdout = String::new();
     std::io::Read::read_to_string(&mut watch.stdout.take().unwrap(), &mut stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), IDS.len(), "one line per change: {stdout:?}");
+    assert_eq!(
+        lines.len(),
+        IDS.len() + 1,
+        "one line per change: {stdout:?}"
+    );
     for (line, (id, _)) in lines.iter().zip(IDS) {
         let value: Value = serde_json::from_str(line).unwrap();
         assert_eq!(value["actor_id"], id);
+        assert_eq!(value["op"], "save");
     }
+    let value: Value = serde_json::from_str(lines[IDS.len()]).unwrap();
+    assert_eq!(value["actor_id"], announced);
+    assert_eq!(value["op"], "announce");
+    assert_eq!(value["sequence"], 1);
 }
 
 /// Waits up to `bound` for `child` to exit; kills it and fails after that.

@@ -161,6 +161,12 @@ typedef enum trebuchet_event_kind {
    * Changes may have been missed (see `resync_reason`): reload what you keep.
    */
   TREBUCHET_EVENT_RESYNC = 2,
+  /**
+   * A peer asked everyone to reload the actor without writing it
+   * (`trebuchet_listener_announce`); `sequence` is the actor's number at
+   * that moment (0 when it does not exist).
+   */
+  TREBUCHET_EVENT_ANNOUNCED = 3,
 } trebuchet_event_kind;
 
 /**
@@ -340,7 +346,7 @@ typedef struct trebuchet_version {
  */
 typedef struct trebuchet_event {
   /**
-   * Saved, deleted, or resync.
+   * Saved, deleted, announced, or resync.
    */
   enum trebuchet_event_kind kind;
   /**
@@ -676,6 +682,19 @@ enum trebuchet_status trebuchet_listener_open(const struct trebuchet_store *stor
 enum trebuchet_status trebuchet_listener_subscribe(const struct trebuchet_listener *listener,
                                                    const char *actor_id,
                                                    struct trebuchet_subscription **subscription_out);
+
+/**
+ * Asks every listener on the channel, in every process, to reload
+ * `actor_id` without writing it: they receive `TREBUCHET_EVENT_ANNOUNCED`
+ * with the actor's current sequence number (0 when it does not exist).
+ * One statement on the listener's own connection; nothing is written.
+ *
+ * # Safety
+ *
+ * `listener` NULL or live; `actor_id` NULL or NUL-terminated.
+ */
+enum trebuchet_status trebuchet_listener_announce(const struct trebuchet_listener *listener,
+                                                  const char *actor_id);
 
 /**
  * Stops the listener's thread and closes its connection. Every

@@ -298,6 +298,31 @@ impl ConnectOptions {
         format!("{host}:{}", self.get_port())
     }
 
+    /// Opens one plain driver connection with these options, as the store
+    /// and the listener open theirs: the same user, TLS (with
+    /// `sslmode=allow`'s second attempt) and the driver's connect timeout.
+    /// For statements of your own beside a store, such as administration
+    /// or tests.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Connect`] saying why (never with the password),
+    /// [`Error::Tls`] when TLS cannot be set up.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use trebuchet_postgres::ConnectOptions;
+    ///
+    /// let mut client = ConnectOptions::from_env()?.connect()?;
+    /// let row = client.query_one("SELECT current_user::TEXT", &[])?;
+    /// println!("connected as {}", row.get::<_, String>(0));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn connect(&self) -> Result<postgres::Client> {
+        self.dialer()?.open(&self.target())
+    }
+
     /// The underlying driver configuration with this crate's defaults filled
     /// in, ready to connect.
     pub(crate) fn driver_config(&self) -> postgres::Config {

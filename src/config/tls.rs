@@ -216,6 +216,17 @@ impl Dialer {
             other => other,
         }
     }
+
+    /// [`connect`](Self::connect), failing with [`Error::Connect`] for
+    /// `target` (`host:port`, for messages).
+    pub(crate) fn open(&self, target: &str) -> Result<postgres::Client> {
+        self.connect().map_err(|e| Error::Connect {
+            failure: super::classify_connect(&e),
+            target: target.to_owned(),
+            user: self.config.get_user().unwrap_or("postgres").to_owned(),
+            source: Some(e),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,10 @@ pub enum trebuchet_event_kind {
     TREBUCHET_EVENT_DELETED = 1,
     /// Changes may have been missed (see `resync_reason`): reload what you keep.
     TREBUCHET_EVENT_RESYNC = 2,
+    /// A peer asked everyone to reload the actor without writing it
+    /// (`trebuchet_listener_announce`); `sequence` is the actor's number at
+    /// that moment (0 when it does not exist).
+    TREBUCHET_EVENT_ANNOUNCED = 3,
 }
 
 /// Why a resync event was sent. Numbers never change.
@@ -52,7 +56,7 @@ pub enum trebuchet_resync_reason {
 /// so what it held before does not matter.
 #[repr(C)]
 pub struct trebuchet_event {
-    /// Saved, deleted, or resync.
+    /// Saved, deleted, announced, or resync.
     pub kind: trebuchet_event_kind,
     /// For a resync, why; otherwise `TREBUCHET_RESYNC_NONE`.
     pub resync_reason: trebuchet_resync_reason,
@@ -125,6 +129,28 @@ pub unsafe extern "C" fn trebuchet_listener_subscribe(
         };
         // SAFETY: checked non-NULL.
         unsafe { subscription_out.write(into_handle(Kind::Subscription, subscription)) };
+        Ok(TREBUCHET_OK)
+    })
+}
+
+/// Asks every listener on the channel, in every process, to reload
+/// `actor_id` without writing it: they receive `TREBUCHET_EVENT_ANNOUNCED`
+/// with the actor's current sequence number (0 when it does not exist).
+/// One statement on the listener's own connection; nothing is written.
+///
+/// # Safety
+///
+/// `listener` NULL or live; `actor_id` NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn trebuchet_listener_announce(
+    listener: *const trebuchet_listener,
+    actor_id: *const c_char,
+) -> trebuchet_status {
+    run(|| {
+        // SAFETY: forwarded.
+        let listener = unsafe { listener_arg(listener) }?;
+        let id = unsafe { str_arg(actor_id, "actor_id") }?;
+        check(listener.announce(id))?;
         Ok(TREBUCHET_OK)
     })
 }
@@ -227,12 +253,9 @@ fn to_c_event(event: &Event) -> trebuchet_event {
     match event {
         Event::Change(change) => {
             out.kind = match change.kind {
-                // An announce without a write asks for a reload, as a
-                // save does; the C ABI has no kind of its own for it yet.
-                ChangeKind::Saved | ChangeKind::Announced => {
-                    trebuchet_event_kind::TREBUCHET_EVENT_SAVED
-                }
+                ChangeKind::Announced => trebuchet_event_kind::TREBUCHET_EVENT_ANNOUNCED,
                 ChangeKind::Deleted => trebuchet_event_kind::TREBUCHET_EVENT_DELETED,
+                ChangeKind::Saved => trebuchet_event_kind::TREBUCHET_EVENT_SAVED,
             };
             out.sequence = change.sequence;
             out.timestamp_us = change

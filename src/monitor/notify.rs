@@ -7,7 +7,7 @@ use fallible_iterator::FallibleIterator;
 use postgres::types::Type;
 
 use crate::change::PROBE_KEY;
-use crate::config::{classify_connect, listen_through_transaction_pooler, PoolerMode};
+use crate::config::{listen_through_transaction_pooler, PoolerMode};
 use crate::error::{Error, Result};
 use crate::ident::quote_identifier;
 use crate::pool::Sql;
@@ -53,14 +53,7 @@ impl StateStore {
         if options.get_pooler() == PoolerMode::Transaction {
             return Err(listen_through_transaction_pooler());
         }
-        let dialer = options.dialer()?;
-        let connect_error = |e: postgres::Error| Error::Connect {
-            failure: classify_connect(&e),
-            target: options.target(),
-            user: dialer.config.get_user().unwrap_or("postgres").to_owned(),
-            source: Some(e),
-        };
-        let mut listener = dialer.connect().map_err(connect_error)?;
+        let mut listener = options.connect()?;
         listener
             .batch_execute(&format!("LISTEN {}", quote_identifier(self.channel())))
             .map_err(Error::Database)?;

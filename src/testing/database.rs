@@ -160,7 +160,7 @@ impl TestSchema {
     ///
     /// When the server cannot be reached.
     pub fn client(&self) -> Result<postgres::Client, crate::Error> {
-        connect(&self.options)
+        self.options.connect()
     }
 
     fn execute(&self, sql: &str) -> Result<(), crate::Error> {
@@ -177,12 +177,4 @@ impl Drop for TestSchema {
             quote_identifier(&self.name)
         ));
     }
-}
-
-/// A driver connection made as the crate makes its own, with the TLS the
-/// options ask for. No public method turns [`ConnectOptions`] into a
-/// `postgres::Client`, so this one uses the crate-private
-/// `ConnectOptions::dialer`.
-fn connect(options: &ConnectOptions) -> Result<postgres::Client, crate::Error> {
-    options.dialer()?.connect().map_err(crate::Error::Database)
 }

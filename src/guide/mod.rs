@@ -20,7 +20,7 @@
 //! 11. [Errors](errors): the error type and troubleshooting.
 //! 12. [Testing](testing): a real PostgreSQL in your tests, and the
 //!     randomised histories.
-//! 13. [Design notes](design): past one server.
+//! 13. [Past one server](design): the table on Citus.
 //!
 //! The `trebuchet-postgres` command-line program has its reference in
 //! `cli/README.md`, and the C library in `ffi/README.md`; the benchmarks'

@@ -8,9 +8,10 @@ use std::thread;
 use std::time::Duration;
 
 use super::connector::Connector;
+use super::nodes::{self, Supervisor};
 use super::query::CatchUpQuery;
 use super::sink::Registry;
-use super::worker::{MalformedLog, Worker};
+use super::worker::{EndSubscriptions, MalformedLog, Worker};
 use super::{ChangeListener, Handle, Shared, Stats};
 use crate::change::{Event, ResyncReason, TableFilter};
 use crate::config::{
@@ -218,7 +219,15 @@ impl ChangeListenerBuilder {
             // hanging on a silent server are enough.
             abandoned: Arc::new(Abandoned::new(4)),
         };
-        let client = conn.connect_within_timeout()?;
+        let mut client = conn.connect_within_timeout()?;
+        // On a Citus coordinator, changes are raised on the nodes that hold
+        // the shards: listen there too. LISTEN again after asking, so that
+        // it stays the session's last statement (monitoring finds
+        // listeners by it).
+        let topology = nodes::read(&mut client)
+            .and_then(|topology| client.batch_execute(&conn.listen).map(|()| topology))
+            .map_err(Error::Database)?
+            .filter(nodes::Topology::has_nodes);
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
             stats: Stats::default(),
@@ -229,26 +238,42 @@ impl ChangeListenerBuilder {
             lagged: Arc::new([Event::Resync(ResyncReason::Lagged)]),
             reconnected: Arc::new([Event::Resync(ResyncReason::Reconnected)]),
         });
-        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(0);
         let worker = Worker {
             shared: Arc::clone(&shared),
             conn: conn.clone(),
             catch_up: self.catch_up.clone(),
-            wake: wake_rx,
+            wake: wake_rx.clone(),
             initial_backoff: self.initial_backoff,
             max_backoff: self.max_backoff,
             malformed_log: MalformedLog::default(),
             heartbeat_interval: self.heartbeat.0,
             heartbeat_timeout: self.heartbeat.1,
         };
-        let thread = thread::Builder::new()
-            .name(format!("trebuchet-listener-{}", self.channel))
-            .spawn(move || worker.run(client))
-            .map_err(Error::thread_start("the listener thread"))?;
+        let end = EndSubscriptions(Arc::clone(&shared));
+        let thread = match topology {
+            None => thread::Builder::new()
+                .name(format!("trebuchet-listener-{}", self.channel))
+                .spawn(move || {
+                    let _end = end;
+                    worker.run(Some(client));
+                }),
+            Some(topology) => {
+                let interval = self.heartbeat.0;
+                let supervisor = Supervisor::start(worker, options, topology)?;
+                thread::Builder::new()
+                    .name(format!("trebuchet-listener-{}", self.channel))
+                    .spawn(move || {
+                        let _end = end;
+                        supervisor.run(client, wake_rx, interval);
+                    })
+            }
+        }
+        .map_err(Error::thread_start("the listener thread"))?;
         Ok(ChangeListener {
             handle: Arc::new(Handle {
                 shared,
-                wake: wake_tx,
+                wake: Mutex::new(Some(wake_tx)),
                 thread: Mutex::new(Some(thread)),
                 channel: self.channel,
                 target,

@@ -10,7 +10,8 @@ use postgres::{Client, SimpleQueryMessage};
 
 use crate::change::TableFilter;
 use crate::config::{
-    classify_connect, listen_through_transaction_pooler, within_timeout, Abandoned, Dialer,
+    classify_connect, listen_through_transaction_pooler, within_timeout, Abandoned, ConnectOptions,
+    Dialer,
 };
 use crate::error::{ConnectFailure, Error, Result};
 
@@ -28,6 +29,22 @@ pub(super) struct Connector {
 }
 
 impl Connector {
+    /// A connector like this one, for the server `options` name (a Citus
+    /// node): the same channel, table and timeouts.
+    pub(super) fn for_node(&self, options: &ConnectOptions) -> Result<Connector> {
+        let mut dialer = options.dialer()?;
+        if let Some(&timeout) = self.dialer.config.get_connect_timeout() {
+            dialer.config.connect_timeout(timeout);
+        }
+        Ok(Connector {
+            dialer,
+            target: options.target(),
+            listen: self.listen.clone(),
+            table: Arc::clone(&self.table),
+            abandoned: Arc::clone(&self.abandoned),
+        })
+    }
+
     /// A connection error as [`Error::Connect`].
     fn connect_error(&self, e: postgres::Error) -> Error {
         self.failed(classify_connect(&e), Some(e))

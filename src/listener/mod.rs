@@ -12,6 +12,7 @@ mod announce;
 mod builder;
 mod catch_up;
 mod connector;
+mod nodes;
 mod query;
 mod sink;
 mod subscription;
@@ -98,7 +99,8 @@ impl Shared {
 /// last one dropped stops and joins the thread.
 struct Handle {
     shared: Arc<Shared>,
-    wake: Sender<()>,
+    /// Dropped to stop: every thread waiting on its receiver wakes.
+    wake: Mutex<Option<Sender<()>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     channel: String,
     target: String,
@@ -111,7 +113,7 @@ struct Handle {
 impl Handle {
     fn stop(&self) {
         self.shared.shutdown.store(true, Ordering::Release);
-        let _ = self.wake.try_send(());
+        drop(self.wake.lock().unwrap_or_else(|p| p.into_inner()).take());
         // Held through the join, so a concurrent caller returns only once
         // the thread has ended too.
         let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use fallible_iterator::FallibleIterator;
 use postgres::Client;
 
@@ -42,7 +42,8 @@ pub(super) struct Worker {
     pub(super) shared: Arc<Shared>,
     pub(super) conn: Connector,
     pub(super) catch_up: Option<CatchUpQuery>,
-    /// Signalled (or dropped) to stop waiting: shutdown.
+    /// Never sent on; its sender is dropped to stop this thread (at
+    /// shutdown, or when its node leaves the cluster).
     pub(super) wake: Receiver<()>,
     pub(super) initial_backoff: Duration,
     pub(super) max_backoff: Duration,
@@ -85,6 +86,18 @@ impl MalformedLog {
     }
 }
 
+/// Ends every subscription when dropped: held by a listener's thread, so
+/// that however it ends, even by a panic, subscribers do not wait forever
+/// (dropping the senders ends their iteration).
+pub(super) struct EndSubscriptions(pub(super) Arc<Shared>);
+
+impl Drop for EndSubscriptions {
+    fn drop(&mut self) {
+        self.0.connected.store(false, Ordering::Release);
+        self.0.registry().sinks.clear();
+    }
+}
+
 /// Why [`Worker::listen`] returned.
 enum Listened {
     /// The connection failed, or the listener is shutting down.
@@ -94,17 +107,29 @@ enum Listened {
 }
 
 impl Worker {
-    pub(super) fn run(self, mut client: Client) {
-        // However the thread ends, even by a panic, subscribers must not
-        // wait forever: dropping the senders ends their iteration.
-        struct EndSubscriptions(Arc<Shared>);
-        impl Drop for EndSubscriptions {
-            fn drop(&mut self) {
-                self.0.connected.store(false, Ordering::Release);
-                self.0.registry().sinks.clear();
-            }
+    /// A worker like this one, on another connection (a Citus node's),
+    /// stopped by dropping `wake`'s sender.
+    pub(super) fn sibling(&self, conn: Connector, wake: Receiver<()>) -> Worker {
+        Worker {
+            shared: Arc::clone(&self.shared),
+            conn,
+            catch_up: self.catch_up.clone(),
+            wake,
+            initial_backoff: self.initial_backoff,
+            max_backoff: self.max_backoff,
+            malformed_log: MalformedLog::default(),
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_timeout: self.heartbeat_timeout,
         }
-        let _end = EndSubscriptions(Arc::clone(&self.shared));
+    }
+
+    /// Listens on `client`, or, without one, connects first (and catches
+    /// subscribers up, as after any gap).
+    pub(super) fn run(self, client: Option<Client>) {
+        let mut client = match client.or_else(|| self.reconnect()) {
+            Some(client) => client,
+            None => return,
+        };
         loop {
             match self.listen(&mut client) {
                 Listened::Quiet => {
@@ -127,6 +152,7 @@ impl Worker {
 
     fn stopping(&self) -> bool {
         self.shared.shutdown.load(Ordering::Acquire)
+            || matches!(self.wake.try_recv(), Err(TryRecvError::Disconnected))
     }
 
     /// Receives and fans out until the connection fails, shutdown, or a

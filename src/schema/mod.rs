@@ -9,9 +9,11 @@ use crate::error::{server, Error, Result};
 use crate::ident::{fill_template, quote_identifier};
 use crate::pool::Connection;
 
+mod citus;
 mod statements;
 mod verify;
 
+pub(crate) use citus::{engine, Engine};
 pub(crate) use statements::Statements;
 pub(crate) use verify::verify;
 pub use verify::{Problem, VerifyReport};
@@ -315,6 +317,9 @@ fn apply_migrations(client: &mut postgres::Client, names: &Names) -> Result<Vec<
             tx.batch_execute(&rendered.render(template))
                 .map_err(Error::Database)?;
         }
+    }
+    if citus::is_coordinator(&mut tx)? {
+        citus::distribute(&mut tx, &rendered)?;
     }
     tx.commit().map_err(Error::Database)?;
     Ok(done)

@@ -4,7 +4,7 @@
 
 use postgres::types::Type;
 
-use super::Names;
+use super::{Engine, Names};
 use crate::pool::Sql;
 
 /// Whether the table's actor ids sort in code point order, so that the ids
@@ -31,6 +31,8 @@ const KEY_ORDER: &str = "SELECT current_setting('server_encoding') = 'UTF8' AND 
 /// The SQL text of every operation for one table, built once per store.
 #[derive(Debug)]
 pub(crate) struct Statements {
+    /// Where the table lives; on Citus some statements take another form.
+    pub engine: Engine,
     pub save: Sql,
     pub save_if_absent: Sql,
     pub save_if_sequence: Sql,
@@ -63,7 +65,15 @@ pub(crate) struct Statements {
 }
 
 impl Statements {
-    pub fn new(names: &Names) -> Self {
+    pub fn new(names: &Names, engine: Engine) -> Self {
+        let mut sql = Self::postgres(names);
+        if engine == Engine::Citus {
+            sql.citus(names);
+        }
+        sql
+    }
+
+    fn postgres(names: &Names) -> Self {
         let t = names.table_sql();
         let b = names.qualify(&names.tombstones);
         let now = "(now() AT TIME ZONE 'UTC')";
@@ -144,6 +154,7 @@ impl Statements {
             live("c.")
         );
         Statements {
+            engine: Engine::Postgres,
             save: Sql::new(format!(
                 "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
                  expires_at, recent_writes) \
@@ -378,6 +389,123 @@ impl Statements {
     }
 }
 
+impl Statements {
+    /// The forms of the single-actor writes that are router queries on a
+    /// distributed table (one shard, one node, one-phase commit): they read
+    /// no tombstone (the numbering trigger of `sql/citus.sql` does, on the
+    /// shard's node); an INSERT stands at the top (Citus plans an INSERT in
+    /// a CTE apart) and answers nothing when it was blocked; nothing in
+    /// `ON CONFLICT ... DO UPDATE` calls `now()` (a row is expired if it is
+    /// by the time the insert branch stamped); an array slice in a `SET`
+    /// list is wrapped in `COALESCE` (a bare one ends a Citus 13.2
+    /// coordinator's server process); the delete calls `set_config` after
+    /// the row is gone, before its AFTER trigger runs at the statement's
+    /// end.
+    fn citus(&mut self, names: &Names) {
+        let t = names.table_sql();
+        let now = "(now() AT TIME ZONE 'UTC')";
+        let live = |a: &str| format!("({a}expires_at IS NULL OR {a}expires_at > {now})");
+        // Expired by the time the insert branch stamped the row.
+        let expired = "t.expires_at <= EXCLUDED.updated_at";
+        let bump = format!("t.sequence_number + CASE WHEN {expired} THEN 2 ELSE 1 END");
+        let renew = format!(
+            "created_at = CASE WHEN {expired} THEN EXCLUDED.created_at ELSE t.created_at END"
+        );
+        let ttl = |p: &str| format!("{now} + {p}::BIGINT * INTERVAL '1 microsecond'");
+        let tag = |write_id: &str, sequence: &str, tags: &str| {
+            format!("COALESCE((ARRAY[{write_id} # ({sequence})] || {tags})[1:64])")
+        };
+        // `number`: NULL for the one after the tombstone's, `-1 - n` for n
+        // unless the tombstone is at n or above (see sql/citus.sql).
+        let upsert = |number: &str, write_id: &str, ttl_param: &str, update: &str| {
+            format!(
+                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
+                 expires_at, recent_writes) \
+                 VALUES ($1::VARCHAR, $2::BYTEA, {number}, {now}, {now}, {}, ARRAY[{write_id}]) \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, {update}, \
+                 updated_at = EXCLUDED.updated_at, {renew}, expires_at = EXCLUDED.expires_at",
+                ttl(ttl_param)
+            )
+        };
+        let next = |write_id: &str| {
+            format!(
+                "sequence_number = {bump}, recent_writes = {}",
+                tag(write_id, &bump, "t.recent_writes")
+            )
+        };
+        self.engine = Engine::Citus;
+        self.save = Sql::new(
+            format!(
+                "{} RETURNING sequence_number",
+                upsert("NULL", "$3::BIGINT", "$4", &next("$3::BIGINT"))
+            ),
+            &[Type::VARCHAR, Type::BYTEA, Type::INT8, Type::INT8],
+        );
+        self.save_if_absent = Sql::new(
+            format!(
+                "{} WHERE {expired} RETURNING sequence_number, updated_at, created_at",
+                upsert("NULL", "$3::BIGINT", "$4", &next("$3::BIGINT"))
+            ),
+            &[Type::VARCHAR, Type::BYTEA, Type::INT8, Type::INT8],
+        );
+        self.save_if_sequence = Sql::new(
+            format!(
+                "WITH written AS (UPDATE {t} SET state = $2::BYTEA, \
+                 sequence_number = sequence_number + 1, updated_at = {now}, expires_at = {}, \
+                 recent_writes = {} \
+                 WHERE actor_id = $1::VARCHAR AND sequence_number = $3::BIGINT AND {} \
+                 RETURNING sequence_number, updated_at, created_at) \
+                 SELECT (SELECT sequence_number FROM written), (SELECT updated_at FROM written), \
+                 (SELECT created_at FROM written), \
+                 (SELECT c.sequence_number FROM {t} c WHERE c.actor_id = $1::VARCHAR AND {})",
+                ttl("$5"),
+                tag("$4::BIGINT", "$3::BIGINT + 1", "recent_writes"),
+                live(""),
+                live("c.")
+            ),
+            &[
+                Type::VARCHAR,
+                Type::BYTEA,
+                Type::INT8,
+                Type::INT8,
+                Type::INT8,
+            ],
+        );
+        self.save_with_sequence = Sql::new(
+            format!(
+                "{} WHERE t.sequence_number + CASE WHEN {expired} THEN 1 ELSE 0 END \
+                 < EXCLUDED.sequence_number RETURNING sequence_number, updated_at, created_at",
+                upsert(
+                    "-1 - $3::BIGINT",
+                    "$4::BIGINT",
+                    "$5",
+                    &format!(
+                        "sequence_number = EXCLUDED.sequence_number, recent_writes = {}",
+                        tag("$4::BIGINT", "EXCLUDED.sequence_number", "t.recent_writes")
+                    )
+                )
+            ),
+            &[
+                Type::VARCHAR,
+                Type::BYTEA,
+                Type::INT8,
+                Type::INT8,
+                Type::INT8,
+            ],
+        );
+        // `now()` may not stand in a RETURNING list either.
+        self.delete = Sql::new(
+            format!(
+                "WITH gone AS (DELETE FROM {t} WHERE actor_id = $1::VARCHAR RETURNING expires_at) \
+                 SELECT set_config('trebuchet.write_id', $2::BIGINT::TEXT, true) IS NOT NULL \
+                 AND {} FROM gone",
+                live("")
+            ),
+            &[Type::VARCHAR, Type::INT8],
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,73 +517,76 @@ mod tests {
         // name. Destructured in full, so that a new statement cannot be
         // left out of this test.
         let names = Names::new("game.rooms", "room_changes").unwrap();
-        let Statements {
-            save,
-            save_if_absent,
-            save_if_sequence,
-            save_with_sequence,
-            load,
-            load_versioned,
-            load_many,
-            load_cached,
-            load_many_ordered,
-            save_many,
-            save_many_if,
-            delete_many,
-            lock_many,
-            catch_up,
-            delete,
-            exists,
-            sequence,
-            list_page,
-            list_page_range,
-            count_prefix,
-            count_prefix_range,
-            count_tombstones,
-            scan_prefix,
-            scan_prefix_range,
-            key_order,
-            restore_many,
-            outcomes,
-            sweep,
-            purge_tombstones,
-        } = Statements::new(&names);
-        for (name, sql) in [
-            ("save", save),
-            ("save_if_absent", save_if_absent),
-            ("save_if_sequence", save_if_sequence),
-            ("save_with_sequence", save_with_sequence),
-            ("load", load),
-            ("load_versioned", load_versioned),
-            ("load_many", load_many),
-            ("load_cached", load_cached),
-            ("load_many_ordered", load_many_ordered),
-            ("save_many", save_many),
-            ("save_many_if", save_many_if),
-            ("delete_many", delete_many),
-            ("lock_many", lock_many),
-            ("catch_up", catch_up),
-            ("delete", delete),
-            ("exists", exists),
-            ("sequence", sequence),
-            ("list_page", list_page),
-            ("list_page_range", list_page_range),
-            ("count_prefix", count_prefix),
-            ("count_prefix_range", count_prefix_range),
-            ("count_tombstones", count_tombstones),
-            ("scan_prefix", scan_prefix),
-            ("scan_prefix_range", scan_prefix_range),
-            ("key_order", key_order),
-            ("restore_many", restore_many),
-            ("outcomes", outcomes),
-            ("sweep", sweep),
-            ("purge_tombstones", purge_tombstones),
-        ] {
-            assert_eq!(
-                crate::pool::param_types(sql.text()).as_deref(),
-                Some(sql.types()),
-                "{name}: the declared parameter types are not the casts: {sql:?}"
-            );
+        for engine in [Engine::Postgres, Engine::Citus] {
+            let Statements {
+                engine: _,
+                save,
+                save_if_absent,
+                save_if_sequence,
+                save_with_sequence,
+                load,
+                load_versioned,
+                load_many,
+                load_cached,
+                load_many_ordered,
+                save_many,
+                save_many_if,
+                delete_many,
+                lock_many,
+                catch_up,
+                delete,
+                exists,
+                sequence,
+                list_page,
+                list_page_range,
+                count_prefix,
+                count_prefix_range,
+                count_tombstones,
+                scan_prefix,
+                scan_prefix_range,
+                key_order,
+                restore_many,
+                outcomes,
+                sweep,
+                purge_tombstones,
+            } = Statements::new(&names, engine);
+            for (name, sql) in [
+                ("save", save),
+                ("save_if_absent", save_if_absent),
+                ("save_if_sequence", save_if_sequence),
+                ("save_with_sequence", save_with_sequence),
+                ("load", load),
+                ("load_versioned", load_versioned),
+                ("load_many", load_many),
+                ("load_cached", load_cached),
+                ("load_many_ordered", load_many_ordered),
+                ("save_many", save_many),
+                ("save_many_if", save_many_if),
+                ("delete_many", delete_many),
+                ("lock_many", lock_many),
+                ("catch_up", catch_up),
+                ("delete", delete),
+                ("exists", exists),
+                ("sequence", sequence),
+                ("list_page", list_page),
+                ("list_page_range", list_page_range),
+                ("count_prefix", count_prefix),
+                ("count_prefix_range", count_prefix_range),
+                ("count_tombstones", count_tombstones),
+                ("scan_prefix", scan_prefix),
+                ("scan_prefix_range", scan_prefix_range),
+                ("key_order", key_order),
+                ("restore_many", restore_many),
+                ("outcomes", outcomes),
+                ("sweep", sweep),
+                ("purge_tombstones", purge_tombstones),
+            ] {
+                assert_eq!(
+                    crate::pool::param_types(sql.text()).as_deref(),
+                    Some(sql.types()),
+                    "{name} ({engine:?}): the declared parameter types are not the casts: {sql:?}"
+                );
+            }
         }
     }
 }

@@ -73,6 +73,29 @@ pub enum Problem {
         /// The trigger's name.
         trigger: String,
     },
+    /// On a Citus coordinator, the table (or its tombstones) is not
+    /// distributed by `actor_id`.
+    NotDistributed {
+        /// The quoted table name.
+        table: String,
+    },
+    /// On Citus, the tombstones are not co-located with the table, so the
+    /// trigger on a shard cannot write its actor's tombstone beside it.
+    NotColocated {
+        /// The quoted table name.
+        table: String,
+        /// The quoted tombstone table name.
+        tombstones: String,
+    },
+    /// On Citus, a shard of the table lacks an enabled trigger, so changes
+    /// to its actors are not announced (or not numbered above their
+    /// tombstones).
+    ShardTriggerDisabled {
+        /// The shard's placement: `shard id on host:port`.
+        placement: String,
+        /// The trigger's name.
+        trigger: String,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -122,6 +145,21 @@ impl fmt::Display for Problem {
                 f,
                 "trigger {trigger} does not fire on partition {partition}, so changes to its \
                  actors are not announced: ALTER TABLE {partition} ENABLE TRIGGER {trigger}"
+            ),
+            Problem::NotDistributed { table } => write!(
+                f,
+                "table {table} is not distributed by actor_id on this Citus coordinator: \
+                 run StateStore::migrate() (or `trebuchet-postgres migrate`), which distributes it"
+            ),
+            Problem::NotColocated { table, tombstones } => write!(
+                f,
+                "tombstone table {tombstones} is not co-located with {table}: \
+                 SELECT update_distributed_table_colocation('{tombstones}', colocate_with => '{table}')"
+            ),
+            Problem::ShardTriggerDisabled { placement, trigger } => write!(
+                f,
+                "trigger {trigger} does not fire on shard {placement}: run StateStore::migrate() \
+                 with citus.enable_unsafe_triggers, or enable it on the shard"
             ),
         }
     }
@@ -304,6 +342,9 @@ pub(crate) fn verify(conn: &mut Connection, names: &Names) -> Result<VerifyRepor
                 });
             }
         }
+    }
+    if citus::is_coordinator(&mut conn.client)? {
+        citus::verify(&mut conn.client, &names.in_schema(schema), &mut problems)?;
     }
     Ok(VerifyReport { problems })
 }

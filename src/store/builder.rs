@@ -282,9 +282,9 @@ impl StateStoreBuilder {
                 Pool::new(connect, pool_options)?
             }
         };
-        let store = StateStore {
+        let mut store = StateStore {
             inner: Arc::new(Inner {
-                sql: Statements::new(&names),
+                sql: Statements::new(&names, Engine::Postgres),
                 names,
                 pool,
                 codec: self.codec,
@@ -299,6 +299,16 @@ impl StateStoreBuilder {
         };
         if self.migrate {
             store.migrate()?;
+        }
+        // On Citus, with the table distributed, some statements take
+        // another form: find out where the table lives (after migrating,
+        // which distributes it).
+        let engine = store.call(true, |inner, c| {
+            Ok(schema::engine(&mut c.client, &inner.names)?)
+        })?;
+        if engine != Engine::Postgres {
+            let inner = Arc::get_mut(&mut store.inner).expect("no other handle yet");
+            inner.sql = Statements::new(&inner.names, engine);
         }
         if let Some(options) = &self.sweeper {
             let weak = Arc::downgrade(&store.inner);

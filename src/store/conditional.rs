@@ -229,6 +229,20 @@ pub(super) fn write_if_once(
         write_id,
     } = *write;
     let row = match expected {
+        // On Citus the create answers nothing when it was blocked: the
+        // number that blocked it is read next (a version the actor was in
+        // while this write ran).
+        Expected::Absent if inner.sql.engine == Engine::Citus => {
+            let st = c.prepare(&inner.sql.save_if_absent)?;
+            match st.query_opt(&mut c.client, &[&id, &state, &write_id, &ttl])? {
+                Some(row) => row,
+                None => {
+                    let st = c.prepare(&inner.sql.sequence)?;
+                    let actual = st.query_opt(&mut c.client, &[&id])?;
+                    return Ok(Err(actual.map(|row| to_u64(row.get(0)))));
+                }
+            }
+        }
         Expected::Absent => {
             let st = c.prepare(&inner.sql.save_if_absent)?;
             st.query_one(&mut c.client, &[&id, &state, &write_id, &ttl])?

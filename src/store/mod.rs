@@ -16,7 +16,9 @@ use crate::group::{rounds, Combiner, Item};
 use crate::listener::{CatchUpQuery, ChangeListener, ChangeListenerBuilder};
 use crate::outcome::{self, write_id, Landed, LostWriteCounters, LostWrites, Settled, Traces};
 use crate::pool::{Connection, Pool, PoolOptions};
-use crate::schema::{self, Names, Statements, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE};
+use crate::schema::{
+    self, Engine, Names, Statements, VerifyReport, DEFAULT_CHANNEL, DEFAULT_TABLE,
+};
 
 mod batch;
 mod builder;

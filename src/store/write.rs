@@ -380,15 +380,20 @@ impl StateStore {
                 let attempts = inner.retry.max_attempts.max(1);
                 for _ in 0..attempts {
                     let st = c.prepare(&inner.sql.save_with_sequence)?;
-                    let row = st.query_one(&mut c.client, &[&id, &state, &wanted, &w, &ttl])?;
-                    if row.get::<_, Option<i64>>(0).is_some() {
+                    // On Citus the statement answers nothing when it was
+                    // blocked, and the number is read next.
+                    let row = st.query_opt(&mut c.client, &[&id, &state, &wanted, &w, &ttl])?;
+                    if row
+                        .as_ref()
+                        .is_some_and(|row| row.get::<_, Option<i64>>(0).is_some())
+                    {
                         return Ok(None);
                     }
                     // The statement's snapshot may predate the writer that
                     // blocked it: a number below the one given (or none)
                     // is read again, and where the reading still does not
                     // explain the block, the write is made again.
-                    let seen = row.get::<_, Option<i64>>(3);
+                    let seen = row.and_then(|row| row.get::<_, Option<i64>>(3));
                     if seen.is_some_and(|n| n >= wanted) {
                         return Ok(Some(seen.map(to_u64)));
                     }

@@ -5,7 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use super::{other, TestCluster};
+use super::{other, TestCitusCluster, TestCluster};
 use crate::{quote_identifier, ConnectOptions, PoolOptions, StateStore, StateStoreBuilder};
 
 /// The server the tests of one process share.
@@ -14,11 +14,15 @@ pub struct TestDatabase {
     options: ConnectOptions,
     url: String,
     cluster: Option<TestCluster>,
+    citus: Option<TestCitusCluster>,
 }
 
 impl TestDatabase {
     /// The process-wide test server: `TEST_DATABASE_URL` or `DATABASE_URL`
-    /// when set, otherwise a throwaway cluster started on first use.
+    /// when set, otherwise a throwaway cluster started on first use; with
+    /// `TEST_CITUS=1`, a throwaway Citus cluster ([`TestCitusCluster`], a
+    /// coordinator and two workers), so that the same tests run against
+    /// distributed tables.
     ///
     /// # Panics
     ///
@@ -33,13 +37,18 @@ impl TestDatabase {
 
     /// A server of this value's own: `TEST_DATABASE_URL` or `DATABASE_URL`
     /// when set, otherwise a throwaway cluster that stops when the value is
-    /// dropped. For programs (examples, tools) rather than tests, which
-    /// share [`shared`](Self::shared).
+    /// dropped (a Citus cluster with `TEST_CITUS=1`). For programs
+    /// (examples, tools) rather than tests, which share
+    /// [`shared`](Self::shared).
     ///
     /// # Errors
     ///
-    /// When the variable does not parse or no cluster can be started.
+    /// When the variable does not parse or no cluster can be started
+    /// (with `TEST_CITUS=1`: when Citus is not installed).
     pub fn from_env_or_start() -> io::Result<TestDatabase> {
+        if std::env::var("TEST_CITUS").is_ok_and(|v| !v.is_empty() && v != "0") {
+            return Self::citus_cluster(2);
+        }
         let url = ["TEST_DATABASE_URL", "DATABASE_URL"]
             .iter()
             .filter_map(|key| std::env::var(key).ok())
@@ -52,6 +61,7 @@ impl TestDatabase {
                 options,
                 url,
                 cluster: None,
+                citus: None,
             });
         }
         let cluster = TestCluster::start()?;
@@ -59,6 +69,23 @@ impl TestDatabase {
             options: cluster.connect_options(),
             url: cluster.url(),
             cluster: Some(cluster),
+            citus: None,
+        })
+    }
+
+    /// A throwaway Citus cluster of this value's own, with `workers`
+    /// workers, whose coordinator is the server.
+    ///
+    /// # Errors
+    ///
+    /// As [`TestCitusCluster::start`].
+    pub fn citus_cluster(workers: usize) -> io::Result<TestDatabase> {
+        let citus = TestCitusCluster::start(workers)?;
+        Ok(TestDatabase {
+            options: citus.connect_options(),
+            url: citus.coordinator().url(),
+            cluster: None,
+            citus: Some(citus),
         })
     }
 
@@ -73,9 +100,17 @@ impl TestDatabase {
         self.options.clone()
     }
 
-    /// The throwaway cluster, when one was started.
+    /// The throwaway cluster, when one was started (a Citus cluster's
+    /// coordinator).
     pub fn cluster(&self) -> Option<&TestCluster> {
-        self.cluster.as_ref()
+        self.cluster
+            .as_ref()
+            .or(self.citus.as_ref().map(TestCitusCluster::coordinator))
+    }
+
+    /// The throwaway Citus cluster, when one was started.
+    pub fn citus(&self) -> Option<&TestCitusCluster> {
+        self.citus.as_ref()
     }
 
     /// A fresh schema with a unique name, dropped with everything in it when

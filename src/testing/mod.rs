@@ -20,15 +20,21 @@
 //! --bindir`, else the newest `/usr/lib/postgresql/*/bin`, else `PATH`.
 //! PostgreSQL refuses to run as root; as root the cluster runs as the
 //! `postgres` user.
+//!
+//! [`TestCitusCluster`] starts a Citus cluster (distributed PostgreSQL) the
+//! same way, a coordinator and workers on loopback, when the extension is
+//! installed ([`citus_installed`]).
 
 use std::io;
 
+mod citus;
 mod cluster;
 mod database;
 mod proxy;
 mod statements;
 mod system;
 
+pub use citus::{citus_installed, TestCitusCluster};
 pub use cluster::{StopMode, TestCluster};
 pub use database::{TestDatabase, TestSchema};
 pub use proxy::{Request as ProxyRequest, TcpProxy};

@@ -1,0 +1,247 @@
+//! The store on Citus (distributed PostgreSQL), on a throwaway cluster of a
+//! coordinator and two workers on loopback: `migrate` distributes the tables
+//! by `actor_id`, every single-actor statement is a router query to one
+//! shard, and the operations keep their results.
+//!
+//! Without the extension installed these tests say they were skipped and
+//! why (with `CI=true` they fail instead: `.ci/run` installs it).
+
+mod common;
+
+use std::sync::OnceLock;
+
+use trebuchet_postgres::testing::{citus_installed, point_statements, TestDatabase};
+use trebuchet_postgres::{ChangeKind, Event, Expected, StateStore};
+
+/// The process's Citus cluster, or `None` (after saying why) when the
+/// extension is not installed.
+fn citus() -> Option<&'static TestDatabase> {
+    static CLUSTER: OnceLock<TestDatabase> = OnceLock::new();
+    let installed = citus_installed();
+    if !common::tool_found(
+        installed.is_ok(),
+        "the Citus extension",
+        "../shared/citus/build.sh",
+    ) {
+        eprintln!("{}", installed.unwrap_err());
+        return None;
+    }
+    Some(CLUSTER.get_or_init(|| {
+        TestDatabase::citus_cluster(2).unwrap_or_else(|e| panic!("no Citus cluster: {e}"))
+    }))
+}
+
+#[test]
+fn migrate_distributes_both_tables_by_actor_id_in_one_colocation_group() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let _store = schema.store();
+    let mut client = schema.client().unwrap();
+    let rows = client
+        .query(
+            "SELECT logicalrelid::TEXT, column_to_column_name(logicalrelid, partkey), \
+             colocationid FROM pg_dist_partition \
+             WHERE logicalrelid::TEXT LIKE $1 || '.%' ORDER BY 1",
+            &[&schema.name()],
+        )
+        .unwrap();
+    let tables: Vec<(String, String, i32)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(tables.len(), 2, "{tables:?}");
+    for (table, column, _) in &tables {
+        assert_eq!(column, "actor_id", "{table} is distributed by {column}");
+    }
+    assert_eq!(tables[0].2, tables[1].2, "not co-located: {tables:?}");
+}
+
+#[test]
+fn single_actor_operations_keep_their_results() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let store = schema.store();
+    assert_eq!(store.save("room-1", &1u32).unwrap(), 1);
+    assert_eq!(store.save("room-1", &2u32).unwrap(), 2);
+    assert_eq!(store.load::<u32>("room-1").unwrap(), Some(2));
+    assert_eq!(
+        store
+            .save_if("room-1", &3u32, Expected::Sequence(2))
+            .unwrap(),
+        3
+    );
+    let conflict = store
+        .save_if("room-1", &4u32, Expected::Sequence(2))
+        .unwrap_err();
+    assert!(conflict.is_conflict(), "{conflict}");
+    assert_eq!(store.save_if("room-2", &1u32, Expected::Absent).unwrap(), 1);
+    assert_eq!(
+        store
+            .transform("room-1", |n: Option<u32>| n.unwrap_or(0) + 1)
+            .unwrap()
+            .sequence,
+        4
+    );
+    assert!(store.delete("room-1").unwrap());
+    assert!(!store.exists("room-1").unwrap());
+    // Numbers continue above the delete.
+    assert_eq!(store.save("room-1", &9u32).unwrap(), 6);
+    assert_eq!(store.sequence("room-1").unwrap(), Some(6));
+}
+
+#[test]
+fn every_single_actor_statement_is_a_router_query_to_one_shard() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let store: StateStore = schema.store();
+    let mut client = schema.client().unwrap();
+    for (name, sql) in point_statements(&store) {
+        let prepared = client.prepare(&sql).unwrap();
+        let text = "room-1".to_owned();
+        let state: Vec<u8> = vec![1];
+        let number: Option<i64> = Some(1);
+        let params: Vec<&(dyn postgres::types::ToSql + Sync)> = prepared
+            .params()
+            .iter()
+            .map(|ty| -> &(dyn postgres::types::ToSql + Sync) {
+                match ty.name() {
+                    "varchar" | "text" => &text,
+                    "bytea" => &state,
+                    "int8" => &number,
+                    other => panic!("{name}: unexpected parameter type {other}"),
+                }
+            })
+            .collect();
+        let mut tx = client.transaction().unwrap();
+        let plan: String = tx
+            .query(&format!("EXPLAIN {sql}"), &params)
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0) + "\n")
+            .collect();
+        tx.rollback().unwrap();
+        assert!(
+            plan.contains("Task Count: 1\n"),
+            "{name} is not a query to one shard:\n{plan}"
+        );
+        assert!(
+            plan.contains("Custom Scan (Citus Adaptive)") && !plan.contains("Distributed Subplan"),
+            "{name} is not a router query:\n{plan}"
+        );
+    }
+}
+
+/// The nodes holding the shards of `table`, as `host:port`.
+fn shard_nodes(client: &mut postgres::Client, table: &str) -> Vec<String> {
+    client
+        .query(
+            "SELECT DISTINCT nodename::TEXT || ':' || nodeport::TEXT FROM citus_shards \
+             WHERE table_name = $1::TEXT::regclass ORDER BY 1",
+            &[&table],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[test]
+fn a_listener_on_the_coordinator_hears_changes_on_every_worker_in_order() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let store = schema.store();
+    let mut client = schema.client().unwrap();
+    let nodes = shard_nodes(&mut client, &schema.table("actor_states"));
+    assert_eq!(
+        nodes.len(),
+        2,
+        "the shards should be on both workers: {nodes:?}"
+    );
+    let listener = store.listener().unwrap();
+    let changes = listener.subscribe();
+    // Enough actors that both workers hold some.
+    let ids: Vec<String> = (0..40).map(|i| format!("actor-{i}")).collect();
+    for id in &ids {
+        store.save(id, &1u32).unwrap();
+        store.save(id, &2u32).unwrap();
+    }
+    for id in &ids[..5] {
+        assert!(store.delete(id).unwrap());
+    }
+    let mut seen: std::collections::HashMap<String, Vec<(u64, ChangeKind)>> = Default::default();
+    for _ in 0..(ids.len() * 2 + 5) {
+        match changes.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(Event::Change(c)) => seen
+                .entry(c.actor_id.clone())
+                .or_default()
+                .push((c.sequence, c.kind)),
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let mut expected = vec![(1, ChangeKind::Saved), (2, ChangeKind::Saved)];
+        if i < 5 {
+            expected.push((3, ChangeKind::Deleted));
+        }
+        assert_eq!(seen.get(id), Some(&expected), "{id}");
+    }
+}
+
+#[test]
+fn an_announce_on_the_coordinator_reaches_every_listener() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let store = schema.store();
+    store.save("room-1", &1u32).unwrap();
+    let first = store.listener().unwrap();
+    let second = store.listener().unwrap();
+    let (a, b) = (first.subscribe(), second.subscribe());
+    first.announce("room-1").unwrap();
+    for sub in [&a, &b] {
+        common::expect_change(sub, "room-1", 1, ChangeKind::Announced);
+    }
+}
+
+#[test]
+fn verify_checks_the_distribution_and_the_triggers_on_every_shard() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let store = schema.store();
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{report}");
+
+    // Disable the change trigger on one shard, on the worker that holds it.
+    let mut client = schema.client().unwrap();
+    let row = client
+        .query_one(
+            "SELECT shardid, nodeport FROM citus_shards \
+             WHERE table_name = $1::TEXT::regclass ORDER BY shardid LIMIT 1",
+            &[&schema.table("actor_states")],
+        )
+        .unwrap();
+    let (shard, port): (i64, i32) = (row.get(0), row.get(1));
+    let worker = db
+        .citus()
+        .unwrap()
+        .workers()
+        .iter()
+        .find(|w| i32::from(w.port()) == port)
+        .unwrap();
+    let mut on_worker = worker.connect_options().connect().unwrap();
+    on_worker
+        .batch_execute(&format!(
+            "SET citus.enable_manual_changes_to_shards = on; \
+             ALTER TABLE \"{}\".actor_states_{shard} \
+             DISABLE TRIGGER actor_state_change_trigger_{shard}",
+            schema.name()
+        ))
+        .unwrap();
+    let report = store.verify().unwrap();
+    assert_eq!(report.problems.len(), 1, "{report}");
+    let text = report.to_string();
+    assert!(
+        text.contains(&format!("shard {shard} on 127.0.0.1:{port}"))
+            && text.contains("actor_state_change_trigger"),
+        "{text}"
+    );
+}

@@ -3,12 +3,11 @@
 
 mod common;
 
+use common::{client_in, quoted_table, ALL_VERSIONS};
+
 use std::collections::BTreeSet;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, SystemTime};
-
-/// Every embedded migration, in order: what a fresh table gets.
-const ALL_VERSIONS: &[i32] = &[1, 2, 3, 4];
 
 use trebuchet_postgres::testing::{TestDatabase, TestSchema};
 use trebuchet_postgres::{
@@ -50,19 +49,6 @@ AFTER INSERT OR UPDATE ON actor_states
 FOR EACH ROW
 EXECUTE FUNCTION notify_actor_state_change();
 ";
-
-/// A plain client whose `search_path` is the test schema only.
-fn client_in(schema: &TestSchema) -> postgres::Client {
-    let mut client = schema.client().unwrap();
-    client
-        .batch_execute(&format!("SET search_path TO \"{}\"", schema.name()))
-        .unwrap();
-    client
-}
-
-fn quoted_table(schema: &TestSchema, table: &str) -> String {
-    format!("\"{}\".\"{table}\"", schema.name())
-}
 
 fn trigger_missing() -> Problem {
     Problem::TriggerMissing {

@@ -2,15 +2,10 @@
 
 mod common;
 
-use serde::{Deserialize, Serialize};
+use common::GameState;
+
 use trebuchet_postgres::testing::TestDatabase;
 use trebuchet_postgres::{Codec, Error, ErrorKind, Expected, WriteOptions};
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-struct GameState {
-    scores: std::collections::BTreeMap<String, i64>,
-    round: u32,
-}
 
 #[test]
 fn sequence_numbers_count_up_from_one() {

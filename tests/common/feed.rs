@@ -170,7 +170,8 @@ pub fn terminate(admin: &mut postgres::Client, pid: i32) {
 }
 
 /// Serialises the test that loads both cores (a notification flood) with the
-/// tests whose gap must stay open for a few hundred milliseconds.
+/// tests whose gap must stay open for a few hundred milliseconds, within one
+/// test binary (`cargo test` runs the binaries one after another).
 pub fn exclusive() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())

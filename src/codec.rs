@@ -56,7 +56,8 @@ impl Codec {
     /// collection's pre-allocation at 1 MiB), so its memory stays within a
     /// multiple of the input's size; at the nesting limit it needs about
     /// 200 KiB of stack in a release build (1 MiB unoptimised), well inside
-    /// the 2 MiB of a spawned thread. `tests/decode_fuzz.rs` checks this.
+    /// the 2 MiB of a spawned thread.
+    /// `tests/bad_input_gets_a_clear_error/decode_fuzz.rs` checks this.
     ///
     /// # Errors
     ///

@@ -1,16 +1,15 @@
 //! The store's operations against a real PostgreSQL.
+//!
+//! Conflicts of conditional writes are in tests/optimistic_locking_is_real.rs,
+//! and sequence numbers after a delete in
+//! tests/numbers_never_repeat_tables_never_cross.rs.
 
 mod common;
 
-use serde::{Deserialize, Serialize};
+use common::GameState;
+
 use trebuchet_postgres::testing::TestDatabase;
 use trebuchet_postgres::{Codec, Error, ErrorKind, Expected, WriteOptions};
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-struct GameState {
-    scores: std::collections::BTreeMap<String, i64>,
-    round: u32,
-}
 
 #[test]
 fn sequence_numbers_count_up_from_one() {
@@ -29,112 +28,6 @@ fn sequence_numbers_count_up_from_one() {
 }
 
 #[test]
-fn save_if_absent_then_conflict() {
-    let schema = TestDatabase::shared().schema();
-    let store = schema.store();
-    assert_eq!(store.save_if("a", &1u32, Expected::Absent).unwrap(), 1);
-    let err = store.save_if("a", &2u32, Expected::Absent).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Conflict {
-                expected: Expected::Absent,
-                actual: Some(1),
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(store.load::<u32>("a").unwrap(), Some(1));
-}
-
-/// Two writers on separate pools read version 1; the first conditional write
-/// wins with 2, the second gets a conflict that names both versions, and the
-/// first value survives.
-#[test]
-fn two_writers_of_the_same_version_conflict() {
-    let schema = TestDatabase::shared().schema();
-    let first = schema.store();
-    let second = schema.store_builder().build().unwrap();
-    let mut state = GameState::default();
-    assert_eq!(first.save("room", &state).unwrap(), 1);
-
-    let mut a = first.load_versioned::<GameState>("room").unwrap().unwrap();
-    let mut b = second.load_versioned::<GameState>("room").unwrap().unwrap();
-    assert_eq!((a.sequence, b.sequence), (1, 1));
-    a.value.scores.insert("alice".into(), 10);
-    b.value.scores.insert("bob".into(), 20);
-
-    assert_eq!(
-        first
-            .save_if("room", &a.value, Expected::Sequence(a.sequence))
-            .unwrap(),
-        2
-    );
-    let err = second
-        .save_if("room", &b.value, Expected::Sequence(b.sequence))
-        .unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            Error::Conflict { actor_id, expected: Expected::Sequence(1), actual: Some(2) }
-                if actor_id == "room"
-        ),
-        "{err:?}"
-    );
-    assert!(err.is_conflict());
-
-    let stored = second.load_versioned::<GameState>("room").unwrap().unwrap();
-    assert_eq!(stored.value, a.value);
-    assert_eq!(stored.sequence, 2);
-    state.scores.insert("alice".into(), 10);
-    assert_eq!(stored.value, state);
-}
-
-/// A conditional write with the wrong sequence number writes nothing, and
-/// the conflict reports what is there: the current number, or `None` for a
-/// missing actor (which a `Sequence` expectation never creates).
-#[test]
-fn save_if_with_a_wrong_sequence_conflicts() {
-    let schema = TestDatabase::shared().schema();
-    let store = schema.store();
-    store.save("a", &1u32).unwrap();
-    store.save("a", &2u32).unwrap();
-
-    for wrong in [0, 1, 3, 100] {
-        let err = store
-            .save_if("a", &99u32, Expected::Sequence(wrong))
-            .unwrap_err();
-        assert!(
-            matches!(err, Error::Conflict { expected: Expected::Sequence(w), actual: Some(2), .. } if w == wrong),
-            "{wrong}: {err:?}"
-        );
-    }
-    assert_eq!(store.load::<u32>("a").unwrap(), Some(2));
-    assert_eq!(store.sequence("a").unwrap(), Some(2));
-
-    let err = store
-        .save_if("ghost", &1u32, Expected::Sequence(1))
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Conflict {
-                expected: Expected::Sequence(1),
-                actual: None,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(!store.exists("ghost").unwrap());
-    assert_eq!(store.load::<u32>("ghost").unwrap(), None);
-
-    // The right sequence number still works after the failed attempts.
-    assert_eq!(store.save_if("a", &3u32, Expected::Sequence(2)).unwrap(), 3);
-}
-
-#[test]
 fn delete_reports_whether_the_actor_existed() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
@@ -148,80 +41,6 @@ fn delete_reports_whether_the_actor_existed() {
     assert_eq!(store.sequence("a").unwrap(), None);
     // Only the named actor went.
     assert_eq!(store.load::<u32>("b").unwrap(), Some(2));
-}
-
-/// The rule (src/store.rs, "Sequence numbers", and the trigger): a delete
-/// takes the next number and leaves a tombstone holding it; a new actor
-/// under the same id starts above the tombstone. Whatever the write path,
-/// numbers for one id never repeat.
-#[test]
-fn sequence_numbers_continue_after_delete_and_never_repeat() {
-    let schema = TestDatabase::shared().schema();
-    let store = schema.store();
-    let mut seen = vec![
-        store.save("a", &1u32).unwrap(),
-        store.save("a", &2u32).unwrap(),
-    ];
-    assert_eq!(seen, [1, 2]);
-    assert!(store.delete("a").unwrap());
-    let tombstone = |client: &mut postgres::Client| -> i64 {
-        client
-            .query_one(
-                &format!(
-                    "SELECT sequence_number FROM \"{}\".actor_states_tombstones WHERE actor_id = 'a'",
-                    schema.name()
-                ),
-                &[],
-            )
-            .unwrap()
-            .get(0)
-    };
-    let mut client = schema.client().unwrap();
-    assert_eq!(tombstone(&mut client), 3, "the delete takes 3");
-    seen.push(3);
-
-    // Re-created by an unconditional save.
-    assert_eq!(store.save("a", &3u32).unwrap(), 4);
-    seen.push(4);
-    assert_eq!(store.sequence("a").unwrap(), Some(4));
-    assert_eq!(store.load::<u32>("a").unwrap(), Some(3));
-
-    // Re-created by save_if(Absent).
-    assert!(store.delete("a").unwrap());
-    assert_eq!(tombstone(&mut client), 5);
-    seen.push(5);
-    seen.push(store.save_if("a", &4u32, Expected::Absent).unwrap());
-    assert_eq!(seen.last(), Some(&6));
-
-    // Re-created by transform, on both the typed and the bytes API.
-    assert!(store.delete("a").unwrap());
-    seen.push(7);
-    let v = store
-        .transform("a", |old: Option<u32>| {
-            assert_eq!(old, None, "a deleted actor starts from nothing");
-            5
-        })
-        .unwrap();
-    seen.push(v.sequence);
-    assert_eq!(v.sequence, 8);
-    assert!(store.delete("a").unwrap());
-    seen.push(9);
-    let v = store
-        .raw()
-        .transform("a", |old| {
-            assert_eq!(old, None);
-            vec![6]
-        })
-        .unwrap();
-    seen.push(v.sequence);
-    assert_eq!(v.sequence, 10);
-
-    assert!(
-        seen.windows(2).all(|w| w[0] < w[1]),
-        "sequence numbers repeat or go back: {seen:?}"
-    );
-    // Other actors are unaffected by a's tombstone.
-    assert_eq!(store.save("b", &1u32).unwrap(), 1);
 }
 
 #[test]

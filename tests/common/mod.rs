@@ -10,10 +10,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
-use trebuchet_postgres::testing::{TestCluster, TestDatabase};
+use serde::{Deserialize, Serialize};
+use trebuchet_postgres::testing::{TestCluster, TestDatabase, TestSchema};
 use trebuchet_postgres::{Change, ChangeKind, Event, Subscription};
 
 pub mod cut;
+pub mod feed;
 pub mod tls;
 
 /// The time zone the "wrong time zone" tests put their sessions in: far
@@ -94,6 +96,29 @@ pub fn assert_no_notification(client: &mut postgres::Client) {
             n.payload()
         );
     }
+}
+
+/// Every embedded migration, in order: what a fresh table gets.
+pub const ALL_VERSIONS: &[i32] = &[1, 2, 3, 4];
+
+/// A plain client whose `search_path` is the test schema only.
+pub fn client_in(schema: &TestSchema) -> postgres::Client {
+    let mut client = schema.client().unwrap();
+    client
+        .batch_execute(&format!("SET search_path TO \"{}\"", schema.name()))
+        .unwrap();
+    client
+}
+
+pub fn quoted_table(schema: &TestSchema, table: &str) -> String {
+    format!("\"{}\".\"{table}\"", schema.name())
+}
+
+/// A game room's state: a map and a number, for the store's tests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct GameState {
+    pub scores: std::collections::BTreeMap<String, i64>,
+    pub round: u32,
 }
 
 /// A trust-authentication cluster for roles without passwords, shared by the

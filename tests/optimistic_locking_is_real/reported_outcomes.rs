@@ -11,7 +11,7 @@
 //! that the number can no longer be read back, it says the outcome is
 //! unknown instead of handing out another write's number.
 
-mod common;
+use crate::common;
 
 use std::sync::mpsc;
 use std::sync::OnceLock;

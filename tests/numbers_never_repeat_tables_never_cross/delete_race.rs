@@ -7,7 +7,7 @@
 //! before the tombstone existed; the number it returns must still be above
 //! the tombstone's.
 
-mod common;
+use crate::common;
 
 use std::thread;
 

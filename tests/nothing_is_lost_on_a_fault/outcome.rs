@@ -4,7 +4,7 @@
 //! or right before the request reached the server (nothing happened), for
 //! each kind of write; then processes count increments across a restart.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -346,7 +346,7 @@ fn grouped_saves() {
 // ----- processes across a restart --------------------------------------------
 
 const CHILD_URL: &str = "TREBUCHET_OUTCOME_URL";
-const CHILD_TEST: &str = "child_process_counts";
+const CHILD_TEST: &str = "outcome::child_process_counts";
 const CHILD_INCREMENTS: u64 = 500;
 const PROCESSES: u64 = 4;
 

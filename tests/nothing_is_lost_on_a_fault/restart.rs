@@ -2,7 +2,7 @@
 //! pool replaces its broken connections by itself, and an acknowledged
 //! save is durable. Runs on a cluster of its own.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Barrier};
 

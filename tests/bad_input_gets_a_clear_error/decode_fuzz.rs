@@ -9,7 +9,8 @@
 //! bounded number of cases by default; for a longer run:
 //!
 //! ```sh
-//! TREBUCHET_FUZZ_SECONDS=300 cargo test --release --features testing --test decode_fuzz -- --nocapture
+//! TREBUCHET_FUZZ_SECONDS=300 cargo test --release --features testing \
+//!     --test bad_input_gets_a_clear_error decode_fuzz -- --nocapture
 //! ```
 //!
 //! (`TREBUCHET_FUZZ_SEED` replays one seed; a failure prints its seed and input.)

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Error, Result};
 use crate::pool::{Backend, Connection, Pool};
-use crate::schema::{Statements, WRITE_TAGS};
+use crate::schema::{Engine, Statements, WRITE_TAGS};
 
 /// How the writes of a store whose connection broke mid-write turned out,
 /// since the store was built: from [`StateStore::lost_writes`](crate::StateStore::lost_writes).
@@ -285,6 +285,37 @@ pub(crate) fn find_out(
     })
 }
 
+/// On Citus, whether the server processes on the workers that ran the
+/// write for the coordinator's process `pid` have all ended (before
+/// `deadline`). They outlive it: one that received its COMMIT before the
+/// coordinator's process was stopped may still commit the write, after
+/// that process is gone. Citus gives them the coordinator process's global
+/// id, which `citus_stat_activity` shows for every node.
+fn workers_done(
+    conn: &mut Connection,
+    pid: i32,
+    deadline: Instant,
+) -> std::result::Result<bool, postgres::Error> {
+    loop {
+        let running: bool = conn
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM citus_stat_activity WHERE global_pid = \
+                 citus_calculate_gpid(COALESCE((SELECT nodeid FROM pg_dist_node \
+                 WHERE groupid = 0 AND noderole = 'primary'), 99999999), $1::INT4))",
+                &[&pid],
+            )?
+            .get(0);
+        if !running {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// `None` when the old server process outlived the deadline.
 fn read(
     conn: &mut Connection,
@@ -323,6 +354,9 @@ fn read(
                 return Ok(None);
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+        if sql.engine == Engine::Citus && !workers_done(conn, pid, deadline)? {
+            return Ok(None);
         }
     }
     let rows = conn

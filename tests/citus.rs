@@ -245,3 +245,132 @@ fn verify_checks_the_distribution_and_the_triggers_on_every_shard() {
         "{text}"
     );
 }
+
+/// Polls `done` every 20 ms for up to 60 s.
+#[track_caller]
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    common::wait_until(what, std::time::Duration::from_secs(60), &mut done);
+}
+
+/// A write whose reply is lost while the worker holds its COMMIT: what the
+/// store reports is what the worker did. (Stopping the coordinator's process
+/// makes Citus cancel the worker's work, so here the write is found not
+/// applied; the store also waits for the worker's processes to end, which
+/// this test cannot show apart.)
+#[test]
+fn a_lost_reply_while_the_worker_commits_is_settled_truthfully() {
+    use trebuchet_postgres::testing::TcpProxy;
+    use trebuchet_postgres::PoolOptions;
+
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let direct = schema.store();
+    assert_eq!(direct.save("x", &1u32).unwrap(), 1);
+    let table = schema.table("actor_states");
+
+    // On the worker that holds "x", its shard's commits wait for an
+    // advisory lock the test holds: a COMMIT the coordinator has sent is
+    // then still to come on the worker.
+    let mut client = schema.client().unwrap();
+    let row = client
+        .query_one(
+            "SELECT shardid, nodeport FROM citus_shards WHERE table_name = $1::TEXT::regclass \
+             AND shardid = get_shard_id_for_distribution_column($1::TEXT::regclass, 'x')",
+            &[&table],
+        )
+        .unwrap();
+    let (shard, port): (i64, i32) = (row.get(0), row.get(1));
+    let worker = db
+        .citus()
+        .unwrap()
+        .workers()
+        .iter()
+        .find(|w| i32::from(w.port()) == port)
+        .unwrap();
+    let lock: i64 = 0x7465_7374_6c6f_636b;
+    // Made on the coordinator, which gives it to every node.
+    client
+        .batch_execute(&format!(
+            "CREATE FUNCTION \"{s}\".slow_commit() RETURNS TRIGGER AS $$ \
+             BEGIN PERFORM pg_advisory_xact_lock({lock}); RETURN NULL; END $$ LANGUAGE plpgsql",
+            s = schema.name()
+        ))
+        .unwrap();
+    let mut on_worker = worker.connect_options().connect().unwrap();
+    on_worker
+        .batch_execute(&format!(
+            "SET citus.enable_manual_changes_to_shards = on; \
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE \
+             ON \"{s}\".actor_states_{shard} DEFERRABLE INITIALLY DEFERRED \
+             FOR EACH ROW EXECUTE FUNCTION \"{s}\".slow_commit(); \
+             SELECT pg_advisory_lock({lock})",
+            s = schema.name()
+        ))
+        .unwrap();
+
+    let proxy = TcpProxy::start(db.citus().unwrap().coordinator().port()).unwrap();
+    let mut options = schema.connect_options();
+    options.port(proxy.port());
+    let store = StateStore::builder()
+        .connect_options(options)
+        .table(table.clone())
+        .channel(schema.channel())
+        .group_commit(false)
+        .pool_options(PoolOptions::default().max_size(1).min_idle(Some(0)))
+        .build()
+        .unwrap();
+    let saving = std::thread::spawn(move || store.save("x", &2u32));
+
+    // The worker holds the COMMIT: cut the client's connection.
+    let mut watch_worker = worker.connect_options().connect().unwrap();
+    wait_for("the worker's commit waits for the lock", || {
+        watch_worker
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                 AND NOT granted)",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    });
+    proxy.sever_all();
+    // Once the store has stopped the coordinator's process, the worker may
+    // commit.
+    wait_for("the coordinator's process is gone", || {
+        client
+            .query_one(
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE state = 'active' \
+                 AND query LIKE 'INSERT INTO %' AND query LIKE '%' || $1 || '%')",
+                &[&schema.name()],
+            )
+            .unwrap()
+            .get(0)
+    });
+    on_worker
+        .batch_execute(&format!("SELECT pg_advisory_unlock({lock})"))
+        .unwrap();
+    let saved = saving.join().unwrap();
+    wait_for("the worker's process is done", || {
+        watch_worker
+            .query_one(
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                 AND NOT granted)",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    });
+    let stored = direct.load_versioned::<u32>("x").unwrap().unwrap();
+    match saved {
+        Ok(sequence) => assert_eq!((stored.sequence, stored.value), (sequence, 2)),
+        Err(e) if e.is_not_applied() => assert_eq!(
+            (stored.sequence, stored.value),
+            (1, 1),
+            "reported not applied ({e}), but the worker committed it"
+        ),
+        Err(e) => assert!(
+            matches!(e, trebuchet_postgres::Error::OutcomeUnknown { .. }),
+            "{e}"
+        ),
+    }
+}

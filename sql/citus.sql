@@ -47,3 +47,10 @@ DROP TRIGGER IF EXISTS {{number_trigger}} ON {{table}};
 CREATE TRIGGER {{number_trigger}}
     BEFORE INSERT ON {{table}}
     FOR EACH ROW EXECUTE FUNCTION {{number_function}}();
+
+-- The change trigger, as the migrations made it: dropped while a table's
+-- rows were copied into its shards, and made again here.
+DROP TRIGGER IF EXISTS {{trigger}} ON {{table}};
+CREATE TRIGGER {{trigger}}
+    AFTER INSERT OR UPDATE OR DELETE ON {{table}}
+    FOR EACH ROW EXECUTE FUNCTION {{function}}();

@@ -80,26 +80,63 @@ fn number_names(names: &Names) -> (String, String) {
     )
 }
 
-/// The SQL that [`distribute`] applies before distributing, for these
-/// names.
-pub(crate) fn citus_sql(names: &Names) -> String {
+/// The statements of `template` one by one: Citus passes a DDL statement
+/// on to the shards as the text it came in, which must then hold that
+/// statement alone. A statement ends with a line ending in `;` outside a
+/// function body (`$$ ... $$`).
+fn one_by_one(template: &str) -> Vec<String> {
+    let mut statements = Vec::new();
+    let mut current = String::new();
+    let mut in_body = false;
+    for line in template.lines() {
+        if line.trim_start().starts_with("--") && current.trim().is_empty() {
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+        if line.matches("$$").count() % 2 == 1 {
+            in_body = !in_body;
+        }
+        if !in_body && line.trim_end().ends_with(';') {
+            statements.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.trim().is_empty() {
+        statements.push(current);
+    }
+    statements
+}
+
+/// The statements that [`distribute`] applies once the tables are
+/// distributed, for these names, one by one.
+pub(crate) fn citus_sql(names: &Names) -> Vec<String> {
     let (function, trigger) = number_names(names);
     let values = [
+        ("{{function}}", names.qualify(&names.function)),
+        ("{{trigger}}", quote_identifier(&names.trigger)),
         ("{{number_function}}", names.qualify(&function)),
         ("{{number_trigger}}", quote_identifier(&trigger)),
         ("{{table}}", names.table_sql()),
         ("{{tombstones}}", names.qualify(&names.tombstones)),
     ];
     let values: Vec<(&str, &str)> = values.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    fill_template(CITUS_TEMPLATE, &values)
+    one_by_one(CITUS_TEMPLATE)
+        .iter()
+        .map(|statement| fill_template(statement, &values))
+        .collect()
 }
 
-/// On a Citus coordinator, in the migration's transaction: puts the
-/// numbering trigger in place and distributes the table and its tombstones
-/// by `actor_id` in one co-location group, with their triggers on every
-/// shard (`citus.enable_unsafe_triggers`: the trigger writes the
-/// co-located tombstone shard and notifies on the node where it fires).
-/// Tables distributed already stay as they are.
+/// On a Citus coordinator, in the migration's transaction: distributes
+/// the table and its tombstones by `actor_id` in one co-location group and
+/// puts both triggers on every shard (`citus.enable_unsafe_triggers`: the
+/// trigger writes the co-located tombstone shard and notifies on the node
+/// where it fires). Tables distributed already stay as they are.
+///
+/// A table that already holds rows (one made on a single server) has its
+/// triggers dropped while its rows are copied into the shards: the copy
+/// commits in two phases, which a transaction that ran `NOTIFY` cannot.
+/// Writers wait on the table's lock meanwhile, so no change goes
+/// unannounced.
 pub(crate) fn distribute(tx: &mut postgres::Transaction<'_>, names: &Names) -> Result<()> {
     if names.partitions.is_some() {
         return Err(Error::invalid_config(
@@ -109,10 +146,9 @@ pub(crate) fn distribute(tx: &mut postgres::Transaction<'_>, names: &Names) -> R
     }
     tx.batch_execute("SET LOCAL citus.enable_unsafe_triggers = on")
         .map_err(Error::Database)?;
-    tx.batch_execute(&citus_sql(names))
-        .map_err(Error::Database)?;
     let table = names.table_sql();
     let tombstones = names.qualify(&names.tombstones);
+    let (_, number_trigger) = number_names(names);
     for (relation, colocate_with) in [(&table, "default"), (&tombstones, table.as_str())] {
         let distributed: bool = tx
             .query_one(
@@ -122,14 +158,27 @@ pub(crate) fn distribute(tx: &mut postgres::Transaction<'_>, names: &Names) -> R
             )
             .map_err(Error::Database)?
             .get(0);
-        if !distributed {
-            tx.execute(
-                "SELECT create_distributed_table($1::TEXT::regclass, 'actor_id', \
-                 colocate_with => $2::TEXT)",
-                &[relation, &colocate_with],
-            )
-            .map_err(Error::Database)?;
+        if distributed {
+            continue;
         }
+        if relation == &table {
+            for trigger in [&names.trigger, &number_trigger] {
+                tx.batch_execute(&format!(
+                    "DROP TRIGGER IF EXISTS {} ON {table}",
+                    quote_identifier(trigger)
+                ))
+                .map_err(Error::Database)?;
+            }
+        }
+        tx.execute(
+            "SELECT create_distributed_table($1::TEXT::regclass, 'actor_id', \
+             colocate_with => $2::TEXT)",
+            &[relation, &colocate_with],
+        )
+        .map_err(Error::Database)?;
+    }
+    for statement in citus_sql(names) {
+        tx.batch_execute(&statement).map_err(Error::Database)?;
     }
     Ok(())
 }
@@ -205,4 +254,21 @@ pub(crate) fn verify(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_template_is_applied_one_statement_at_a_time() {
+        let names = Names::new("game.rooms", "room_changes").unwrap();
+        let statements = citus_sql(&names);
+        assert_eq!(statements.len(), 5, "{statements:#?}");
+        assert!(statements[0].starts_with("CREATE OR REPLACE FUNCTION"));
+        assert!(statements[0].trim_end().ends_with("LANGUAGE plpgsql;"));
+        for statement in &statements[1..] {
+            assert_eq!(statement.matches(';').count(), 1, "{statement}");
+        }
+    }
 }

@@ -20,6 +20,12 @@
 //! - `--smoke` / `BENCH_SMOKE=1`: 0.2 s per library run, 1 thread
 //! - `BENCH_DELETE_RATE`: deletes/s to provision ids for (default 15,000;
 //!   a run that would delete more is flagged `EXHAUSTED`)
+//! - `BENCH_CITUS=1`: against a throwaway Citus cluster (a coordinator and
+//!   two workers on loopback, `testing::TestCitusCluster`; needs the
+//!   extension installed), pgbench on the coordinator running the
+//!   statements the library sends there (the Citus forms, a router query
+//!   each). Only the single-actor operations: `load`, `save`, `save_if`,
+//!   `transform`, `transform_contended`.
 //! - `BENCH_POOLER=transaction`: declare `PoolerMode::Transaction`, so the
 //!   library sends every statement unnamed as it does through PgBouncer in
 //!   transaction mode (here straight to the server: the cost of unnamed
@@ -45,7 +51,7 @@ use std::process::Command;
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use trebuchet_postgres::testing::TestCluster;
+use trebuchet_postgres::testing::{TestCitusCluster, TestCluster};
 use trebuchet_postgres::{
     quote_identifier, ChangeListener, ConnectOptions, Expected, PoolOptions, PoolerMode,
     StateStore, Subscription,
@@ -364,6 +370,57 @@ impl LibrarySql {
                 live("")
             ),
         }
+    }
+
+    /// The forms the library sends on Citus (`Statements::citus` in
+    /// src/schema/statements.rs): the writes numbered by the trigger of
+    /// sql/citus.sql, no `now()` in `DO UPDATE SET`, slices in `COALESCE`,
+    /// `set_config` after the delete.
+    fn citus(t: &str) -> LibrarySql {
+        let mut sql = LibrarySql::new(t, "unused");
+        let now = "(now() AT TIME ZONE 'UTC')";
+        let live = |a: &str| format!("({a}expires_at IS NULL OR {a}expires_at > {now})");
+        let expired = "t.expires_at <= EXCLUDED.updated_at";
+        let bump = format!("t.sequence_number + CASE WHEN {expired} THEN 2 ELSE 1 END");
+        let renew = format!(
+            "created_at = CASE WHEN {expired} THEN EXCLUDED.created_at ELSE t.created_at END"
+        );
+        let ttl = |p: &str| format!("{now} + {p}::BIGINT * INTERVAL '1 microsecond'");
+        let tag = |write_id: &str, sequence: &str, tags: &str| {
+            format!("COALESCE((ARRAY[{write_id} # ({sequence})] || {tags})[1:64])")
+        };
+        sql.save = format!(
+            "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
+             expires_at, recent_writes) \
+             VALUES ($1::VARCHAR, $2::BYTEA, NULL, {now}, {now}, {}, ARRAY[$3::BIGINT]) \
+             ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+             sequence_number = {bump}, recent_writes = {}, \
+             updated_at = EXCLUDED.updated_at, {renew}, expires_at = EXCLUDED.expires_at \
+             RETURNING sequence_number",
+            ttl("$4"),
+            tag("$3::BIGINT", &bump, "t.recent_writes")
+        );
+        sql.save_if_sequence = format!(
+            "WITH written AS (UPDATE {t} SET state = $2::BYTEA, \
+             sequence_number = sequence_number + 1, updated_at = {now}, expires_at = {}, \
+             recent_writes = {} \
+             WHERE actor_id = $1::VARCHAR AND sequence_number = $3::BIGINT AND {} \
+             RETURNING sequence_number, updated_at, created_at) \
+             SELECT (SELECT sequence_number FROM written), (SELECT updated_at FROM written), \
+             (SELECT created_at FROM written), \
+             (SELECT c.sequence_number FROM {t} c WHERE c.actor_id = $1::VARCHAR AND {})",
+            ttl("$5"),
+            tag("$4::BIGINT", "$3::BIGINT + 1", "recent_writes"),
+            live(""),
+            live("c.")
+        );
+        sql.delete = format!(
+            "WITH gone AS (DELETE FROM {t} WHERE actor_id = $1::VARCHAR RETURNING expires_at) \
+             SELECT set_config('trebuchet.write_id', $2::BIGINT::TEXT, true) IS NOT NULL \
+             AND {} FROM gone",
+            live("")
+        );
+        sql
     }
 
     fn all(&self) -> [&str; 9] {
@@ -1573,14 +1630,41 @@ fn bulk_rates(
 }
 
 fn main() -> Result<(), BoxError> {
-    let opts = Options::parse()?;
+    let mut opts = Options::parse()?;
     let app_name = format!("trebuchet-bench-{}", std::process::id());
 
     // The server: DATABASE_URL, or a cluster of our own with real commits.
     let env_url = std::env::var("DATABASE_URL")
         .ok()
         .filter(|u| !u.trim().is_empty());
+    let citus_mode = std::env::var("BENCH_CITUS").is_ok_and(|v| !v.is_empty() && v != "0");
+    if citus_mode {
+        // Single-actor operations only; the grouped saves, the bulk rates
+        // and the delete's provisioning write many shards at once.
+        opts.ops.retain(|op| {
+            matches!(
+                op,
+                Op::Load | Op::Save | Op::SaveIf | Op::Transform | Op::TransformContended
+            )
+        });
+    }
+    let mut _citus = None;
     let (_cluster, url, connect, conn_args) = match env_url {
+        None if citus_mode => {
+            eprintln!(
+                "BENCH_CITUS=1: starting a throwaway Citus cluster (a coordinator, 2 workers)"
+            );
+            let citus = TestCitusCluster::start(2)?;
+            let coordinator = citus.coordinator();
+            let args = ["-h", "127.0.0.1", "-p", &coordinator.port().to_string()]
+                .into_iter()
+                .chain(["-U", "postgres", "postgres"])
+                .map(str::to_owned)
+                .collect();
+            let (url, connect) = (coordinator.url(), coordinator.connect_options());
+            _citus = Some(citus);
+            (None, url, connect, args)
+        }
         Some(url) => {
             let connect: ConnectOptions = url.parse()?;
             let args = vec![url.clone()];
@@ -1704,10 +1788,14 @@ fn main() -> Result<(), BoxError> {
         .build()?;
     let mut bench = Bench {
         url: url.clone(),
-        sql: LibrarySql::new(
-            &table_sql,
-            &quote_identifier(&format!("{TABLE}_tombstones")),
-        ),
+        sql: if citus_mode {
+            LibrarySql::citus(&table_sql)
+        } else {
+            LibrarySql::new(
+                &table_sql,
+                &quote_identifier(&format!("{TABLE}_tombstones")),
+            )
+        },
         table_sql,
         opts,
         admin,

@@ -434,3 +434,31 @@ fn migrating_a_table_made_before_distribution_distributes_it_and_loses_nothing()
     assert_eq!(store.save("actor-2", &1u32).unwrap(), 4);
     assert_eq!(store.save("actor-7", &1u32).unwrap(), 8);
 }
+
+#[test]
+fn concurrent_saves_from_many_threads_each_get_their_own_numbers() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    // The default store: group commit on.
+    let store = schema.store();
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                (1..=50u64)
+                    .map(|n| {
+                        let id = format!("actor-{t}-{}", n % 4);
+                        (id.clone(), store.save(&id, &n).unwrap())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for t in threads {
+        let mut seen: std::collections::HashMap<String, u64> = Default::default();
+        for (id, sequence) in t.join().unwrap() {
+            let last = seen.insert(id.clone(), sequence).unwrap_or(0);
+            assert_eq!(sequence, last + 1, "{id}");
+        }
+    }
+}

@@ -138,7 +138,9 @@ impl StateStoreBuilder {
     /// server-wide, so one commit per row caps writes near the disk's flush
     /// rate however many threads write; one commit per group lifts that cap
     /// (measured: 4.5x the one-row rate at 16 threads). Turn it off to give
-    /// every call a statement and a commit of its own.
+    /// every call a statement and a commit of its own. On Citus it is off
+    /// whatever this says: a group's rows span shards (see the guide's
+    /// chapter "Past one server").
     pub fn group_commit(mut self, enabled: bool) -> Self {
         self.group_commit = enabled;
         self
@@ -309,6 +311,11 @@ impl StateStoreBuilder {
         if engine != Engine::Postgres {
             let inner = Arc::get_mut(&mut store.inner).expect("no other handle yet");
             inner.sql = Statements::new(&inner.names, engine);
+            // A group's rows span shards, which Citus commits in two
+            // phases, and a transaction that ran the trigger's NOTIFY
+            // cannot be prepared: every group would fail and its writes
+            // be made one by one.
+            inner.combiner = None;
         }
         if let Some(options) = &self.sweeper {
             let weak = Arc::downgrade(&store.inner);

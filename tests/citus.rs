@@ -10,7 +10,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use trebuchet_postgres::testing::{citus_installed, point_statements, TestDatabase};
+use trebuchet_postgres::testing::{citus_installed, point_statements, TestCluster, TestDatabase};
 use trebuchet_postgres::{ChangeKind, Event, Expected, StateStore};
 
 /// The process's Citus cluster, or `None` (after saying why) when the
@@ -103,18 +103,7 @@ fn every_single_actor_statement_is_a_router_query_to_one_shard() {
         let text = "room-1".to_owned();
         let state: Vec<u8> = vec![1];
         let number: Option<i64> = Some(1);
-        let params: Vec<&(dyn postgres::types::ToSql + Sync)> = prepared
-            .params()
-            .iter()
-            .map(|ty| -> &(dyn postgres::types::ToSql + Sync) {
-                match ty.name() {
-                    "varchar" | "text" => &text,
-                    "bytea" => &state,
-                    "int8" => &number,
-                    other => panic!("{name}: unexpected parameter type {other}"),
-                }
-            })
-            .collect();
+        let params = common::point_arguments(name, prepared.params(), &text, &state, &number);
         let mut tx = client.transaction().unwrap();
         let plan: String = tx
             .query(&format!("EXPLAIN {sql}"), &params)
@@ -132,6 +121,31 @@ fn every_single_actor_statement_is_a_router_query_to_one_shard() {
             "{name} is not a router query:\n{plan}"
         );
     }
+}
+
+/// The shard of `table` that holds `actor`, and the worker it is on.
+fn shard_of<'a>(
+    db: &'a TestDatabase,
+    client: &mut postgres::Client,
+    table: &str,
+    actor: &str,
+) -> (i64, &'a TestCluster) {
+    let row = client
+        .query_one(
+            "SELECT shardid, nodeport FROM citus_shards WHERE table_name = $1::TEXT::regclass \
+             AND shardid = get_shard_id_for_distribution_column($1::TEXT::regclass, $2::TEXT)",
+            &[&table, &actor],
+        )
+        .unwrap();
+    let (shard, port): (i64, i32) = (row.get(0), row.get(1));
+    let worker = db
+        .citus()
+        .unwrap()
+        .workers()
+        .iter()
+        .find(|w| i32::from(w.port()) == port)
+        .unwrap();
+    (shard, worker)
 }
 
 /// The nodes holding the shards of `table`, as `host:port`.
@@ -215,21 +229,8 @@ fn verify_checks_the_distribution_and_the_triggers_on_every_shard() {
 
     // Disable the change trigger on one shard, on the worker that holds it.
     let mut client = schema.client().unwrap();
-    let row = client
-        .query_one(
-            "SELECT shardid, nodeport FROM citus_shards \
-             WHERE table_name = $1::TEXT::regclass ORDER BY shardid LIMIT 1",
-            &[&schema.table("actor_states")],
-        )
-        .unwrap();
-    let (shard, port): (i64, i32) = (row.get(0), row.get(1));
-    let worker = db
-        .citus()
-        .unwrap()
-        .workers()
-        .iter()
-        .find(|w| i32::from(w.port()) == port)
-        .unwrap();
+    let (shard, worker) = shard_of(db, &mut client, &schema.table("actor_states"), "x");
+    let port = worker.port();
     let mut on_worker = worker.connect_options().connect().unwrap();
     on_worker
         .batch_execute(&format!(
@@ -275,21 +276,7 @@ fn a_lost_reply_while_the_worker_commits_is_settled_truthfully() {
     // advisory lock the test holds: a COMMIT the coordinator has sent is
     // then still to come on the worker.
     let mut client = schema.client().unwrap();
-    let row = client
-        .query_one(
-            "SELECT shardid, nodeport FROM citus_shards WHERE table_name = $1::TEXT::regclass \
-             AND shardid = get_shard_id_for_distribution_column($1::TEXT::regclass, 'x')",
-            &[&table],
-        )
-        .unwrap();
-    let (shard, port): (i64, i32) = (row.get(0), row.get(1));
-    let worker = db
-        .citus()
-        .unwrap()
-        .workers()
-        .iter()
-        .find(|w| i32::from(w.port()) == port)
-        .unwrap();
+    let (shard, worker) = shard_of(db, &mut client, &table, "x");
     let lock: i64 = 0x7465_7374_6c6f_636b;
     // Made on the coordinator, which gives it to every node.
     client

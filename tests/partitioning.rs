@@ -683,18 +683,7 @@ fn every_point_statement_touches_exactly_one_partition() {
         let text: String = id.to_owned();
         let state: Vec<u8> = vec![1];
         let number: Option<i64> = Some(1);
-        let params: Vec<&(dyn postgres::types::ToSql + Sync)> = prepared
-            .params()
-            .iter()
-            .map(|ty| -> &(dyn postgres::types::ToSql + Sync) {
-                match ty.name() {
-                    "varchar" | "text" => &text,
-                    "bytea" => &state,
-                    "int8" => &number,
-                    other => panic!("{name}: unexpected parameter type {other}"),
-                }
-            })
-            .collect();
+        let params = common::point_arguments(name, prepared.params(), &text, &state, &number);
         let mut tx = client.transaction().unwrap();
         let plan: Value = tx
             .query_one(&format!("EXPLAIN (ANALYZE, FORMAT JSON) {sql}"), &params)

@@ -348,3 +348,26 @@ pub fn expect_change(
         other => panic!("expected a change of {actor:?}, got {other:?}"),
     }
 }
+
+/// Arguments for the parameters of one of the store's point statements
+/// (`testing::point_statements`), by their types: `id` for text, `state`
+/// for bytea, `number` for int8. For `EXPLAIN` of the statements.
+pub fn point_arguments<'a>(
+    name: &str,
+    types: &[postgres::types::Type],
+    id: &'a String,
+    state: &'a Vec<u8>,
+    number: &'a Option<i64>,
+) -> Vec<&'a (dyn postgres::types::ToSql + Sync)> {
+    types
+        .iter()
+        .map(|ty| -> &(dyn postgres::types::ToSql + Sync) {
+            match ty.name() {
+                "varchar" | "text" => id,
+                "bytea" => state,
+                "int8" => number,
+                other => panic!("{name}: unexpected parameter type {other}"),
+            }
+        })
+        .collect()
+}

@@ -11,6 +11,11 @@
 //! - `TREBUCHET_HISTORY_SECONDS=<n>` runs longer than the default 8 s; from
 //!   30 s on, with three child processes and one server restart halfway.
 //! - `TREBUCHET_HISTORY_REPLAY=<file>` checks a history a failed run saved.
+//! - `TREBUCHET_HISTORY_CITUS=1` runs it on a throwaway Citus cluster (a
+//!   coordinator and two workers; the proxy in front of the coordinator),
+//!   with the single-actor calls only: saves, conditional saves, deletes,
+//!   transforms and loads (bulk writes and batches are not supported on
+//!   Citus yet).
 
 mod checker;
 mod checker_tests;
@@ -26,7 +31,9 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use serde::{Deserialize, Serialize};
-use trebuchet_postgres::testing::{ProxyRequest, StopMode, TcpProxy, TestCluster};
+use trebuchet_postgres::testing::{
+    ProxyRequest, StopMode, TcpProxy, TestCitusCluster, TestCluster,
+};
 use trebuchet_postgres::{PoolOptions, StateCache, StateStore, StateStoreBuilder};
 
 use feed::Recorder;
@@ -37,6 +44,7 @@ const SEED: &str = "TREBUCHET_HISTORY_SEED";
 const SECONDS: &str = "TREBUCHET_HISTORY_SECONDS";
 const REPLAY: &str = "TREBUCHET_HISTORY_REPLAY";
 const CHILD: &str = "TREBUCHET_HISTORY_CHILD";
+const CITUS: &str = "TREBUCHET_HISTORY_CITUS";
 const CHILD_TEST: &str = "child_history";
 const SHORT_SECONDS: u64 = 8;
 /// From this many seconds on, a run has three child processes and a
@@ -59,6 +67,8 @@ struct Plan {
     seed: u64,
     threads: u32,
     group_commit: bool,
+    /// Single-actor calls only (on Citus).
+    single_actor: bool,
     out: PathBuf,
 }
 
@@ -147,7 +157,15 @@ fn report(history: &History, violations: &[String], seed: Option<u64>) {
 fn run(seed: u64, seconds: u64) -> (History, String) {
     let long = seconds >= LONG_SECONDS;
     let children = if long { 3 } else { 2 };
-    let cluster = TestCluster::start().expect("a throwaway cluster");
+    let single_actor = std::env::var(CITUS).is_ok_and(|v| !v.is_empty() && v != "0");
+    let (own, citus);
+    let cluster: &TestCluster = if single_actor {
+        citus = TestCitusCluster::start(2).expect("a throwaway Citus cluster");
+        citus.coordinator()
+    } else {
+        own = TestCluster::start().expect("a throwaway cluster");
+        &own
+    };
     let proxy = TcpProxy::start(cluster.port()).expect("proxy");
     let direct_url = cluster.url();
     let proxied_url = direct_url.replace(
@@ -185,6 +203,7 @@ fn run(seed: u64, seconds: u64) -> (History, String) {
                 seed: seed_of(seed, process, 0),
                 threads: 2,
                 group_commit: process % 2 == 1,
+                single_actor,
                 out: dir.path().join(format!("history-{process}.json")),
             })
         })
@@ -202,8 +221,8 @@ fn run(seed: u64, seconds: u64) -> (History, String) {
     let other_writes = AtomicU64::new(0);
     let (mut history, faults) = std::thread::scope(|s| {
         s.spawn(|| write_other_table(&other, &actors, seed_of(seed, 0, 100), until, &other_writes));
-        let faults = s.spawn(|| Faults::run(&proxy, &cluster, seed_of(seed, 0, 101), until, long));
-        let history = run_writers(&store, &cache, &actors, 0, 3, seed, until);
+        let faults = s.spawn(|| Faults::run(&proxy, cluster, seed_of(seed, 0, 101), until, long));
+        let history = run_writers(&store, &cache, &actors, 0, 3, seed, single_actor, until);
         (history, faults.join().expect("the fault thread panicked"))
     });
 
@@ -242,12 +261,12 @@ fn run(seed: u64, seconds: u64) -> (History, String) {
     // The run did what it is meant to.
     let vias: std::collections::BTreeSet<&str> =
         history.ops.iter().map(|op| op.via.as_str()).collect();
-    for via in workload::CALLS {
+    for via in workload::calls(single_actor) {
         assert!(vias.contains(via), "no {via} ran: {vias:?}");
     }
     let (_, _, repeated_committed) = history.batch_counts();
     assert!(
-        repeated_committed > 0,
+        single_actor || repeated_committed > 0,
         "no batch that named an actor more than once committed"
     );
     for feed in &history.feeds {
@@ -274,6 +293,7 @@ fn run(seed: u64, seconds: u64) -> (History, String) {
 }
 
 /// Runs `threads` writers of `process` until `until`; their history.
+#[allow(clippy::too_many_arguments)]
 fn run_writers(
     store: &StateStore,
     cache: &StateCache<Value>,
@@ -281,6 +301,7 @@ fn run_writers(
     process: u32,
     threads: u32,
     seed: u64,
+    single_actor: bool,
     until: u64,
 ) -> History {
     std::thread::scope(|s| {
@@ -289,6 +310,7 @@ fn run_writers(
                 s.spawn(move || {
                     let seed = seed_of(seed, process, thread);
                     let mut w = Workload::new(store, cache, actors, process, thread, seed);
+                    w.single_actor = single_actor;
                     w.run(until);
                     (w.ops, w.errors)
                 })
@@ -501,6 +523,7 @@ fn child_history() {
         plan.process,
         plan.threads,
         plan.seed,
+        plan.single_actor,
         until,
     );
     println!("history: writes done");

@@ -26,8 +26,21 @@ pub const CALLS: [&str; 9] = [
     "load",
 ];
 
+/// The calls a run makes: every one, or the single-actor ones.
+pub fn calls(single_actor: bool) -> Vec<&'static str> {
+    CALLS
+        .into_iter()
+        .filter(|via| !single_actor || SINGLE_ACTOR_CALLS.contains(via))
+        .collect()
+}
+
+/// The calls that write or read one actor.
+const SINGLE_ACTOR_CALLS: [&str; 5] = ["save", "save_if", "delete", "transform", "load"];
+
 /// A thread running random operations.
 pub struct Workload<'a> {
+    /// Only the single-actor calls ([`calls`]).
+    pub single_actor: bool,
     store: &'a StateStore,
     /// Read now and then, so that it holds every actor.
     cache: &'a StateCache<Value>,
@@ -54,6 +67,7 @@ impl<'a> Workload<'a> {
         seed: u64,
     ) -> Workload<'a> {
         Workload {
+            single_actor: false,
             store,
             cache,
             actors,
@@ -103,7 +117,12 @@ impl<'a> Workload<'a> {
 
     fn step(&mut self) {
         let invoked = now();
-        let via = match self.rng.u8(..100) {
+        let mut roll = self.rng.u8(..100);
+        if self.single_actor && (58..=86).contains(&roll) {
+            // The bulk writes' and batches' share goes to loads.
+            roll = 99;
+        }
+        let via = match roll {
             0..=17 => self.save(invoked),
             18..=34 => self.save_if(invoked),
             35..=44 => self.delete(invoked),

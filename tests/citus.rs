@@ -631,3 +631,27 @@ fn a_worker_restarted_under_load_loses_nothing_acknowledged_and_subscribers_resy
         }
     }
 }
+
+#[test]
+fn stats_sum_the_figures_of_every_shard() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let store = schema.store();
+    for i in 0..100u32 {
+        let id = format!("s{i:03}");
+        store.save(&id, &i).unwrap();
+        store.save(&id, &(i + 1)).unwrap();
+    }
+    let mut stats = store.stats().unwrap();
+    // Backends report their counts about once a second.
+    wait_for("the shards' writes are counted", || {
+        stats = store.stats().unwrap();
+        stats.writes.unwrap_or(0) >= 200
+    });
+    assert_eq!(stats.actors, 100);
+    // The rows live on the workers: far more than the coordinator's empty
+    // shell table (8 kB pages, 32 shards with their indexes).
+    assert!(stats.total_bytes > 32 * 8192, "{}", stats.total_bytes);
+    assert!(stats.dead_rows.unwrap() > 0, "{stats:?}");
+    assert!(stats.hot_update_ratio.is_some(), "{stats:?}");
+}

@@ -11,7 +11,7 @@ use super::sessions::{listener_sessions, ListenerSession};
 use super::slow_statements::{slow_statements, SlowStatements};
 use crate::error::{Error, Result};
 use crate::pool::{PoolState, Sql};
-use crate::schema::{self, Layout};
+use crate::schema::{self, Engine, Layout};
 use crate::store::{to_u64, Failure, StateStore};
 
 /// The tables that hold the rows: the table itself, or the leaf partitions
@@ -48,6 +48,22 @@ pub(super) static WRITE_COUNTER: LazyLock<Sql> = LazyLock::new(|| {
         "{LEAVES} SELECT (SELECT sum(n_tup_ins + n_tup_upd + n_tup_del)::INT8 \
          FROM pg_stat_user_tables WHERE relid IN (SELECT relid FROM leaves)), clock_timestamp()"
     );
+    Sql::new(text, &[Type::TEXT])
+});
+
+/// On Citus, the table's figures summed over its shards on the workers
+/// (the coordinator's own table is an empty shell): its size with the
+/// shards', and per shard the writes, dead rows, updates and HOT updates,
+/// as `writes,dead,updates,hot`; and the time of the reading.
+pub(super) static SHARD_FIGURES: LazyLock<Sql> = LazyLock::new(|| {
+    let text = "SELECT citus_total_relation_size($1::TEXT::regclass)::INT8, \
+         sum(split_part(result, ',', 1)::INT8)::INT8, sum(split_part(result, ',', 2)::INT8)::INT8, \
+         sum(split_part(result, ',', 3)::INT8)::INT8, sum(split_part(result, ',', 4)::INT8)::INT8, \
+         clock_timestamp() \
+         FROM run_command_on_shards($1::TEXT::regclass, \
+         'SELECT concat_ws('','', n_tup_ins + n_tup_upd + n_tup_del, n_dead_tup, n_tup_upd, \
+         n_tup_hot_upd) FROM pg_stat_user_tables WHERE relid = ''%s''::regclass') \
+         WHERE success AND result <> ''";
     Sql::new(text, &[Type::TEXT])
 });
 
@@ -190,20 +206,36 @@ impl StateStore {
                 Layout::Hash(n) => Some(n),
                 _ => None,
             };
-            let updates: Option<i64> = row.get(11);
-            let hot: Option<i64> = row.get(12);
+            let (mut total_bytes, mut writes, mut dead_rows): (
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+            ) = (row.get(1), row.get(2), row.get(3));
+            let (mut updates, mut hot): (Option<i64>, Option<i64>) = (row.get(11), row.get(12));
+            if inner.sql.engine == Engine::Citus {
+                let shards = c
+                    .prepare(&SHARD_FIGURES)?
+                    .query_one(&mut c.client, &[&table])?;
+                (total_bytes, writes, dead_rows, updates, hot) = (
+                    shards.get(0),
+                    shards.get(1),
+                    shards.get(2),
+                    shards.get(3),
+                    shards.get(4),
+                );
+            }
             Ok(StoreStats {
                 table: table.clone(),
                 channel: channel.clone(),
                 sampled_at: row.get(9),
-                total_bytes: to_u64(row.get::<_, Option<i64>>(1).unwrap_or(0)),
+                total_bytes: to_u64(total_bytes.unwrap_or(0)),
                 actors,
                 tombstones,
-                writes: row.get::<_, Option<i64>>(2).map(to_u64),
+                writes: writes.map(to_u64),
                 writes_counted_since: row.get(5),
                 writes_per_second: None,
                 window: None,
-                dead_rows: row.get::<_, Option<i64>>(3).map(to_u64),
+                dead_rows: dead_rows.map(to_u64),
                 last_vacuum: row.get(4),
                 last_autovacuum: row.get(10),
                 hot_update_ratio: match (updates, hot) {
@@ -247,7 +279,13 @@ impl StateStore {
             return self.stats();
         }
         let table = self.table();
-        let (before, from): (Option<i64>, SystemTime) = self.call(true, |_, c| {
+        let (before, from): (Option<i64>, SystemTime) = self.call(true, |inner, c| {
+            if inner.sql.engine == Engine::Citus {
+                let row = c
+                    .prepare(&SHARD_FIGURES)?
+                    .query_one(&mut c.client, &[&table])?;
+                return Ok((row.get(1), row.get(5)));
+            }
             let row = c
                 .prepare(&WRITE_COUNTER)?
                 .query_one(&mut c.client, &[&table])?;

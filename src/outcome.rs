@@ -316,6 +316,49 @@ fn workers_done(
     }
 }
 
+/// On Citus, whether the transactions that the coordinator's process `pid`
+/// left prepared on the workers (a write of several actors commits in two
+/// phases) have all been committed or rolled back, before `deadline`. They
+/// outlive the process, holding their rows, until the coordinator settles
+/// them from its record of what committed: `recover_prepared_transactions()`
+/// does so at once where the role may call it, and the coordinator's
+/// maintenance does within `citus.recover_2pc_interval` otherwise. Citus
+/// names them `citus_<group>_<pid>_...`; the coordinator's group is 0.
+fn prepared_done(
+    conn: &mut Connection,
+    pid: i32,
+    deadline: Instant,
+) -> std::result::Result<bool, postgres::Error> {
+    let pattern = format!("citus\\_0\\_{pid}\\_%");
+    loop {
+        if let Err(e) = conn
+            .client
+            .batch_execute("SELECT recover_prepared_transactions()")
+        {
+            if e.as_db_error().is_none() {
+                return Err(e);
+            }
+            log::debug!("could not settle prepared transactions now: {e}");
+        }
+        let left: i64 = conn
+            .client
+            .query_one(
+                "SELECT COALESCE(sum(result::INT8), 0)::INT8 FROM run_command_on_workers(\
+                 format('SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE %L', $1::TEXT)) \
+                 WHERE success",
+                &[&pattern],
+            )?
+            .get(0);
+        if left == 0 {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// `None` when the old server process outlived the deadline.
 fn read(
     conn: &mut Connection,
@@ -355,7 +398,9 @@ fn read(
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        if sql.engine == Engine::Citus && !workers_done(conn, pid, deadline)? {
+        if sql.engine == Engine::Citus
+            && !(workers_done(conn, pid, deadline)? && prepared_done(conn, pid, deadline)?)
+        {
             return Ok(None);
         }
     }

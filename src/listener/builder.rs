@@ -237,6 +237,7 @@ impl ChangeListenerBuilder {
             capacity: self.capacity,
             lagged: Arc::new([Event::Resync(ResyncReason::Lagged)]),
             reconnected: Arc::new([Event::Resync(ResyncReason::Reconnected)]),
+            newest: topology.as_ref().map(|_| Mutex::default()),
         });
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(0);
         let worker = Worker {

@@ -76,6 +76,11 @@ struct Shared {
     /// One resync event of each reason, shared by every subscriber owed it.
     lagged: Arc<[Event]>,
     reconnected: Arc<[Event]>,
+    /// On Citus, the newest number heard of each actor: its changes may
+    /// come on two connections (its node's, and the coordinator's for
+    /// writes of several actors), and one that comes after a newer one is
+    /// dropped, so that per actor numbers only grow. `None` on one server.
+    newest: Option<Mutex<nodes::Newest>>,
 }
 
 impl Shared {

@@ -23,6 +23,7 @@ use postgres::Client;
 
 use super::catch_up;
 use super::worker::Worker;
+use crate::change::{Change, ChangeKind};
 use crate::config::ConnectOptions;
 use crate::error::{Error, Result};
 
@@ -37,6 +38,34 @@ const TOPOLOGY: &str = "SELECT ARRAY(SELECT nodename::TEXT || ':' || nodeport::T
      ORDER BY nodeid), \
      (SELECT count(*)::INT8 FROM pg_catalog.pg_dist_placement), \
      (SELECT COALESCE(sum(placementid), 0)::INT8 FROM pg_catalog.pg_dist_placement)";
+
+/// The newest number heard of each actor, for at most this many actors; past
+/// it the record starts again (a change that comes late on another
+/// connection is a matter of moments, not of thousands of actors).
+const MAX_NEWEST: usize = 100_000;
+
+/// The newest number heard of each actor ([`MAX_NEWEST`] at most).
+#[derive(Debug, Default)]
+pub(super) struct Newest(HashMap<String, u64>);
+
+impl Newest {
+    /// Whether `change` is newer than what was heard of its actor (an
+    /// announce always is: it is not a version); records it when it is.
+    pub(super) fn admits(&mut self, change: &Change) -> bool {
+        if change.kind == ChangeKind::Announced {
+            return true;
+        }
+        if let Some(&heard) = self.0.get(&change.actor_id) {
+            if heard >= change.sequence {
+                return false;
+            }
+        } else if self.0.len() >= MAX_NEWEST {
+            self.0.clear();
+        }
+        self.0.insert(change.actor_id.clone(), change.sequence);
+        true
+    }
+}
 
 /// A node by host and port, as the coordinator's catalog names it.
 type Node = (String, u16);
@@ -263,5 +292,46 @@ impl Supervisor {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    fn change(actor: &str, sequence: u64, kind: ChangeKind) -> Change {
+        Change {
+            actor_id: actor.to_owned(),
+            sequence,
+            timestamp: SystemTime::UNIX_EPOCH,
+            kind,
+            table: None,
+        }
+    }
+
+    #[test]
+    fn per_actor_only_newer_changes_pass_and_announces_always() {
+        let mut newest = Newest::default();
+        assert!(newest.admits(&change("a", 2, ChangeKind::Saved)));
+        // Late on another connection: an older or the same number.
+        assert!(!newest.admits(&change("a", 1, ChangeKind::Saved)));
+        assert!(!newest.admits(&change("a", 2, ChangeKind::Saved)));
+        assert!(newest.admits(&change("a", 3, ChangeKind::Deleted)));
+        assert!(newest.admits(&change("a", 3, ChangeKind::Announced)));
+        assert!(newest.admits(&change("b", 1, ChangeKind::Saved)));
+    }
+
+    #[test]
+    fn the_record_starts_again_past_its_bound() {
+        let mut newest = Newest::default();
+        for i in 0..MAX_NEWEST {
+            assert!(newest.admits(&change(&i.to_string(), 5, ChangeKind::Saved)));
+        }
+        assert!(!newest.admits(&change("0", 5, ChangeKind::Saved)));
+        assert!(newest.admits(&change("new", 1, ChangeKind::Saved)));
+        assert_eq!(newest.0.len(), 1);
+        assert!(newest.admits(&change("0", 5, ChangeKind::Saved)));
     }
 }

@@ -286,6 +286,15 @@ impl Worker {
         match Change::from_payload(n.payload()) {
             // Another table's change on a shared channel.
             Ok(change) if !self.conn.table.admits(&change) => {}
+            // On Citus, older than a change already heard on another
+            // connection.
+            Ok(change)
+                if self.shared.newest.as_ref().is_some_and(|newest| {
+                    !newest
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .admits(&change)
+                }) => {}
             Ok(change) => batch.push(Event::Change(Arc::new(change))),
             Err(e) => {
                 self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);

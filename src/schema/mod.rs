@@ -10,11 +10,13 @@ use crate::ident::{fill_template, quote_identifier};
 use crate::pool::Connection;
 
 mod citus;
+mod citus_statements;
 mod layout;
 mod statements;
 mod verify;
 
 pub(crate) use citus::{engine, Engine};
+pub(crate) use citus_statements::citus_bulk_settings;
 use layout::check_layout;
 pub(crate) use layout::{layout, Layout};
 pub(crate) use statements::Statements;
@@ -43,6 +45,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         4,
         "numbers above a concurrent delete; the table in every payload",
         include_str!("../../sql/migrations/0004_interleavings.sql"),
+    ),
+    (
+        5,
+        "a writer may announce its changes itself (trebuchet.announce = off)",
+        include_str!("../../sql/migrations/0005_announce_switch.sql"),
     ),
 ];
 

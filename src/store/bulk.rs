@@ -165,8 +165,8 @@ impl StateStore {
         let deleted: std::collections::HashSet<String> = self.write(
             &ids,
             |inner, c| {
-                let st = c.prepare(&inner.sql.delete_many)?;
-                Ok(live_deletes(st.query(&mut c.client, &[&ids, &w])?))
+                let rows = bulk_query(inner, c, &inner.sql.delete_many, &[&ids, &w], w)?;
+                Ok(live_deletes(rows))
             },
             |t| {
                 if !t.committed(ids.iter().map(|id| (*id, None)), w)? {
@@ -302,9 +302,14 @@ impl Raw<'_> {
         let written: HashMap<String, u64> = self.store.write(
             &ids,
             |inner, c| {
-                let st = c.prepare(&inner.sql.save_many)?;
-                Ok(st
-                    .query(&mut c.client, &[&ids, &states, &write_ids])?
+                let rows = bulk_query(
+                    inner,
+                    c,
+                    &inner.sql.save_many,
+                    &[&ids, &states, &write_ids],
+                    w,
+                )?;
+                Ok(rows
                     .iter()
                     .map(|row| (row.get(0), to_u64(row.get(1))))
                     .collect())
@@ -387,4 +392,26 @@ impl Raw<'_> {
             })
             .collect())
     }
+}
+
+/// Runs a write of several actors. On Citus it spans shards, which commit
+/// in two phases: it runs in a transaction of its own whose settings stop
+/// the trigger's `NOTIFY` on the workers (the statement announces from the
+/// coordinator) and hand the trigger the write id.
+fn bulk_query(
+    inner: &Inner,
+    c: &mut Connection,
+    sql: &crate::pool::Sql,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+    write_id: i64,
+) -> Result<Vec<postgres::Row>, Failure> {
+    let st = c.prepare(sql)?;
+    if inner.sql.engine != Engine::Citus {
+        return Ok(st.query(&mut c.client, params)?);
+    }
+    let mut tx = c.client.transaction()?;
+    tx.batch_execute(&schema::citus_bulk_settings(write_id))?;
+    let rows = st.query(&mut tx, params)?;
+    tx.commit()?;
+    Ok(rows)
 }

@@ -99,7 +99,7 @@ pub fn assert_no_notification(client: &mut postgres::Client) {
 }
 
 /// Every embedded migration, in order: what a fresh table gets.
-pub const ALL_VERSIONS: &[i32] = &[1, 2, 3, 4];
+pub const ALL_VERSIONS: &[i32] = &[1, 2, 3, 4, 5];
 
 /// A plain client whose `search_path` is the test schema only.
 pub fn client_in(schema: &TestSchema) -> postgres::Client {

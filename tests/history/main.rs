@@ -13,9 +13,9 @@
 //! - `TREBUCHET_HISTORY_REPLAY=<file>` checks a history a failed run saved.
 //! - `TREBUCHET_HISTORY_CITUS=1` runs it on a throwaway Citus cluster (a
 //!   coordinator and two workers; the proxy in front of the coordinator),
-//!   with the single-actor calls only: saves, conditional saves, deletes,
-//!   transforms and loads (bulk writes and batches are not supported on
-//!   Citus yet).
+//!   with the calls the store supports there: saves, conditional saves,
+//!   deletes, transforms, bulk saves, bulk deletes and loads (conditional
+//!   bulk saves and batches are not supported on Citus yet).
 
 mod checker;
 mod checker_tests;
@@ -67,8 +67,8 @@ struct Plan {
     seed: u64,
     threads: u32,
     group_commit: bool,
-    /// Single-actor calls only (on Citus).
-    single_actor: bool,
+    /// The calls Citus supports only.
+    citus: bool,
     out: PathBuf,
 }
 
@@ -157,11 +157,11 @@ fn report(history: &History, violations: &[String], seed: Option<u64>) {
 fn run(seed: u64, seconds: u64) -> (History, String) {
     let long = seconds >= LONG_SECONDS;
     let children = if long { 3 } else { 2 };
-    let single_actor = std::env::var(CITUS).is_ok_and(|v| !v.is_empty() && v != "0");
-    let (own, citus);
-    let cluster: &TestCluster = if single_actor {
-        citus = TestCitusCluster::start(2).expect("a throwaway Citus cluster");
-        citus.coordinator()
+    let citus = std::env::var(CITUS).is_ok_and(|v| !v.is_empty() && v != "0");
+    let (own, citus_cluster);
+    let cluster: &TestCluster = if citus {
+        citus_cluster = TestCitusCluster::start(2).expect("a throwaway Citus cluster");
+        citus_cluster.coordinator()
     } else {
         own = TestCluster::start().expect("a throwaway cluster");
         &own
@@ -203,7 +203,7 @@ fn run(seed: u64, seconds: u64) -> (History, String) {
                 seed: seed_of(seed, process, 0),
                 threads: 2,
                 group_commit: process % 2 == 1,
-                single_actor,
+                citus,
                 out: dir.path().join(format!("history-{process}.json")),
             })
         })
@@ -222,7 +222,7 @@ fn run(seed: u64, seconds: u64) -> (History, String) {
     let (mut history, faults) = std::thread::scope(|s| {
         s.spawn(|| write_other_table(&other, &actors, seed_of(seed, 0, 100), until, &other_writes));
         let faults = s.spawn(|| Faults::run(&proxy, cluster, seed_of(seed, 0, 101), until, long));
-        let history = run_writers(&store, &cache, &actors, 0, 3, seed, single_actor, until);
+        let history = run_writers(&store, &cache, &actors, 0, 3, seed, citus, until);
         (history, faults.join().expect("the fault thread panicked"))
     });
 
@@ -261,12 +261,12 @@ fn run(seed: u64, seconds: u64) -> (History, String) {
     // The run did what it is meant to.
     let vias: std::collections::BTreeSet<&str> =
         history.ops.iter().map(|op| op.via.as_str()).collect();
-    for via in workload::calls(single_actor) {
+    for via in workload::calls(citus) {
         assert!(vias.contains(via), "no {via} ran: {vias:?}");
     }
     let (_, _, repeated_committed) = history.batch_counts();
     assert!(
-        single_actor || repeated_committed > 0,
+        citus || repeated_committed > 0,
         "no batch that named an actor more than once committed"
     );
     for feed in &history.feeds {
@@ -301,7 +301,7 @@ fn run_writers(
     process: u32,
     threads: u32,
     seed: u64,
-    single_actor: bool,
+    citus: bool,
     until: u64,
 ) -> History {
     std::thread::scope(|s| {
@@ -310,7 +310,7 @@ fn run_writers(
                 s.spawn(move || {
                     let seed = seed_of(seed, process, thread);
                     let mut w = Workload::new(store, cache, actors, process, thread, seed);
-                    w.single_actor = single_actor;
+                    w.citus = citus;
                     w.run(until);
                     (w.ops, w.errors)
                 })
@@ -523,7 +523,7 @@ fn child_history() {
         plan.process,
         plan.threads,
         plan.seed,
-        plan.single_actor,
+        plan.citus,
         until,
     );
     println!("history: writes done");

@@ -1,0 +1,196 @@
+//! The forms some statements take on Citus, where the table is
+//! distributed by `actor_id` (see the guide's chapter "Past one server").
+
+use postgres::types::Type;
+
+use super::{Engine, Names, Statements};
+use crate::pool::Sql;
+
+impl Statements {
+    /// The forms of the single-actor writes that are router queries on a
+    /// distributed table (one shard, one node, one-phase commit): they read
+    /// no tombstone (the numbering trigger of `sql/citus.sql` does, on the
+    /// shard's node); an INSERT stands at the top (Citus plans an INSERT in
+    /// a CTE apart) and answers nothing when it was blocked; nothing in
+    /// `ON CONFLICT ... DO UPDATE` calls `now()` (a row is expired if it is
+    /// by the time the insert branch stamped); an array slice in a `SET`
+    /// list is wrapped in `COALESCE` (a bare one ends a Citus 13.2
+    /// coordinator's server process); the delete calls `set_config` after
+    /// the row is gone, before its AFTER trigger runs at the statement's
+    /// end.
+    pub(super) fn citus(&mut self, names: &Names) {
+        let t = names.table_sql();
+        let now = "(now() AT TIME ZONE 'UTC')";
+        let live = |a: &str| format!("({a}expires_at IS NULL OR {a}expires_at > {now})");
+        // Expired by the time the insert branch stamped the row.
+        let expired = "t.expires_at <= EXCLUDED.updated_at";
+        let bump = format!("t.sequence_number + CASE WHEN {expired} THEN 2 ELSE 1 END");
+        let renew = format!(
+            "created_at = CASE WHEN {expired} THEN EXCLUDED.created_at ELSE t.created_at END"
+        );
+        let ttl = |p: &str| format!("{now} + {p}::BIGINT * INTERVAL '1 microsecond'");
+        let tag = |write_id: &str, sequence: &str, tags: &str| {
+            format!("COALESCE((ARRAY[{write_id} # ({sequence})] || {tags})[1:64])")
+        };
+        // `number`: NULL for the one after the tombstone's, `-1 - n` for n
+        // unless the tombstone is at n or above (see sql/citus.sql).
+        let upsert = |number: &str, write_id: &str, ttl_param: &str, update: &str| {
+            format!(
+                "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
+                 expires_at, recent_writes) \
+                 VALUES ($1::VARCHAR, $2::BYTEA, {number}, {now}, {now}, {}, ARRAY[{write_id}]) \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, {update}, \
+                 updated_at = EXCLUDED.updated_at, {renew}, expires_at = EXCLUDED.expires_at",
+                ttl(ttl_param)
+            )
+        };
+        let next = |write_id: &str| {
+            format!(
+                "sequence_number = {bump}, recent_writes = {}",
+                tag(write_id, &bump, "t.recent_writes")
+            )
+        };
+        self.engine = Engine::Citus;
+        self.save = Sql::new(
+            format!(
+                "{} RETURNING sequence_number",
+                upsert("NULL", "$3::BIGINT", "$4", &next("$3::BIGINT"))
+            ),
+            &[Type::VARCHAR, Type::BYTEA, Type::INT8, Type::INT8],
+        );
+        self.save_if_absent = Sql::new(
+            format!(
+                "{} WHERE {expired} RETURNING sequence_number, updated_at, created_at",
+                upsert("NULL", "$3::BIGINT", "$4", &next("$3::BIGINT"))
+            ),
+            &[Type::VARCHAR, Type::BYTEA, Type::INT8, Type::INT8],
+        );
+        self.save_if_sequence = Sql::new(
+            format!(
+                "WITH written AS (UPDATE {t} SET state = $2::BYTEA, \
+                 sequence_number = sequence_number + 1, updated_at = {now}, expires_at = {}, \
+                 recent_writes = {} \
+                 WHERE actor_id = $1::VARCHAR AND sequence_number = $3::BIGINT AND {} \
+                 RETURNING sequence_number, updated_at, created_at) \
+                 SELECT (SELECT sequence_number FROM written), (SELECT updated_at FROM written), \
+                 (SELECT created_at FROM written), \
+                 (SELECT c.sequence_number FROM {t} c WHERE c.actor_id = $1::VARCHAR AND {})",
+                ttl("$5"),
+                tag("$4::BIGINT", "$3::BIGINT + 1", "recent_writes"),
+                live(""),
+                live("c.")
+            ),
+            &[
+                Type::VARCHAR,
+                Type::BYTEA,
+                Type::INT8,
+                Type::INT8,
+                Type::INT8,
+            ],
+        );
+        self.save_with_sequence = Sql::new(
+            format!(
+                "{} WHERE t.sequence_number + CASE WHEN {expired} THEN 1 ELSE 0 END \
+                 < EXCLUDED.sequence_number RETURNING sequence_number, updated_at, created_at",
+                upsert(
+                    "-1 - $3::BIGINT",
+                    "$4::BIGINT",
+                    "$5",
+                    &format!(
+                        "sequence_number = EXCLUDED.sequence_number, recent_writes = {}",
+                        tag("$4::BIGINT", "EXCLUDED.sequence_number", "t.recent_writes")
+                    )
+                )
+            ),
+            &[
+                Type::VARCHAR,
+                Type::BYTEA,
+                Type::INT8,
+                Type::INT8,
+                Type::INT8,
+            ],
+        );
+        // Writes of several actors span shards, which Citus commits in two
+        // phases: the trigger must not notify on the workers (its
+        // transaction runs with `trebuchet.announce` off, see
+        // `citus_bulk_settings`), and the statement announces each row from
+        // the coordinator with the trigger's payload.
+        let channel = &names.channel;
+        let payload = |id: &str, sequence: &str, timestamp: &str, op: &str| {
+            format!(
+                "pg_notify('{channel}', json_build_object('actorID', {id}, 'sequenceNumber', \
+                 {sequence}, 'timestamp', {timestamp}, 'op', '{op}', 'table', \
+                 (SELECT n.nspname || '.{table}' FROM pg_class c JOIN pg_namespace n \
+                 ON n.oid = c.relnamespace WHERE c.oid = '{t}'::regclass))::TEXT)",
+                table = names.table
+            )
+        };
+        self.save_many = Sql::new(
+            format!(
+                "WITH w AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
+                 created_at, recent_writes) \
+                 SELECT i.id, i.st, NULL, {now}, {now}, ARRAY[i.w] \
+                 FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[]) AS i(id, st, w) ORDER BY i.id \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, {renew}, \
+                 expires_at = NULL, recent_writes = {} \
+                 RETURNING actor_id, sequence_number, updated_at), \
+                 n AS (SELECT count({}) FROM w) \
+                 SELECT w.actor_id::TEXT, w.sequence_number FROM w, n",
+                tag(
+                    "EXCLUDED.recent_writes[1] # EXCLUDED.sequence_number",
+                    &bump,
+                    "t.recent_writes"
+                ),
+                payload(
+                    "w.actor_id",
+                    "w.sequence_number",
+                    "EXTRACT(EPOCH FROM w.updated_at)",
+                    "save"
+                )
+            ),
+            &[Type::VARCHAR_ARRAY, Type::BYTEA_ARRAY, Type::INT8_ARRAY],
+        );
+        // The write id ($2) reaches the trigger through the transaction's
+        // settings; here it only keeps the parameters alike.
+        self.delete_many = Sql::new(
+            format!(
+                "WITH gone AS (DELETE FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) \
+                 AND $2::BIGINT IS NOT NULL RETURNING actor_id, sequence_number, expires_at), \
+                 n AS (SELECT count({}) FROM gone) \
+                 SELECT gone.actor_id::TEXT, {} FROM gone, n",
+                payload(
+                    "gone.actor_id",
+                    "gone.sequence_number + 1",
+                    "EXTRACT(EPOCH FROM now())",
+                    "delete"
+                ),
+                live("gone.")
+            ),
+            &[Type::VARCHAR_ARRAY, Type::INT8],
+        );
+        // `now()` may not stand in a RETURNING list either.
+        self.delete = Sql::new(
+            format!(
+                "WITH gone AS (DELETE FROM {t} WHERE actor_id = $1::VARCHAR RETURNING expires_at) \
+                 SELECT set_config('trebuchet.write_id', $2::BIGINT::TEXT, true) IS NOT NULL \
+                 AND {} FROM gone",
+                live("")
+            ),
+            &[Type::VARCHAR, Type::INT8],
+        );
+    }
+}
+
+/// What a write of several actors runs first in its transaction on Citus:
+/// the trigger on the workers keeps tombstones and checks but does not
+/// notify (the statement announces from the coordinator), and a delete's
+/// write id reaches it there. `SET LOCAL` is passed on to the nodes of the
+/// transaction when `citus.propagate_set_commands` is `local`.
+pub(crate) fn citus_bulk_settings(write_id: i64) -> String {
+    format!(
+        "SET LOCAL citus.propagate_set_commands = 'local'; \
+         SET LOCAL trebuchet.announce = 'off'; \
+         SET LOCAL trebuchet.write_id = '{write_id}'"
+    )
+}

@@ -148,6 +148,25 @@ fn shard_of<'a>(
     (shard, worker)
 }
 
+/// The next `n` events, which must be changes, by actor, each actor's in
+/// the order received.
+fn changes_by_actor(
+    sub: &trebuchet_postgres::Subscription,
+    n: usize,
+) -> std::collections::HashMap<String, Vec<(u64, ChangeKind)>> {
+    let mut seen: std::collections::HashMap<String, Vec<(u64, ChangeKind)>> = Default::default();
+    for _ in 0..n {
+        match sub.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(Event::Change(c)) => seen
+                .entry(c.actor_id.clone())
+                .or_default()
+                .push((c.sequence, c.kind)),
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+    seen
+}
+
 /// The nodes holding the shards of `table`, as `host:port`.
 fn shard_nodes(client: &mut postgres::Client, table: &str) -> Vec<String> {
     client
@@ -185,16 +204,7 @@ fn a_listener_on_the_coordinator_hears_changes_on_every_worker_in_order() {
     for id in &ids[..5] {
         assert!(store.delete(id).unwrap());
     }
-    let mut seen: std::collections::HashMap<String, Vec<(u64, ChangeKind)>> = Default::default();
-    for _ in 0..(ids.len() * 2 + 5) {
-        match changes.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok(Event::Change(c)) => seen
-                .entry(c.actor_id.clone())
-                .or_default()
-                .push((c.sequence, c.kind)),
-            other => panic!("expected a change, got {other:?}"),
-        }
-    }
+    let seen = changes_by_actor(&changes, ids.len() * 2 + 5);
     for (i, id) in ids.iter().enumerate() {
         let mut expected = vec![(1, ChangeKind::Saved), (2, ChangeKind::Saved)];
         if i < 5 {
@@ -682,16 +692,7 @@ fn bulk_saves_and_deletes_span_the_workers_and_are_announced_from_the_coordinato
     assert_eq!(store.save(&ids[10], &9u32).unwrap(), 3);
 
     // Every change was announced, each actor's in order.
-    let mut seen: std::collections::HashMap<String, Vec<(u64, ChangeKind)>> = Default::default();
-    for _ in 0..(20 + 20 + 10 + 1 + 1) {
-        match changes.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok(Event::Change(c)) => seen
-                .entry(c.actor_id.clone())
-                .or_default()
-                .push((c.sequence, c.kind)),
-            other => panic!("expected a change, got {other:?}"),
-        }
-    }
+    let seen = changes_by_actor(&changes, 20 + 20 + 10 + 1 + 1);
     assert_eq!(
         seen[&ids[0]],
         [

@@ -725,3 +725,103 @@ fn bulk_saves_and_deletes_span_the_workers_and_are_announced_from_the_coordinato
         other => panic!("expected a change, got {other:?}"),
     }
 }
+
+#[test]
+fn the_sweeper_and_the_tombstone_purge_work_across_the_shards() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let store = schema.store();
+    let mut client = schema.client().unwrap();
+    let table = schema.table("actor_states");
+    let ids: Vec<String> = (0..12).map(|i| format!("e{i:02}")).collect();
+    for id in &ids {
+        store
+            .save_with(
+                id,
+                &1u32,
+                trebuchet_postgres::WriteOptions::new().ttl(std::time::Duration::from_millis(200)),
+            )
+            .unwrap();
+    }
+    store.save("kept", &1u32).unwrap();
+    let listener = store.listener().unwrap();
+    let changes = listener.subscribe();
+    let expiring: Vec<&str> = ids.iter().map(String::as_str).collect();
+    common::wait_expired(&mut client, &table, &expiring);
+
+    let sweep = store.sweep_expired(5).unwrap();
+    assert_eq!((sweep.removed, sweep.busy), (12, false), "{sweep:?}");
+    assert_eq!(store.count_actors("").unwrap(), 1);
+    let seen = changes_by_actor(&changes, 12);
+    for id in &ids {
+        assert_eq!(seen[id], [(2, ChangeKind::Deleted)], "{id}");
+    }
+    // The tombstones keep the numbers; purging forgets them.
+    assert_eq!(store.save(&ids[0], &1u32).unwrap(), 3);
+    assert_eq!(
+        store.purge_tombstones(std::time::Duration::ZERO).unwrap(),
+        12
+    );
+}
+
+#[test]
+fn restores_reproduce_versions_and_never_go_backwards_across_the_shards() {
+    use std::ops::ControlFlow;
+    use trebuchet_postgres::{RestoreOutcome, Versioned};
+
+    let Some(db) = citus() else { return };
+    let source = db.schema();
+    let source = source.store();
+    let ids: Vec<String> = (0..10).map(|i| format!("r{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        for round in 0..=(i as u32 % 3) {
+            source.save(id, &round).unwrap();
+        }
+    }
+    let mut exported: Vec<(String, Versioned<Vec<u8>>)> = Vec::new();
+    source
+        .raw()
+        .for_each("", |id, v| {
+            exported.push((id, v));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(exported.len(), 10);
+
+    let target_schema = db.schema();
+    let target = target_schema.store();
+    let listener = target.listener().unwrap();
+    let changes = listener.subscribe();
+    let outcomes = target.raw().restore_many(&exported).unwrap();
+    assert_eq!(outcomes, vec![RestoreOutcome::Written; 10]);
+    for (id, v) in &exported {
+        assert_eq!(
+            &target.raw().load_versioned(id).unwrap().unwrap(),
+            v,
+            "{id}"
+        );
+    }
+    // Each restored row is announced at its number.
+    let seen = changes_by_actor(&changes, 10);
+    for (id, v) in &exported {
+        assert_eq!(seen[id], [(v.sequence, ChangeKind::Saved)], "{id}");
+    }
+    // Idempotent; never below a newer version or a tombstone.
+    assert_eq!(
+        target.raw().restore_many(&exported).unwrap(),
+        vec![RestoreOutcome::Unchanged; 10]
+    );
+    let (newer, deleted) = (&exported[0].0, &exported[1].0);
+    let newer_at = target.save(newer, &99u32).unwrap();
+    assert!(target.delete(deleted).unwrap());
+    let outcomes = target.raw().restore_many(&exported[..2]).unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            RestoreOutcome::Superseded { current: newer_at },
+            RestoreOutcome::Deleted {
+                current: exported[1].1.sequence + 1
+            },
+        ]
+    );
+}

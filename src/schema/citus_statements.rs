@@ -169,6 +169,86 @@ impl Statements {
             ),
             &[Type::VARCHAR_ARRAY, Type::INT8],
         );
+        // Expired rows across the shards: picked first (a lock with a
+        // LIMIT is not allowed across shards), then deleted where they are
+        // still expired (a save may have renewed one meanwhile), and
+        // announced from the coordinator. Sweepers of one table take turns
+        // on an advisory lock on the coordinator.
+        let expired_now = format!("expires_at <= {now}");
+        self.sweep = Sql::new(
+            format!(
+                "WITH doomed AS (SELECT e.actor_id FROM {t} e WHERE e.{expired_now} \
+                 ORDER BY e.expires_at LIMIT $1::BIGINT), \
+                 gone AS (DELETE FROM {t} WHERE actor_id IN (SELECT actor_id FROM doomed) \
+                 AND {expired_now} RETURNING actor_id, sequence_number), \
+                 n AS (SELECT count({}) FROM gone) \
+                 SELECT count(*) FROM gone, n",
+                payload(
+                    "gone.actor_id",
+                    "gone.sequence_number + 1",
+                    "EXTRACT(EPOCH FROM now())",
+                    "delete"
+                )
+            ),
+            &[Type::INT8],
+        );
+        // Old tombstones in key order, without `FOR UPDATE SKIP LOCKED`
+        // (not allowed across shards): the age is checked again on the row
+        // deleted, which may wait for a writer that holds it.
+        let b = names.qualify(&names.tombstones);
+        let old_enough = format!("deleted_at < {now} - $2::INT8 * INTERVAL '1 microsecond'");
+        self.purge_tombstones = Sql::new(
+            format!(
+                "WITH doomed AS (SELECT actor_id FROM {b} WHERE actor_id > $1::VARCHAR \
+                 AND {old_enough} ORDER BY actor_id LIMIT $3::INT8), \
+                 gone AS (DELETE FROM {b} WHERE actor_id IN (SELECT actor_id FROM doomed) \
+                 AND {old_enough} RETURNING actor_id) \
+                 SELECT count(*), max(actor_id)::TEXT FROM gone"
+            ),
+            &[Type::VARCHAR, Type::INT8, Type::INT8],
+        );
+        // A restore: the numbering trigger skips a row at or below its
+        // tombstone (`-1 - n`) and keeps the empty tag list that marks a
+        // restored row; the rows written are announced from the
+        // coordinator. The stored versions are read by id (a join with the
+        // whole table would bring every shard's rows to the coordinator).
+        let b = names.qualify(&names.tombstones);
+        self.restore_many = Sql::new(
+            format!(
+                "WITH input AS (SELECT * FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[], \
+                 $4::TIMESTAMP[], $5::TIMESTAMP[], $6::TIMESTAMP[]) AS i(id, st, seq, upd, crt, exp)), \
+                 written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
+                 created_at, expires_at, recent_writes) \
+                 SELECT i.id, i.st, -1 - i.seq, COALESCE(i.upd, {now}), COALESCE(i.crt, i.upd, {now}), \
+                 i.exp, '{{}}'::BIGINT[] FROM input i ORDER BY i.id \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = EXCLUDED.sequence_number, updated_at = EXCLUDED.updated_at, \
+                 expires_at = EXCLUDED.expires_at \
+                 WHERE t.sequence_number < EXCLUDED.sequence_number \
+                 RETURNING actor_id, sequence_number, updated_at), \
+                 n AS (SELECT count({}) FROM written) \
+                 SELECT i.id::TEXT, w.actor_id IS NOT NULL, c.sequence_number, c.state = i.st, \
+                 b.sequence_number FROM input i LEFT JOIN written w ON w.actor_id = i.id \
+                 LEFT JOIN (SELECT * FROM {t} WHERE actor_id = ANY($1::VARCHAR[])) c \
+                 ON c.actor_id = i.id \
+                 LEFT JOIN (SELECT * FROM {b} WHERE actor_id = ANY($1::VARCHAR[])) b \
+                 ON b.actor_id = i.id CROSS JOIN n",
+                payload(
+                    "written.actor_id",
+                    "written.sequence_number",
+                    "EXTRACT(EPOCH FROM written.updated_at)",
+                    "save"
+                )
+            ),
+            &[
+                Type::VARCHAR_ARRAY,
+                Type::BYTEA_ARRAY,
+                Type::INT8_ARRAY,
+                Type::TIMESTAMP_ARRAY,
+                Type::TIMESTAMP_ARRAY,
+                Type::TIMESTAMP_ARRAY,
+            ],
+        );
         // `now()` may not stand in a RETURNING list either.
         self.delete = Sql::new(
             format!(
@@ -187,10 +267,12 @@ impl Statements {
 /// notify (the statement announces from the coordinator), and a delete's
 /// write id reaches it there. `SET LOCAL` is passed on to the nodes of the
 /// transaction when `citus.propagate_set_commands` is `local`.
-pub(crate) fn citus_bulk_settings(write_id: i64) -> String {
-    format!(
-        "SET LOCAL citus.propagate_set_commands = 'local'; \
-         SET LOCAL trebuchet.announce = 'off'; \
-         SET LOCAL trebuchet.write_id = '{write_id}'"
-    )
+pub(crate) fn citus_bulk_settings(write_id: Option<i64>) -> String {
+    let mut settings = "SET LOCAL citus.propagate_set_commands = 'local'; \
+         SET LOCAL trebuchet.announce = 'off'"
+        .to_owned();
+    if let Some(write_id) = write_id {
+        settings += &format!("; SET LOCAL trebuchet.write_id = '{write_id}'");
+    }
+    settings
 }

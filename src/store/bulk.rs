@@ -165,7 +165,7 @@ impl StateStore {
         let deleted: std::collections::HashSet<String> = self.write(
             &ids,
             |inner, c| {
-                let rows = bulk_query(inner, c, &inner.sql.delete_many, &[&ids, &w], w)?;
+                let rows = bulk_query(inner, c, &inner.sql.delete_many, &[&ids, &w], Some(w))?;
                 Ok(live_deletes(rows))
             },
             |t| {
@@ -307,7 +307,7 @@ impl Raw<'_> {
                     c,
                     &inner.sql.save_many,
                     &[&ids, &states, &write_ids],
-                    w,
+                    Some(w),
                 )?;
                 Ok(rows
                     .iter()
@@ -398,12 +398,12 @@ impl Raw<'_> {
 /// in two phases: it runs in a transaction of its own whose settings stop
 /// the trigger's `NOTIFY` on the workers (the statement announces from the
 /// coordinator) and hand the trigger the write id.
-fn bulk_query(
+pub(crate) fn bulk_query(
     inner: &Inner,
     c: &mut Connection,
     sql: &crate::pool::Sql,
     params: &[&(dyn postgres::types::ToSql + Sync)],
-    write_id: i64,
+    write_id: Option<i64>,
 ) -> Result<Vec<postgres::Row>, Failure> {
     let st = c.prepare(sql)?;
     if inner.sql.engine != Engine::Citus {

@@ -40,6 +40,7 @@ use expiry::{ttl_micros, Sweeper};
 
 pub use batch::{Batch, BatchResult, RawBatch};
 pub use builder::{StateStoreBuilder, DEFAULT_OUTCOME_TIMEOUT};
+pub(crate) use bulk::bulk_query;
 pub(crate) use call::Failure;
 use call::{is_transient, Written};
 pub use expiry::{Sweep, SweepOptions, MAX_SWEEP_BATCH};

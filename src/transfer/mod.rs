@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use postgres::IsolationLevel;
 
 use crate::error::{Error, Result};
-use crate::store::{to_i64, to_u64, Raw, StateStore, Versioned};
+use crate::store::{bulk_query, to_i64, to_u64, Raw, StateStore, Versioned};
 
 mod pages;
 
@@ -305,10 +305,12 @@ impl Raw<'_> {
             return Ok(Vec::new());
         }
         let (by_id, current) = self.store.call(false, |inner, c| {
-            let st = c.prepare(&inner.sql.restore_many)?;
-            let rows = st.query(
-                &mut c.client,
+            let rows = bulk_query(
+                inner,
+                c,
+                &inner.sql.restore_many,
                 &[&ids, &states, &sequences, &updated, &created, &expires],
+                None,
             )?;
             let by_id: HashMap<String, RestoreRow> = rows
                 .iter()

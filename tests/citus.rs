@@ -825,3 +825,59 @@ fn restores_reproduce_versions_and_never_go_backwards_across_the_shards() {
         ]
     );
 }
+
+#[test]
+fn conditional_bulk_saves_give_each_item_its_outcome_across_the_shards() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let store = schema.store();
+    let listener = store.listener().unwrap();
+    let changes = listener.subscribe();
+    let ids: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
+    for id in &ids[..4] {
+        store.save(id, &1u32).unwrap();
+    }
+    store.delete(&ids[3]).unwrap();
+    let items: Vec<(&str, u32, Expected)> = vec![
+        (&ids[0], 2, Expected::Sequence(1)), // right
+        (&ids[1], 2, Expected::Sequence(5)), // wrong number
+        (&ids[2], 2, Expected::Absent),      // exists
+        (&ids[3], 2, Expected::Absent),      // deleted: created above its tombstone
+        (&ids[4], 2, Expected::Absent),      // new
+        (&ids[5], 2, Expected::Sequence(1)), // absent
+        (&ids[6], 2, Expected::Absent),      // new
+        (&ids[7], 2, Expected::Absent),      // new
+    ];
+    let results = store.save_many_if(&items).unwrap();
+    let summary: Vec<Result<u64, Option<u64>>> = results
+        .iter()
+        .map(|r| match r {
+            Ok(sequence) => Ok(*sequence),
+            Err(e) => {
+                assert!(e.is_conflict(), "{e}");
+                Err(match e {
+                    trebuchet_postgres::Error::Conflict { actual, .. } => *actual,
+                    other => panic!("{other}"),
+                })
+            }
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            Ok(2),
+            Err(Some(1)),
+            Err(Some(1)),
+            Ok(3),
+            Ok(1),
+            Err(None),
+            Ok(1),
+            Ok(1)
+        ]
+    );
+    // The writes were announced, from the coordinator.
+    let seen = changes_by_actor(&changes, 4 + 1 + 5);
+    assert_eq!(seen[&ids[0]].last(), Some(&(2, ChangeKind::Saved)));
+    assert_eq!(seen[&ids[3]].last(), Some(&(3, ChangeKind::Saved)));
+    assert_eq!(seen[&ids[7]], [(1, ChangeKind::Saved)]);
+}

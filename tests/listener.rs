@@ -172,7 +172,15 @@ fn a_thousand_subscribers_all_receive_and_unsubscribe() {
 fn subscribers_share_each_change_and_get_bursts_in_order() {
     let schema = TestDatabase::shared().schema();
     let store = schema.store();
-    let listener = store.listener().unwrap();
+    // Queues that hold the whole burst: this test reads the subscribers one
+    // event at a time, in turn, and on a busy machine the listener may fill
+    // a smaller queue before the reader comes back to it (the lag and its
+    // resync are `a_slow_subscriber_hurts_only_itself`'s subject).
+    let listener = store
+        .listener_builder()
+        .queue_capacity(4_096)
+        .build()
+        .unwrap();
     let first = listener.subscribe();
     let second = listener.subscribe();
     let burst_only = listener.subscribe_actor("burst");

@@ -207,6 +207,61 @@ impl Statements {
             ),
             &[Type::VARCHAR, Type::INT8, Type::INT8],
         );
+        // Conditional saves of several actors: the updates of the rows
+        // expected at a number, and the creates of those expected absent
+        // (numbered by the trigger), each a statement Citus runs apart and
+        // first; the rows written are announced from the coordinator; the
+        // stored version is read by id, after the writes, for those that
+        // were blocked (a version the actor was in while the write ran).
+        // No rows are locked first (a lock is not allowed across shards):
+        // two such writes that meet may deadlock, and the server then
+        // rolls one back, which runs again.
+        self.save_many_if = Sql::new(
+            format!(
+                "WITH input AS (SELECT * FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[], \
+                 $4::BIGINT[]) AS i(id, st, expected, w)), \
+                 updated AS (UPDATE {t} AS t SET state = input.st, \
+                 sequence_number = t.sequence_number + 1, updated_at = {now}, expires_at = NULL, \
+                 recent_writes = {} FROM input \
+                 WHERE t.actor_id = input.id AND input.expected IS NOT NULL \
+                 AND t.sequence_number = input.expected AND {} \
+                 RETURNING t.actor_id, t.sequence_number, t.updated_at), \
+                 inserted AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
+                 created_at, recent_writes) \
+                 SELECT input.id, input.st, NULL, {now}, {now}, ARRAY[input.w] FROM input \
+                 WHERE input.expected IS NULL ORDER BY input.id \
+                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, {renew}, \
+                 expires_at = NULL, recent_writes = {} WHERE {expired} \
+                 RETURNING actor_id, sequence_number, updated_at), \
+                 w AS (SELECT * FROM updated UNION ALL SELECT * FROM inserted), \
+                 n AS (SELECT count({}) FROM w) \
+                 SELECT input.id::TEXT, w.sequence_number, c.sequence_number \
+                 FROM input LEFT JOIN w ON w.actor_id = input.id \
+                 LEFT JOIN (SELECT * FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) AND {}) c \
+                 ON c.actor_id = input.id CROSS JOIN n",
+                tag("input.w", "t.sequence_number + 1", "t.recent_writes"),
+                live("t."),
+                tag(
+                    "EXCLUDED.recent_writes[1] # EXCLUDED.sequence_number",
+                    &bump,
+                    "t.recent_writes"
+                ),
+                payload(
+                    "w.actor_id",
+                    "w.sequence_number",
+                    "EXTRACT(EPOCH FROM w.updated_at)",
+                    "save"
+                ),
+                live("")
+            ),
+            &[
+                Type::VARCHAR_ARRAY,
+                Type::BYTEA_ARRAY,
+                Type::INT8_ARRAY,
+                Type::INT8_ARRAY,
+            ],
+        );
         // A restore: the numbering trigger skips a row at or below its
         // tombstone (`-1 - n`) and keeps the empty tag list that marks a
         // restored row; the rows written are announced from the
@@ -266,10 +321,14 @@ impl Statements {
 /// the trigger on the workers keeps tombstones and checks but does not
 /// notify (the statement announces from the coordinator), and a delete's
 /// write id reaches it there. `SET LOCAL` is passed on to the nodes of the
-/// transaction when `citus.propagate_set_commands` is `local`.
+/// transaction when `citus.propagate_set_commands` is `local`. The shards
+/// are written one after another, in shard order, so that two such writes
+/// lock their rows in one order instead of waiting on each other until
+/// the distributed deadlock detection (seconds) breaks the tie.
 pub(crate) fn citus_bulk_settings(write_id: Option<i64>) -> String {
     let mut settings = "SET LOCAL citus.propagate_set_commands = 'local'; \
-         SET LOCAL trebuchet.announce = 'off'"
+         SET LOCAL trebuchet.announce = 'off'; \
+         SET LOCAL citus.multi_shard_modify_mode = 'sequential'"
         .to_owned();
     if let Some(write_id) = write_id {
         settings += &format!("; SET LOCAL trebuchet.write_id = '{write_id}'");

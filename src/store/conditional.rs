@@ -29,10 +29,12 @@ pub(super) fn many_if_on(
         let (p_ids, p_states) = (pick(ids, &pending), pick(states, &pending));
         let p_expected = pick(expected, &pending);
         let p_write_ids = pick(write_ids, &pending);
-        let st = c.prepare(&inner.sql.save_many_if)?;
-        let rows = st.query(
-            &mut c.client,
+        let rows = bulk_query(
+            inner,
+            c,
+            &inner.sql.save_many_if,
             &[&p_ids, &p_states, &p_expected, &p_write_ids],
+            None,
         )?;
         let mut by_id: HashMap<String, (Option<i64>, Option<i64>)> = rows
             .iter()

@@ -13,9 +13,8 @@
 //! - `TREBUCHET_HISTORY_REPLAY=<file>` checks a history a failed run saved.
 //! - `TREBUCHET_HISTORY_CITUS=1` runs it on a throwaway Citus cluster (a
 //!   coordinator and two workers; the proxy in front of the coordinator),
-//!   with the calls the store supports there: saves, conditional saves,
-//!   deletes, transforms, bulk saves, bulk deletes and loads (conditional
-//!   bulk saves and batches are not supported on Citus yet).
+//!   with the calls the store supports there: every one but batches, which
+//!   are not supported on Citus yet.
 
 mod checker;
 mod checker_tests;

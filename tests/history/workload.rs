@@ -35,12 +35,13 @@ pub fn calls(citus: bool) -> Vec<&'static str> {
 }
 
 /// The calls the store supports on Citus so far.
-const CITUS_CALLS: [&str; 7] = [
+const CITUS_CALLS: [&str; 8] = [
     "save",
     "save_if",
     "delete",
     "transform",
     "save_many",
+    "save_many_if",
     "delete_many",
     "load",
 ];
@@ -126,9 +127,9 @@ impl<'a> Workload<'a> {
     fn step(&mut self) {
         let invoked = now();
         let mut roll = self.rng.u8(..100);
-        if self.citus && ((65..=71).contains(&roll) || (77..=86).contains(&roll)) {
-            // Conditional bulk saves and batches are not supported on
-            // Citus yet: their share goes to loads.
+        if self.citus && (77..=86).contains(&roll) {
+            // Batches are not supported on Citus yet: their share goes to
+            // loads.
             roll = 99;
         }
         let via = match roll {

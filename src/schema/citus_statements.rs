@@ -304,6 +304,14 @@ impl Statements {
                 Type::TIMESTAMP_ARRAY,
             ],
         );
+        // A batch locks its existing rows in actor id order first, so that
+        // batches over the same actors cannot deadlock; a lock is not
+        // allowed across shards, so on Citus it takes them one id at a
+        // time (a router query each), in that order.
+        self.lock_many = Sql::new(
+            format!("SELECT actor_id FROM {t} WHERE actor_id = $1::VARCHAR FOR UPDATE"),
+            &[Type::VARCHAR],
+        );
         // `now()` may not stand in a RETURNING list either.
         self.delete = Sql::new(
             format!(

@@ -26,30 +26,8 @@ pub const CALLS: [&str; 9] = [
     "load",
 ];
 
-/// The calls a run makes: every one, or those Citus supports.
-pub fn calls(citus: bool) -> Vec<&'static str> {
-    CALLS
-        .into_iter()
-        .filter(|via| !citus || CITUS_CALLS.contains(via))
-        .collect()
-}
-
-/// The calls the store supports on Citus so far.
-const CITUS_CALLS: [&str; 8] = [
-    "save",
-    "save_if",
-    "delete",
-    "transform",
-    "save_many",
-    "save_many_if",
-    "delete_many",
-    "load",
-];
-
 /// A thread running random operations.
 pub struct Workload<'a> {
-    /// Only the calls Citus supports ([`calls`]).
-    pub citus: bool,
     store: &'a StateStore,
     /// Read now and then, so that it holds every actor.
     cache: &'a StateCache<Value>,
@@ -76,7 +54,6 @@ impl<'a> Workload<'a> {
         seed: u64,
     ) -> Workload<'a> {
         Workload {
-            citus: false,
             store,
             cache,
             actors,
@@ -126,13 +103,7 @@ impl<'a> Workload<'a> {
 
     fn step(&mut self) {
         let invoked = now();
-        let mut roll = self.rng.u8(..100);
-        if self.citus && (77..=86).contains(&roll) {
-            // Batches are not supported on Citus yet: their share goes to
-            // loads.
-            roll = 99;
-        }
-        let via = match roll {
+        let via = match self.rng.u8(..100) {
             0..=17 => self.save(invoked),
             18..=34 => self.save_if(invoked),
             35..=44 => self.delete(invoked),

@@ -305,7 +305,19 @@ impl<'s> Batch<'s> {
             let mut written: HashSet<&str> = HashSet::new();
             let mut failed = None;
             let mut tx = c.client.transaction()?;
-            if ids.len() > 1 {
+            if inner.sql.engine == Engine::Citus {
+                // Across shards: the trigger stays quiet and the statements
+                // announce from the coordinator (`citus_bulk_settings`);
+                // the rows are locked one id at a time, in id order.
+                tx.batch_execute(&schema::citus_bulk_settings(Some(w)))?;
+                if ids.len() > 1 {
+                    let mut ordered = ids.to_vec();
+                    ordered.sort_unstable();
+                    for id in ordered {
+                        lock_st.execute(&mut tx, &[&id])?;
+                    }
+                }
+            } else if ids.len() > 1 {
                 lock_st.execute(&mut tx, &[&ids])?;
             }
             for (statement, p) in plan.statements.iter().zip(params) {

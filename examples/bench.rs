@@ -23,8 +23,8 @@
 //! - `BENCH_CITUS=1`: against a throwaway Citus cluster (a coordinator and
 //!   two workers on loopback, `testing::TestCitusCluster`; needs the
 //!   extension installed), pgbench on the coordinator running the
-//!   statements the library sends there (the Citus forms, a router query
-//!   each). Only the single-actor operations: `load`, `save`, `save_if`,
+//!   statements the store sends there (the Citus forms, a router query
+//!   each, taken from `testing::point_statements`). Only the single-actor operations: `load`, `save`, `save_if`,
 //!   `transform`, `transform_contended`.
 //! - `BENCH_POOLER=transaction`: declare `PoolerMode::Transaction`, so the
 //!   library sends every statement unnamed as it does through PgBouncer in
@@ -51,7 +51,7 @@ use std::process::Command;
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use trebuchet_postgres::testing::{TestCitusCluster, TestCluster};
+use trebuchet_postgres::testing::{point_statements, TestCitusCluster, TestCluster};
 use trebuchet_postgres::{
     quote_identifier, ChangeListener, ConnectOptions, Expected, PoolOptions, PoolerMode,
     StateStore, Subscription,
@@ -372,54 +372,21 @@ impl LibrarySql {
         }
     }
 
-    /// The forms the library sends on Citus (`Statements::citus` in
-    /// src/schema/statements.rs): the writes numbered by the trigger of
-    /// sql/citus.sql, no `now()` in `DO UPDATE SET`, slices in `COALESCE`,
-    /// `set_config` after the delete.
-    fn citus(t: &str) -> LibrarySql {
+    /// On Citus, the store's own texts of its point statements
+    /// (`testing::point_statements`): the forms it chose there.
+    fn citus(t: &str, store: &StateStore) -> LibrarySql {
         let mut sql = LibrarySql::new(t, "unused");
-        let now = "(now() AT TIME ZONE 'UTC')";
-        let live = |a: &str| format!("({a}expires_at IS NULL OR {a}expires_at > {now})");
-        let expired = "t.expires_at <= EXCLUDED.updated_at";
-        let bump = format!("t.sequence_number + CASE WHEN {expired} THEN 2 ELSE 1 END");
-        let renew = format!(
-            "created_at = CASE WHEN {expired} THEN EXCLUDED.created_at ELSE t.created_at END"
-        );
-        let ttl = |p: &str| format!("{now} + {p}::BIGINT * INTERVAL '1 microsecond'");
-        let tag = |write_id: &str, sequence: &str, tags: &str| {
-            format!("COALESCE((ARRAY[{write_id} # ({sequence})] || {tags})[1:64])")
-        };
-        sql.save = format!(
-            "INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, created_at, \
-             expires_at, recent_writes) \
-             VALUES ($1::VARCHAR, $2::BYTEA, NULL, {now}, {now}, {}, ARRAY[$3::BIGINT]) \
-             ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-             sequence_number = {bump}, recent_writes = {}, \
-             updated_at = EXCLUDED.updated_at, {renew}, expires_at = EXCLUDED.expires_at \
-             RETURNING sequence_number",
-            ttl("$4"),
-            tag("$3::BIGINT", &bump, "t.recent_writes")
-        );
-        sql.save_if_sequence = format!(
-            "WITH written AS (UPDATE {t} SET state = $2::BYTEA, \
-             sequence_number = sequence_number + 1, updated_at = {now}, expires_at = {}, \
-             recent_writes = {} \
-             WHERE actor_id = $1::VARCHAR AND sequence_number = $3::BIGINT AND {} \
-             RETURNING sequence_number, updated_at, created_at) \
-             SELECT (SELECT sequence_number FROM written), (SELECT updated_at FROM written), \
-             (SELECT created_at FROM written), \
-             (SELECT c.sequence_number FROM {t} c WHERE c.actor_id = $1::VARCHAR AND {})",
-            ttl("$5"),
-            tag("$4::BIGINT", "$3::BIGINT + 1", "recent_writes"),
-            live(""),
-            live("c.")
-        );
-        sql.delete = format!(
-            "WITH gone AS (DELETE FROM {t} WHERE actor_id = $1::VARCHAR RETURNING expires_at) \
-             SELECT set_config('trebuchet.write_id', $2::BIGINT::TEXT, true) IS NOT NULL \
-             AND {} FROM gone",
-            live("")
-        );
+        for (name, text) in point_statements(store) {
+            match name {
+                "save" => sql.save = text,
+                "save_if_sequence" => sql.save_if_sequence = text,
+                "delete" => sql.delete = text,
+                "load" => sql.load = text,
+                "load_versioned" => sql.load_versioned = text,
+                "sequence" => sql.sequence = text,
+                _ => {}
+            }
+        }
         sql
     }
 
@@ -1789,7 +1756,7 @@ fn main() -> Result<(), BoxError> {
     let mut bench = Bench {
         url: url.clone(),
         sql: if citus_mode {
-            LibrarySql::citus(&table_sql)
+            LibrarySql::citus(&table_sql, &store)
         } else {
             LibrarySql::new(
                 &table_sql,

@@ -296,7 +296,7 @@ fn workers_done(
     pid: i32,
     deadline: Instant,
 ) -> std::result::Result<bool, postgres::Error> {
-    loop {
+    poll(deadline, Duration::from_millis(2), || {
         let running: bool = conn
             .client
             .query_one(
@@ -306,14 +306,8 @@ fn workers_done(
                 &[&pid],
             )?
             .get(0);
-        if !running {
-            return Ok(true);
-        }
-        if Instant::now() >= deadline {
-            return Ok(false);
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+        Ok(!running)
+    })
 }
 
 /// On Citus, whether the transactions that the coordinator's process `pid`
@@ -329,17 +323,19 @@ fn prepared_done(
     pid: i32,
     deadline: Instant,
 ) -> std::result::Result<bool, postgres::Error> {
-    let pattern = format!("citus\\_0\\_{pid}\\_%");
-    loop {
-        if let Err(e) = conn
-            .client
-            .batch_execute("SELECT recover_prepared_transactions()")
-        {
-            if e.as_db_error().is_none() {
-                return Err(e);
-            }
-            log::debug!("could not settle prepared transactions now: {e}");
+    // Once: the process and its workers' processes are gone, so no
+    // transaction of theirs is prepared after this.
+    if let Err(e) = conn
+        .client
+        .batch_execute("SELECT recover_prepared_transactions()")
+    {
+        if e.as_db_error().is_none() {
+            return Err(e);
         }
+        log::debug!("could not settle prepared transactions now: {e}");
+    }
+    let pattern = format!("citus\\_0\\_{pid}\\_%");
+    poll(deadline, Duration::from_millis(10), || {
         let left: i64 = conn
             .client
             .query_one(
@@ -349,13 +345,25 @@ fn prepared_done(
                 &[&pattern],
             )?
             .get(0);
-        if left == 0 {
+        Ok(left == 0)
+    })
+}
+
+/// Asks `done` every `pause` until it says so (`true`) or `deadline` has
+/// passed (`false`).
+fn poll(
+    deadline: Instant,
+    pause: Duration,
+    mut done: impl FnMut() -> std::result::Result<bool, postgres::Error>,
+) -> std::result::Result<bool, postgres::Error> {
+    loop {
+        if done()? {
             return Ok(true);
         }
         if Instant::now() >= deadline {
             return Ok(false);
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(pause);
     }
 }
 
@@ -381,7 +389,7 @@ fn read(
             }
             log::debug!("could not end the broken connection's server process: {e}");
         }
-        loop {
+        let gone = poll(deadline, Duration::from_millis(2), || {
             let alive: bool = conn
                 .client
                 .query_one(
@@ -390,13 +398,10 @@ fn read(
                     &[&pid, &started],
                 )?
                 .get(0);
-            if !alive {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(2));
+            Ok(!alive)
+        })?;
+        if !gone {
+            return Ok(None);
         }
         if sql.engine == Engine::Citus
             && !(workers_done(conn, pid, deadline)? && prepared_done(conn, pid, deadline)?)

@@ -150,9 +150,17 @@ impl Worker {
         }
     }
 
+    /// Whether this thread is to stop: the listener shuts down, or (a Citus
+    /// node's thread) its node left the cluster.
     fn stopping(&self) -> bool {
+        self.shutting_down() || matches!(self.wake.try_recv(), Err(TryRecvError::Disconnected))
+    }
+
+    /// Whether the listener shuts down: one atomic load, for the loop that
+    /// takes in each notification (a node's leaving is seen between
+    /// notifications, by [`stopping`](Self::stopping)).
+    fn shutting_down(&self) -> bool {
         self.shared.shutdown.load(Ordering::Acquire)
-            || matches!(self.wake.try_recv(), Err(TryRecvError::Disconnected))
     }
 
     /// Receives and fans out until the connection fails, shutdown, or a
@@ -180,14 +188,17 @@ impl Worker {
                     // runs dry. A lone change goes out without a read.
                     let mut notifications = client.notifications();
                     loop {
-                        while batch.len() < limit && !notifications.is_empty() && !self.stopping() {
+                        while batch.len() < limit
+                            && !notifications.is_empty()
+                            && !self.shutting_down()
+                        {
                             // Buffered: taken without reading the socket.
                             match notifications.iter().next() {
                                 Ok(Some(n)) => self.receive(&n, &mut batch),
                                 _ => break,
                             }
                         }
-                        if self.stopping() {
+                        if self.shutting_down() {
                             return Listened::Ended;
                         }
                         if !batch.is_empty() {

@@ -125,29 +125,36 @@ impl Statements {
                 table = names.table
             )
         };
+        // The update branch of a create of several actors (numbered by the
+        // trigger), and the announce of the rows a statement wrote (`w`).
+        let upsert_many = format!(
+            "ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+             sequence_number = {bump}, updated_at = EXCLUDED.updated_at, {renew}, \
+             expires_at = NULL, recent_writes = {}",
+            tag(
+                "EXCLUDED.recent_writes[1] # EXCLUDED.sequence_number",
+                &bump,
+                "t.recent_writes"
+            )
+        );
+        let announce_written = format!(
+            "n AS (SELECT count({}) FROM w)",
+            payload(
+                "w.actor_id",
+                "w.sequence_number",
+                "EXTRACT(EPOCH FROM w.updated_at)",
+                "save"
+            )
+        );
         self.save_many = Sql::new(
             format!(
                 "WITH w AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
                  created_at, recent_writes) \
                  SELECT i.id, i.st, NULL, {now}, {now}, ARRAY[i.w] \
                  FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[]) AS i(id, st, w) ORDER BY i.id \
-                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, {renew}, \
-                 expires_at = NULL, recent_writes = {} \
-                 RETURNING actor_id, sequence_number, updated_at), \
-                 n AS (SELECT count({}) FROM w) \
-                 SELECT w.actor_id::TEXT, w.sequence_number FROM w, n",
-                tag(
-                    "EXCLUDED.recent_writes[1] # EXCLUDED.sequence_number",
-                    &bump,
-                    "t.recent_writes"
-                ),
-                payload(
-                    "w.actor_id",
-                    "w.sequence_number",
-                    "EXTRACT(EPOCH FROM w.updated_at)",
-                    "save"
-                )
+                 {upsert_many} RETURNING actor_id, sequence_number, updated_at), \
+                 {announce_written} \
+                 SELECT w.actor_id::TEXT, w.sequence_number FROM w, n"
             ),
             &[Type::VARCHAR_ARRAY, Type::BYTEA_ARRAY, Type::INT8_ARRAY],
         );
@@ -230,29 +237,16 @@ impl Statements {
                  created_at, recent_writes) \
                  SELECT input.id, input.st, NULL, {now}, {now}, ARRAY[input.w] FROM input \
                  WHERE input.expected IS NULL ORDER BY input.id \
-                 ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
-                 sequence_number = {bump}, updated_at = EXCLUDED.updated_at, {renew}, \
-                 expires_at = NULL, recent_writes = {} WHERE {expired} \
+                 {upsert_many} WHERE {expired} \
                  RETURNING actor_id, sequence_number, updated_at), \
                  w AS (SELECT * FROM updated UNION ALL SELECT * FROM inserted), \
-                 n AS (SELECT count({}) FROM w) \
+                 {announce_written} \
                  SELECT input.id::TEXT, w.sequence_number, c.sequence_number \
                  FROM input LEFT JOIN w ON w.actor_id = input.id \
                  LEFT JOIN (SELECT * FROM {t} WHERE actor_id = ANY($1::VARCHAR[]) AND {}) c \
                  ON c.actor_id = input.id CROSS JOIN n",
                 tag("input.w", "t.sequence_number + 1", "t.recent_writes"),
                 live("t."),
-                tag(
-                    "EXCLUDED.recent_writes[1] # EXCLUDED.sequence_number",
-                    &bump,
-                    "t.recent_writes"
-                ),
-                payload(
-                    "w.actor_id",
-                    "w.sequence_number",
-                    "EXTRACT(EPOCH FROM w.updated_at)",
-                    "save"
-                ),
                 live("")
             ),
             &[
@@ -272,7 +266,7 @@ impl Statements {
             format!(
                 "WITH input AS (SELECT * FROM unnest($1::VARCHAR[], $2::BYTEA[], $3::BIGINT[], \
                  $4::TIMESTAMP[], $5::TIMESTAMP[], $6::TIMESTAMP[]) AS i(id, st, seq, upd, crt, exp)), \
-                 written AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
+                 w AS (INSERT INTO {t} AS t (actor_id, state, sequence_number, updated_at, \
                  created_at, expires_at, recent_writes) \
                  SELECT i.id, i.st, -1 - i.seq, COALESCE(i.upd, {now}), COALESCE(i.crt, i.upd, {now}), \
                  i.exp, '{{}}'::BIGINT[] FROM input i ORDER BY i.id \
@@ -281,19 +275,13 @@ impl Statements {
                  expires_at = EXCLUDED.expires_at \
                  WHERE t.sequence_number < EXCLUDED.sequence_number \
                  RETURNING actor_id, sequence_number, updated_at), \
-                 n AS (SELECT count({}) FROM written) \
+                 {announce_written} \
                  SELECT i.id::TEXT, w.actor_id IS NOT NULL, c.sequence_number, c.state = i.st, \
-                 b.sequence_number FROM input i LEFT JOIN written w ON w.actor_id = i.id \
+                 b.sequence_number FROM input i LEFT JOIN w ON w.actor_id = i.id \
                  LEFT JOIN (SELECT * FROM {t} WHERE actor_id = ANY($1::VARCHAR[])) c \
                  ON c.actor_id = i.id \
                  LEFT JOIN (SELECT * FROM {b} WHERE actor_id = ANY($1::VARCHAR[])) b \
                  ON b.actor_id = i.id CROSS JOIN n",
-                payload(
-                    "written.actor_id",
-                    "written.sequence_number",
-                    "EXTRACT(EPOCH FROM written.updated_at)",
-                    "save"
-                )
             ),
             &[
                 Type::VARCHAR_ARRAY,
@@ -333,7 +321,7 @@ impl Statements {
 /// are written one after another, in shard order, so that two such writes
 /// lock their rows in one order instead of waiting on each other until
 /// the distributed deadlock detection (seconds) breaks the tie.
-pub(crate) fn citus_bulk_settings(write_id: Option<i64>) -> String {
+fn citus_bulk_settings(write_id: Option<i64>) -> String {
     let mut settings = "SET LOCAL citus.propagate_set_commands = 'local'; \
          SET LOCAL trebuchet.announce = 'off'; \
          SET LOCAL citus.multi_shard_modify_mode = 'sequential'"
@@ -342,4 +330,12 @@ pub(crate) fn citus_bulk_settings(write_id: Option<i64>) -> String {
         settings += &format!("; SET LOCAL trebuchet.write_id = '{write_id}'");
     }
     settings
+}
+
+impl Statements {
+    /// What a write of several actors runs first in its transaction: on
+    /// Citus, [`citus_bulk_settings`]; nothing on one server.
+    pub(crate) fn bulk_settings(&self, write_id: Option<i64>) -> Option<String> {
+        (self.engine == Engine::Citus).then(|| citus_bulk_settings(write_id))
+    }
 }

@@ -16,7 +16,6 @@ mod statements;
 mod verify;
 
 pub(crate) use citus::{engine, Engine};
-pub(crate) use citus_statements::citus_bulk_settings;
 use layout::check_layout;
 pub(crate) use layout::{layout, Layout};
 pub(crate) use statements::Statements;

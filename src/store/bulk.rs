@@ -406,11 +406,11 @@ pub(crate) fn bulk_query(
     write_id: Option<i64>,
 ) -> Result<Vec<postgres::Row>, Failure> {
     let st = c.prepare(sql)?;
-    if inner.sql.engine != Engine::Citus {
+    let Some(settings) = inner.sql.bulk_settings(write_id) else {
         return Ok(st.query(&mut c.client, params)?);
-    }
+    };
     let mut tx = c.client.transaction()?;
-    tx.batch_execute(&schema::citus_bulk_settings(write_id))?;
+    tx.batch_execute(&settings)?;
     let rows = st.query(&mut tx, params)?;
     tx.commit()?;
     Ok(rows)

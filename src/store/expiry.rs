@@ -21,7 +21,6 @@ use postgres::types::Type;
 use super::StateStore;
 use crate::error::{Error, Result};
 use crate::pool::Sql;
-use crate::schema::{self, Engine};
 
 /// The sweepers' advisory lock: a fixed class and a hash of the quoted table
 /// name, so that each table has its own and none meets the migration lock
@@ -270,10 +269,10 @@ impl StateStore {
             if !lock.query_one(&mut tx, &[&table])?.get::<_, bool>(0) {
                 return Ok(None);
             }
-            if inner.sql.engine == Engine::Citus {
-                // Deletes across shards: the trigger stays quiet and the
-                // statement announces them (see `citus_bulk_settings`).
-                tx.batch_execute(&schema::citus_bulk_settings(None))?;
+            // On Citus, deletes across shards: the trigger stays quiet and
+            // the statement announces them.
+            if let Some(settings) = inner.sql.bulk_settings(None) {
+                tx.batch_execute(&settings)?;
             }
             let removed: i64 = sweep.query_one(&mut tx, &[&limit])?.get(0);
             tx.commit()?;

@@ -305,11 +305,11 @@ impl<'s> Batch<'s> {
             let mut written: HashSet<&str> = HashSet::new();
             let mut failed = None;
             let mut tx = c.client.transaction()?;
-            if inner.sql.engine == Engine::Citus {
-                // Across shards: the trigger stays quiet and the statements
-                // announce from the coordinator (`citus_bulk_settings`);
-                // the rows are locked one id at a time, in id order.
-                tx.batch_execute(&schema::citus_bulk_settings(Some(w)))?;
+            if let Some(settings) = inner.sql.bulk_settings(Some(w)) {
+                // On Citus, across shards: the trigger stays quiet and the
+                // statements announce from the coordinator; the rows are
+                // locked one id at a time, in id order.
+                tx.batch_execute(&settings)?;
                 if ids.len() > 1 {
                     let mut ordered = ids.to_vec();
                     ordered.sort_unstable();

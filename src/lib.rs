@@ -261,7 +261,7 @@ pub use crate::listener::{
     Subscription,
 };
 pub use crate::monitor::{
-    ConnectionInfo, ListenerSession, SlowStatement, SlowStatements, StoreStats,
+    ConnectionInfo, ListenerSession, SlowStatement, SlowStatements, StoreStats, WorkerListeners,
 };
 pub use crate::outcome::LostWrites;
 pub use crate::partition::Partitioning;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use trebuchet_postgres::postgres::config::Host;
 use trebuchet_postgres::{
-    quote_identifier, ConnectFailure, Error, SslMode, StateStore, VerifyReport,
+    quote_identifier, ConnectFailure, Error, SslMode, StateStore, StoreStats, VerifyReport,
 };
 
 use crate::args::{Doctor, Migrate, Partition, Verify};
@@ -270,8 +270,64 @@ pub fn doctor(settings: &Settings, args: &Doctor) -> Result<(), Failure> {
         } else {
             list.ok("connections", &detail)?;
         }
+        worker_listeners(&mut list, &stats)?;
     }
     list.finish()
+}
+
+/// On Citus, whether every worker has a listener: each worker sends the
+/// changes of its own shards. Nothing on one server.
+fn worker_listeners(list: &mut Checklist, stats: &StoreStats) -> Result<(), Failure> {
+    let workers = &stats.worker_listeners;
+    if workers.is_empty() {
+        return Ok(());
+    }
+    for worker in workers {
+        if let Some(error) = &worker.error {
+            list.warn(
+                "workers",
+                &format!("the coordinator could not ask {}: {error}", worker.node),
+            )?;
+        }
+    }
+    let asked: Vec<_> = workers.iter().filter(|w| w.error.is_none()).collect();
+    let deaf: Vec<&str> = asked
+        .iter()
+        .filter(|w| w.listeners.is_empty())
+        .map(|w| w.node.as_str())
+        .collect();
+    let anywhere = !stats.listeners.is_empty() || asked.iter().any(|w| !w.listeners.is_empty());
+    if deaf.is_empty() {
+        let each: Vec<String> = asked
+            .iter()
+            .map(|w| format!("{} on {}", count(w.listeners.len(), "session"), w.node))
+            .collect();
+        list.ok(
+            "workers",
+            &format!("every worker has a listener: {}", each.join(", ")),
+        )
+    } else if !anywhere {
+        list.ok(
+            "workers",
+            &format!(
+                "{}; no session listens on {:?} yet",
+                count(workers.len(), "worker"),
+                stats.channel
+            ),
+        )
+    } else {
+        list.warn(
+            "workers",
+            &format!(
+                "no session listens on {:?} on {}: the changes of the actors whose shards are \
+                 there reach no listener. A ChangeListener built on the coordinator listens on \
+                 every worker; a session that runs LISTEN on the coordinator alone hears only \
+                 the changes announced there",
+                stats.channel,
+                deaf.join(", ")
+            ),
+        )
+    }
 }
 
 /// One line per schema problem, or one `ok` line.

@@ -3,7 +3,7 @@
 use std::io::{self, IsTerminal, Write};
 
 use serde::Serialize;
-use trebuchet_postgres::{SlowStatements, StoreStats};
+use trebuchet_postgres::{ListenerSession, SlowStatements, StoreStats};
 
 use crate::args::Stats;
 use crate::fail::Failure;
@@ -96,20 +96,17 @@ fn write_text(out: &mut impl Write, s: &StoreStats, target: &str) -> io::Result<
         &format!("{} on {:?}{hidden}", s.listeners.len(), s.channel),
     )?;
     for l in &s.listeners {
-        writeln!(
-            out,
-            "{:<17}pid {} {} {} from {} since {}",
-            "",
-            l.pid,
-            escape(l.user.as_deref().unwrap_or("?")),
-            if l.application_name.is_empty() {
-                "-".into()
-            } else {
-                escape(&l.application_name)
-            },
-            escape(l.client_addr.as_deref().unwrap_or("local socket")),
-            l.since.map_or_else(|| "?".to_owned(), timestamp)
-        )?;
+        session(out, l)?;
+    }
+    for worker in &s.worker_listeners {
+        let what = match &worker.error {
+            Some(error) => format!("{}: not asked: {}", worker.node, escape(error)),
+            None => format!("{}: {} listening", worker.node, worker.listeners.len()),
+        };
+        row(out, "on worker", &what)?;
+        for l in &worker.listeners {
+            session(out, l)?;
+        }
     }
     row(
         out,
@@ -174,6 +171,9 @@ struct StatsJson<'a> {
     partitions: Option<u32>,
     channel: &'a str,
     listeners: Vec<ListenerJson<'a>>,
+    /// On Citus, each worker's listeners; absent on one server.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    workers: Vec<WorkerJson<'a>>,
     hidden_sessions: u64,
     notification_queue_usage: f64,
     server_connections: u64,
@@ -189,6 +189,14 @@ struct ListenerJson<'a> {
     application_name: &'a str,
     client_addr: Option<&'a str>,
     since: Option<String>,
+}
+
+#[derive(Serialize)]
+struct WorkerJson<'a> {
+    node: &'a str,
+    listeners: Vec<ListenerJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -255,15 +263,14 @@ fn as_json<'a>(s: &'a StoreStats, target: &'a str) -> StatsJson<'a> {
         hot_update_ratio: s.hot_update_ratio,
         partitions: s.partitions,
         channel: &s.channel,
-        listeners: s
-            .listeners
+        listeners: s.listeners.iter().map(listener_json).collect(),
+        workers: s
+            .worker_listeners
             .iter()
-            .map(|l| ListenerJson {
-                pid: l.pid,
-                user: l.user.as_deref(),
-                application_name: &l.application_name,
-                client_addr: l.client_addr.as_deref(),
-                since: l.since.map(timestamp),
+            .map(|w| WorkerJson {
+                node: &w.node,
+                listeners: w.listeners.iter().map(listener_json).collect(),
+                error: w.error.as_deref(),
             })
             .collect(),
         hidden_sessions: s.hidden_sessions,
@@ -279,6 +286,34 @@ fn as_json<'a>(s: &'a StoreStats, target: &'a str) -> StatsJson<'a> {
             wait_seconds: s.pool.wait_time.as_secs_f64(),
             timeouts: s.pool.timeouts,
         },
+    }
+}
+
+/// One listening session, indented under its heading.
+fn session(out: &mut impl Write, l: &ListenerSession) -> io::Result<()> {
+    writeln!(
+        out,
+        "{:<17}pid {} {} {} from {} since {}",
+        "",
+        l.pid,
+        escape(l.user.as_deref().unwrap_or("?")),
+        if l.application_name.is_empty() {
+            "-".into()
+        } else {
+            escape(&l.application_name)
+        },
+        escape(l.client_addr.as_deref().unwrap_or("local socket")),
+        l.since.map_or_else(|| "?".to_owned(), timestamp)
+    )
+}
+
+fn listener_json(l: &ListenerSession) -> ListenerJson<'_> {
+    ListenerJson {
+        pid: l.pid,
+        user: l.user.as_deref(),
+        application_name: &l.application_name,
+        client_addr: l.client_addr.as_deref(),
+        since: l.since.map(timestamp),
     }
 }
 

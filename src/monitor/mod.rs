@@ -12,7 +12,7 @@ mod slow_statements;
 mod stats;
 
 pub use connection::ConnectionInfo;
-pub use sessions::ListenerSession;
+pub use sessions::{ListenerSession, WorkerListeners};
 pub use slow_statements::{SlowStatement, SlowStatements};
 pub use stats::StoreStats;
 

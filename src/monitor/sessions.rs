@@ -2,7 +2,7 @@
 //! tells.
 
 use std::sync::LazyLock;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::pool::{Connection, Sql};
 
@@ -14,6 +14,36 @@ pub(super) static SESSIONS: LazyLock<Sql> = LazyLock::new(|| {
         &[],
     )
 });
+
+/// On Citus, the sessions on each active worker whose last statement was
+/// `LISTEN` (the channel is matched here), asked through the coordinator:
+/// `host`, `port`, whether the worker answered, and its sessions as a JSON
+/// array of `[pid, user, application_name, client_addr, state_change epoch,
+/// query]`, or the error.
+pub(super) static WORKER_SESSIONS: LazyLock<Sql> = LazyLock::new(|| {
+    Sql::new(
+        "SELECT nodename::TEXT, nodeport, success, result FROM run_command_on_workers($$\
+         SELECT COALESCE(json_agg(json_build_array(pid, usename, application_name, \
+         host(client_addr), extract(epoch FROM state_change), query)), '[]') \
+         FROM pg_stat_activity WHERE backend_type = 'client backend' \
+         AND query ILIKE 'listen%'$$) ORDER BY 1, 2",
+        &[],
+    )
+});
+
+/// On Citus, the sessions listening on the channel on one worker: a
+/// [`ChangeListener`](crate::ChangeListener) on the coordinator listens on
+/// every worker too, since each worker sends the changes of its shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerListeners {
+    /// The worker, as `host:port` in the coordinator's node list.
+    pub node: String,
+    /// Its sessions listening on the channel.
+    pub listeners: Vec<ListenerSession>,
+    /// Why the coordinator could not ask the worker; `None` when it did.
+    pub error: Option<String>,
+}
 
 /// A session listening on the store's channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,4 +106,58 @@ pub(super) fn listener_sessions(
         }
     }
     Ok((listeners, hidden_sessions))
+}
+
+/// On Citus, the sessions listening on `channel` on each active worker.
+pub(super) fn worker_listener_sessions(
+    c: &mut Connection,
+    channel: &str,
+) -> Result<Vec<WorkerListeners>, postgres::Error> {
+    type Session = (
+        i32,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<f64>,
+        Option<String>,
+    );
+    let rows = c.prepare(&WORKER_SESSIONS)?.query(&mut c.client, &[])?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let node = format!("{}:{}", row.get::<_, String>(0), row.get::<_, i32>(1));
+            let result: String = row.get::<_, Option<String>>(3).unwrap_or_default();
+            let sessions = match row.get::<_, bool>(2) {
+                true => serde_json::from_str::<Vec<Session>>(&result)
+                    .map_err(|e| format!("the worker's sessions could not be read: {e}")),
+                false => Err(result),
+            };
+            match sessions {
+                Ok(sessions) => WorkerListeners {
+                    node,
+                    listeners: sessions
+                        .into_iter()
+                        .filter(|s| s.5.as_deref().is_some_and(|q| is_listen_on(q, channel)))
+                        .map(|(pid, user, application_name, client_addr, since, _)| {
+                            ListenerSession {
+                                pid,
+                                user,
+                                application_name: application_name.unwrap_or_default(),
+                                client_addr,
+                                since: since
+                                    .filter(|s| s.is_finite() && *s >= 0.0)
+                                    .map(|s| UNIX_EPOCH + Duration::from_secs_f64(s)),
+                            }
+                        })
+                        .collect(),
+                    error: None,
+                },
+                Err(error) => WorkerListeners {
+                    node,
+                    listeners: Vec::new(),
+                    error: Some(error),
+                },
+            }
+        })
+        .collect())
 }

@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use postgres::types::Type;
 
-use super::sessions::{listener_sessions, ListenerSession};
+use super::sessions::{
+    listener_sessions, worker_listener_sessions, ListenerSession, WorkerListeners,
+};
 use super::slow_statements::{slow_statements, SlowStatements};
 use crate::error::{Error, Result};
 use crate::pool::{PoolState, Sql};
@@ -124,6 +126,11 @@ pub struct StoreStats {
     /// that they could be listeners too (grant `pg_read_all_stats` to see
     /// them).
     pub hidden_sessions: u64,
+    /// On Citus, the sessions listening on the channel on each active
+    /// worker (each worker sends the changes of its own shards, so a
+    /// listener that hears only the coordinator misses them); empty on one
+    /// server.
+    pub worker_listeners: Vec<WorkerListeners>,
     /// How full the server's notification queue is, from 0 to 1
     /// (`pg_notification_queue_usage()`). It fills when a listening session
     /// stops reading; at 1, every `NOTIFY`, and so every write, fails.
@@ -212,7 +219,9 @@ impl StateStore {
                 Option<i64>,
             ) = (row.get(1), row.get(2), row.get(3));
             let (mut updates, mut hot): (Option<i64>, Option<i64>) = (row.get(11), row.get(12));
+            let mut worker_listeners = Vec::new();
             if inner.sql.engine == Engine::Citus {
+                worker_listeners = worker_listener_sessions(c, &channel)?;
                 let shards = c
                     .prepare(&SHARD_FIGURES)?
                     .query_one(&mut c.client, &[&table])?;
@@ -245,6 +254,7 @@ impl StateStore {
                 partitions,
                 listeners,
                 hidden_sessions,
+                worker_listeners,
                 notification_queue_usage: row.get(6),
                 server_connections: to_u64(row.get(7)),
                 max_connections: to_u64(row.get(8)),

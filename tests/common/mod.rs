@@ -16,6 +16,7 @@ use trebuchet_postgres::{Change, ChangeKind, Event, Subscription};
 
 pub mod cut;
 pub mod feed;
+pub mod hold;
 pub mod tls;
 
 /// The time zone the "wrong time zone" tests put their sessions in: far

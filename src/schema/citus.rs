@@ -84,7 +84,7 @@ fn number_names(names: &Names) -> (String, String) {
 /// on to the shards as the text it came in, which must then hold that
 /// statement alone. A statement ends with a line ending in `;` outside a
 /// function body (`$$ ... $$`).
-fn one_by_one(template: &str) -> Vec<String> {
+pub(crate) fn one_by_one(template: &str) -> Vec<String> {
     let mut statements = Vec::new();
     let mut current = String::new();
     let mut in_body = false;

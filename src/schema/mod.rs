@@ -321,13 +321,30 @@ fn apply_migrations(client: &mut postgres::Client, names: &Names) -> Result<Vec<
     // Up to date, but verify() sends users here when the trigger, its
     // function or the tombstone table went missing: the migrations are
     // idempotent, so apply them again to put those back.
+    let coordinator = citus::is_coordinator(&mut tx)?;
     if done.is_empty() && !companions_present(&mut tx, names)? {
+        // On Citus the tables may be distributed by now: a DDL statement on
+        // them must come alone, and the functions it makes again go to
+        // every node over one connection each.
+        if coordinator {
+            tx.batch_execute(
+                "SET LOCAL citus.enable_unsafe_triggers = on; \
+                 SET LOCAL citus.multi_shard_modify_mode = 'sequential'",
+            )
+            .map_err(Error::Database)?;
+        }
         for (_, _, template) in MIGRATIONS {
-            tx.batch_execute(&rendered.render(template))
-                .map_err(Error::Database)?;
+            let sql = rendered.render(template);
+            let statements = match coordinator {
+                true => citus::one_by_one(&sql),
+                false => vec![sql],
+            };
+            for statement in statements {
+                tx.batch_execute(&statement).map_err(Error::Database)?;
+            }
         }
     }
-    if citus::is_coordinator(&mut tx)? {
+    if coordinator {
         citus::distribute(&mut tx, &rendered)?;
     }
     tx.commit().map_err(Error::Database)?;

@@ -199,3 +199,30 @@ fn stats_name_the_listeners_on_every_worker() {
             .all(|w| w.listeners.is_empty())
     });
 }
+
+/// The change trigger dropped from a distributed table (from every shard):
+/// `migrate` puts it back, as on one server, and changes are heard again.
+#[test]
+fn migrate_puts_back_a_trigger_dropped_from_a_distributed_table() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let store = schema.store();
+    let mut client = schema.client().unwrap();
+    client
+        .batch_execute("SET citus.enable_unsafe_triggers = on")
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "DROP TRIGGER actor_state_change_trigger ON {}",
+            schema.table("actor_states")
+        ))
+        .unwrap();
+    assert!(!store.verify().unwrap().is_ok());
+    store.migrate().unwrap();
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{report}");
+    let listener = store.listener().unwrap();
+    let changes = listener.subscribe();
+    store.save("x", &1u32).unwrap();
+    crate::common::expect_change(&changes, "x", 1, trebuchet_postgres::ChangeKind::Saved);
+}

@@ -250,3 +250,64 @@ fn a_worker_restarted_under_load_loses_nothing_acknowledged_and_subscribers_resy
         }
     }
 }
+
+/// A `StateCache` on a listener built on the coordinator, unchanged:
+/// another store's single saves, bulk saves and deletes on actors of both
+/// workers reach it, and after a gap on one worker (its listening backend
+/// terminated while the other store writes) it converges again.
+#[test]
+fn a_state_cache_follows_every_worker_and_converges_after_a_gap() {
+    let Some(db) = citus() else { return };
+    let schema = db.schema();
+    let store = schema.store();
+    let listener = store.listener().unwrap();
+    let cache: trebuchet_postgres::StateCache<u32> =
+        trebuchet_postgres::StateCache::new(&store, &listener).unwrap();
+    let other = schema.store_builder().build().unwrap();
+    let ids: Vec<String> = (0..8).map(|i| format!("cached-{i}")).collect();
+    let mut client = schema.client().unwrap();
+    let table = schema.table("actor_states");
+    let ports: std::collections::BTreeSet<u16> = ids
+        .iter()
+        .map(|id| shard_of(db, &mut client, &table, id).1.port())
+        .collect();
+    assert_eq!(ports.len(), 2, "the actors are on both workers");
+    for id in &ids {
+        store.save(id, &0u32).unwrap();
+        assert_eq!(cache.get(id).unwrap().as_deref(), Some(&0));
+    }
+    let converged = |what: &str| {
+        wait_for(what, || {
+            ids.iter().all(|id| {
+                cache.get(id).unwrap().as_deref().copied() == store.load::<u32>(id).unwrap()
+            })
+        })
+    };
+
+    other.save(&ids[0], &1u32).unwrap();
+    other
+        .save_many(&[(ids[1].as_str(), 1u32), (ids[2].as_str(), 1u32)])
+        .unwrap();
+    assert!(other.delete(&ids[3]).unwrap());
+    assert_eq!(
+        other.delete_many(&[&ids[4], &ids[5]]).unwrap(),
+        [true, true]
+    );
+    converged("the cache sees the other store's writes");
+    assert_eq!(cache.get(&ids[3]).unwrap(), None);
+
+    // A gap on the worker of ids[6]: it writes while nobody listens there.
+    let (_, worker) = shard_of(db, &mut client, &table, &ids[6]);
+    let mut on_worker = worker.connect_options().connect().unwrap();
+    let listen = format!("LISTEN \"{}\"", schema.channel());
+    on_worker
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = $1",
+            &[&listen],
+        )
+        .unwrap();
+    other.save(&ids[6], &2u32).unwrap();
+    other.save(&ids[7], &2u32).unwrap();
+    converged("the cache converges after the gap");
+    assert_eq!(cache.get(&ids[6]).unwrap().as_deref(), Some(&2));
+}

@@ -488,7 +488,10 @@ fn watch_reconnects_and_prints_resync() {
     let mut admin = schema.client().unwrap();
     for listener in &listeners {
         admin
-            .execute("SELECT pg_terminate_backend($1, 5000)", &[&listener.pid])
+            .execute(
+                "SELECT pg_terminate_backend($1::INT4, 5000)",
+                &[&listener.pid],
+            )
             .unwrap();
     }
     // Written while both are disconnected or reconnecting.

@@ -109,8 +109,8 @@ impl<T: DeserializeOwned> Core<T> {
     /// Reads `ids` in one query, with their expiry, undecoded. Actors that
     /// do not exist are absent from the map.
     fn read_actors(&self, ids: &[&str]) -> Result<HashMap<String, Raw>> {
-        let rows = self.store.call(true, |inner, c| {
-            Ok(c.prepare(&inner.sql.load_cached)?
+        let rows = self.store.call(true, |core, c| {
+            Ok(c.prepare(&core.sql().load_cached)?
                 .query(&mut c.client, &[&ids])?)
         })?;
         Ok(rows

@@ -70,8 +70,8 @@ impl StateStore {
     /// Connection and database errors.
     pub fn connection_info(&self) -> Result<ConnectionInfo> {
         let table = self.table();
-        self.call(true, |inner, c| {
-            let tombstones = inner.names.qualify(&inner.names.tombstones);
+        self.call(true, |core, c| {
+            let tombstones = core.names().qualify(&core.names().tombstones);
             let row = c
                 .prepare(&SESSION_INFO)?
                 .query_one(&mut c.client, &[&table, &tombstones])?;

@@ -194,7 +194,7 @@ impl StateStore {
         let channel = self.channel().to_owned();
         let bare_table = self.names().table.clone();
         let names = self.names().clone();
-        let mut stats = self.call(true, |inner, c| {
+        let mut stats = self.call(true, |core, c| {
             let row = c
                 .prepare(&TABLE_FIGURES)?
                 .query_one(&mut c.client, &[&table])?;
@@ -203,9 +203,9 @@ impl StateStore {
                     table: table.clone(),
                 }));
             }
-            let actors = c.prepare(&inner.sql.count_prefix)?;
+            let actors = c.prepare(&core.sql().count_prefix)?;
             let actors = to_u64(actors.query_one(&mut c.client, &[&""])?.get(0));
-            let tombstones = c.prepare(&inner.sql.count_tombstones)?;
+            let tombstones = c.prepare(&core.sql().count_tombstones)?;
             let tombstones = to_u64(tombstones.query_one(&mut c.client, &[])?.get(0));
             let (listeners, hidden_sessions) = listener_sessions(c, &channel)?;
             let slow_statements = slow_statements(c, &bare_table)?;
@@ -220,7 +220,7 @@ impl StateStore {
             ) = (row.get(1), row.get(2), row.get(3));
             let (mut updates, mut hot): (Option<i64>, Option<i64>) = (row.get(11), row.get(12));
             let mut worker_listeners = Vec::new();
-            if inner.sql.engine == Engine::Citus {
+            if core.sql().engine == Engine::Citus {
                 worker_listeners = worker_listener_sessions(c, &channel)?;
                 let shards = c
                     .prepare(&SHARD_FIGURES)?
@@ -289,8 +289,8 @@ impl StateStore {
             return self.stats();
         }
         let table = self.table();
-        let (before, from): (Option<i64>, SystemTime) = self.call(true, |inner, c| {
-            if inner.sql.engine == Engine::Citus {
+        let (before, from): (Option<i64>, SystemTime) = self.call(true, |core, c| {
+            if core.sql().engine == Engine::Citus {
                 let row = c
                     .prepare(&SHARD_FIGURES)?
                     .query_one(&mut c.client, &[&table])?;

@@ -284,19 +284,15 @@ impl StateStoreBuilder {
                 Pool::new(connect, pool_options)?
             }
         };
+        let sql = Statements::new(&names, Engine::Postgres);
         let mut store = StateStore {
             inner: Arc::new(Inner {
-                sql: Statements::new(&names, Engine::Postgres),
-                names,
-                pool,
-                codec: self.codec,
+                core: Core::new(pool, names, sql, self.codec, self.retry),
                 max_state_size: self.max_state_size,
-                retry: self.retry,
                 outcome_timeout: self.outcome_timeout,
                 lost_writes: LostWriteCounters::default(),
                 combiner: self.group_commit.then(Combiner::default),
                 sweeper: std::sync::OnceLock::new(),
-                key_order: std::sync::OnceLock::new(),
             }),
         };
         if self.migrate {
@@ -305,12 +301,13 @@ impl StateStoreBuilder {
         // On Citus, with the table distributed, some statements take
         // another form: find out where the table lives (after migrating,
         // which distributes it).
-        let engine = store.call(true, |inner, c| {
-            Ok(schema::engine(&mut c.client, &inner.names)?)
+        let engine = store.call(true, |core, c| {
+            Ok(schema::engine(&mut c.client, core.names())?)
         })?;
         if engine != Engine::Postgres {
             let inner = Arc::get_mut(&mut store.inner).expect("no other handle yet");
-            inner.sql = Statements::new(&inner.names, engine);
+            let sql = Statements::new(inner.core.names(), engine);
+            inner.core.set_statements(sql);
             // A group's rows span shards, which Citus commits in two
             // phases, and a transaction that ran the trigger's NOTIFY
             // cannot be prepared: every group would fail and its writes

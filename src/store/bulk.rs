@@ -164,8 +164,8 @@ impl StateStore {
         let w = write_id();
         let deleted: std::collections::HashSet<String> = self.write(
             &ids,
-            |inner, c| {
-                let rows = bulk_query(inner, c, &inner.sql.delete_many, &[&ids, &w], Some(w))?;
+            |core, c| {
+                let rows = bulk_query(core, c, &core.sql().delete_many, &[&ids, &w], Some(w))?;
                 Ok(live_deletes(rows))
             },
             |t| {
@@ -259,8 +259,8 @@ impl Raw<'_> {
             return Ok(found);
         }
         // Rows come back with their position in `ids`: no lookup by id.
-        let rows = self.store.call(true, |inner, c| {
-            let st = c.prepare(&inner.sql.load_many_ordered)?;
+        let rows = self.store.call(true, |core, c| {
+            let st = c.prepare(&core.sql().load_many_ordered)?;
             Ok(st.query(&mut c.client, &[&ids])?)
         })?;
         for row in rows {
@@ -301,11 +301,11 @@ impl Raw<'_> {
         let write_ids = vec![w; ids.len()];
         let written: HashMap<String, u64> = self.store.write(
             &ids,
-            |inner, c| {
+            |core, c| {
                 let rows = bulk_query(
-                    inner,
+                    core,
                     c,
-                    &inner.sql.save_many,
+                    &core.sql().save_many,
                     &[&ids, &states, &write_ids],
                     Some(w),
                 )?;
@@ -375,7 +375,7 @@ impl Raw<'_> {
         let write_ids = vec![w; ids.len()];
         let outcomes = self.store.write(
             &ids,
-            |inner, c| many_if_on(inner, c, &ids, &states, &expected, &write_ids),
+            |core, c| many_if_on(core, c, &ids, &states, &expected, &write_ids),
             |t| settle_many_if(t, &ids, &expected, &write_ids),
         )?;
         Ok(items
@@ -399,14 +399,14 @@ impl Raw<'_> {
 /// the trigger's `NOTIFY` on the workers (the statement announces from the
 /// coordinator) and hand the trigger the write id.
 pub(crate) fn bulk_query(
-    inner: &Inner,
+    core: &Core,
     c: &mut Connection,
     sql: &crate::pool::Sql,
     params: &[&(dyn postgres::types::ToSql + Sync)],
     write_id: Option<i64>,
 ) -> Result<Vec<postgres::Row>, Failure> {
     let st = c.prepare(sql)?;
-    let Some(settings) = inner.sql.bulk_settings(write_id) else {
+    let Some(settings) = core.sql().bulk_settings(write_id) else {
         return Ok(st.query(&mut c.client, params)?);
     };
     let mut tx = c.client.transaction()?;

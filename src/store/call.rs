@@ -61,20 +61,20 @@ impl StateStore {
     pub(crate) fn call<R>(
         &self,
         retry_lost: bool,
-        mut f: impl FnMut(&Inner, &mut Connection) -> Result<R, Failure>,
+        mut f: impl FnMut(&Core, &mut Connection) -> Result<R, Failure>,
     ) -> Result<R> {
         let attempts = if retry_lost { 2 } else { 1 };
         let mut attempt = 0;
         let mut rolled_back = 0;
         loop {
             attempt += 1;
-            let mut conn = self.inner.pool.get()?;
-            let e = match f(&self.inner, &mut conn) {
+            let mut conn = self.inner.core.pool().get()?;
+            let e = match f(&self.inner.core, &mut conn) {
                 Ok(r) => return Ok(r),
                 Err(Failure::Store(e)) => return Err(e),
                 Err(Failure::Pg(e)) => e,
             };
-            let (error, lost) = self.inner.pool.call_error(&mut conn, e);
+            let (error, lost) = self.inner.core.pool().call_error(&mut conn, e);
             if lost && attempt < attempts {
                 continue;
             }
@@ -98,7 +98,7 @@ impl StateStore {
             return false;
         }
         *count += 1;
-        let policy = self.inner.retry;
+        let policy = self.inner.core.retry();
         if *count >= policy.max_attempts {
             return false;
         }
@@ -120,20 +120,20 @@ impl StateStore {
     pub(crate) fn write<R: Settled>(
         &self,
         ids: &[&str],
-        mut f: impl FnMut(&Inner, &mut Connection) -> Result<R, Failure>,
+        mut f: impl FnMut(&Core, &mut Connection) -> Result<R, Failure>,
         settle: impl Fn(&Traces) -> Result<R>,
     ) -> Result<R> {
         let mut again = true;
         let mut rolled_back = 0;
         loop {
-            let mut conn = self.inner.pool.get()?;
-            let e = match f(&self.inner, &mut conn) {
+            let mut conn = self.inner.core.pool().get()?;
+            let e = match f(&self.inner.core, &mut conn) {
                 Ok(r) => return Ok(r),
                 Err(Failure::Store(e)) => return Err(e),
                 Err(Failure::Pg(e)) => e,
             };
             let (backend, checked) = (conn.backend, conn.checked);
-            let (error, _) = self.inner.pool.call_error(&mut conn, e);
+            let (error, _) = self.inner.core.pool().call_error(&mut conn, e);
             drop(conn);
             if self.again_after_rollback(&error, &mut rolled_back) {
                 continue;
@@ -146,8 +146,8 @@ impl StateStore {
                 ids.first().copied().unwrap_or_default()
             );
             let result = outcome::find_out(
-                &self.inner.pool,
-                &self.inner.sql,
+                self.inner.core.pool(),
+                self.inner.core.sql(),
                 ids,
                 backend,
                 source,
@@ -167,9 +167,9 @@ impl StateStore {
     fn schema_hint(&self, error: Error) -> Error {
         match error.sql_state() {
             _ if server::is_undefined_table(&error) => Error::SchemaMissing {
-                table: self.inner.names.table_sql(),
+                table: self.inner.core.names().table_sql(),
             },
-            _ => schema::privilege_error(error, &self.inner.names, false),
+            _ => schema::privilege_error(error, self.inner.core.names(), false),
         }
     }
 }

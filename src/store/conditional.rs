@@ -12,7 +12,7 @@ use super::*;
 /// again are written again in a statement of their own, up to the retry
 /// policy's attempts.
 pub(super) fn many_if_on(
-    inner: &Inner,
+    core: &Core,
     c: &mut Connection,
     ids: &[&str],
     states: &[&[u8]],
@@ -21,7 +21,7 @@ pub(super) fn many_if_on(
 ) -> Result<Vec<Written>, Failure> {
     let mut outcomes: Vec<Option<Written>> = ids.iter().map(|_| None).collect();
     let mut pending: Vec<usize> = (0..ids.len()).collect();
-    let attempts = inner.retry.max_attempts.max(1);
+    let attempts = core.retry().max_attempts.max(1);
     for _ in 0..attempts {
         fn pick<T: Copy>(all: &[T], at: &[usize]) -> Vec<T> {
             at.iter().map(|&i| all[i]).collect()
@@ -30,9 +30,9 @@ pub(super) fn many_if_on(
         let p_expected = pick(expected, &pending);
         let p_write_ids = pick(write_ids, &pending);
         let rows = bulk_query(
-            inner,
+            core,
             c,
-            &inner.sql.save_many_if,
+            &core.sql().save_many_if,
             &[&p_ids, &p_states, &p_expected, &p_write_ids],
             None,
         )?;
@@ -51,7 +51,7 @@ pub(super) fn many_if_on(
             .map(|(id, _)| *id)
             .collect();
         if !stale.is_empty() {
-            let st = c.prepare(&inner.sql.load_many)?;
+            let st = c.prepare(&core.sql().load_many)?;
             let current: HashMap<String, i64> = st
                 .query(&mut c.client, &[&stale])?
                 .iter()
@@ -154,11 +154,11 @@ pub(super) fn live_deletes(rows: Vec<postgres::Row>) -> std::collections::HashSe
 }
 
 pub(super) fn load_versioned_on(
-    inner: &Inner,
+    core: &Core,
     c: &mut Connection,
     id: &str,
 ) -> Result<Option<Versioned<Vec<u8>>>, Failure> {
-    let st = c.prepare(&inner.sql.load_versioned)?;
+    let st = c.prepare(&core.sql().load_versioned)?;
     Ok(st.query_opt(&mut c.client, &[&id])?.map(|row| {
         Versioned::new(row.get(0), to_u64(row.get(1)), row.get(2), row.get(3))
             .with_expires_at(row.get(4))
@@ -187,22 +187,22 @@ pub(super) struct Conditional<'a> {
 /// write's way any more and it is made again, up to the retry policy's
 /// attempts.
 pub(super) fn write_if_on(
-    inner: &Inner,
+    core: &Core,
     c: &mut Connection,
     id: &str,
     write: &Conditional<'_>,
     report_actual: bool,
 ) -> Result<Written, Failure> {
-    let attempts = inner.retry.max_attempts.max(1);
+    let attempts = core.retry().max_attempts.max(1);
     for _ in 0..attempts {
-        let actual = match write_if_once(inner, c, id, write)? {
+        let actual = match write_if_once(core, c, id, write)? {
             Ok(written) => return Ok(written),
             Err(actual) => actual,
         };
         if !report_actual || Expected::from(actual) != write.expected {
             return Ok(Written::Blocked { actual });
         }
-        let st = c.prepare(&inner.sql.sequence)?;
+        let st = c.prepare(&core.sql().sequence)?;
         let actual = st
             .query_opt(&mut c.client, &[&id])?
             .map(|r| to_u64(r.get(0)));
@@ -219,7 +219,7 @@ pub(super) fn write_if_on(
 /// One conditional statement: what it wrote, or the version its snapshot
 /// showed when it was blocked.
 pub(super) fn write_if_once(
-    inner: &Inner,
+    core: &Core,
     c: &mut Connection,
     id: &str,
     write: &Conditional<'_>,
@@ -234,24 +234,24 @@ pub(super) fn write_if_once(
         // On Citus the create answers nothing when it was blocked: the
         // number that blocked it is read next (a version the actor was in
         // while this write ran).
-        Expected::Absent if inner.sql.engine == Engine::Citus => {
-            let st = c.prepare(&inner.sql.save_if_absent)?;
+        Expected::Absent if core.sql().engine == Engine::Citus => {
+            let st = c.prepare(&core.sql().save_if_absent)?;
             match st.query_opt(&mut c.client, &[&id, &state, &write_id, &ttl])? {
                 Some(row) => row,
                 None => {
-                    let st = c.prepare(&inner.sql.sequence)?;
+                    let st = c.prepare(&core.sql().sequence)?;
                     let actual = st.query_opt(&mut c.client, &[&id])?;
                     return Ok(Err(actual.map(|row| to_u64(row.get(0)))));
                 }
             }
         }
         Expected::Absent => {
-            let st = c.prepare(&inner.sql.save_if_absent)?;
+            let st = c.prepare(&core.sql().save_if_absent)?;
             st.query_one(&mut c.client, &[&id, &state, &write_id, &ttl])?
         }
         Expected::Sequence(n) => {
             let n = to_i64(n)?;
-            let st = c.prepare(&inner.sql.save_if_sequence)?;
+            let st = c.prepare(&core.sql().save_if_sequence)?;
             st.query_one(&mut c.client, &[&id, &state, &n, &write_id, &ttl])?
         }
     };

@@ -243,9 +243,9 @@ impl StateStore {
         let mut after = String::new();
         let mut purged = 0;
         loop {
-            let (count, last) = self.call(true, |inner, c| {
+            let (count, last) = self.call(true, |core, c| {
                 let row = c
-                    .prepare(&inner.sql.purge_tombstones)?
+                    .prepare(&core.sql().purge_tombstones)?
                     .query_one(&mut c.client, &[&after, &micros, &PURGE_BATCH])?;
                 Ok((row.get::<_, i64>(0), row.get::<_, Option<String>>(1)))
             })?;
@@ -261,17 +261,17 @@ impl StateStore {
     /// another sweeper holds the lock.
     pub(crate) fn sweep_batch(&self, batch_size: u32) -> Result<Option<u64>> {
         let limit = i64::from(batch_size);
-        self.call(false, |inner, c| {
-            let table = inner.names.table_sql();
+        self.call(false, |core, c| {
+            let table = core.names().table_sql();
             let lock = c.prepare(&SWEEP_LOCK)?;
-            let sweep = c.prepare(&inner.sql.sweep)?;
+            let sweep = c.prepare(&core.sql().sweep)?;
             let mut tx = c.client.transaction()?;
             if !lock.query_one(&mut tx, &[&table])?.get::<_, bool>(0) {
                 return Ok(None);
             }
             // On Citus, deletes across shards: the trigger stays quiet and
             // the statement announces them.
-            if let Some(settings) = inner.sql.bulk_settings(None) {
+            if let Some(settings) = core.sql().bulk_settings(None) {
                 tx.batch_execute(&settings)?;
             }
             let removed: i64 = sweep.query_one(&mut tx, &[&limit])?.get(0);

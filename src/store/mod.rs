@@ -1,4 +1,15 @@
 //! The state store: every operation on actor state.
+//!
+//! [`StateStore`] is a handle on one `Inner`: the store's [`Core`] (pool,
+//! names, statements, codec, retry policy) and what only the store needs
+//! (size limit, lost-write counters, the group-commit combiner, the
+//! sweeper). Every operation, here and in `monitor`, `transfer` and
+//! `cache`, goes through `call` or `write` (in `call`), which check a
+//! connection out, hand it over with the `Core`, classify errors and settle
+//! lost replies. The operations are split by concern: `single`, `write`
+//! and `conditional` for one actor, `bulk`, `batch`, `transform`,
+//! `expiry`, `raw` (the same verbs on bytes), `versioned` (what reads
+//! return) and `builder`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,6 +36,7 @@ mod builder;
 mod bulk;
 mod call;
 mod conditional;
+mod core;
 mod expiry;
 mod raw;
 mod single;
@@ -32,6 +44,7 @@ mod transform;
 mod versioned;
 mod write;
 
+pub(crate) use self::core::Core;
 use conditional::{
     live_deletes, load_versioned_on, many_if_on, settle_if, settle_many_if, write_if_on,
     Conditional,
@@ -54,21 +67,14 @@ pub use write::WriteOptions;
 pub const DEFAULT_MAX_STATE_SIZE: usize = 64 * 1024 * 1024;
 
 pub(crate) struct Inner {
-    pub(crate) pool: Pool,
-    pub(crate) names: Names,
-    pub(crate) sql: Statements,
-    codec: Codec,
+    core: Core,
     max_state_size: usize,
-    retry: RetryPolicy,
     outcome_timeout: Duration,
     lost_writes: LostWriteCounters,
     combiner: Option<Combiner>,
     /// Set once, after the store exists: the thread holds only a weak
     /// reference to it.
     sweeper: std::sync::OnceLock<Sweeper>,
-    /// Whether the table's ids sort in code point order, read from the
-    /// catalog on the first listing by prefix.
-    pub(crate) key_order: std::sync::OnceLock<bool>,
 }
 
 /// Actor state in one PostgreSQL table.
@@ -174,10 +180,10 @@ impl Drop for StateStore {
 impl fmt::Debug for StateStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StateStore")
-            .field("table", &self.inner.names.table_sql())
-            .field("channel", &self.inner.names.channel)
-            .field("codec", &self.inner.codec)
-            .field("pool", &self.inner.pool)
+            .field("table", &self.inner.core.names().table_sql())
+            .field("channel", &self.inner.core.names().channel)
+            .field("codec", &self.inner.core.codec())
+            .field("pool", self.inner.core.pool())
             .finish()
     }
 }
@@ -263,12 +269,12 @@ impl StateStore {
     }
 
     pub(crate) fn names(&self) -> &Names {
-        &self.inner.names
+        self.inner.core.names()
     }
 
     #[cfg(feature = "testing")]
     pub(crate) fn statements(&self) -> &Statements {
-        &self.inner.sql
+        self.inner.core.sql()
     }
 
     /// The pool this store uses, to share with other stores.
@@ -286,7 +292,7 @@ impl StateStore {
     /// # Ok::<(), trebuchet_postgres::Error>(())
     /// ```
     pub fn pool(&self) -> &Pool {
-        &self.inner.pool
+        self.inner.core.pool()
     }
 
     /// The quoted, qualified table name.
@@ -302,7 +308,7 @@ impl StateStore {
     /// # Ok::<(), trebuchet_postgres::Error>(())
     /// ```
     pub fn table(&self) -> String {
-        self.inner.names.table_sql()
+        self.inner.core.names().table_sql()
     }
 
     /// The channel the table's trigger notifies.
@@ -314,7 +320,7 @@ impl StateStore {
     /// # Ok::<(), trebuchet_postgres::Error>(())
     /// ```
     pub fn channel(&self) -> &str {
-        &self.inner.names.channel
+        &self.inner.core.names().channel
     }
 
     /// The codec for typed states.
@@ -334,7 +340,7 @@ impl StateStore {
     /// # Ok::<(), trebuchet_postgres::Error>(())
     /// ```
     pub fn codec(&self) -> Codec {
-        self.inner.codec
+        self.inner.core.codec()
     }
 
     /// A [`ChangeListener`] builder for this store's server and channel,
@@ -355,13 +361,13 @@ impl StateStore {
     /// ```
     pub fn listener_builder(&self) -> ChangeListenerBuilder {
         ChangeListener::builder()
-            .connect_options(self.inner.pool.connect_options().clone())
-            .channel(self.inner.names.channel.clone())
-            .table(match &self.inner.names.schema {
-                Some(schema) => format!("{schema}.{}", self.inner.names.table),
-                None => self.inner.names.table.clone(),
+            .connect_options(self.inner.core.pool().connect_options().clone())
+            .channel(self.inner.core.names().channel.clone())
+            .table(match &self.inner.core.names().schema {
+                Some(schema) => format!("{schema}.{}", self.inner.core.names().table),
+                None => self.inner.core.names().table.clone(),
             })
-            .catch_up_sql(CatchUpQuery::new(self.inner.sql.catch_up.text()))
+            .catch_up_sql(CatchUpQuery::new(self.inner.core.sql().catch_up.text()))
     }
 
     /// Starts a [`ChangeListener`] on this store's server and channel.
@@ -403,8 +409,8 @@ impl StateStore {
     /// Connection errors, or [`Error::InsufficientPrivilege`] when the role
     /// may not create or alter the objects (run it as their owner).
     pub fn migrate(&self) -> Result<Vec<i32>> {
-        let mut conn = self.inner.pool.get()?;
-        schema::migrate(&mut conn.client, &self.inner.names)
+        let mut conn = self.inner.core.pool().get()?;
+        schema::migrate(&mut conn.client, self.inner.core.names())
     }
 
     /// The SQL that [`migrate`](Self::migrate) runs for this store's table
@@ -418,7 +424,7 @@ impl StateStore {
     /// # Ok::<(), trebuchet_postgres::Error>(())
     /// ```
     pub fn migration_sql(&self) -> String {
-        self.inner.names.migration_sql()
+        self.inner.core.names().migration_sql()
     }
 
     /// Checks the table, columns, tombstone table, notification function and
@@ -438,8 +444,8 @@ impl StateStore {
     ///
     /// Connection errors only; problems with the schema are in the report.
     pub fn verify(&self) -> Result<VerifyReport> {
-        let mut conn = self.inner.pool.get()?;
-        schema::verify(&mut conn, &self.inner.names)
+        let mut conn = self.inner.core.pool().get()?;
+        schema::verify(&mut conn, self.inner.core.names())
     }
 
     /// How the writes whose connection broke mid-write turned out, since
@@ -458,14 +464,20 @@ impl StateStore {
     }
 
     fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>> {
-        let bytes = self.inner.codec.encode(value).map_err(Error::Encode)?;
+        let bytes = self
+            .inner
+            .core
+            .codec()
+            .encode(value)
+            .map_err(Error::Encode)?;
         self.check_size(&bytes)?;
         Ok(bytes)
     }
 
     pub(crate) fn decode<T: DeserializeOwned>(&self, id: &str, bytes: &[u8]) -> Result<T> {
         self.inner
-            .codec
+            .core
+            .codec()
             .decode(bytes)
             .map_err(|source| Error::Decode {
                 actor_id: id.to_owned(),

@@ -119,8 +119,8 @@ impl Raw<'_> {
     /// As [`StateStore::load`], without decoding.
     pub fn load(&self, id: &str) -> Result<Option<Vec<u8>>> {
         check_actor_id(id)?;
-        self.store.call(true, |inner, c| {
-            let st = c.prepare(&inner.sql.load)?;
+        self.store.call(true, |core, c| {
+            let st = c.prepare(&core.sql().load)?;
             Ok(st.query_opt(&mut c.client, &[&id])?.map(|row| row.get(0)))
         })
     }
@@ -142,6 +142,6 @@ impl Raw<'_> {
     pub fn load_versioned(&self, id: &str) -> Result<Option<Versioned<Vec<u8>>>> {
         check_actor_id(id)?;
         self.store
-            .call(true, |inner, c| load_versioned_on(inner, c, id))
+            .call(true, |core, c| load_versioned_on(core, c, id))
     }
 }

@@ -122,8 +122,8 @@ impl StateStore {
         // existed: the statement says whether the row was live.
         self.write(
             &[id],
-            |inner, c| {
-                let st = c.prepare(&inner.sql.delete)?;
+            |core, c| {
+                let st = c.prepare(&core.sql().delete)?;
                 Ok(st
                     .query_opt(&mut c.client, &[&id, &w])?
                     .is_some_and(|row| row.get(0)))
@@ -147,8 +147,8 @@ impl StateStore {
     /// [`Error::InvalidActorId`]; connection and database errors.
     pub fn exists(&self, id: &str) -> Result<bool> {
         check_actor_id(id)?;
-        self.call(true, |inner, c| {
-            let st = c.prepare(&inner.sql.exists)?;
+        self.call(true, |core, c| {
+            let st = c.prepare(&core.sql().exists)?;
             Ok(st.query_one(&mut c.client, &[&id])?.get(0))
         })
     }
@@ -167,8 +167,8 @@ impl StateStore {
     /// [`Error::InvalidActorId`]; connection and database errors.
     pub fn sequence(&self, id: &str) -> Result<Option<u64>> {
         check_actor_id(id)?;
-        self.call(true, |inner, c| {
-            let st = c.prepare(&inner.sql.sequence)?;
+        self.call(true, |core, c| {
+            let st = c.prepare(&core.sql().sequence)?;
             Ok(st
                 .query_opt(&mut c.client, &[&id])?
                 .map(|row| to_u64(row.get(0))))

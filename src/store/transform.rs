@@ -217,14 +217,14 @@ impl StateStore {
         id: &str,
         mut next: impl FnMut(Option<&[u8]>) -> Result<Vec<u8>>,
     ) -> Result<Versioned<()>> {
-        let policy = self.inner.retry;
+        let policy = self.inner.core.retry();
         for attempt in 1..=policy.max_attempts {
             let w = write_id();
             let expected = std::cell::Cell::new(None);
             let written = self.write(
                 &[id],
-                |inner, c| {
-                    let current = load_versioned_on(inner, c, id)?;
+                |core, c| {
+                    let current = load_versioned_on(core, c, id)?;
                     let bytes = next(current.as_ref().map(|v| v.value.as_slice()))?;
                     let wanted =
                         current.map_or(Expected::Absent, |v| Expected::Sequence(v.sequence));
@@ -237,7 +237,7 @@ impl StateStore {
                         ttl: None,
                         write_id: w,
                     };
-                    write_if_on(inner, c, id, &write, false)
+                    write_if_on(core, c, id, &write, false)
                 },
                 |t| match expected.get() {
                     Some(wanted) => settle_if(t, id, wanted, w),

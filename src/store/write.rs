@@ -178,8 +178,8 @@ impl StateStore {
     fn save_one(&self, id: &str, state: &[u8], w: i64, ttl: Option<i64>) -> Result<u64> {
         self.write(
             &[id],
-            |inner, c| {
-                let st = c.prepare(&inner.sql.save)?;
+            |core, c| {
+                let st = c.prepare(&core.sql().save)?;
                 let row = st.query_one(&mut c.client, &[&id, &state, &w, &ttl])?;
                 Ok(to_u64(row.get(0)))
             },
@@ -197,14 +197,14 @@ impl StateStore {
     ) -> Result<u64> {
         let written = self.write(
             &[id],
-            |inner, c| {
+            |core, c| {
                 let write = Conditional {
                     state,
                     expected,
                     ttl,
                     write_id: w,
                 };
-                write_if_on(inner, c, id, &write, true)
+                write_if_on(core, c, id, &write, true)
             },
             |t| settle_if(t, id, expected, w),
         )?;
@@ -262,8 +262,8 @@ impl StateStore {
         let write_ids: Vec<i64> = plain.iter().map(|&i| items[i].write_id).collect();
         self.write(
             &ids,
-            |inner, c| {
-                let st = c.prepare(&inner.sql.save_many)?;
+            |core, c| {
+                let st = c.prepare(&core.sql().save_many)?;
                 let written = st
                     .query(&mut c.client, &[&ids, &states, &write_ids])?
                     .iter()
@@ -304,8 +304,8 @@ impl StateStore {
         let write_ids: Vec<i64> = conditional.iter().map(|&i| items[i].write_id).collect();
         self.write(
             &ids,
-            |inner, c| {
-                let outcomes = many_if_on(inner, c, &ids, &states, &expected, &write_ids)?;
+            |core, c| {
+                let outcomes = many_if_on(core, c, &ids, &states, &expected, &write_ids)?;
                 Ok(conditional
                     .iter()
                     .zip(outcomes)
@@ -376,10 +376,10 @@ impl StateStore {
         // `Some(current)` when a higher sequence number blocked the write.
         let blocked = self.write(
             &[id],
-            |inner, c| {
-                let attempts = inner.retry.max_attempts.max(1);
+            |core, c| {
+                let attempts = core.retry().max_attempts.max(1);
                 for _ in 0..attempts {
-                    let st = c.prepare(&inner.sql.save_with_sequence)?;
+                    let st = c.prepare(&core.sql().save_with_sequence)?;
                     // On Citus the statement answers nothing when it was
                     // blocked, and the number is read next.
                     let row = st.query_opt(&mut c.client, &[&id, &state, &wanted, &w, &ttl])?;
@@ -397,7 +397,7 @@ impl StateStore {
                     if seen.is_some_and(|n| n >= wanted) {
                         return Ok(Some(seen.map(to_u64)));
                     }
-                    let st = c.prepare(&inner.sql.sequence)?;
+                    let st = c.prepare(&core.sql().sequence)?;
                     let now = st
                         .query_opt(&mut c.client, &[&id])?
                         .map(|r| r.get::<_, i64>(0));
@@ -409,7 +409,7 @@ impl StateStore {
                 }
                 Err(Failure::Store(Error::TooManyConflicts {
                     actor_id: id.to_owned(),
-                    attempts: inner.retry.max_attempts.max(1),
+                    attempts: core.retry().max_attempts.max(1),
                 }))
             },
             |t| t.one(id, w, Some(sequence)).map(|_| None),

@@ -124,13 +124,13 @@ impl StateStore {
         let after = after.unwrap_or("");
         // One more than asked tells whether another page follows.
         let fetch = i64::from(limit) + 1;
-        let rows = self.call(true, |inner, c| {
-            Ok(match prefix_end(inner, c, prefix)? {
+        let rows = self.call(true, |core, c| {
+            Ok(match prefix_end(core, c, prefix)? {
                 Some(end) => c
-                    .prepare(&inner.sql.list_page_range)?
+                    .prepare(&core.sql().list_page_range)?
                     .query(&mut c.client, &[&prefix, &after, &fetch, &prefix, &end])?,
                 None => c
-                    .prepare(&inner.sql.list_page)?
+                    .prepare(&core.sql().list_page)?
                     .query(&mut c.client, &[&prefix, &after, &fetch])?,
             })
         })?;
@@ -171,13 +171,13 @@ impl StateStore {
     /// Connection and database errors; [`Error::SchemaMissing`] before
     /// migration.
     pub fn count_actors(&self, prefix: &str) -> Result<u64> {
-        self.call(true, |inner, c| {
-            let row = match prefix_end(inner, c, prefix)? {
+        self.call(true, |core, c| {
+            let row = match prefix_end(core, c, prefix)? {
                 Some(end) => c
-                    .prepare(&inner.sql.count_prefix_range)?
+                    .prepare(&core.sql().count_prefix_range)?
                     .query_one(&mut c.client, &[&prefix, &prefix, &end])?,
                 None => c
-                    .prepare(&inner.sql.count_prefix)?
+                    .prepare(&core.sql().count_prefix)?
                     .query_one(&mut c.client, &[&prefix])?,
             };
             Ok(to_u64(row.get(0)))
@@ -217,11 +217,11 @@ impl Raw<'_> {
         F: FnMut(String, Versioned<Vec<u8>>) -> ControlFlow<()>,
     {
         // Not retried on a lost connection: `f` has seen some actors already.
-        self.store.call(false, |inner, c| {
-            let end = prefix_end(inner, c, prefix)?;
+        self.store.call(false, |core, c| {
+            let end = prefix_end(core, c, prefix)?;
             let st = c.prepare(match end {
-                Some(_) => &inner.sql.scan_prefix_range,
-                None => &inner.sql.scan_prefix,
+                Some(_) => &core.sql().scan_prefix_range,
+                None => &core.sql().scan_prefix,
             })?;
             let mut tx = c
                 .client
@@ -304,11 +304,11 @@ impl Raw<'_> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let (by_id, current) = self.store.call(false, |inner, c| {
+        let (by_id, current) = self.store.call(false, |core, c| {
             let rows = bulk_query(
-                inner,
+                core,
                 c,
-                &inner.sql.restore_many,
+                &core.sql().restore_many,
                 &[&ids, &states, &sequences, &updated, &created, &expires],
                 None,
             )?;
@@ -325,7 +325,7 @@ impl Raw<'_> {
                 .collect();
             let mut current = HashMap::new();
             if !unseen.is_empty() {
-                let st = c.prepare(&inner.sql.load_many)?;
+                let st = c.prepare(&core.sql().load_many)?;
                 for row in st.query(&mut c.client, &[&unseen])? {
                     current.insert(row.get::<_, String>(0), to_u64(row.get(2)));
                 }

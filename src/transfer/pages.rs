@@ -2,7 +2,7 @@
 
 use crate::error::Result;
 use crate::pool::Connection;
-use crate::store::{Failure, Inner};
+use crate::store::{Core, Failure};
 
 /// Where the ids that start with `prefix` end, for statements that read
 /// them as one index range (`prefix` up to this bound): `None` for the empty
@@ -10,20 +10,20 @@ use crate::store::{Failure, Inner};
 /// `KEY_ORDER` in the schema), and for the rare prefix without a successor.
 /// The key order is read from the catalog once per store.
 pub(super) fn prefix_end(
-    inner: &Inner,
+    core: &Core,
     c: &mut Connection,
     prefix: &str,
 ) -> Result<Option<String>, Failure> {
     if prefix.is_empty() {
         return Ok(None);
     }
-    let ordered = match inner.key_order.get() {
+    let ordered = match core.key_order().get() {
         Some(&ordered) => ordered,
         None => {
             let row = c
-                .prepare(&inner.sql.key_order)?
-                .query_one(&mut c.client, &[&inner.names.table_sql()])?;
-            *inner.key_order.get_or_init(|| row.get(0))
+                .prepare(&core.sql().key_order)?
+                .query_one(&mut c.client, &[&core.names().table_sql()])?;
+            *core.key_order().get_or_init(|| row.get(0))
         }
     };
     Ok(if ordered { successor(prefix) } else { None })

@@ -256,7 +256,7 @@ impl<'s> Batch<'s> {
             .collect::<Result<Vec<_>>>()?;
         self.store.write(
             &ids,
-            |inner, c| self.run(inner, c, plan, &params, &ids, w),
+            |core, c| self.run(core, c, plan, &params, &ids, w),
             |t| settle::settle(t, steps, w).map(Ok),
         )?
     }
@@ -271,7 +271,7 @@ impl<'s> Batch<'s> {
     /// have found it.
     fn run(
         &self,
-        inner: &Inner,
+        core: &Core,
         c: &mut Connection,
         plan: &Plan,
         params: &[Params<'_>],
@@ -280,12 +280,12 @@ impl<'s> Batch<'s> {
     ) -> Result<Result<Vec<BatchResult>>, Failure> {
         let steps = &self.steps;
         // Prepared (and cached) before the transaction borrows the client.
-        let save_if_st = c.prepare(&inner.sql.save_many_if)?;
-        let save_st = c.prepare(&inner.sql.save_many)?;
-        let delete_st = c.prepare(&inner.sql.delete_many)?;
-        let lock_st = c.prepare(&inner.sql.lock_many)?;
-        let sequence_st = c.prepare(&inner.sql.sequence)?;
-        let attempts = inner.retry.max_attempts.max(1);
+        let save_if_st = c.prepare(&core.sql().save_many_if)?;
+        let save_st = c.prepare(&core.sql().save_many)?;
+        let delete_st = c.prepare(&core.sql().delete_many)?;
+        let lock_st = c.prepare(&core.sql().lock_many)?;
+        let sequence_st = c.prepare(&core.sql().sequence)?;
+        let attempts = core.retry().max_attempts.max(1);
         let mut blocked_by = ids.first().copied().unwrap_or_default();
         for _ in 0..attempts {
             // A step that is not sent is a delete right after a delete: it
@@ -305,7 +305,7 @@ impl<'s> Batch<'s> {
             let mut written: HashSet<&str> = HashSet::new();
             let mut failed = None;
             let mut tx = c.client.transaction()?;
-            if let Some(settings) = inner.sql.bulk_settings(Some(w)) {
+            if let Some(settings) = core.sql().bulk_settings(Some(w)) {
                 // On Citus, across shards: the trigger stays quiet and the
                 // statements announce from the coordinator; the rows are
                 // locked one id at a time, in id order.

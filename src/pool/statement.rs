@@ -255,6 +255,7 @@ fn type_named(name: &str, array: bool) -> Option<Type> {
         ("OID", false) => Type::OID,
         ("NAME", false) => Type::NAME,
         ("BOOL" | "BOOLEAN", false) => Type::BOOL,
+        ("BOOL" | "BOOLEAN", true) => Type::BOOL_ARRAY,
         ("FLOAT8", false) => Type::FLOAT8,
         ("TIMESTAMP", false) => Type::TIMESTAMP,
         ("TIMESTAMP", true) => Type::TIMESTAMP_ARRAY,

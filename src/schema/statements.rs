@@ -42,6 +42,9 @@ pub(crate) struct Statements {
     pub load_many: Sql,
     pub load_cached: Sql,
     pub load_many_ordered: Sql,
+    /// Coalesced point reads: per id, its position, its state when asked
+    /// for, and its version.
+    pub read_many: Sql,
     pub save_many: Sql,
     pub save_many_if: Sql,
     pub delete_many: Sql,
@@ -229,6 +232,13 @@ impl Statements {
                  JOIN {t} t ON t.actor_id = i.id AND {}",
                 live("t.")
             ), &[Type::VARCHAR_ARRAY]),
+            read_many: Sql::new(format!(
+                "SELECT i.n, CASE WHEN i.whole THEN t.state END, t.sequence_number, t.updated_at, \
+                 t.created_at, t.expires_at \
+                 FROM unnest($1::VARCHAR[], $2::BOOL[]) WITH ORDINALITY AS i(id, whole, n) \
+                 JOIN {t} t ON t.actor_id = i.id AND {}",
+                live("t.")
+            ), &[Type::VARCHAR_ARRAY, Type::BOOL_ARRAY]),
             // Rows are written in actor id order so that concurrent batches
             // lock them in one order and cannot deadlock.
             save_many: Sql::new(format!(
@@ -412,6 +422,7 @@ mod tests {
                 load_many,
                 load_cached,
                 load_many_ordered,
+                read_many,
                 save_many,
                 save_many_if,
                 delete_many,
@@ -443,6 +454,7 @@ mod tests {
                 ("load_many", load_many),
                 ("load_cached", load_cached),
                 ("load_many_ordered", load_many_ordered),
+                ("read_many", read_many),
                 ("save_many", save_many),
                 ("save_many_if", save_many_if),
                 ("delete_many", delete_many),

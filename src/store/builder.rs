@@ -22,6 +22,7 @@ pub struct StateStoreBuilder {
     retry: RetryPolicy,
     migrate: bool,
     group_commit: bool,
+    coalesce_reads: bool,
     wait_for_server: Option<Duration>,
     outcome_timeout: Duration,
     partitions: Option<u32>,
@@ -58,6 +59,7 @@ impl StateStoreBuilder {
             retry: RetryPolicy::default(),
             migrate: false,
             group_commit: true,
+            coalesce_reads: true,
             wait_for_server: None,
             outcome_timeout: DEFAULT_OUTCOME_TIMEOUT,
             partitions: None,
@@ -143,6 +145,30 @@ impl StateStoreBuilder {
     /// chapter "Past one server").
     pub fn group_commit(mut self, enabled: bool) -> Self {
         self.group_commit = enabled;
+        self
+    }
+
+    /// Coalesced reads (default on): concurrent [`load`](StateStore::load),
+    /// [`load_versioned`](StateStore::load_versioned),
+    /// [`exists`](StateStore::exists) and [`sequence`](StateStore::sequence)
+    /// calls on this store are answered by one statement (`= ANY` over
+    /// their ids) on one connection, at most two such statements at a time.
+    ///
+    /// A lone reader goes straight to its one-row statement, as without
+    /// coalescing, so its latency does not change. Each caller gets exactly
+    /// its own row, and a read sees every write that returned before it
+    /// began. When the shared statement fails, each of its readers reads
+    /// again on its own and gets its own result.
+    ///
+    /// Why it is on: one statement per row costs the server and the driver
+    /// far more per row than one statement for many rows, so under
+    /// concurrent reads a few statements of many rows read more rows per
+    /// second than many of one. It helps when many threads read at once;
+    /// a single-threaded reader sees no change. Turn it off to give every
+    /// read a connection and a statement of its own. On Citus it is off
+    /// whatever this says (a statement of many ids spans shards).
+    pub fn coalesce_reads(mut self, enabled: bool) -> Self {
+        self.coalesce_reads = enabled;
         self
     }
 
@@ -291,7 +317,10 @@ impl StateStoreBuilder {
                 max_state_size: self.max_state_size,
                 outcome_timeout: self.outcome_timeout,
                 lost_writes: LostWriteCounters::default(),
-                combiner: self.group_commit.then(Combiner::default),
+                combiner: self.group_commit.then(|| Combiner::new(1, MAX_GROUP)),
+                reads: self
+                    .coalesce_reads
+                    .then(|| Combiner::new(READ_STATEMENTS, MAX_READ_GROUP)),
                 sweeper: std::sync::OnceLock::new(),
             }),
         };
@@ -313,6 +342,7 @@ impl StateStoreBuilder {
             // cannot be prepared: every group would fail and its writes
             // be made one by one.
             inner.combiner = None;
+            inner.reads = None;
         }
         if let Some(options) = &self.sweeper {
             let weak = Arc::downgrade(&store.inner);

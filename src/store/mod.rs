@@ -23,7 +23,7 @@ use crate::codec::Codec;
 use crate::config::ConnectOptions;
 use crate::error::{Error, Result};
 use crate::expected::Expected;
-use crate::group::{rounds, Combiner, Item};
+use crate::group::{rounds, Combiner, Item, MAX_GROUP};
 use crate::listener::{CatchUpQuery, ChangeListener, ChangeListenerBuilder};
 use crate::outcome::{self, write_id, Landed, LostWriteCounters, LostWrites, Settled, Traces};
 use crate::pool::{Connection, Pool, PoolOptions};
@@ -39,6 +39,7 @@ mod conditional;
 mod core;
 mod expiry;
 mod raw;
+mod read;
 mod single;
 mod transform;
 mod versioned;
@@ -50,6 +51,7 @@ use conditional::{
     Conditional,
 };
 use expiry::{ttl_micros, Sweeper};
+use read::{Answer, Kind, MAX_READ_GROUP, READ_STATEMENTS};
 
 pub use batch::{Batch, BatchResult, RawBatch};
 pub use builder::{StateStoreBuilder, DEFAULT_OUTCOME_TIMEOUT};
@@ -71,7 +73,9 @@ pub(crate) struct Inner {
     max_state_size: usize,
     outcome_timeout: Duration,
     lost_writes: LostWriteCounters,
-    combiner: Option<Combiner>,
+    combiner: Option<Combiner<Item, u64>>,
+    /// Coalesced point reads, when on.
+    reads: Option<Combiner<read::Item, Option<read::Answer>>>,
     /// Set once, after the store exists: the thread holds only a weak
     /// reference to it.
     sweeper: std::sync::OnceLock<Sweeper>,

@@ -118,11 +118,10 @@ impl Raw<'_> {
     ///
     /// As [`StateStore::load`], without decoding.
     pub fn load(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        check_actor_id(id)?;
-        self.store.call(true, |core, c| {
-            let st = c.prepare(&core.sql().load)?;
-            Ok(st.query_opt(&mut c.client, &[&id])?.map(|row| row.get(0)))
-        })
+        match self.store.read(id, Kind::State)? {
+            Answer::State(state) => Ok(state),
+            _ => unreachable!("a read answers as its kind asks"),
+        }
     }
 
     /// [`StateStore::load_versioned`] returning the stored bytes.
@@ -140,8 +139,9 @@ impl Raw<'_> {
     ///
     /// As [`StateStore::load`], without decoding.
     pub fn load_versioned(&self, id: &str) -> Result<Option<Versioned<Vec<u8>>>> {
-        check_actor_id(id)?;
-        self.store
-            .call(true, |core, c| load_versioned_on(core, c, id))
+        match self.store.read(id, Kind::Versioned)? {
+            Answer::Versioned(found) => Ok(found),
+            _ => unreachable!("a read answers as its kind asks"),
+        }
     }
 }

@@ -146,11 +146,10 @@ impl StateStore {
     ///
     /// [`Error::InvalidActorId`]; connection and database errors.
     pub fn exists(&self, id: &str) -> Result<bool> {
-        check_actor_id(id)?;
-        self.call(true, |core, c| {
-            let st = c.prepare(&core.sql().exists)?;
-            Ok(st.query_one(&mut c.client, &[&id])?.get(0))
-        })
+        match self.read(id, Kind::Exists)? {
+            Answer::Exists(found) => Ok(found),
+            _ => unreachable!("a read answers as its kind asks"),
+        }
     }
 
     /// The actor's current sequence number, or `None` when it does not exist.
@@ -166,13 +165,10 @@ impl StateStore {
     ///
     /// [`Error::InvalidActorId`]; connection and database errors.
     pub fn sequence(&self, id: &str) -> Result<Option<u64>> {
-        check_actor_id(id)?;
-        self.call(true, |core, c| {
-            let st = c.prepare(&core.sql().sequence)?;
-            Ok(st
-                .query_opt(&mut c.client, &[&id])?
-                .map(|row| to_u64(row.get(0))))
-        })
+        match self.read(id, Kind::Sequence)? {
+            Answer::Sequence(found) => Ok(found),
+            _ => unreachable!("a read answers as its kind asks"),
+        }
     }
 
     /// Starts an atomic batch of saves and deletes over several actors: all

@@ -135,7 +135,21 @@ impl<I, O> Combiner<I, O> {
     ) -> Result<O> {
         let (waiters, items): (Vec<Arc<Waiter<I, O>>>, Vec<I>) = batch.into_iter().unzip();
         let count = items.len();
-        let (results, panic) = match std::panic::catch_unwind(AssertUnwindSafe(|| run(items))) {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run(items)));
+        // The next batch first: its statement goes out while this one's
+        // callers wake.
+        {
+            let mut state = self.lock();
+            if state.queue.is_empty() {
+                state.leading -= 1;
+            } else {
+                let take = state.queue.len().min(self.max_group);
+                let next: Batch<I, O> = state.queue.drain(..take).collect();
+                let first = Arc::clone(&next[0].0);
+                first.set(Turn::Lead(next));
+            }
+        }
+        let (results, panic) = match outcome {
             Ok(results) => (results, None),
             // Release this batch's callers before the panic goes on.
             Err(panic) => (
@@ -151,17 +165,6 @@ impl<I, O> Combiner<I, O> {
                 mine = Some(result);
             } else {
                 waiter.set(Turn::Done(result));
-            }
-        }
-        {
-            let mut state = self.lock();
-            if state.queue.is_empty() {
-                state.leading -= 1;
-            } else {
-                let take = state.queue.len().min(self.max_group);
-                let next: Batch<I, O> = state.queue.drain(..take).collect();
-                let first = Arc::clone(&next[0].0);
-                first.set(Turn::Lead(next));
             }
         }
         if let Some(panic) = panic {

@@ -21,6 +21,7 @@ fn reader_store(schema: &TestSchema) -> StateStore {
     schema
         .store_builder()
         .pool_options(PoolOptions::default().max_size(16).min_idle(Some(0)))
+        .coalesce_reads(true)
         .migrate(true)
         .build()
         .unwrap()
@@ -209,6 +210,7 @@ fn a_connection_cut_during_coalesced_reads_fails_only_its_readers_and_the_store_
         .connect_options(options)
         .table("coalesced_cut")
         .pool_options(PoolOptions::default().max_size(16).min_idle(Some(0)))
+        .coalesce_reads(true)
         .build()
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));

@@ -73,6 +73,9 @@ fn store_builder(url: &str, table: &str, group_commit: bool) -> StateStoreBuilde
         .table(table)
         .channel(CHANNEL)
         .group_commit(group_commit)
+        // Processes that group their writes coalesce their reads too, so
+        // that both paths of each meet in one history.
+        .coalesce_reads(group_commit)
         .pool_options(PoolOptions::default().max_size(4))
         .outcome_timeout(Duration::from_secs(60))
         .wait_for_server(Duration::from_secs(60))

@@ -18,20 +18,14 @@ mod schema;
 
 use std::sync::OnceLock;
 
-use trebuchet_postgres::testing::{citus_installed, point_statements, TestCluster, TestDatabase};
+use trebuchet_postgres::testing::{point_statements, TestCluster, TestDatabase};
 use trebuchet_postgres::{ChangeKind, Event, Expected, StateStore};
 
 /// The process's Citus cluster, or `None` (after saying why) when the
 /// extension is not installed.
 fn citus() -> Option<&'static TestDatabase> {
     static CLUSTER: OnceLock<TestDatabase> = OnceLock::new();
-    let installed = citus_installed();
-    if !common::tool_found(
-        installed.is_ok(),
-        "the Citus extension",
-        "../shared/citus/build.sh",
-    ) {
-        eprintln!("{}", installed.unwrap_err());
+    if !common::citus_found() {
         return None;
     }
     Some(CLUSTER.get_or_init(|| {

@@ -146,19 +146,7 @@ fn readers_that_come_while_two_statements_wait_share_one_statement() {
         )
         .unwrap()
         .get(0);
-    let queries: Vec<String> = observer
-        .query(
-            "SELECT left(query, 150) FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%'",
-            &[&schema.name()],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert!(
-        shared >= 1,
-        "no statement answered several readers: {queries:#?}"
-    );
+    assert!(shared >= 1, "no statement answered several readers");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use trebuchet_postgres::quote_identifier;
-use trebuchet_postgres::testing::{citus_installed, TestDatabase, TestSchema};
+use trebuchet_postgres::testing::{TestDatabase, TestSchema};
 
 /// `args`, then the coordinator's URL and the schema's table and channel.
 fn run(db: &TestDatabase, schema: &TestSchema, args: &[&str]) -> Output {
@@ -40,13 +40,7 @@ fn doctor(db: &TestDatabase, schema: &TestSchema) -> String {
 
 #[test]
 fn doctor_and_stats_check_that_every_worker_has_a_listener() {
-    let installed = citus_installed();
-    if !common::tool_found(
-        installed.is_ok(),
-        "the Citus extension",
-        "../shared/citus/build.sh",
-    ) {
-        eprintln!("{}", installed.unwrap_err());
+    if !common::citus_found() {
         return;
     }
     let db = TestDatabase::citus_cluster(2).unwrap();

@@ -182,6 +182,21 @@ pub fn tool_found(found: bool, tool: &str, package: &str) -> bool {
     false
 }
 
+/// [`tool_found`] for the Citus extension, saying why when it is missing.
+#[track_caller]
+pub fn citus_found() -> bool {
+    let installed = trebuchet_postgres::testing::citus_installed();
+    let found = tool_found(
+        installed.is_ok(),
+        "the Citus extension",
+        "../shared/citus/build.sh",
+    );
+    if let (false, Err(why)) = (found, &installed) {
+        eprintln!("{why}");
+    }
+    found
+}
+
 /// [`tool_found`] for a program: whether `program args` runs and succeeds
 /// (`args` asks for its version, say).
 #[track_caller]

@@ -20,6 +20,12 @@
 //! - `--smoke` / `BENCH_SMOKE=1`: 0.2 s per library run, 1 thread
 //! - `BENCH_DELETE_RATE`: deletes/s to provision ids for (default 15,000;
 //!   a run that would delete more is flagged `EXHAUSTED`)
+//! - `--soak SECS` / `BENCH_SOAK`: instead of the comparison, a soak:
+//!   mixed loads, reads through a `StateCache`, saves, transforms and
+//!   deletes from 16 threads with a listener attached, reporting ops/s, p99,
+//!   RSS and open connections every `--every SECS` (`BENCH_SOAK_EVERY`,
+//!   default 60), then the errors and whether the cache equals the table
+//!   (`examples/bench/soak.rs`)
 //! - `BENCH_CITUS=1`: against a throwaway Citus cluster (a coordinator and
 //!   two workers on loopback, `testing::TestCitusCluster`; needs the
 //!   extension installed), pgbench on the coordinator running the
@@ -58,6 +64,9 @@ use trebuchet_postgres::{
 };
 
 type BoxError = Box<dyn StdError + Send + Sync>;
+
+#[path = "bench/soak.rs"]
+mod soak;
 
 const TABLE: &str = "bench_states";
 const CHANNEL: &str = "bench_changes";
@@ -142,6 +151,10 @@ struct Options {
     rounds: usize,
     smoke: bool,
     delete_rate: f64,
+    /// `--soak SECS`: the soak mode instead of the comparison.
+    soak: Option<Duration>,
+    /// `--every SECS`: the soak's reporting interval.
+    every: Duration,
 }
 
 impl Options {
@@ -153,6 +166,8 @@ impl Options {
             ("ops", "BENCH_OPS"),
             ("rounds", "BENCH_ROUNDS"),
             ("delete_rate", "BENCH_DELETE_RATE"),
+            ("soak", "BENCH_SOAK"),
+            ("every", "BENCH_SOAK_EVERY"),
         ] {
             if let Ok(v) = std::env::var(var) {
                 if !v.trim().is_empty() {
@@ -176,11 +191,13 @@ impl Options {
                 "--threads" => "threads",
                 "--ops" => "ops",
                 "--rounds" => "rounds",
+                "--soak" => "soak",
+                "--every" => "every",
                 "-h" | "--help" => {
                     println!(
                         "cargo run --release --example bench -- [--smoke] [--duration SECS] \
                          [--threads 1,8,16] [--ops load,load_driver,load_wire,save,save_grouped,save_if,transform,\
-                         transform_contended,delete] [--rounds 2]"
+                         transform_contended,delete] [--rounds 2] [--soak SECS [--every SECS]]"
                     );
                     std::process::exit(0);
                 }
@@ -234,7 +251,20 @@ impl Options {
                 .map_err(|_| format!("bad BENCH_DELETE_RATE {v:?}"))?,
             None => 15_000.0,
         };
+        let seconds = |key: &str| -> Result<Option<Duration>, BoxError> {
+            values
+                .get(key)
+                .map(|v| match v.parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+                    _ => Err(format!("bad --{key} {v:?}: whole seconds, at least 1").into()),
+                })
+                .transpose()
+        };
+        let soak = seconds("soak")?;
+        let every = seconds("every")?.unwrap_or(Duration::from_secs(60));
         Ok(Options {
+            soak,
+            every,
             duration: Duration::from_secs_f64(duration),
             threads,
             ops,
@@ -1653,6 +1683,9 @@ fn main() -> Result<(), BoxError> {
         }
     };
     let mut admin = admin_client(&url)?;
+    if let Some(soak) = opts.soak {
+        return soak::run(&connect, soak, opts.every);
+    }
 
     let work_dir = std::env::temp_dir().join(format!("trebuchet-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work_dir)?;

@@ -1,4 +1,4 @@
-//! The benchmark still runs: a short smoke run of `examples/bench.rs` that
+//! The benchmark still runs: a short smoke run of `examples/bench/` that
 //! asserts nothing about speed.
 
 use std::path::PathBuf;

@@ -44,6 +44,10 @@
 //! `pg_config --bindir`, `/usr/lib/postgresql/*/bin` or `PATH`; without it
 //! only the library is measured.
 //!
+//! A run of every operation ends with the bulk rates: `save_many` and
+//! `load_many` of 1,000 actors per call at 1 and 2 threads, `save_many`
+//! beside pgbench's plain 1,000-row upsert into the same table.
+//!
 //! Both sides start with their connections open: the store's pool keeps
 //! `max_size` connections (`min_idle(None)`), pgbench excludes its connection
 //! time. Neither side gets a warm-up; each prepares its statements on first
@@ -96,13 +100,37 @@ use sql::*;
 
 // ----- main ------------------------------------------------------------------
 
+/// pgbench's side of `save_many`: a plain 1,000-row upsert into the same
+/// table, each client its own rows.
+fn upsert_script(state: &[u8]) -> String {
+    let hex: String = state.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "INSERT INTO {TABLE} AS t (actor_id, state, sequence_number, updated_at, created_at) \
+         SELECT 'bulk-pg-' || :client_id || '-' || i, decode('{hex}', 'hex'), 1, \
+         now() AT TIME ZONE 'UTC', now() AT TIME ZONE 'UTC' FROM generate_series(0, 999) i \
+         ON CONFLICT (actor_id) DO UPDATE SET state = EXCLUDED.state, \
+         sequence_number = t.sequence_number + 1, updated_at = EXCLUDED.updated_at;\n"
+    )
+}
+
+/// One bulk case: the library's states per second, and pgbench's beside it
+/// where it has one.
+struct BulkRate {
+    what: &'static str,
+    threads: usize,
+    library: f64,
+    pgbench: Option<f64>,
+}
+
 /// States per second through `save_many` and `load_many`, 1,000 actors per
-/// call, at 1 and 2 threads.
+/// call, at 1 and 2 threads; `save_many` beside pgbench's plain 1,000-row
+/// upsert with as many clients.
 fn bulk_rates(
     store: &StateStore,
     state: &[u8],
     duration: Duration,
-) -> Vec<(&'static str, usize, f64)> {
+    pgbench: Option<&Pgbench>,
+) -> Vec<BulkRate> {
     const PER_CALL: usize = 1_000;
     let mut rates = Vec::new();
     for (what, write) in [("save_many", true), ("load_many", false)] {
@@ -142,7 +170,25 @@ fn bulk_rates(
                 "{what:<19} T={threads:<2} {:>10.0} states/s",
                 done as f64 / secs
             );
-            rates.push((what, threads, done as f64 / secs));
+            let beside = match pgbench.filter(|_| write) {
+                Some(pgbench) => {
+                    let seconds = (duration.as_secs_f64().ceil() as u64).max(1);
+                    match pgbench.run("upsert_1000", &upsert_script(state), threads, seconds, &[]) {
+                        Ok(run) => Some(run.tps * PER_CALL as f64),
+                        Err(e) => {
+                            eprintln!("{what} T={threads} pgbench: {e}");
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            rates.push(BulkRate {
+                what,
+                threads,
+                library: done as f64 / secs,
+                pgbench: beside,
+            });
         }
     }
     rates
@@ -342,7 +388,12 @@ fn main() -> Result<(), BoxError> {
 
     let rows = bench.run_all()?;
     let bulk = if bench.opts.ops.len() == Op::ALL.len() {
-        bulk_rates(&bench.store, &bench.state, bench.opts.duration)
+        bulk_rates(
+            &bench.store,
+            &bench.state,
+            bench.opts.duration,
+            bench.pgbench.as_ref(),
+        )
     } else {
         Vec::new()
     };
@@ -385,8 +436,18 @@ fn main() -> Result<(), BoxError> {
     if !bulk.is_empty() {
         println!("## Bulk operations (1,000 actors per call, trigger and notifications on)");
         println!();
-        for (what, threads, rate) in &bulk {
-            println!("- {what}, {threads} thread(s): {rate:.0} states/s");
+        for b in &bulk {
+            let beside = b.pgbench.map_or_else(String::new, |pg| {
+                format!(
+                    "; pgbench's plain 1,000-row upsert, {} client(s): {pg:.0} states/s; library / pgbench {:.2}x",
+                    b.threads,
+                    b.library / pg
+                )
+            });
+            println!(
+                "- {}, {} thread(s): {:.0} states/s{beside}",
+                b.what, b.threads, b.library
+            );
         }
         println!();
     }

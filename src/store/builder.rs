@@ -167,7 +167,7 @@ impl StateStoreBuilder {
     /// reads more rows per second; where the client's threads and the
     /// server share a few cores, the hand-offs cost more than the
     /// statements they save. On a 2-core machine running both, 8 threads
-    /// loaded about 16,000 to 19,000 rows/s with it, against about 40,000
+    /// loaded 15,500 to 22,000 rows/s with it, against 36,000 to 44,000
     /// without it. A single-threaded reader sees no change. On Citus it is
     /// off whatever this says (a statement of many ids spans shards).
     pub fn coalesce_reads(mut self, enabled: bool) -> Self {

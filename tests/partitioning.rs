@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -300,14 +299,7 @@ fn exercise(schema: &TestSchema, store: &StateStore) {
     want_listed.push("bulk-new".into());
     assert_eq!(listed, want_listed);
     assert_eq!(store.count_actors("bulk-").unwrap(), 39);
-    let mut exported = Vec::new();
-    store
-        .raw()
-        .for_each("actor-", |id, v| {
-            exported.push((id, v));
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+    let exported = common::export(store, "actor-");
     assert_eq!(exported.len(), 64);
     assert!(exported.windows(2).all(|w| w[0].0 < w[1].0));
     let now = SystemTime::now();

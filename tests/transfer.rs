@@ -2,6 +2,8 @@
 //! `list_actors`, `count_actors`, `for_each_bytes` and `restore_many_bytes`,
 //! and their forms with expiries.
 
+mod common;
+
 use std::ops::ControlFlow;
 
 use trebuchet_postgres::testing::TestDatabase;
@@ -131,14 +133,7 @@ fn restores_reproduce_versions_and_never_go_backwards() {
     source.save("b", &"bee again").unwrap();
     source.raw().save("raw", b"\x00\x01\xff").unwrap();
 
-    let mut exported: Vec<(String, Versioned<Vec<u8>>)> = Vec::new();
-    source
-        .raw()
-        .for_each("", |id, v| {
-            exported.push((id, v));
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+    let exported = common::export(&source, "");
     assert_eq!(exported.len(), 3);
 
     let target_schema = TestDatabase::shared().schema();

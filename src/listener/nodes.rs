@@ -55,11 +55,15 @@ impl Newest {
         if change.kind == ChangeKind::Announced {
             return true;
         }
-        if let Some(&heard) = self.0.get(&change.actor_id) {
-            if heard >= change.sequence {
+        // Updated in place: a known actor's id is not copied again.
+        if let Some(heard) = self.0.get_mut(&change.actor_id) {
+            if *heard >= change.sequence {
                 return false;
             }
-        } else if self.0.len() >= MAX_NEWEST {
+            *heard = change.sequence;
+            return true;
+        }
+        if self.0.len() >= MAX_NEWEST {
             self.0.clear();
         }
         self.0.insert(change.actor_id.clone(), change.sequence);

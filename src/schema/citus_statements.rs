@@ -3,6 +3,7 @@
 
 use postgres::types::Type;
 
+use super::statements::{live, ttl, NOW};
 use super::{Engine, Names, Statements};
 use crate::pool::Sql;
 
@@ -20,15 +21,13 @@ impl Statements {
     /// end.
     pub(super) fn citus(&mut self, names: &Names) {
         let t = names.table_sql();
-        let now = "(now() AT TIME ZONE 'UTC')";
-        let live = |a: &str| format!("({a}expires_at IS NULL OR {a}expires_at > {now})");
+        let now = NOW;
         // Expired by the time the insert branch stamped the row.
         let expired = "t.expires_at <= EXCLUDED.updated_at";
         let bump = format!("t.sequence_number + CASE WHEN {expired} THEN 2 ELSE 1 END");
         let renew = format!(
             "created_at = CASE WHEN {expired} THEN EXCLUDED.created_at ELSE t.created_at END"
         );
-        let ttl = |p: &str| format!("{now} + {p}::BIGINT * INTERVAL '1 microsecond'");
         let tag = |write_id: &str, sequence: &str, tags: &str| {
             format!("COALESCE((ARRAY[{write_id} # ({sequence})] || {tags})[1:64])")
         };
@@ -181,7 +180,7 @@ impl Statements {
         // still expired (a save may have renewed one meanwhile), and
         // announced from the coordinator. Sweepers of one table take turns
         // on an advisory lock on the coordinator.
-        let expired_now = format!("expires_at <= {now}");
+        let expired_now = super::statements::expired("");
         self.sweep = Sql::new(
             format!(
                 "WITH doomed AS (SELECT e.actor_id FROM {t} e WHERE e.{expired_now} \

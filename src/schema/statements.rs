@@ -67,6 +67,28 @@ pub(crate) struct Statements {
     pub outcomes: Sql,
 }
 
+/// The time the statements stamp rows with: UTC, as the columns hold it.
+pub(super) const NOW: &str = "(now() AT TIME ZONE 'UTC')";
+
+/// Expiry: a row past its expires_at reads as absent. A write treats it as
+/// an actor deleted at the next number: it takes the number after that and
+/// starts a new created_at. `live` and `expired` take the row's alias with
+/// its dot ("" for none).
+pub(super) fn live(alias: &str) -> String {
+    format!("({alias}expires_at IS NULL OR {alias}expires_at > {NOW})")
+}
+
+/// See [`live`].
+pub(super) fn expired(alias: &str) -> String {
+    format!("{alias}expires_at <= {NOW}")
+}
+
+/// The expiry time of a time to live given as microseconds in parameter
+/// `param`; NULL for none.
+pub(super) fn ttl(param: &str) -> String {
+    format!("{NOW} + {param}::BIGINT * INTERVAL '1 microsecond'")
+}
+
 impl Statements {
     pub fn new(names: &Names, engine: Engine) -> Self {
         let mut sql = Self::postgres(names);
@@ -79,13 +101,7 @@ impl Statements {
     fn postgres(names: &Names) -> Self {
         let t = names.table_sql();
         let b = names.qualify(&names.tombstones);
-        let now = "(now() AT TIME ZONE 'UTC')";
-        // Expiry: a row past its expires_at reads as absent. A write treats
-        // it as an actor deleted at the next number: it takes the number
-        // after that and starts a new created_at. `live`/`expired` take the
-        // row's alias with its dot ("" for none).
-        let live = |a: &str| format!("({a}expires_at IS NULL OR {a}expires_at > {now})");
-        let expired = |a: &str| format!("{a}expires_at <= {now}");
+        let now = NOW;
         // The ids that start with a prefix, as the bounds of an index range
         // ($n and $n+1) for where the key order allows them (`KEY_ORDER`);
         // `starts_with` stays the test, the bounds only narrow the scan.
@@ -125,8 +141,6 @@ impl Statements {
             "created_at = CASE WHEN {} THEN EXCLUDED.created_at ELSE t.created_at END",
             expired("t.")
         );
-        // The time to live as microseconds, NULL for none.
-        let ttl = |p: &str| format!("{now} + {p}::BIGINT * INTERVAL '1 microsecond'");
         // The sequence number a new actor starts at, above its tombstone if
         // it had one, and the write tags the tombstone carried.
         let next = format!(

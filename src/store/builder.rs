@@ -151,8 +151,8 @@ impl StateStoreBuilder {
     /// Coalesced reads (default off): concurrent [`load`](StateStore::load),
     /// [`load_versioned`](StateStore::load_versioned),
     /// [`exists`](StateStore::exists) and [`sequence`](StateStore::sequence)
-    /// calls on this store are answered by one statement (`= ANY` over
-    /// their ids) on one connection, at most two such statements at a time.
+    /// calls on this store are answered by one statement over their ids
+    /// on one connection, at most two such statements at a time.
     ///
     /// A lone reader goes straight to its one-row statement, as without
     /// coalescing, so its latency does not change. Each caller gets exactly

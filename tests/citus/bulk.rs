@@ -108,8 +108,7 @@ fn the_sweeper_and_the_tombstone_purge_work_across_the_shards() {
 
 #[test]
 fn restores_reproduce_versions_and_never_go_backwards_across_the_shards() {
-    use std::ops::ControlFlow;
-    use trebuchet_postgres::{RestoreOutcome, Versioned};
+    use trebuchet_postgres::RestoreOutcome;
 
     let Some(db) = citus() else { return };
     let source = db.schema();
@@ -120,14 +119,7 @@ fn restores_reproduce_versions_and_never_go_backwards_across_the_shards() {
             source.save(id, &round).unwrap();
         }
     }
-    let mut exported: Vec<(String, Versioned<Vec<u8>>)> = Vec::new();
-    source
-        .raw()
-        .for_each("", |id, v| {
-            exported.push((id, v));
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+    let exported = common::export(&source, "");
     assert_eq!(exported.len(), 10);
 
     let target_schema = db.schema();

@@ -86,29 +86,23 @@ fn migrating_a_table_made_before_distribution_distributes_it_and_loses_nothing()
              DELETE FROM {table} WHERE actor_id IN ('actor-1', 'actor-2')"
         ))
         .unwrap();
-    let before: Vec<(String, i64)> = client
-        .query(
-            &format!("SELECT actor_id::TEXT, sequence_number FROM {table} ORDER BY 1"),
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let numbers = |client: &mut postgres::Client| -> Vec<(String, i64)> {
+        client
+            .query(
+                &format!("SELECT actor_id::TEXT, sequence_number FROM {table} ORDER BY 1"),
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let before = numbers(&mut client);
     assert_eq!(before.len(), 498);
 
     let store = schema.store();
     assert!(store.verify().unwrap().is_ok());
-    let after: Vec<(String, i64)> = client
-        .query(
-            &format!("SELECT actor_id::TEXT, sequence_number FROM {table} ORDER BY 1"),
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(after, before);
+    assert_eq!(numbers(&mut client), before);
     let shards: i64 = client
         .query_one(
             "SELECT count(*) FROM citus_shards WHERE table_name = $1::TEXT::regclass",

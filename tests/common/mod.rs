@@ -387,3 +387,20 @@ pub fn point_arguments<'a>(
         })
         .collect()
 }
+
+/// Every actor whose id starts with `prefix`, as `raw().for_each` walks
+/// them: in key order, with their versions.
+pub fn export(
+    store: &trebuchet_postgres::StateStore,
+    prefix: &str,
+) -> Vec<(String, trebuchet_postgres::Versioned<Vec<u8>>)> {
+    let mut exported = Vec::new();
+    store
+        .raw()
+        .for_each(prefix, |id, v| {
+            exported.push((id, v));
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    exported
+}
